@@ -1,0 +1,143 @@
+"""Dataclass configs: one per stage, each option usable from the CLI and from a TOML file.
+
+A field's metadata carries its help text; `add_options` turns the fields into argparse options
+and `build_config` merges a TOML section with the options given on the command line (the
+command line wins). There is no other config system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class BadInputError(Exception):
+    """Bad input or usage: the CLI prints the message on one line and exits with code 2."""
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field with CLI help text (and optional extra argparse keywords)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_kwargs})
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class ClusterConfig:
+    """Where the Dask tasks run."""
+
+    scheduler: str | None = option(None, "address of an existing Dask scheduler (else DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
+    workers: int | None = option(None, "worker processes of the local cluster (default: one per core)")
+    threads_per_worker: int = option(1, "threads per local worker process")
+
+
+@dataclass
+class IngestConfig:
+    """Options of `dallekit ingest`."""
+
+    format: str = option("auto", "input format", choices=["auto", "cc3m", "laion", "csv", "tsv", "jsonl", "parquet", "folder"])
+    url_col: str | None = option(None, "URL column (default: url, or URL for LAION)")
+    caption_col: str | None = option(None, "caption column (default: caption, or TEXT for LAION)")
+    shard_size: int = option(10000, "input rows per output shard")
+    allow_file_urls: bool = option(False, "accept file:// URLs in tabular inputs (always allowed for --format folder)")
+    block_bytes: int = option(64 * 2**20, "bytes of a text input read by one task")
+
+
+@dataclass
+class DownloadConfig:
+    """Options of `dallekit download`; names and defaults follow img2dataset's."""
+
+    image_size: int = option(256, "side of the resized image in pixels")
+    resize_mode: str = option("center_crop", "img2dataset resize mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+    resize_only_if_bigger: bool = option(False, "only downscale, never upscale")
+    threads: int = option(256, "download threads per shard task (img2dataset's thread_count)")
+    timeout: float = option(10, "seconds before a download is abandoned")
+    retries: int = option(0, "extra download attempts per URL")
+    encode_format: str = option("jpg", "format of the stored image bytes", choices=["jpg", "png", "webp"])
+    encode_quality: int = option(95, "JPEG/WEBP quality, or PNG compression 0-9")
+    min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)")
+    max_image_area: float = option(math.inf, "reject images with more pixels than this")
+    max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this")
+    extract_exif: bool = option(True, "keep EXIF as a JSON string column")
+    compute_hash: str = option("sha256", "hash of the raw downloaded bytes, kept as a column")
+    user_agent_token: str | None = option(None, "token added to the User-Agent and matched in X-Robots-Tag")
+    disallowed_header_directives: list[str] = option(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        "X-Robots-Tag directives that opt an image out ('none' to honour none)",
+        nargs="+",
+    )
+
+
+def _base_type(annotation: Any) -> Any:
+    """The scalar type of a field annotation such as 'int | None' or 'list[str]'."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return args[0]
+    return args[0] if args else hint
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one --option per dataclass field; unset options stay absent so TOML values can fill them."""
+    for f in dataclasses.fields(config_class):
+        kind = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
+
+
+def load_toml(path: str | None) -> dict:
+    """Read a TOML config file; a missing or malformed file is bad input."""
+    if not path:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: not valid TOML ({err})") from None
+
+
+def build_config(config_class: type, args: argparse.Namespace, section: dict | None = None, where: str = "config"):
+    """Build a config from a TOML section, then override with the options given on the command line."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {}
+    for key, value in (section or {}).items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise BadInputError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(names))})")
+        values[name] = value
+    for name in names:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    config = config_class(**values)
+    _check_choices(config, where)
+    return config
+
+
+def _check_choices(config: Any, where: str) -> None:
+    """TOML values skip argparse's checks, so check choices and types here too."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise BadInputError(f"{where}: {f.name} = {value!r} is not one of {', '.join(choices)}")
+        kind = _base_type(f.type)
+        if value is None or kind is str or isinstance(value, list):
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BadInputError(f"{where}: {f.name} = {value!r} is not a {kind.__name__}")

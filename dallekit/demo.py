@@ -1,0 +1,61 @@
+"""The embedded default job: synthetic shapes served on 127.0.0.1, run through the pipeline stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+from dallekit.config import ClusterConfig, DownloadConfig, IngestConfig
+from dallekit.pipeline.cluster import dask_client
+from dallekit.pipeline.download import download
+from dallekit.pipeline.ingest import ingest
+from dallekit.pipeline.shards import format_summary
+from dallekit.synthetic import ShapesServer, make_dataset
+
+
+@dataclass
+class DemoConfig:
+    """Size of the demo run."""
+
+    out: str = "runs/demo"  # the run folder
+    quick: bool = False  # a small run for tests
+    samples: int | None = None  # generated pairs (default 3000, or 300 with quick)
+    seed: int = 0  # makes the generated set reproducible
+
+
+def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
+    """The demo's URL list as CSV, with a few rows that ingest must reject (a repeat, an empty caption)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["url", "caption", "foreground", "shape", "background"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            record = {k: v for k, v in row.items() if k != "path"} | {"url": server.url(row["path"])}
+            writer.writerow(record)
+            if i % 100 == 7:  # a repeated URL
+                writer.writerow(record)
+            if i % 250 == 11:  # a row with no caption
+                writer.writerow(record | {"url": server.url(row["path"]) + "?copy", "caption": ""})
+
+
+def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
+    """Generate the shapes set, serve it on loopback and run ingest then download; returns each stage's stats."""
+    samples = config.samples or (300 if config.quick else 3000)
+    os.makedirs(config.out, exist_ok=True)
+    data = make_dataset(samples, seed=config.seed)
+    server_file = os.path.join(config.out, "server.json")
+    port = json.load(open(server_file))["port"] if os.path.exists(server_file) else 0  # reuse: URLs name the port
+    with ShapesServer(data.routes, port=port, max_seconds=3 * 3600) as server:
+        with open(server_file, "w") as f:
+            json.dump({"port": server.port}, f)
+        print(f"demo: serving {len(data.routes)} synthetic images on {server.url('/')}")
+        url_list = os.path.join(config.out, "urls.csv")
+        write_url_list(url_list, data.rows, server)
+        with dask_client(cluster) as client:
+            stats = [ingest([url_list], f"{config.out}/ingest", IngestConfig(shard_size=100 if config.quick else 500), client)]
+            download_config = DownloadConfig(threads=32, timeout=5)
+            stats.append(download(f"{config.out}/ingest", f"{config.out}/download", download_config, client))
+    for s in stats:
+        print(format_summary(s))
+    return stats

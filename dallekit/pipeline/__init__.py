@@ -1,0 +1,1 @@
+"""Dask pipeline stages."""

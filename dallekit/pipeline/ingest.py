@@ -1,0 +1,469 @@
+"""ingest: URL lists in any supported format -> URL shards with `uid, url, caption` and extra columns.
+
+Inputs stream through Dask in three passes, so no process ever holds all rows:
+
+1. scan: one task per input block (a byte range of a text file, a Parquet row group, a chunk of
+   a folder's images) normalises it to `_work/blocks/b-N.parquet` and writes the URLs of its
+   valid rows into hash buckets `_work/urls/h-K/b-N.parquet`.
+2. dedup: one task per bucket finds repeated URLs (the first in input order is kept) and writes
+   the later ones with the uid they repeat to `_work/dups/h-K.parquet`.
+3. shards: the stage runner writes output shard i from input rows [i*S, (i+1)*S), so a rerun
+   produces the same shards; rejected rows go to `_rejects/` with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import posixpath
+import time
+from dataclasses import asdict, dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dallekit.config import BadInputError, IngestConfig
+from dallekit.pipeline.shards import (
+    ShardResult,
+    ShardTask,
+    map_with_progress,
+    read_stats,
+    run_stage,
+    shard_name,
+    stage_complete,
+    write_table_atomic,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TEXT_FORMATS = ("cc3m", "csv", "tsv", "jsonl")
+# Columns later stages add; an input column with one of these names is kept as `source_<name>`.
+RESERVED = {
+    "uid", "url", "caption", "reason", "duplicate_of", "key", "status", "error_message", "width", "height",
+    "original_width", "original_height", "exif", "sha256", "jpg", "png", "webp", "txt",
+}
+BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
+FOLDER_CHUNK = 10000  # images of a folder per scan task
+
+
+@dataclass
+class InputFile:
+    """One input file (or image folder) with its resolved format and column names."""
+
+    path: str  # fsspec URL or local path
+    format: str
+    url_col: str
+    caption_col: str
+    size: int
+
+
+@dataclass
+class Block:
+    """One scan task's share of an input: a byte range, a row group or a list of images."""
+
+    index: int
+    file: InputFile
+    offset: int = 0
+    length: int = 0
+    row_group: int = -1
+    images: list | None = None
+
+
+# ---------------------------------------------------------------- resolving inputs
+
+
+def _fs(path: str):
+    return fsspec.core.url_to_fs(path)
+
+
+def _unstrip(fs, path: str, original: str) -> str:
+    return fs.unstrip_protocol(path) if "://" in original else path
+
+
+def expand_inputs(inputs: list[str], config: IngestConfig) -> list[InputFile]:
+    """Resolve globs and folders into typed input files; bad input names the path and the problem."""
+    files: list[InputFile] = []
+    for raw in inputs:
+        fs, path = _fs(raw)
+        if any(ch in path for ch in "*?["):
+            matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            if not matches:
+                raise BadInputError(f"{raw}: no file matches this pattern")
+            files += [_resolve_file(fs, _unstrip(fs, p, raw), p, config) for p in matches]
+        elif fs.isdir(path):
+            if config.format == "folder" or (config.format == "auto" and _looks_like_image_folder(fs, path)):
+                files.append(InputFile(raw, "folder", "url", "caption", 0))
+                continue
+            matches = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith((".", "_")))
+            if not matches:
+                raise BadInputError(f"{raw}: folder is empty")
+            files += [_resolve_file(fs, _unstrip(fs, p, raw), p, config) for p in matches]
+        elif fs.isfile(path):
+            files.append(_resolve_file(fs, raw, path, config))
+        else:
+            raise BadInputError(f"{raw}: no such file or folder")
+    return files
+
+
+def _looks_like_image_folder(fs, path: str) -> bool:
+    return any(p.lower().endswith(IMAGE_EXTENSIONS) for p in fs.find(path))
+
+
+def _detect_format(fs, path: str, raw: str, config: IngestConfig) -> str:
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(suffix)
+    if name.endswith(".parquet"):
+        names = _parquet_schema(fs, path, raw).names
+        return "laion" if config.url_col is None and "URL" in names and "TEXT" in names else "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if name.endswith(".tsv"):
+        first = _first_line(fs, path, raw)
+        url_col = config.url_col or "url"
+        return "tsv" if url_col in first.split("\t") else "cc3m"
+    raise BadInputError(
+        f"{raw}: unknown format (extension not .csv/.tsv/.jsonl/.parquet); pass --format cc3m|laion|csv|tsv|jsonl|parquet"
+    )
+
+
+def _first_line(fs, path: str, raw: str) -> str:
+    with fs.open(path, "rb", compression="infer") as f:
+        head = f.read(65536)
+    try:
+        return head.decode("utf-8").split("\n", 1)[0].rstrip("\r")
+    except UnicodeDecodeError:
+        raise BadInputError(f"{raw}: not UTF-8 text (is it binary?)") from None
+
+
+def _parquet_schema(fs, path: str, raw: str) -> pa.Schema:
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowInvalid, OSError) as err:
+        raise BadInputError(f"{raw}: not a readable Parquet file ({err})") from None
+
+
+def _resolve_file(fs, raw: str, path: str, config: IngestConfig) -> InputFile:
+    size = fs.size(path)
+    if size == 0:
+        raise BadInputError(f"{raw}: file is empty")
+    fmt = config.format if config.format not in ("auto", "folder") else _detect_format(fs, path, raw, config)
+    if config.format == "folder":
+        raise BadInputError(f"{raw}: --format folder needs a folder of images with .txt captions")
+    default_url, default_caption = ("URL", "TEXT") if fmt == "laion" else ("url", "caption")
+    file = InputFile(raw, fmt, config.url_col or default_url, config.caption_col or default_caption, size)
+    _check_columns(fs, path, file)
+    return file
+
+
+def _check_columns(fs, path: str, file: InputFile) -> None:
+    """Read the file's header (or schema) and check the URL and caption columns are there."""
+    if file.format == "cc3m":
+        if len(_first_line(fs, path, file.path).split("\t")) < 2:
+            raise BadInputError(f"{file.path}: expected Conceptual Captions TSV rows 'caption<TAB>url'")
+        return
+    if file.format in ("parquet", "laion"):
+        names = _parquet_schema(fs, path, file.path).names
+    else:
+        with fs.open(path, "rb", compression="infer") as f:
+            head = f.read(1 << 20)
+        head = head[: head.rfind(b"\n") + 1] or head
+        names = list(_parse_text(head, file, header=None, nrows=50).columns)
+    for role, col in (("URL", file.url_col), ("caption", file.caption_col)):
+        if col not in names:
+            option = "--url-col" if role == "URL" else "--caption-col"
+            raise BadInputError(
+                f"{file.path}: no {role} column '{col}' (columns: {', '.join(map(str, names[:20]))}); pass {option}"
+            )
+
+
+def _parse_text(data: bytes, file: InputFile, header: bytes | None, nrows: int | None = None) -> pd.DataFrame:
+    """Parse a block of CSV/TSV/CC3M/JSONL bytes; a parse error is bad input naming the file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{file.path}: not UTF-8 text near byte {err.start} (is it binary?)") from None
+    if "\x00" in text:
+        raise BadInputError(f"{file.path}: contains NUL bytes (is it binary?)")
+    try:
+        if file.format == "jsonl":
+            lines = [line for line in text.splitlines()[:nrows] if line.strip()]
+            return pd.DataFrame.from_records([_json_object(line, file) for line in lines])
+        if header is not None:
+            text = header.decode("utf-8") + text
+        if file.format == "cc3m":
+            return pd.read_csv(
+                io.StringIO(text), sep="\t", header=None, names=["caption", "url"], usecols=[0, 1],
+                dtype=str, na_filter=False, quoting=3, nrows=nrows,
+            )
+        sep = "," if file.format == "csv" else "\t"
+        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, na_filter=False, nrows=nrows)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise BadInputError(f"{file.path}: cannot parse as {file.format} ({str(err).splitlines()[0]})") from None
+
+
+def _json_object(line: str, file: InputFile) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{file.path}: invalid JSON line ({err})") from None
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{file.path}: each JSONL line must be an object, got {type(obj).__name__}")
+    return obj
+
+
+def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
+    """Split the inputs into scan tasks, in input order."""
+    blocks: list[Block] = []
+    for file in files:
+        fs, path = _fs(file.path)
+        if file.format == "folder":
+            images = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                raise BadInputError(f"{file.path}: no images (.jpg, .png, ...) in this folder")
+            for start in range(0, len(images), FOLDER_CHUNK):
+                blocks.append(Block(len(blocks), file, images=images[start : start + FOLDER_CHUNK]))
+        elif file.format in ("parquet", "laion"):
+            with fs.open(path, "rb") as f:
+                n_groups = pq.ParquetFile(f).num_row_groups
+            blocks += [Block(len(blocks), file, row_group=g) for g in range(n_groups)]
+        elif fsspec.utils.infer_compression(path):  # compressed text cannot be split by bytes
+            blocks.append(Block(len(blocks), file, offset=0, length=-1))
+        else:
+            for offset in range(0, file.size, config.block_bytes):
+                blocks.append(Block(len(blocks), file, offset=offset, length=config.block_bytes))
+    return blocks
+
+
+# ---------------------------------------------------------------- pass 1: scan
+
+
+def make_uid(url: str, caption: str) -> str:
+    """The stable sample id: a 64-bit BLAKE2b of url and caption, as 16 hex digits."""
+    return hashlib.blake2b(f"{url}\x00{caption}".encode(), digest_size=8).hexdigest()
+
+
+def _url_bucket(urls: pa.Array, n_buckets: int) -> np.ndarray:
+    digests = [hashlib.blake2b(u.encode(), digest_size=8).digest() for u in urls.to_pylist()]
+    return np.array([int.from_bytes(d, "little") % n_buckets for d in digests], dtype=np.int64)
+
+
+def _read_block(block: Block) -> pd.DataFrame:
+    """The block's rows as a DataFrame with `url` and `caption` plus the input's other columns."""
+    file = block.file
+    fs, path = _fs(file.path)
+    if file.format == "folder":
+        rows = []
+        for image in block.images:
+            stem = image.rsplit(".", 1)[0]
+            caption = None
+            if fs.exists(stem + ".txt"):
+                with fs.open(stem + ".txt", "rb") as f:
+                    caption = f.read().decode("utf-8", errors="replace").strip()
+            url = "file://" + image if "://" not in file.path else fs.unstrip_protocol(image)
+            rows.append({"url": url, "caption": caption})
+        return pd.DataFrame(rows, columns=["url", "caption"])
+    if file.format in ("parquet", "laion"):
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(block.row_group)
+        df = table.to_pandas()
+    else:
+        with fs.open(path, "rb", compression="infer") as f:
+            if block.length < 0:
+                data = f.read()
+            else:
+                data = fsspec.utils.read_block(f, block.offset, block.length, delimiter=b"\n")
+        header = None
+        if block.offset > 0 and file.format in ("csv", "tsv"):
+            header = _first_line(fs, path, file.path).encode() + b"\n"
+        if not data.strip():
+            return pd.DataFrame({"url": pd.Series([], dtype=object), "caption": pd.Series([], dtype=object)})
+        df = _parse_text(data, file, header)
+        if file.format == "jsonl":
+            df = _normalise_json_columns(df, file)
+    df = df.rename(columns={c: f"source_{c}" for c in df.columns if c in RESERVED and c not in (file.url_col, file.caption_col)})
+    return df.rename(columns={file.url_col: "url", file.caption_col: "caption"})
+
+
+def _normalise_json_columns(df: pd.DataFrame, file: InputFile) -> pd.DataFrame:
+    """JSON values vary by row; give every extra column one Arrow type: float64 if numeric, else string."""
+    for col in df.columns:
+        if col in (file.url_col, file.caption_col):
+            continue
+        values = df[col]
+        numeric = values.map(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))).all()
+        if numeric:
+            df[col] = pd.to_numeric(values, errors="coerce").astype("float64")
+        else:
+            df[col] = values.map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v))
+    return df
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """Strings stay, missing values become None, anything else becomes its str()."""
+    return values.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+
+
+def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: bool) -> int:
+    """Pass 1: normalise one block, flag invalid rows, bucket its URLs; returns its row count."""
+    df = _read_block(block)
+    url = _as_text(df["url"]).map(lambda u: u.strip() if u is not None else None)
+    caption = _as_text(df["caption"])
+    reason = pd.Series([None] * len(df), dtype=object, index=df.index)
+    lower = url.map(lambda u: (u or "").lower())
+    allow_file = allow_file_urls or block.file.format == "folder"
+    is_file = lower.str.startswith("file://")
+    is_http = lower.str.startswith("http://") | lower.str.startswith("https://")
+    empty_caption = caption.map(lambda c: c is None or not c.strip())
+    # the first rule that fails names the reason
+    reason[empty_caption] = "empty_caption"
+    reason[is_file & ~allow_file] = "file_url_not_allowed"
+    reason[~is_http & ~is_file] = "invalid_url_scheme"
+    reason[url.map(lambda u: not u)] = "empty_url"
+    extras = [c for c in df.columns if c not in ("url", "caption")]
+    out = pd.DataFrame(
+        {
+            "uid": [make_uid(u or "", c or "") for u, c in zip(url, caption)],
+            "url": url,
+            "caption": caption,
+            **{c: df[c] for c in extras},
+            "_reason": reason,
+            "_order": (np.int64(block.index) << 32) + np.arange(len(df), dtype=np.int64),
+        }
+    )
+    table = pa.Table.from_pandas(out, preserve_index=False)
+    write_table_atomic(table, f"{work_dir}/blocks/b-{block.index:06d}.parquet", row_group_size=ROW_GROUP)
+    valid = table.filter(pc.is_null(table.column("_reason"))).select(["url", "uid", "_order"])
+    buckets = _url_bucket(valid.column("url"), n_buckets) if valid.num_rows else np.zeros(0, np.int64)
+    for k in range(n_buckets):
+        part = valid.filter(pa.array(buckets == k))
+        if part.num_rows:
+            write_table_atomic(part, f"{work_dir}/urls/h-{k:04d}/b-{block.index:06d}.parquet")
+    return len(df)
+
+
+ROW_GROUP = 10000  # rows per row group of a block file; a shard task reads only the groups it needs
+
+
+# ---------------------------------------------------------------- pass 2: dedup
+
+
+def dedup_bucket(bucket: int, work_dir: str) -> int:
+    """Pass 2: in one URL bucket, mark every repeat of a URL after its first occurrence; returns the count."""
+    fs, root = _fs(f"{work_dir}/urls/h-{bucket:04d}")
+    paths = sorted(fs.glob(f"{root}/b-*.parquet"))
+    if not paths:
+        return 0
+    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in paths])
+    df = table.to_pandas().sort_values("_order", kind="stable")
+    repeated = df.duplicated("url", keep="first")
+    firsts = df[~repeated].set_index("url")["uid"]
+    dups = df[repeated]
+    result = pd.DataFrame({"_order": dups["_order"].to_numpy(), "duplicate_of": dups["url"].map(firsts).to_numpy()})
+    write_table_atomic(pa.Table.from_pandas(result, preserve_index=False), f"{work_dir}/dups/h-{bucket:04d}.parquet")
+    return len(result)
+
+
+# ---------------------------------------------------------------- pass 3: output shards
+
+
+@dataclass
+class ShardPlan:
+    """The input rows of one output shard: (block, first row, end row) slices, in order."""
+
+    slices: list[tuple[int, int, int]]
+    work_dir: str
+
+
+def plan_shards(block_rows: list[int], shard_size: int, work_dir: str) -> list[ShardTask]:
+    """Cut the concatenated blocks into shards of `shard_size` input rows."""
+    tasks, slices, filled = [], [], 0
+    for b, rows in enumerate(block_rows):
+        start = 0
+        while start < rows:
+            take = min(rows - start, shard_size - filled)
+            slices.append((b, start, start + take))
+            filled += take
+            start += take
+            if filled == shard_size:
+                tasks.append(ShardTask(shard_name(len(tasks)), ShardPlan(slices, work_dir)))
+                slices, filled = [], 0
+    if slices:
+        tasks.append(ShardTask(shard_name(len(tasks)), ShardPlan(slices, work_dir)))
+    return tasks
+
+
+def _read_slice(work_dir: str, block: int, start: int, stop: int) -> pa.Table:
+    fs, path = _fs(f"{work_dir}/blocks/b-{block:06d}.parquet")
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        first, last = start // ROW_GROUP, (stop - 1) // ROW_GROUP
+        table = pf.read_row_groups(list(range(first, last + 1)))
+    return table.slice(start - first * ROW_GROUP, stop - start)
+
+
+def write_shard(plan: ShardPlan) -> ShardResult:
+    """Pass 3: assemble one shard from its block slices and split kept rows from rejects."""
+    parts = [_read_slice(plan.work_dir, b, start, stop) for b, start, stop in plan.slices]
+    table = pa.concat_tables(parts, promote_options="permissive")
+    lo, hi = table.column("_order")[0].as_py(), table.column("_order")[-1].as_py()
+    fs, dups_root = _fs(f"{plan.work_dir}/dups")
+    dup_paths = fs.glob(f"{dups_root}/h-*.parquet")
+    duplicate_of = {}
+    if dup_paths:
+        dups = pa.concat_tables(
+            [pq.read_table(fs.open(p, "rb"), filters=[("_order", ">=", lo), ("_order", "<=", hi)]) for p in dup_paths]
+        )
+        duplicate_of = dict(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
+    orders = table.column("_order").to_pylist()
+    dup_col = pa.array([duplicate_of.get(o) for o in orders], pa.string())
+    reasons = pc.if_else(pc.is_valid(dup_col), "duplicate_url", table.column("_reason").cast(pa.string()))
+    rejected = pc.is_valid(reasons)
+    data = table.drop_columns(["_reason", "_order"])
+    kept = data.filter(pc.invert(rejected))
+    rejects = data.append_column("reason", reasons).append_column("duplicate_of", dup_col).filter(rejected)
+    return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client) -> dict:
+    """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
+    if stage_complete(output_dir):
+        print(f"ingest: {output_dir} is already complete (remove it to run again)")
+        return read_stats(output_dir)
+    started = time.time()
+    if config.shard_size < 1:
+        raise BadInputError(f"--shard-size {config.shard_size}: expected a positive number of rows")
+    files = expand_inputs(inputs, config)
+    blocks = plan_blocks(files, config)
+    work_dir = output_dir.rstrip("/") + "/_work"
+    fs, work_root = _fs(work_dir)
+    total_bytes = sum(f.size for f in files) + sum(len(b.images or []) * 200 for b in blocks)
+    n_buckets = max(1, min(256, math.ceil(total_bytes / BUCKET_BYTES)))
+    scanned = f"{work_root}/scan.json"
+    if fs.exists(scanned):  # passes 1 and 2 finished in an earlier run
+        with fs.open(scanned, "r") as f:
+            block_rows = json.load(f)["block_rows"]
+    else:
+        block_rows = map_with_progress(
+            client, scan_block, blocks, desc="ingest scan", unit="block",
+            work_dir=work_dir, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls,
+        )
+        map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="ingest dedup", unit="bucket", work_dir=work_dir)
+        with fs.open(scanned, "w") as f:
+            json.dump({"block_rows": block_rows}, f)
+    tasks = plan_shards(block_rows, config.shard_size, work_dir)
+    stats = run_stage("ingest", output_dir, tasks, write_shard, client, config=asdict(config) | {"inputs": inputs}, started=started)
+    if fs.exists(work_root):
+        fs.rm(work_root, recursive=True)
+    return stats

@@ -1,0 +1,225 @@
+"""The embedded default data: seeded captioned shapes, served over HTTP on 127.0.0.1.
+
+Captions read "a {color} {shape} on a {background} background". The geometry follows
+DESIGN.md so that a pixel check can judge any image: the shape's bounding box is square with
+side 1/2 to 3/4 of the shorter image side, centred within 2% jitter, so the shape always
+covers the central square of side 1/8. Image sizes and aspect ratios vary so the filters have
+work to do; the zero-shot foreground/shape pairs never appear in the generated training set.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "purple": (128, 0, 128),
+    "orange": (255, 165, 0),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+}
+SHAPES = ("circle", "square", "triangle")
+ZERO_SHOT_PAIRS = frozenset(
+    {("red", "triangle"), ("green", "square"), ("blue", "circle"), ("yellow", "triangle"), ("purple", "square"), ("orange", "circle")}
+)
+JITTER = 0.02  # centre jitter as a fraction of the shorter side; larger would uncover the central square
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Everything needed to draw one synthetic image."""
+
+    foreground: str
+    shape: str
+    background: str
+    width: int
+    height: int
+    side_fraction: float  # bounding-box side / shorter image side, in [0.5, 0.75]
+    dx: float  # centre offset as a fraction of the shorter side, in [-JITTER, JITTER]
+    dy: float
+
+    @property
+    def caption(self) -> str:
+        """The caption that describes this image."""
+        return f"a {self.foreground} {self.shape} on a {self.background} background"
+
+
+def random_spec(rng: random.Random, zero_shot: bool = False, width: int | None = None, height: int | None = None) -> ShapeSpec:
+    """Draw a spec: a seen foreground/shape pair unless `zero_shot`, then a held-out pair."""
+    while True:
+        foreground, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        if ((foreground, shape) in ZERO_SHOT_PAIRS) == zero_shot:
+            break
+    background = rng.choice([c for c in COLORS if c != foreground])
+    if width is None or height is None:
+        short = rng.randint(192, 512)
+        aspect = rng.choice([1.0, 1.0, rng.uniform(0.6, 1.7), rng.uniform(0.35, 2.8)])  # some fail a 1:2 rule
+        width, height = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+    return ShapeSpec(
+        foreground, shape, background, width, height,
+        side_fraction=rng.uniform(0.5, 0.75), dx=rng.uniform(-JITTER, JITTER), dy=rng.uniform(-JITTER, JITTER),
+    )
+
+
+def render(spec: ShapeSpec) -> Image.Image:
+    """Draw the spec as an RGB image."""
+    image = Image.new("RGB", (spec.width, spec.height), COLORS[spec.background])
+    draw = ImageDraw.Draw(image)
+    short = min(spec.width, spec.height)
+    side = spec.side_fraction * short
+    cx, cy = spec.width / 2 + spec.dx * short, spec.height / 2 + spec.dy * short
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    color = COLORS[spec.foreground]
+    if spec.shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif spec.shape == "square":
+        draw.rectangle(box, fill=color)
+    else:  # apex at the top centre, base on the bottom edge
+        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=color)
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
+    """Image bytes in the given PIL format."""
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(buffer, format=fmt, quality=quality)
+    else:
+        image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@dataclass
+class Route:
+    """What the server answers on one path."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0  # seconds to wait before answering (a slow server)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        server: ShapesServer = self.server.owner  # type: ignore[attr-defined]
+        server.count_request()
+        route = server.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            route = Route(b"not found", 404, {"Content-Type": "text/plain"})
+        if route.delay:
+            time.sleep(min(route.delay, server.max_delay))
+        try:
+            self.send_response(route.status)
+            for key, value in route.headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            self.wfile.write(route.body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+            pass
+
+    def log_message(self, *args) -> None:  # keep test and demo output clean
+        pass
+
+
+class ShapesServer:
+    """A loopback HTTP server for generated images that stops by itself after `max_seconds` or `max_requests`."""
+
+    def __init__(self, routes: dict[str, Route] | None = None, port: int = 0, max_seconds: float = 3600, max_requests: int = 10**7):
+        self.routes: dict[str, Route] = dict(routes or {})
+        self.max_seconds, self.max_requests, self.max_delay = max_seconds, max_requests, 30.0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._httpd = self._bind(port)
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._timer = threading.Timer(max_seconds, self.stop)
+        self._timer.daemon = True
+
+    @staticmethod
+    def _bind(port: int) -> ThreadingHTTPServer:
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024  # many download threads connect at once
+
+        try:
+            return Server(("127.0.0.1", port), _Handler)
+        except OSError:  # the preferred port is taken: any free one
+            return Server(("127.0.0.1", 0), _Handler)
+
+    def url(self, path: str) -> str:
+        """The full URL of a path on this server."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def count_request(self) -> None:
+        """Count a request and stop once the bound is reached."""
+        with self._lock:
+            self.requests += 1
+            if self.requests >= self.max_requests:
+                threading.Thread(target=self.stop, daemon=True).start()
+
+    def start(self) -> "ShapesServer":
+        """Start serving in a background thread."""
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._timer.cancel()
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "ShapesServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ShapesDataset:
+    """A generated set: one route per image, and the rows (path, caption, labels) of its URL list."""
+
+    routes: dict[str, Route]
+    rows: list[dict]
+
+
+def make_dataset(n: int, seed: int = 0, broken_fraction: float = 0.03, png_fraction: float = 0.1) -> ShapesDataset:
+    """Generate `n` captioned shapes (seen pairs only) plus a few broken URLs, reproducibly from `seed`."""
+    rng = random.Random(seed)
+    routes: dict[str, Route] = {}
+    rows: list[dict] = []
+    for i in range(n):
+        spec = random_spec(rng)
+        row = {"path": "", "caption": spec.caption, "foreground": spec.foreground, "shape": spec.shape, "background": spec.background}
+        if rng.random() < broken_fraction:
+            row["path"] = f"/missing/{i}.jpg"  # no route: answers 404
+        else:
+            fmt, ext, mime = ("PNG", "png", "image/png") if rng.random() < png_fraction else ("JPEG", "jpg", "image/jpeg")
+            row["path"] = f"/img/{i:06d}.{ext}"
+            routes[row["path"]] = Route(encode(render(spec), fmt), headers={"Content-Type": mime})
+        rows.append(row)
+    return ShapesDataset(routes, rows)
