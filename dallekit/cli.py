@@ -64,17 +64,19 @@ def run(argv: list[str] | None = None) -> int:
         run_demo(DemoConfig(out=args.out, quick=args.quick, samples=args.samples, seed=args.seed), cluster)
         return 0
     if args.command == "ingest":
-        from dallekit.pipeline.ingest import ingest
+        from dallekit.pipeline.ingest import ingest, plan_ingest
 
         config = build_config(IngestConfig, args, toml.get("ingest"), where=f"{args.config or 'options'} [ingest]")
+        blocks = plan_ingest(args.inputs, config)  # bad input fails here, before a cluster starts
         with dask_client(cluster) as client:
-            stats = ingest(args.inputs, args.out, config, client)
+            stats = ingest(args.inputs, args.out, config, client, blocks=blocks)
     elif args.command == "download":
-        from dallekit.pipeline.download import download
+        from dallekit.pipeline.download import download, plan_download
 
         config = build_config(DownloadConfig, args, toml.get("download"), where=f"{args.config or 'options'} [download]")
+        tasks = plan_download(args.urls, config)
         with dask_client(cluster) as client:
-            stats = download(args.urls, args.out, config, client)
+            stats = download(args.urls, args.out, config, client, tasks=tasks)
     print(format_summary(stats))
     return 0
 

@@ -129,6 +129,9 @@ def _in_input_order(written: pa.Table, source: pa.Table, task: DownloadShard) ->
 
 def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
     """One task per URL shard; checks the shards have the columns ingest writes."""
+    for name in ("threads", "image_size"):
+        if getattr(config, name) < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected a positive number")
     paths = list_shards(input_dir)
     rows = []
     for path in paths:
@@ -146,7 +149,7 @@ def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
     return tasks
 
 
-def download(input_dir: str, output_dir: str, config: DownloadConfig, client) -> dict:
+def download(input_dir: str, output_dir: str, config: DownloadConfig, client, tasks: list[ShardTask] | None = None) -> dict:
     """Run the download stage over every URL shard of `input_dir`."""
-    tasks = plan_download(input_dir, config)
+    tasks = tasks if tasks is not None else plan_download(input_dir, config)
     return run_stage("download", output_dir, tasks, download_shard, client, config=asdict(config) | {"input": input_dir})

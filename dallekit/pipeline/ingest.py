@@ -234,7 +234,8 @@ def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
         elif file.format in ("parquet", "laion"):
             with fs.open(path, "rb") as f:
                 n_groups = pq.ParquetFile(f).num_row_groups
-            blocks += [Block(len(blocks), file, row_group=g) for g in range(n_groups)]
+            for group in range(n_groups):
+                blocks.append(Block(len(blocks), file, row_group=group))
         elif fsspec.utils.infer_compression(path):  # compressed text cannot be split by bytes
             blocks.append(Block(len(blocks), file, offset=0, length=-1))
         else:
@@ -436,16 +437,23 @@ def write_shard(plan: ShardPlan) -> ShardResult:
 # ---------------------------------------------------------------- the stage
 
 
-def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client) -> dict:
+def plan_ingest(inputs: list[str], config: IngestConfig) -> list[Block]:
+    """Check every input (format, columns) and split it into scan blocks; runs in the driver."""
+    if config.shard_size < 1:
+        raise BadInputError(f"--shard-size {config.shard_size}: expected a positive number of rows")
+    if config.block_bytes < 1:
+        raise BadInputError(f"--block-bytes {config.block_bytes}: expected a positive number of bytes")
+    return plan_blocks(expand_inputs(inputs, config), config)
+
+
+def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blocks: list[Block] | None = None) -> dict:
     """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
     if stage_complete(output_dir):
         print(f"ingest: {output_dir} is already complete (remove it to run again)")
         return read_stats(output_dir)
     started = time.time()
-    if config.shard_size < 1:
-        raise BadInputError(f"--shard-size {config.shard_size}: expected a positive number of rows")
-    files = expand_inputs(inputs, config)
-    blocks = plan_blocks(files, config)
+    blocks = blocks if blocks is not None else plan_ingest(inputs, config)
+    files = list({id(b.file): b.file for b in blocks}.values())
     work_dir = output_dir.rstrip("/") + "/_work"
     fs, work_root = _fs(work_dir)
     total_bytes = sum(f.size for f in files) + sum(len(b.images or []) * 200 for b in blocks)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a loopback image server with the edge cases of the web, and one Dask cluster."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+import pytest
+from PIL import Image
+
+from dallekit.synthetic import Route, ShapesServer, encode, random_spec, render
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SLOW_SECONDS = 4  # the "never answers" route waits this long; tests use a shorter --timeout
+
+
+def _image_bytes(mode: str, fmt: str, size=(300, 200)) -> bytes:
+    rng = random.Random(mode + fmt)
+    image = render(random_spec(rng, width=size[0], height=size[1]))
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        image.putalpha(128)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def edge_routes() -> dict[str, tuple[Route, str, str | None]]:
+    """path -> (route, expected img2dataset status, expected error_message or None)."""
+    good = _image_bytes("RGB", "JPEG")
+    jpeg = {"Content-Type": "image/jpeg"}
+    return {
+        "/ok.jpg": (Route(good, headers=jpeg), "success", None),
+        "/404.jpg": (Route(b"gone", 404), "failed_to_download", "HTTP Error 404: Not Found"),
+        "/500.jpg": (Route(b"boom", 500), "failed_to_download", "HTTP Error 500: Internal Server Error"),
+        "/slow.jpg": (Route(good, headers=jpeg, delay=SLOW_SECONDS), "failed_to_download", "timed out"),
+        "/not-image.jpg": (Route(b"<html>hello</html>", headers={"Content-Type": "text/html"}), "failed_to_resize", "Image decoding error"),
+        "/truncated.jpg": (Route(good[:150], headers=jpeg), "failed_to_resize", "Image decoding error"),
+        "/huge.jpg": (Route(_image_bytes("RGB", "JPEG", (1500, 1200)), headers=jpeg), "failed_to_resize", "image area too large"),
+        "/noai.jpg": (Route(good, headers=jpeg | {"X-Robots-Tag": "noai"}), "failed_to_download", "Use of image disallowed by X-Robots-Tag directive"),
+        "/redirect.jpg": (Route(b"", 302, {"Location": "/ok.jpg"}), "success", None),
+        "/alpha.png": (Route(_image_bytes("RGBA", "PNG"), headers={"Content-Type": "image/png"}), "success", None),
+        "/gray.jpg": (Route(_image_bytes("L", "JPEG"), headers=jpeg), "success", None),
+        "/cmyk.jpg": (Route(_image_bytes("CMYK", "JPEG"), headers=jpeg), "success", None),
+    }
+
+
+@pytest.fixture(scope="session")
+def edge_server():
+    """A server of the edge cases; yields (server, {url: (status, error)})."""
+    cases = edge_routes()
+    with ShapesServer({p: r for p, (r, _, _) in cases.items()}, max_seconds=1800) as server:
+        yield server, {server.url(p): (status, error) for p, (_, status, error) in cases.items()}
+
+
+@pytest.fixture(scope="session")
+def shapes_server():
+    """A server of 120 generated shapes; yields (server, rows)."""
+    from dallekit.synthetic import make_dataset
+
+    data = make_dataset(120, seed=1)
+    with ShapesServer(data.routes, max_seconds=1800) as server:
+        yield server, data.rows
+
+
+@pytest.fixture(scope="session")
+def client():
+    """One local Dask cluster (2 worker processes) for the whole test session."""
+    from dallekit.config import ClusterConfig
+    from dallekit.pipeline.cluster import dask_client
+
+    with dask_client(ClusterConfig(workers=2), quiet=True) as c:
+        yield c

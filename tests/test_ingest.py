@@ -1,0 +1,186 @@
+"""ingest: every input format, rejects with reasons, exact shard sizes, streaming blocks, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dallekit.cli import main
+from dallekit.config import IngestConfig
+from dallekit.pipeline.ingest import ingest, make_uid
+
+
+def read_stage(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Kept rows, rejected rows and stats of a stage folder, read with plain pyarrow."""
+    kept = [pq.read_table(p).to_pandas() for p in sorted(path.glob("part-*.parquet"))]
+    rejects = [pq.read_table(p).to_pandas() for p in sorted((path / "_rejects").glob("part-*.parquet"))]
+    stats = json.loads((path / "_stats.json").read_text())
+    kept_df = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
+    rejects_df = pd.concat(rejects, ignore_index=True) if rejects else pd.DataFrame(columns=["uid", "reason"])
+    return kept_df, rejects_df, stats
+
+
+def check_accounting(path, rows_in: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rows in = rows out + rows rejected, in the files and in _stats.json; kept uids are unique."""
+    kept, rejects, stats = read_stage(path)
+    assert stats["rows_in"] == rows_in
+    assert stats["rows_out"] == len(kept) and stats["rows_rejected"] == len(rejects)
+    assert len(kept) + len(rejects) == rows_in
+    assert kept["uid"].is_unique
+    assert (path / "_SUCCESS").exists()
+    return kept, rejects
+
+
+ROWS = [
+    ("a red circle on a blue background", "http://example.com/1.jpg"),
+    ("a green square on a white background", "https://example.com/2.jpg"),
+    ("a repeated url", "http://example.com/1.jpg"),
+    ("", "http://example.com/3.jpg"),
+    ("no url at all", ""),
+    ("an ftp url", "ftp://example.com/4.jpg"),
+    ("a local file", "file:///tmp/5.jpg"),
+    ("  a blue triangle  ", "http://example.com/6.jpg"),
+]
+EXPECTED_REASONS = {"duplicate_url": 1, "empty_caption": 1, "empty_url": 1, "invalid_url_scheme": 1, "file_url_not_allowed": 1}
+
+
+def expect_standard(out, client_rows=len(ROWS)):
+    kept, rejects = check_accounting(out, client_rows)
+    assert kept["url"].tolist() == ["http://example.com/1.jpg", "https://example.com/2.jpg", "http://example.com/6.jpg"]
+    assert rejects["reason"].value_counts().to_dict() == EXPECTED_REASONS
+    dup = rejects[rejects.reason == "duplicate_url"].iloc[0]
+    assert dup["duplicate_of"] == kept["uid"].iloc[0]
+    assert kept["uid"].iloc[0] == make_uid("http://example.com/1.jpg", "a red circle on a blue background")
+    return kept, rejects
+
+
+def test_cc3m_tsv(tmp_path, client):
+    src = tmp_path / "Train_GCC-training.tsv"
+    src.write_text("".join(f"{c}\t{u}\n" for c, u in ROWS))
+    ingest([str(src)], str(tmp_path / "out"), IngestConfig(), client)
+    kept, _ = expect_standard(tmp_path / "out")
+    assert list(kept.columns) == ["uid", "url", "caption"]
+
+
+def test_csv_with_extra_columns_and_custom_names(tmp_path, client):
+    df = pd.DataFrame({"TEXT_X": [c for c, _ in ROWS], "link": [u for _, u in ROWS], "license": ["cc-by"] * len(ROWS), "width": ["9"] * len(ROWS)})
+    df.to_csv(tmp_path / "in.csv", index=False)
+    ingest([str(tmp_path / "in.csv")], str(tmp_path / "out"), IngestConfig(url_col="link", caption_col="TEXT_X"), client)
+    kept, _ = expect_standard(tmp_path / "out")
+    assert list(kept.columns) == ["uid", "url", "caption", "license", "source_width"]  # later stages own `width`
+    assert set(kept["license"]) == {"cc-by"}
+
+
+def test_tsv_with_header_jsonl_and_parquet(tmp_path, client):
+    df = pd.DataFrame({"url": [u for _, u in ROWS], "caption": [c for c, _ in ROWS], "score": [0.5] * len(ROWS)})
+    df.to_csv(tmp_path / "in.tsv", sep="\t", index=False)
+    df.to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    df.to_parquet(tmp_path / "in.parquet")
+    for name in ("in.tsv", "in.jsonl", "in.parquet"):
+        out = tmp_path / f"out-{name}"
+        ingest([str(tmp_path / name)], str(out), IngestConfig(), client)
+        kept, _ = expect_standard(out)
+        assert kept["score"].astype(float).tolist() == [0.5] * 3, name
+
+
+def test_laion_parquet_keeps_its_columns(tmp_path, client):
+    table = pa.table(
+        {
+            "URL": [u for _, u in ROWS], "TEXT": [c for c, _ in ROWS], "WIDTH": [512] * len(ROWS), "HEIGHT": [384] * len(ROWS),
+            "similarity": [0.31] * len(ROWS), "punsafe": [0.01] * len(ROWS), "pwatermark": [0.2] * len(ROWS),
+        }
+    )
+    pq.write_table(table, tmp_path / "laion.parquet", row_group_size=3)  # several row groups = several blocks
+    ingest([str(tmp_path / "laion.parquet")], str(tmp_path / "out"), IngestConfig(), client)
+    kept, _ = expect_standard(tmp_path / "out")
+    assert {"WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(kept.columns)
+    assert kept["punsafe"].dtype == "float64"
+
+
+def test_image_folder_becomes_file_urls(tmp_path, client):
+    from dallekit.synthetic import encode, random_spec, render
+    import random
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(3):
+        spec = random_spec(rng, width=64, height=64)
+        (folder / f"{i}.jpg").write_bytes(encode(render(spec)))
+        if i < 2:
+            (folder / f"{i}.txt").write_text(spec.caption + "\n")
+    ingest([str(folder)], str(tmp_path / "out"), IngestConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "out", 3)
+    assert all(u.startswith("file://") and u.endswith(".jpg") for u in kept["url"])
+    assert rejects["reason"].tolist() == ["empty_caption"]  # 2.jpg has no .txt
+
+
+def test_file_urls_allowed_on_request(tmp_path, client):
+    (tmp_path / "in.tsv").write_text("".join(f"{c}\t{u}\n" for c, u in ROWS))
+    ingest([str(tmp_path / "in.tsv")], str(tmp_path / "out"), IngestConfig(format="cc3m", allow_file_urls=True), client)
+    kept, rejects = check_accounting(tmp_path / "out", len(ROWS))
+    assert "file:///tmp/5.jpg" in set(kept["url"])
+    assert "file_url_not_allowed" not in set(rejects["reason"])
+
+
+def test_glob_and_blocks_give_exact_shards_and_global_dedup(tmp_path, client):
+    """Many small blocks across two files: shards hold exactly shard_size input rows; dedup is global."""
+    lines = [f"caption number {i}\thttp://example.com/{i % 700}.jpg\n" for i in range(1000)]
+    (tmp_path / "a.tsv").write_text("".join(lines[:500]))
+    (tmp_path / "b.tsv").write_text("".join(lines[500:]))
+    config = IngestConfig(format="cc3m", shard_size=300, block_bytes=2000)
+    ingest([str(tmp_path / "*.tsv")], str(tmp_path / "out"), config, client)
+    kept, rejects = check_accounting(tmp_path / "out", 1000)
+    assert len(kept) == 700 and set(rejects["reason"]) == {"duplicate_url"}
+    shard_rows = [pq.read_metadata(p).num_rows for p in sorted((tmp_path / "out").glob("part-*.parquet"))]
+    assert len(shard_rows) == 4  # 300 + 300 + 300 + 100 input rows
+    assert kept["caption"].tolist() == [f"caption number {i}" for i in range(700)]  # input order, first kept
+    # the same input read as one block gives the same shards
+    ingest([str(tmp_path / "*.tsv")], str(tmp_path / "one"), IngestConfig(format="cc3m", shard_size=300), client)
+    assert read_stage(tmp_path / "one")[0].equals(kept)
+
+
+def test_rerun_of_complete_stage_is_a_no_op(tmp_path, client):
+    (tmp_path / "in.tsv").write_text("".join(f"{c}\t{u}\n" for c, u in ROWS))
+    first = ingest([str(tmp_path / "in.tsv")], str(tmp_path / "out"), IngestConfig(), client)
+    again = ingest([str(tmp_path / "in.tsv")], str(tmp_path / "out"), IngestConfig(), client)
+    assert first["rows_in"] == again["rows_in"] == len(ROWS)
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, content, extra, message",
+    [
+        ("missing.csv", "link,caption\nhttp://x/1.jpg,a cat\n", [], "no URL column 'url'"),
+        ("nocap.csv", "url,text\nhttp://x/1.jpg,a cat\n", [], "no caption column 'caption'"),
+        ("empty.csv", "", [], "file is empty"),
+        ("garbage.csv", bytes(range(256)) * 20, [], "not UTF-8"),
+        ("garbage.parquet", b"PAR1" + bytes(range(200)), [], "not a readable Parquet file"),
+        ("bad.jsonl", '{"url": "http://x/1.jpg", "caption": "a"}\n{not json\n', [], "invalid JSON"),
+        ("list.txt", "http://x/1.jpg\n", [], "unknown format"),
+        ("cc.tsv", "just one field\n", ["--format", "cc3m"], "caption<TAB>url"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, name, content, extra, message):
+    src = tmp_path / name
+    src.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = run_cli(["ingest", str(src), "--out", str(tmp_path / "out"), *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert name in err and message in err
+
+
+def test_missing_input_and_bad_option(tmp_path, capsys):
+    code, err = run_cli(["ingest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no such file or folder" in err and "nope.csv" in err
+    code, err = run_cli(["ingest", "x.csv", "--out", "o", "--shard-size", "many"], capsys)
+    assert code == 2 and "--shard-size" in err and err.count("\n") == 1
