@@ -140,4 +140,4 @@ def _check_choices(config: Any, where: str) -> None:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BadInputError(f"{where}: {f.name} = {value!r} is not a {kind.__name__}")
+            raise BadInputError(f"{where}: {f.name} = {value!r}: expected {kind.__name__}")

@@ -1,0 +1,47 @@
+"""One config system: TOML sections give defaults, command-line options override, bad values are bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dallekit.cli import build_parser
+from dallekit.config import BadInputError, DownloadConfig, IngestConfig, build_config, load_toml
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_defaults_follow_img2dataset():
+    config = build_config(DownloadConfig, parse("download", "in", "--out", "o"))
+    assert (config.image_size, config.resize_mode, config.timeout, config.retries) == (256, "center_crop", 10, 0)
+    assert config.max_image_area == math.inf and config.compute_hash == "sha256"
+    assert config.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+def test_toml_then_command_line(tmp_path):
+    path = tmp_path / "pipeline.toml"
+    path.write_text('[download]\nimage-size = 128\nthreads = 8\nmax_aspect_ratio = 2\n[ingest]\nshard_size = 5\n')
+    toml = load_toml(str(path))
+    config = build_config(DownloadConfig, parse("download", "in", "--out", "o", "--threads", "4"), toml["download"])
+    assert (config.image_size, config.threads, config.max_aspect_ratio) == (128, 4, 2.0)
+    assert build_config(IngestConfig, parse("ingest", "x", "--out", "o"), toml["ingest"]).shard_size == 5
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [({"image_sise": 1}, "unknown key 'image_sise'"), ({"resize_mode": "stretch"}, "not one of"), ({"threads": "many"}, "expected int")],
+)
+def test_bad_toml_values(section, message):
+    with pytest.raises(BadInputError, match=message):
+        build_config(DownloadConfig, parse("download", "in", "--out", "o"), section)
+
+
+def test_bad_toml_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("[download\n")
+    with pytest.raises(BadInputError, match="bad.toml: not valid TOML"):
+        load_toml(str(tmp_path / "bad.toml"))
+    with pytest.raises(BadInputError, match="config file not found"):
+        load_toml(str(tmp_path / "missing.toml"))

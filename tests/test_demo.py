@@ -1,0 +1,46 @@
+"""The embedded default job from the command line, and the synthetic data it serves."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+
+from dallekit.synthetic import COLORS, ZERO_SHOT_PAIRS, make_dataset, random_spec, render
+from tests.test_ingest import check_accounting
+
+
+def test_synthetic_geometry_covers_the_central_square():
+    rng = random.Random(3)
+    for _ in range(200):
+        spec = random_spec(rng, zero_shot=rng.random() < 0.2)
+        image = np.asarray(render(spec))
+        short = min(spec.width, spec.height)
+        half = short // 16
+        cy, cx = spec.height // 2, spec.width // 2
+        centre = image[cy - half : cy + half, cx - half : cx + half].reshape(-1, 3)
+        assert (centre == COLORS[spec.foreground]).all(), spec
+        assert spec.foreground != spec.background
+
+
+def test_generated_set_holds_out_zero_shot_pairs():
+    rows = make_dataset(400, seed=5).rows
+    pairs = {(r["foreground"], r["shape"]) for r in rows}
+    assert not pairs & ZERO_SHOT_PAIRS and len(pairs) == 18
+
+
+def test_demo_quick_runs_ingest_and_download(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dallekit.cli", "demo", "--quick", "--out", str(out), "--workers", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "download summary" in proc.stdout and "success" in proc.stdout
+    ingested, rejects = check_accounting(out / "ingest", 300 + 3 + 2)  # 3 repeated URLs, 2 empty captions
+    assert set(rejects["reason"]) == {"duplicate_url", "empty_caption"}
+    downloaded, _ = check_accounting(out / "download", len(ingested))
+    statuses = downloaded["status"].value_counts().to_dict()
+    assert statuses["success"] > 250 and statuses["failed_to_download"] > 0  # the broken URLs
