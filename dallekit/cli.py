@@ -9,7 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dallekit.config import BadInputError, ClusterConfig, DownloadConfig, IngestConfig, add_options, build_config, load_toml
+from dallekit.config import (
+    BadInputError,
+    CleanConfig,
+    ClusterConfig,
+    DownloadConfig,
+    FilterConfig,
+    IngestConfig,
+    add_options,
+    build_config,
+    load_toml,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("urls", metavar="URL_SHARDS", help="folder written by `dallekit ingest`")
     p.add_argument("--out", required=True, help="output folder of image shards")
     add_options(p, DownloadConfig)
+    _add_common(p)
+
+    p = sub.add_parser("clean", help="downloaded shards -> repaired captions, no failed downloads or duplicates")
+    p.add_argument("downloaded", metavar="DOWNLOADED", help="folder written by `dallekit download`")
+    p.add_argument("--out", required=True, help="output folder of cleaned shards")
+    add_options(p, CleanConfig)
+    _add_common(p)
+
+    p = sub.add_parser("filter", help="cleaned shards -> rows passing image, caption, language and CLIP rules")
+    p.add_argument("cleaned", metavar="CLEANED", help="folder written by `dallekit clean`")
+    p.add_argument("--out", required=True, help="output folder of filtered shards")
+    add_options(p, FilterConfig)
     _add_common(p)
 
     p = sub.add_parser("demo", help="synthetic shapes served on 127.0.0.1, through the pipeline")
@@ -77,6 +99,20 @@ def run(argv: list[str] | None = None) -> int:
         tasks = plan_download(args.urls, config)
         with dask_client(cluster) as client:
             stats = download(args.urls, args.out, config, client, tasks=tasks)
+    elif args.command == "clean":
+        from dallekit.pipeline.clean import clean, plan_clean
+
+        config = build_config(CleanConfig, args, toml.get("clean"), where=f"{args.config or 'options'} [clean]")
+        paths = plan_clean(args.downloaded)
+        with dask_client(cluster) as client:
+            stats = clean(args.downloaded, args.out, config, client, paths=paths)
+    elif args.command == "filter":
+        from dallekit.pipeline.filter import filter_stage, plan_filter
+
+        config = build_config(FilterConfig, args, toml.get("filter"), where=f"{args.config or 'options'} [filter]")
+        paths = plan_filter(args.cleaned, config)
+        with dask_client(cluster) as client:
+            stats = filter_stage(args.cleaned, args.out, config, client, paths=paths)
     print(format_summary(stats))
     return 0
 

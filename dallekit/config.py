@@ -141,3 +141,35 @@ def _check_choices(config: Any, where: str) -> None:
             setattr(config, f.name, float(value))
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise BadInputError(f"{where}: {f.name} = {value!r}: expected {kind.__name__}")
+
+
+@dataclass
+class CleanConfig:
+    """Options of `dallekit clean`."""
+
+    near_dup_distance: int = option(4, "reject images within this many pHash bits of a kept image (-1: no near-dup check)")
+    lowercase: bool = option(False, "lowercase the cleaned captions")
+    max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long")
+
+
+@dataclass
+class FilterConfig:
+    """Options of `dallekit filter`: one threshold per rule, checked in this order."""
+
+    min_side: int = option(256, "shorter side of the source image at least this (the dVAE's input)")
+    max_aspect: float = option(2.0, "long/short side of the source image at most this (DALL-E kept [1/2, 2])")
+    min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)")
+    min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)")
+    max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)")
+    languages: list[str] = option(["en"], "caption languages to keep (ISO 639-1 codes, or 'any')", nargs="+")
+    min_lang_score: float = option(0.0, "language-ID probability at least this")
+    max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present")
+    max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present")
+    clip: bool = option(True, "score image-caption pairs with CLIP (--no-clip skips it)")
+    clip_model: str = option("ViT-B-32", "open_clip model name")
+    clip_pretrained: str | None = option("laion2b_s34b_b79k", "open_clip pretrained tag (weights come from a hub)")
+    clip_checkpoint: str | None = option(None, "local CLIP: an open_clip folder (open_clip_config.json + .safetensors) or a .safetensors file for --clip-model")
+    clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)")
+    clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset")
+    clip_batch_size: int = option(64, "images per CLIP forward pass")
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)")

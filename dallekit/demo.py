@@ -7,9 +7,11 @@ import json
 import os
 from dataclasses import dataclass
 
-from dallekit.config import ClusterConfig, DownloadConfig, IngestConfig
+from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, FilterConfig, IngestConfig
+from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
+from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest
 from dallekit.pipeline.shards import format_summary
 from dallekit.synthetic import ShapesServer, make_dataset
@@ -39,8 +41,16 @@ def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
                 writer.writerow(record | {"url": server.url(row["path"]) + "?copy", "caption": ""})
 
 
+# The shapes differ only in colour, shape, size and a little jitter, so a (grayscale) pHash finds
+# most of them within 4 bits of another: the demo checks exact duplicates only.
+DEMO_CLEAN = CleanConfig(near_dup_distance=-1)
+# No CLIP weights can be fetched offline: the demo scores with a randomly initialised tiny CLIP
+# through the same code path and keeps every score without filtering on it.
+DEMO_FILTER = FilterConfig(clip_model="dallekit-tiny-clip", clip_pretrained=None, clip_threshold=-1.0)
+
+
 def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
-    """Generate the shapes set, serve it on loopback and run ingest then download; returns each stage's stats."""
+    """Generate the shapes set, serve it on loopback and run the stages; returns each stage's stats."""
     samples = config.samples or (300 if config.quick else 3000)
     os.makedirs(config.out, exist_ok=True)
     data = make_dataset(samples, seed=config.seed)
@@ -54,8 +64,11 @@ def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
         write_url_list(url_list, data.rows, server)
         with dask_client(cluster) as client:
             stats = [ingest([url_list], f"{config.out}/ingest", IngestConfig(shard_size=100 if config.quick else 500), client)]
-            download_config = DownloadConfig(threads=32, timeout=5)
-            stats.append(download(f"{config.out}/ingest", f"{config.out}/download", download_config, client))
+            stats.append(download(f"{config.out}/ingest", f"{config.out}/download", DownloadConfig(threads=32, timeout=5), client))
+            print("demo: clean checks exact duplicates only (the shapes are near duplicates of each other by design)")
+            stats.append(clean(f"{config.out}/download", f"{config.out}/clean", DEMO_CLEAN, client))
+            print("demo: CLIP scores come from a randomly initialised dallekit-tiny-clip (no weights offline); kept, not used to filter")
+            stats.append(filter_stage(f"{config.out}/clean", f"{config.out}/filter", DEMO_FILTER, client))
     for s in stats:
         print(format_summary(s))
     return stats

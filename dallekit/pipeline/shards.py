@@ -151,6 +151,12 @@ def _remove_debris(fs: Any, root: str) -> None:
         fs.rm(p)
 
 
+def exists(path: str) -> bool:
+    """Whether a local path or fsspec URL exists."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
 def stage_complete(output_dir: str) -> bool:
     """True when a stage folder holds a finished stage (_SUCCESS written)."""
     fs, root = fsspec.core.url_to_fs(output_dir)

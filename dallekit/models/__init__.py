@@ -1,0 +1,1 @@
+"""Models: the dVAE, the transformer and CLIP loading."""

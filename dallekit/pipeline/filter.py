@@ -1,0 +1,243 @@
+"""filter: cleaned shards -> rows that pass every rule, each rule's score kept as a column.
+
+Rules run in `RULES` order and a rejected row's `reason` is the first rule it failed. Image and
+caption rules are cheap and run on every row; CLIP runs only on rows that passed them (its
+`clip_score` is null for the others). With `--clip-top-fraction` the CLIP threshold is global:
+a first pass scores every shard and stores the scores in `_work/`, the driver takes the
+quantile, and the second pass applies it without scoring again.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass, replace
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dallekit.config import BadInputError, FilterConfig
+from dallekit.images import decode_rgb
+from dallekit.pipeline.funnel import write_funnel
+from dallekit.pipeline.shards import (
+    ShardResult,
+    exists,
+    ShardTask,
+    list_shards,
+    map_with_progress,
+    read_shard,
+    read_stats,
+    run_stage,
+    shard_schema,
+    stage_complete,
+    write_table_atomic,
+)
+from dallekit.tokenize.text import default_text_tokenizer
+
+RULES = ["min_side", "aspect", "caption_words", "caption_chars", "caption_tokens", "lang", "punsafe", "pwatermark", "clip_score"]
+SCORE_COLUMNS = ["min_side", "aspect", "caption_words", "caption_chars", "caption_tokens", "lang", "lang_score"]
+
+
+@functools.lru_cache(maxsize=1)
+def _language_identifier():
+    """py3langid's bundled model (numpy arrays, no pickle), loaded once per process."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) of a caption."""
+    lang, score = _language_identifier().classify(text)
+    return lang, float(score)
+
+
+def caption_scores(captions: list[str]) -> dict[str, list]:
+    """Word, character and BPE-token counts, language and its probability, per caption."""
+    tokenizer = default_text_tokenizer()
+    langs = [identify_language(c) for c in captions]
+    return {
+        "caption_words": [len(c.split()) for c in captions],
+        "caption_chars": [len(c) for c in captions],
+        "caption_tokens": [len(tokenizer.encode(c)) for c in captions],
+        "lang": [lang for lang, _ in langs],
+        "lang_score": [score for _, score in langs],
+    }
+
+
+def rule_failures(table: pa.Table, scores: dict[str, np.ndarray], config: FilterConfig) -> dict[str, np.ndarray]:
+    """Boolean 'fails' arrays per non-CLIP rule, in RULES order."""
+    languages = {code.lower() for code in config.languages}
+    lang_ok = np.array([("any" in languages or lang in languages) for lang in scores["lang"]])
+    fails = {
+        "min_side": scores["min_side"] < config.min_side,
+        "aspect": scores["aspect"] > config.max_aspect,
+        "caption_words": scores["caption_words"] < config.min_caption_words,
+        "caption_chars": scores["caption_chars"] < config.min_caption_chars,
+        "caption_tokens": scores["caption_tokens"] > config.max_caption_tokens,
+        "lang": ~lang_ok | (scores["lang_score"] < config.min_lang_score),
+    }
+    for rule, limit in (("punsafe", config.max_punsafe), ("pwatermark", config.max_pwatermark)):
+        if rule in table.column_names:  # LAION's columns; a missing value passes
+            values = table.column(rule).cast(pa.float64()).to_numpy(zero_copy_only=False)
+            fails[rule] = np.nan_to_num(values, nan=-np.inf) > limit
+    return fails
+
+
+def first_failure(fails: dict[str, np.ndarray], n: int) -> list[str | None]:
+    """The first failing rule per row, in RULES order, or None."""
+    reasons: list[str | None] = [None] * n
+    for rule in RULES:
+        if rule not in fails:
+            continue
+        for i in np.flatnonzero(fails[rule]):
+            if reasons[i] is None:
+                reasons[i] = rule
+    return reasons
+
+
+@dataclass
+class FilterShard:
+    """One filter task: the cleaned shard, the options, and CLIP scores from a first pass if any."""
+
+    path: str
+    config: FilterConfig
+    work_dir: str
+    scores_ready: bool = False  # True: read clip_score from _work/ instead of running CLIP
+
+
+def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], list[str | None]]:
+    """The shard, its score columns, and each row's first failing non-CLIP rule."""
+    table = read_shard(task.path)
+    width = table.column("original_width").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    height = table.column("original_height").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    captions = [c or "" for c in table.column("caption").to_pylist()]
+    scores = {"min_side": np.fmin(width, height), "aspect": np.fmax(width, height) / np.fmin(width, height)}
+    scores |= {k: np.array(v) for k, v in caption_scores(captions).items()}
+    reasons = first_failure(rule_failures(table, scores, task.config), table.num_rows)
+    return table, scores, reasons
+
+
+def clip_scores(table: pa.Table, rows: list[int], config: FilterConfig) -> np.ndarray:
+    """CLIP cosine similarity of the given rows' image and caption, in batches."""
+    from dallekit.models.clip import cached_clip
+
+    scorer = cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)
+    images, captions = table.column("jpg"), table.column("caption")
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), config.clip_batch_size):
+        batch = rows[start : start + config.clip_batch_size]
+        pictures = [decode_rgb(images[i].as_py(), draft_size=scorer_input_size(scorer)) for i in batch]
+        out[start : start + len(batch)] = scorer.score(pictures, [captions[i].as_py() for i in batch])
+    return out
+
+
+def scorer_input_size(scorer) -> int:
+    """The side CLIP's preprocessing resizes to; JPEGs need not decode larger than twice that."""
+    size = getattr(scorer.model.visual, "image_size", 224)
+    return 2 * (size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _scores_path(task: FilterShard) -> str:
+    name = task.path.rstrip("/").rsplit("/", 1)[-1]
+    return f"{task.work_dir}/clip/{name}"
+
+
+def clip_pass(task: FilterShard) -> int:
+    """First pass of --clip-top-fraction: score the rows that pass the other rules, save the scores."""
+    table, _, reasons = score_shard(task)
+    rows = [i for i, r in enumerate(reasons) if r is None]
+    scores = clip_scores(table, rows, task.config) if rows else np.zeros(0, np.float32)
+    uids = table.column("uid").take(rows) if rows else pa.array([], pa.string())
+    write_table_atomic(pa.table({"uid": uids, "clip_score": pa.array(scores, pa.float32())}), _scores_path(task))
+    return len(rows)
+
+
+def filter_shard(task: FilterShard) -> ShardResult:
+    """Score one shard, apply every rule, and split kept rows from rejects."""
+    table, scores, reasons = score_shard(task)
+    config = task.config
+    for name in SCORE_COLUMNS:
+        table = table.append_column(name, pa.array(scores[name]))
+    if config.clip:
+        rows = [i for i, r in enumerate(reasons) if r is None]
+        clip = np.full(table.num_rows, np.nan, dtype=np.float32)
+        if task.scores_ready:
+            fs, path = fsspec.core.url_to_fs(_scores_path(task))
+            with fs.open(path, "rb") as f:
+                saved = pq.read_table(f)
+            by_uid = dict(zip(saved.column("uid").to_pylist(), saved.column("clip_score").to_pylist()))
+            uids = table.column("uid").to_pylist()
+            clip[rows] = [by_uid[uids[i]] for i in rows]
+        elif rows:
+            clip[rows] = clip_scores(table, rows, config)
+        for i in rows:
+            if clip[i] < config.clip_threshold:
+                reasons[i] = "clip_score"
+        table = table.append_column("clip_score", pa.array(clip, pa.float32(), mask=np.isnan(clip)))
+    reason_col = pa.array(reasons, pa.string())
+    rejected = pc.is_valid(reason_col)
+    return ShardResult(
+        rows_in=table.num_rows,
+        kept=table.filter(pc.invert(rejected)),
+        rejects=table.append_column("reason", reason_col).filter(rejected),
+    )
+
+
+def plan_filter(input_dir: str, config: FilterConfig) -> list[str]:
+    """The cleaned shards to filter; checks columns and options, and that CLIP loads, before any task runs."""
+    paths = list_shards(input_dir)
+    for path in paths:
+        missing = {"uid", "caption", "original_width", "original_height", "jpg"} - set(shard_schema(path)[0].names)
+        if missing:
+            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected shards from `dallekit clean`)")
+    if config.clip_top_fraction is not None and not 0 < config.clip_top_fraction <= 1:
+        raise BadInputError(f"--clip-top-fraction {config.clip_top_fraction}: expected a fraction in (0, 1]")
+    if config.clip_batch_size < 1:
+        raise BadInputError(f"--clip-batch-size {config.clip_batch_size}: expected a positive number")
+    if config.clip:
+        from dallekit.models.clip import cached_clip
+
+        cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)  # fail fast, here
+    return paths
+
+
+def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, paths: list[str] | None = None) -> dict:
+    """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
+    if stage_complete(output_dir):
+        print(f"filter: {output_dir} is already complete (remove it to run again)")
+        return read_stats(output_dir)
+    started = time.time()
+    paths = paths if paths is not None else plan_filter(input_dir, config)
+    work_dir = output_dir.rstrip("/") + "/_work"
+    fs, work_root = fsspec.core.url_to_fs(work_dir)
+    tasks = [FilterShard(p, config, work_dir) for p in paths]
+    if config.clip and config.clip_top_fraction is not None:
+        pending = [t for t in tasks if not exists(_scores_path(t))]  # scored by an earlier, interrupted run
+        map_with_progress(client, clip_pass, pending, desc="filter clip", unit="shard")
+        threshold = global_threshold([_scores_path(t) for t in tasks], config.clip_top_fraction)
+        print(f"filter: the top {config.clip_top_fraction:.0%} of CLIP scores start at {threshold:.4f}")
+        config = replace(config, clip_threshold=threshold)
+        tasks = [FilterShard(p, config, work_dir, scores_ready=True) for p in paths]
+    shard_tasks = [ShardTask(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet"), t) for p, t in zip(paths, tasks)]
+    stats = run_stage("filter", output_dir, shard_tasks, filter_shard, client, config=asdict(config) | {"input": input_dir}, started=started)
+    if fs.exists(work_root):
+        fs.rm(work_root, recursive=True)
+    print(write_funnel(output_dir, "filter", stats, RULES))
+    return stats
+
+
+def global_threshold(score_paths: list[str], fraction: float) -> float:
+    """The CLIP score above which `fraction` of all scored rows lie."""
+    values = []
+    for path in score_paths:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            values.append(pq.read_table(f, columns=["clip_score"]).column("clip_score").to_numpy())
+    scores = np.concatenate(values) if values else np.zeros(0)
+    if scores.size == 0:
+        return float("inf")
+    return float(np.quantile(scores, 1 - fraction, method="higher"))

@@ -1,0 +1,150 @@
+"""filter: each rule at its boundaries, CLIP scoring through open_clip (random and saved weights), the funnel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dallekit.config import BadInputError, FilterConfig
+from dallekit.models.clip import load_clip, save_clip
+from dallekit.pipeline.filter import filter_stage
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.test_ingest import check_accounting, read_stage
+
+NO_CLIP = FilterConfig(clip=False)
+TINY = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None)
+GOOD = "a red circle on blue"  # 5 words, 5 CLIP BPE tokens
+
+
+def row(uid, caption=GOOD, original=(300, 300), **extra):
+    return downloaded_row(uid, caption, shape_jpeg(hash(uid) % 1000), original=original, **extra)
+
+
+def run_filter(tmp_path, client, shards, config):
+    write_stage(tmp_path / "clean", shards)
+    stats = filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
+    kept, rejects = check_accounting(tmp_path / "filter", sum(len(s) for s in shards))
+    return kept, rejects.set_index("uid")["reason"].to_dict(), stats
+
+
+def test_image_and_caption_rules_at_their_boundaries(tmp_path, client):
+    rows = [
+        row("side-ok", original=(256, 400)), row("side-low", original=(255, 400)),
+        row("aspect-ok", original=(512, 256)), row("aspect-high", original=(515, 256)),
+        row("words-ok", caption="red circle blue"), row("words-low", caption="red circle"),
+        row("chars-ok", caption="ab c d"), row("chars-low", caption="a b c"),
+        row("tokens-ok", caption="one two three four five"), row("tokens-high", caption="one two three four five six"),
+    ]
+    # short made-up captions have no clear language, so the language rule is tested on its own below
+    config = FilterConfig(clip=False, min_caption_chars=6, max_caption_tokens=5, languages=["any"])
+    kept, reasons, _ = run_filter(tmp_path, client, [rows[:6], rows[6:]], config)
+    assert sorted(kept["uid"]) == ["aspect-ok", "chars-ok", "side-ok", "tokens-ok", "words-ok"]
+    assert reasons == {
+        "side-low": "min_side", "aspect-high": "aspect", "words-low": "caption_words",
+        "chars-low": "caption_chars", "tokens-high": "caption_tokens",
+    }
+    scores = kept.set_index("uid")
+    assert scores.loc["side-ok", "min_side"] == 256 and scores.loc["aspect-ok", "aspect"] == 2.0
+    assert scores.loc["tokens-ok", "caption_tokens"] == 5 and scores.loc["chars-ok", "caption_chars"] == 6
+    assert "clip_score" not in kept.columns  # --no-clip computes no CLIP score
+
+
+def test_language_rule(tmp_path, client):
+    rows = [
+        row("en", caption="a photo of a dog running on the beach"),
+        row("de", caption="ein Foto von einem Hund, der am Strand läuft"),
+        row("fr", caption="une photo d'un chien qui court sur la plage"),
+    ]
+    kept, reasons, _ = run_filter(tmp_path / "en", client, [rows], NO_CLIP)
+    assert kept["uid"].tolist() == ["en"] and reasons == {"de": "lang", "fr": "lang"}
+    assert kept["lang"].tolist() == ["en"] and 0.5 < kept["lang_score"].iloc[0] <= 1
+    kept, _, _ = run_filter(tmp_path / "de", client, [rows], FilterConfig(clip=False, languages=["de", "fr"]))
+    assert kept["uid"].tolist() == ["de", "fr"]
+    kept, _, _ = run_filter(tmp_path / "any", client, [rows], FilterConfig(clip=False, languages=["any"]))
+    assert len(kept) == 3
+
+
+def test_laion_safety_and_watermark_columns(tmp_path, client):
+    rows = [
+        row("ok", punsafe=0.5, pwatermark=0.8), row("unsafe", punsafe=0.51, pwatermark=0.1),
+        row("watermark", punsafe=0.1, pwatermark=0.81), row("unknown", punsafe=None, pwatermark=None),
+    ]
+    kept, reasons, _ = run_filter(tmp_path, client, [rows], NO_CLIP)
+    assert sorted(kept["uid"]) == ["ok", "unknown"]
+    assert reasons == {"unsafe": "punsafe", "watermark": "pwatermark"}
+
+
+def test_clip_threshold_with_a_random_tiny_model(tmp_path, client):
+    """Random weights are seeded, so every worker scores alike and a threshold splits the rows exactly."""
+    rows = [row(f"r{i}", caption=f"a red circle on a blue background number {i}") for i in range(12)]
+    kept, _, _ = run_filter(tmp_path / "all", client, [rows[:6], rows[6:]], FilterConfig(**TINY, clip_threshold=-1.0))
+    scores = kept.set_index("uid")["clip_score"]
+    assert len(kept) == 12 and scores.between(-1, 1).all() and scores.nunique() > 1
+    threshold = float(np.median(scores))
+    kept2, reasons2, _ = run_filter(tmp_path / "half", client, [rows[:6], rows[6:]], FilterConfig(**TINY, clip_threshold=threshold))
+    assert sorted(kept2["uid"]) == sorted(scores[scores >= threshold].index)
+    assert set(reasons2.values()) == {"clip_score"}
+
+
+def test_clip_top_fraction_is_global(tmp_path, client):
+    rows = [row(f"r{i}", caption=f"a green square on a white background {i}") for i in range(10)]
+    rows.append(row("too-small", original=(100, 100)))
+    kept, reasons, _ = run_filter(tmp_path, client, [rows[:3], rows[3:]], FilterConfig(**TINY, clip_top_fraction=0.3))
+    assert len(kept) == 3  # 30% of the 10 rows CLIP scored, across both shards
+    assert reasons["too-small"] == "min_side"
+    rejected = read_stage(tmp_path / "filter")[1]
+    scored = rejected[rejected.reason == "clip_score"]["clip_score"]
+    assert kept["clip_score"].min() > scored.max()
+    assert np.isnan(rejected[rejected.uid == "too-small"]["clip_score"]).all()  # CLIP never ran on it
+
+
+def test_clip_checkpoint_saved_and_loaded_from_disk(tmp_path):
+    from PIL import Image
+
+    scorer = load_clip("dallekit-tiny-clip", None)
+    folder = save_clip(scorer, "dallekit-tiny-clip", tmp_path / "clip")
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    images = [Image.new("RGB", (80, 64), c) for c in ("red", "blue", "white")]
+    captions = ["a red square", "a blue square", "a white square"]
+    expected = scorer.score(images, captions)
+    from_folder = load_clip("ignored-name", None, checkpoint=str(folder))
+    from_file = load_clip("dallekit-tiny-clip", None, checkpoint=str(folder / "open_clip_model.safetensors"))
+    np.testing.assert_allclose(from_folder.score(images, captions), expected, atol=1e-5)
+    np.testing.assert_allclose(from_file.score(images, captions), expected, atol=1e-5)
+
+
+def test_pickled_or_missing_checkpoints_are_refused(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(BadInputError, match="expected a .safetensors file"):
+        load_clip("dallekit-tiny-clip", None, checkpoint=str(tmp_path / "weights.pt"))
+    with pytest.raises(BadInputError, match="expected open_clip_config.json"):
+        load_clip("dallekit-tiny-clip", None, checkpoint=str(tmp_path))
+    with pytest.raises(BadInputError, match="not an open_clip model name"):
+        load_clip("no-such-model", None)
+
+
+def test_unreachable_pretrained_weights_say_what_to_do(tmp_path):
+    write_stage(tmp_path / "clean", [[row("a")]])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dallekit.cli", "filter", str(tmp_path / "clean"), "--out", str(tmp_path / "f"),
+         "--clip-model", "ViT-B-32", "--clip-pretrained", "laion2b_s34b_b79k"],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ViT-B-32/laion2b_s34b_b79k" in last and "--clip-checkpoint" in last and "Traceback" not in proc.stderr
+
+
+def test_funnel_is_saved(tmp_path, client):
+    rows = [row("a"), row("b", original=(100, 100)), row("c", caption="two words")]
+    _, _, stats = run_filter(tmp_path, client, [rows], NO_CLIP)
+    steps = json.loads((tmp_path / "filter" / "_funnel.json").read_text())["steps"]
+    removed = {s["rule"]: s["removed"] for s in steps}
+    assert removed["min_side"] == 1 and removed["caption_words"] == 1 and steps[-1]["remaining"] == 1
+    assert [s["remaining"] for s in steps] == sorted((s["remaining"] for s in steps), reverse=True)
+    assert (tmp_path / "filter" / "_funnel.png").read_bytes()[:4] == b"\x89PNG"
