@@ -35,6 +35,7 @@ class ClusterConfig:
     scheduler: str | None = option(None, "address of an existing Dask scheduler (else DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
     workers: int | None = option(None, "worker processes of the local cluster (default: one per core)")
     threads_per_worker: int = option(1, "threads per local worker process")
+    processes: bool = option(True, "local workers as processes (--no-processes: threads in this process, for debugging)")
 
 
 @dataclass

@@ -18,7 +18,7 @@ def _dct_matrix(n: int) -> np.ndarray:
     return d
 
 
-_DCT = _dct_matrix(HASH_SIDE)
+_DCT8 = _dct_matrix(HASH_SIDE)[:8]  # (8, 32): only the lowest frequencies are needed
 
 
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
@@ -33,18 +33,40 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
-def phash(data: bytes) -> int:
-    """64-bit perceptual hash (imagehash's pHash algorithm) of image bytes; raises if they do not decode.
+class UndecodableImage(ValueError):
+    """The bytes are not a complete image."""
 
-    The JPEG is decoded at 1/4 scale or less (DCT scaling), which decodes every block, so a
-    truncated file still fails, at a fraction of the cost of a full decode.
+
+def decode_gray_reduced(data: bytes) -> np.ndarray:
+    """Grayscale pixels (H/8, W/8) of image bytes; raises UndecodableImage for bad or truncated bytes.
+
+    OpenCV decodes JPEGs at 1/8 scale in the DCT domain (about 4x faster than a full decode), but
+    fills a truncated JPEG with gray instead of failing, so the end-of-image marker is checked first.
     """
-    image = Image.open(io.BytesIO(data))
-    image.draft("L", (2 * HASH_SIDE, 2 * HASH_SIDE))
-    gray = image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
-    pixels = np.asarray(gray, dtype=np.float64)  # (32, 32)
-    low = (_DCT @ pixels @ _DCT.T)[:8, :8].ravel()  # (64,) lowest frequencies
-    bits = low > np.median(low)
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        raise UndecodableImage("truncated JPEG (no end-of-image marker)")
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    if pixels is None or pixels.size == 0:
+        raise UndecodableImage("not a decodable image")
+    return pixels
+
+
+def phash(data: bytes) -> int:
+    """64-bit perceptual hash (imagehash's pHash algorithm) of image bytes; raises UndecodableImage.
+
+    DCT of the 32x32 grayscale image, its 8x8 lowest frequencies compared with their median.
+    """
+    import cv2
+
+    small = decode_gray_reduced(data)
+    if small.shape != (HASH_SIDE, HASH_SIDE):
+        small = cv2.resize(small, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA)
+    pixels = small.astype(np.float64)  # (32, 32)
+    low = (_DCT8 @ pixels @ _DCT8.T).ravel()  # (64,) the 8x8 lowest frequencies of the 2-D DCT
+    ordered = np.sort(low)
+    bits = low > (ordered[31] + ordered[32]) / 2  # above the median
     return int(np.packbits(bits).view(">u8")[0])
 
 

@@ -83,6 +83,8 @@ def test_clean_stage_dedups_globally(tmp_path, client):
             downloaded_row("u5", "a failed row", None, status="failed_to_download"),
             downloaded_row("u6", "broken bytes", b"\xff\xd8\xff\xe0 not really a jpeg"),
             downloaded_row("u7", "IMG_2024.JPG", noise_jpeg(7)),
+            downloaded_row("u8", "half a real jpeg", shape_jpeg(12)[: len(shape_jpeg(12)) // 2]),
+            downloaded_row("u9", "a text body", b"<html>not an image</html>"),
         ],
         [
             downloaded_row("u0", "the same bytes, smaller uid", shape_a),  # exact duplicate across shards: u0 is kept
@@ -93,21 +95,21 @@ def test_clean_stage_dedups_globally(tmp_path, client):
     ]
     write_stage(tmp_path / "download", shards)
     stats = clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
-    kept, rejects = check_accounting(tmp_path / "clean", 8)
+    kept, rejects = check_accounting(tmp_path / "clean", 10)
     assert sorted(kept["uid"]) == ["u0", "u3", "u4"]
     by_uid = rejects.set_index("uid")
     assert by_uid.loc["u1", "reason"] == "duplicate_image" and by_uid.loc["u1", "duplicate_of"] == "u0"
     assert by_uid.loc["u2", "reason"] == "near_duplicate_image" and by_uid.loc["u2", "duplicate_of"] == "u0"
     assert by_uid.loc["u2", "duplicate_distance"] <= 4
     assert by_uid.loc["u5", "reason"] == "failed_to_download" and by_uid.loc["u5", "error_message"].startswith("HTTP Error")
-    assert by_uid.loc["u6", "reason"] == "undecodable"
+    assert by_uid.loc["u6", "reason"] == by_uid.loc["u8", "reason"] == by_uid.loc["u9", "reason"] == "undecodable"
     assert by_uid.loc["u7", "reason"] == "boilerplate_caption"
     u0 = kept.set_index("uid").loc["u0"]
     assert u0["caption_raw"] == "the same bytes, smaller uid" and u0["phash"] == phash(shape_a)
     rejected_u1 = by_uid.loc["u1"]
     assert rejected_u1["caption"] == "café with a & sign" and rejected_u1["caption_raw"] == "cafÃ© with a &amp; sign"
     funnel = json.loads((tmp_path / "clean" / "_funnel.json").read_text())["steps"]
-    assert [s["remaining"] for s in funnel][-1] == 3 and funnel[0]["remaining"] == 8
+    assert [s["remaining"] for s in funnel][-1] == 3 and funnel[0]["remaining"] == 10
     assert {s["rule"]: s["removed"] for s in funnel}["duplicate_image"] == 1
     assert (tmp_path / "clean" / "_funnel.png").stat().st_size > 1000
     assert stats["reasons"]["near_duplicate_image"] == 1

@@ -31,7 +31,7 @@ def test_generated_set_holds_out_zero_shot_pairs():
     assert not pairs & ZERO_SHOT_PAIRS and len(pairs) == 18
 
 
-def test_demo_quick_runs_ingest_and_download(tmp_path):
+def test_demo_quick_runs_the_pipeline_stages(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "dallekit.cli", "demo", "--quick", "--out", str(out), "--workers", "2"],
@@ -44,3 +44,10 @@ def test_demo_quick_runs_ingest_and_download(tmp_path):
     downloaded, _ = check_accounting(out / "download", len(ingested))
     statuses = downloaded["status"].value_counts().to_dict()
     assert statuses["success"] > 250 and statuses["failed_to_download"] > 0  # the broken URLs
+    cleaned, rejects = check_accounting(out / "clean", len(downloaded))
+    assert set(rejects["reason"]) == {"failed_to_download"} and len(cleaned) == statuses["success"]
+    filtered, rejects = check_accounting(out / "filter", len(cleaned))
+    assert set(rejects["reason"]) <= {"min_side", "aspect"} and len(rejects) > 0  # image sizes vary on purpose
+    assert filtered["clip_score"].notna().all() and (filtered["lang"] == "en").all()
+    assert "filter funnel" in proc.stdout and (out / "filter" / "_funnel.png").exists()
+    assert "randomly initialised" in proc.stdout

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig
-from dallekit.images import phash
+from dallekit.images import UndecodableImage, phash
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.shards import (
     ShardResult,
@@ -60,7 +60,9 @@ def repair_caption(value: object, lowercase: bool = False) -> str:
     """CLIP's basic_clean and more: ftfy, HTML unescape twice, no tags or control characters, one space."""
     if not isinstance(value, str):
         return ""
-    text = ftfy.fix_text(_CONTROL.sub(" ", value))
+    text = _CONTROL.sub(" ", value)
+    if not text.isascii():  # ftfy's repairs (mojibake, quotes, widths, NFC) only touch non-ASCII text
+        text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     text = _SPACE.sub(" ", _TAG.sub(" ", text)).strip()
     return text.lower() if lowercase else text
@@ -90,7 +92,7 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
         else:
             try:
                 hashed = phash(image)
-            except Exception:  # noqa: BLE001 - any decoder error means the bytes are not an image
+            except UndecodableImage:
                 reason = "undecodable"
         reason = reason or caption_reason(fixed, config)
         reasons.append(reason)

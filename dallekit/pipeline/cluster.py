@@ -29,13 +29,14 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
             yield client
         return
     workers = config.workers or os.cpu_count() or 1
+    loopback = {"host": "127.0.0.1"} if config.processes else {}  # in-process workers talk over inproc://
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=config.threads_per_worker,
-        processes=True,
+        processes=config.processes,
         dashboard_address="127.0.0.1:0",  # a free port; loopback only
-        host="127.0.0.1",
         silence_logs=logging.ERROR,
+        **loopback,
     )
     with cluster, Client(cluster) as client:
         if not quiet:

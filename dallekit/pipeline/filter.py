@@ -62,7 +62,7 @@ def caption_scores(captions: list[str]) -> dict[str, list]:
     return {
         "caption_words": [len(c.split()) for c in captions],
         "caption_chars": [len(c) for c in captions],
-        "caption_tokens": [len(tokenizer.encode(c)) for c in captions],
+        "caption_tokens": [tokenizer.count(c) for c in captions],
         "lang": [lang for lang, _ in langs],
         "lang_score": [score for _, score in langs],
     }

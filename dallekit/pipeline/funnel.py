@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import fsspec
+from PIL import Image, ImageDraw, ImageFont
 
 
 def funnel(stats: dict, rules: list[str]) -> list[dict]:
     """Funnel steps from a stage's stats; reasons are the first failing rule, so counts add up in order."""
     reasons = dict(stats["reasons"])
-    order = [r for r in rules if r in reasons or r in rules] + [r for r in reasons if r not in rules]
     remaining = stats["rows_in"]
     steps = [{"rule": "input", "removed": 0, "remaining": remaining}]
-    for rule in order:
+    for rule in rules + [r for r in reasons if r not in rules]:
         removed = reasons.get(rule, 0)
         remaining -= removed
         steps.append({"rule": rule, "removed": removed, "remaining": remaining})
-    assert remaining == stats["rows_out"], "reasons do not add up to the rejected rows"
+    if remaining != stats["rows_out"]:
+        raise RuntimeError(f"{stats['stage']}: reasons add up to {stats['rows_in'] - remaining}, not {stats['rows_rejected']} rejected rows")
     return steps
 
 
@@ -38,32 +40,29 @@ def write_funnel(output_dir: str, stage: str, stats: dict, rules: list[str]) -> 
     with fs.open(f"{root}/_funnel.json", "w") as f:
         json.dump({"stage": stage, "steps": steps}, f, indent=2)
     with fs.open(f"{root}/_funnel.png", "wb") as f:
-        f.write(_plot(stage, steps))
+        f.write(draw_funnel(stage, steps))
     return format_funnel(stage, steps)
 
 
-def _plot(stage: str, steps: list[dict]) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 1.2))
-    names = [s["rule"] for s in steps][::-1]
-    remaining = [s["remaining"] for s in steps][::-1]
-    removed = [s["removed"] for s in steps][::-1]
-    ax.barh(names, remaining, color="#4c72b0", label="remaining")
-    ax.barh(names, removed, left=remaining, color="#dd8452", label="removed by this rule")
-    for y, (r, d) in enumerate(zip(remaining, removed)):
-        ax.text(r + d, y, f"  {r}" + (f" (-{d})" if d else ""), va="center", fontsize=8)
-    ax.set_xlim(0, max(steps[0]["remaining"], 1) * 1.25)
-    ax.set_xlabel("rows")
-    ax.set_title(f"{stage}: rows remaining after each rule")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+def draw_funnel(stage: str, steps: list[dict]) -> bytes:
+    """A horizontal bar chart as PNG bytes: remaining rows (blue) and rows each rule removed (orange)."""
+    row_h, label_w, bar_w, pad = 22, 170, 420, 12
+    width, height = label_w + bar_w + 150, pad * 3 + 18 + row_h * len(steps)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((pad, pad), f"{stage}: rows remaining after each rule", fill="black", font=font)
+    total = max(steps[0]["remaining"], 1)
+    for i, step in enumerate(steps):
+        y = pad * 2 + 18 + i * row_h
+        kept = round(bar_w * step["remaining"] / total)
+        cut = round(bar_w * step["removed"] / total)
+        draw.text((pad, y + 4), step["rule"], fill="black", font=font)
+        draw.rectangle((label_w, y + 2, label_w + kept, y + row_h - 4), fill=(76, 114, 176))
+        if cut:
+            draw.rectangle((label_w + kept, y + 2, label_w + kept + cut, y + row_h - 4), fill=(221, 132, 82))
+        note = f"{step['remaining']}" + (f" (-{step['removed']})" if step["removed"] else "")
+        draw.text((label_w + kept + cut + 6, y + 4), note, fill="black", font=font)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    image.save(buffer, format="PNG")
     return buffer.getvalue()

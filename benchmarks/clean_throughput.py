@@ -1,0 +1,83 @@
+"""clean + non-CLIP filter rows/s vs the download stage's rows/s, on the same data and machine.
+
+Serves N generated JPEGs on 127.0.0.1, ingests them, then times `download`, `clean` and
+`filter --no-clip` as stage functions on one local Dask cluster whose workers have already
+imported the stages' libraries (cluster start-up and imports are not timed for any of them). Prints each stage's rows/s and, as its last line,
+ratio=<(clean + filter) rows/s / download rows/s>. Target: >= 20.
+
+    python benchmarks/clean_throughput.py [--n 5000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, FilterConfig, IngestConfig
+from dallekit.pipeline.clean import clean
+from dallekit.pipeline.cluster import dask_client
+from dallekit.pipeline.download import download
+from dallekit.pipeline.filter import filter_stage
+from dallekit.pipeline.ingest import ingest
+from dallekit.synthetic import ShapesServer, make_dataset
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def warm_up() -> None:
+    """Import each stage's libraries and load its small models, as a long-running worker has."""
+    import img2dataset.downloader  # noqa: F401
+
+    from dallekit.images import phash
+    from dallekit.pipeline.clean import repair_caption
+    from dallekit.pipeline.filter import caption_scores
+    from dallekit.synthetic import encode, random_spec, render
+    import random
+
+    phash(encode(render(random_spec(random.Random(0), width=64, height=64))))
+    caption_scores([repair_caption("a warm-up caption")])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5000, help="images served")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16, help="download threads per shard task")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    args = parser.parse_args()
+
+    data = make_dataset(args.n, seed=0, broken_fraction=0.0, png_fraction=0.0)
+    work = Path(tempfile.mkdtemp(prefix="dallekit-bench-"))
+    with ShapesServer(data.routes, max_seconds=3600) as server, dask_client(ClusterConfig(workers=args.workers), quiet=True) as client:
+        urls = work / "urls.parquet"
+        pd.DataFrame({"url": [server.url(r["path"]) for r in data.rows], "caption": [r["caption"] for r in data.rows]}).to_parquet(urls)
+        ingest([str(urls)], str(work / "ingest"), IngestConfig(shard_size=args.shard_size), client)
+        client.run(warm_up)  # one-off imports and model loads per worker are not per-row throughput
+        t_download = timed(download, str(work / "ingest"), str(work / "download"), DownloadConfig(threads=args.threads), client)
+        t_clean = timed(clean, str(work / "download"), str(work / "clean"), CleanConfig(), client)
+        t_filter = timed(filter_stage, str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client)
+    shutil.rmtree(work, ignore_errors=True)
+    rate_download = args.n / t_download
+    rate_clean_filter = args.n / (t_clean + t_filter)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.n} rows, {args.workers} workers, {args.shard_size}-row shards")
+    print(f"{'stage':<22}{'seconds':>10}{'rows/s':>12}")
+    print(f"{'download':<22}{t_download:>10.2f}{rate_download:>12.1f}")
+    print(f"{'clean':<22}{t_clean:>10.2f}{args.n / t_clean:>12.1f}")
+    print(f"{'filter --no-clip':<22}{t_filter:>10.2f}{args.n / t_filter:>12.1f}")
+    print(f"{'clean + filter':<22}{t_clean + t_filter:>10.2f}{rate_clean_filter:>12.1f}")
+    print(f"ratio={rate_clean_filter / rate_download:.2f}")
+
+
+if __name__ == "__main__":
+    main()
