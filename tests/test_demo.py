@@ -39,7 +39,7 @@ def test_demo_quick_runs_the_pipeline_stages(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "download summary" in proc.stdout and "success" in proc.stdout
-    ingested, rejects = check_accounting(out / "ingest", 300 + 3 + 2)  # 3 repeated URLs, 2 empty captions
+    ingested, rejects = check_accounting(out / "ingest", 300 + 3 + 2, exact_duplicate_rows=True)  # 3 repeated URLs, 2 empty captions
     assert set(rejects["reason"]) == {"duplicate_url", "empty_caption"}
     downloaded, _ = check_accounting(out / "download", len(ingested))
     statuses = downloaded["status"].value_counts().to_dict()

@@ -24,13 +24,19 @@ def read_stage(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return kept_df, rejects_df, stats
 
 
-def check_accounting(path, rows_in: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """rows in = rows out + rows rejected, in the files and in _stats.json; kept uids are unique."""
+def check_accounting(path, rows_in: int, exact_duplicate_rows: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rows in = rows out + rows rejected, in the files and in _stats.json; no uid appears twice.
+
+    An input row repeated exactly (same URL and caption) has the same uid as the row ingest
+    kept, so only there may a rejected uid repeat a kept one.
+    """
     kept, rejects, stats = read_stage(path)
     assert stats["rows_in"] == rows_in
     assert stats["rows_out"] == len(kept) and stats["rows_rejected"] == len(rejects)
     assert len(kept) + len(rejects) == rows_in
     assert kept["uid"].is_unique
+    if not exact_duplicate_rows:
+        assert pd.concat([kept["uid"], rejects["uid"]]).is_unique
     assert (path / "_SUCCESS").exists()
     return kept, rejects
 
