@@ -14,8 +14,10 @@ from dallekit.config import (
     CleanConfig,
     ClusterConfig,
     DownloadConfig,
+    EncodeConfig,
     FilterConfig,
     IngestConfig,
+    TrainDVAEConfig,
     add_options,
     build_config,
     load_toml,
@@ -63,6 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, FilterConfig)
     _add_common(p)
 
+    p = sub.add_parser("train-dvae", help="train a discrete VAE on the images of filtered shards")
+    p.add_argument("filtered", metavar="FILTERED", help="folder of image shards (from `dallekit filter`)")
+    p.add_argument("--out", required=True, help="run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl, grids")
+    add_options(p, TrainDVAEConfig)
+    p.add_argument("--config", help="TOML file; its [train-dvae] section gives defaults")
+
+    p = sub.add_parser("encode", help="filtered image shards -> token Parquet (dVAE codes + BPE ids)")
+    p.add_argument("filtered", metavar="FILTERED", help="folder of image shards (from `dallekit filter`)")
+    p.add_argument("--dvae", required=True, help="dVAE folder (from `dallekit train-dvae` or `convert-openai-dvae`)")
+    p.add_argument("--out", required=True, help="output folder of token shards")
+    add_options(p, EncodeConfig)
+    _add_common(p)
+
+    p = sub.add_parser("decode", help="token rows -> PNGs through the dVAE, for inspection")
+    p.add_argument("tokens", metavar="TOKENS", help="folder of token shards")
+    p.add_argument("--dvae", required=True, help="the dVAE folder that encoded them")
+    p.add_argument("--out", required=True, help="folder for <uid>.png and grid.png")
+    p.add_argument("--limit", type=int, default=64, help="rows to decode (default: 64)")
+
+    p = sub.add_parser("train-bpe", help="train a byte-level BPE text tokenizer on captions")
+    p.add_argument("captions", metavar="CAPTIONS", help="a stage folder with a caption column, or text files with one caption per line")
+    p.add_argument("--out", required=True, help="folder for tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size (default: 16384, DALL-E's)")
+
     p = sub.add_parser("demo", help="synthetic shapes served on 127.0.0.1, through the pipeline")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
@@ -75,11 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
-    toml = load_toml(args.config)
-    cluster = build_config(ClusterConfig, args, toml.get("cluster"), where=f"{args.config or 'options'} [cluster]")
+    toml = load_toml(getattr(args, "config", None))
+    cluster = build_config(ClusterConfig, args, toml.get("cluster"), where=f"{getattr(args, 'config', None) or 'options'} [cluster]")
     from dallekit.pipeline.cluster import dask_client
     from dallekit.pipeline.shards import format_summary
 
+    if args.command == "decode":
+        from dallekit.decode import decode_tokens
+
+        written = decode_tokens(args.tokens, args.dvae, args.out, args.limit)
+        print(f"decode: {len(written)} images and grid.png in {args.out}")
+        return 0
+    if args.command == "train-bpe":
+        from dallekit.tokenize.text import train_bpe
+
+        tokenizer = train_bpe(iter_captions(args.captions), args.out, args.vocab_size)
+        print(f"train-bpe: {tokenizer.vocab_size} tokens in {tokenizer.path}")
+        return 0
+    if args.command == "train-dvae":
+        from dallekit.train_dvae import train_dvae
+
+        options = build_config(TrainDVAEConfig, args, toml.get("train-dvae"), where=f"{args.config or 'options'} [train-dvae]")
+        metrics = train_dvae(args.filtered, args.out, options)
+        print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return 0
     if args.command == "demo":
         from dallekit.demo import DemoConfig, run_demo
 
@@ -113,8 +158,33 @@ def run(argv: list[str] | None = None) -> int:
         paths = plan_filter(args.cleaned, config)
         with dask_client(cluster) as client:
             stats = filter_stage(args.cleaned, args.out, config, client, paths=paths)
+    elif args.command == "encode":
+        from dallekit.pipeline.encode import encode, plan_encode
+
+        config = build_config(EncodeConfig, args, toml.get("encode"), where=f"{args.config or 'options'} [encode]")
+        plan = plan_encode(args.filtered, args.dvae, config)
+        with dask_client(cluster) as client:
+            stats = encode(args.filtered, args.dvae, args.out, config, client, plan=plan)
     print(format_summary(stats))
     return 0
+
+
+def iter_captions(source: str):
+    """Captions from a stage folder's `caption` column, or lines of a text file or folder of them."""
+    from pathlib import Path
+
+    from dallekit.pipeline.shards import list_shards, read_shard
+
+    path = Path(source)
+    if path.is_dir() and list(path.glob("part-*.parquet")):
+        for shard in list_shards(source):
+            yield from (c for c in read_shard(shard, columns=["caption"]).column("caption").to_pylist() if c)
+        return
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise BadInputError(f"{source}: expected a stage folder with a caption column or text files of captions")
+    for file in files:
+        yield from (line.strip() for line in file.read_text(errors="replace").splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> None:

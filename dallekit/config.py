@@ -174,3 +174,30 @@ class FilterConfig:
     clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset")
     clip_batch_size: int = option(64, "images per CLIP forward pass")
     device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)")
+
+
+@dataclass
+class TrainDVAEConfig:
+    """Options of `dallekit train-dvae` (the architecture and schedule come from the preset)."""
+
+    preset: str = option("tiny", "dVAE preset", choices=["tiny", "small", "dalle"])
+    max_steps: int | None = option(None, "training steps (default: the preset's)")
+    batch_size: int | None = option(None, "images per step (default: the preset's)")
+    recon_loss: str | None = option(None, "reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
+    seed: int = option(0, "seed of weights, data order and Gumbel noise")
+    resume: bool = option(False, "continue from the output folder's checkpoint")
+    checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids")
+    log_every: int = option(25, "steps between metric lines")
+    val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage")
+    shuffle_buffer: int = option(4096, "images in the shuffle buffer")
+    device: str = option("auto", "torch device (auto: cuda when there is one)")
+
+
+@dataclass
+class EncodeConfig:
+    """Options of `dallekit encode`."""
+
+    text_tokenizer: str = option("clip-bpe", "'clip-bpe' (CLIP's BPE) or the folder of a `dallekit train-bpe` tokenizer")
+    batch_size: int = option(64, "images per dVAE forward pass")
+    keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
+    device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)")

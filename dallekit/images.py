@@ -23,6 +23,8 @@ _DCT8 = _dct_matrix(HASH_SIDE)[:8]  # (8, 32): only the lowest frequencies are n
 
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to RGB; JPEGs decode at reduced scale when `draft_size` allows. Raises on bad bytes."""
+    if data is None:
+        raise ValueError("no image bytes")
     image = Image.open(io.BytesIO(data))
     if draft_size:
         image.draft("RGB", (draft_size, draft_size))
@@ -73,3 +75,16 @@ def phash(data: bytes) -> int:
 def hamming(a: int, b: int) -> int:
     """Bits that differ between two 64-bit hashes."""
     return (a ^ b).bit_count()
+
+
+def load_square(data: bytes, size: int) -> np.ndarray:
+    """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects."""
+    try:
+        image = decode_rgb(data, draft_size=size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UndecodableImage(str(err)) from None
+    w, h = image.size
+    scale = size / min(w, h)
+    resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))

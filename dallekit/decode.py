@@ -1,0 +1,39 @@
+"""`dallekit decode`: token rows back to PNGs through the dVAE, for inspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dallekit.config import BadInputError
+from dallekit.pipeline.shards import list_shards, read_shard
+from dallekit.tokenize.image import ImageTokenizer
+from dallekit.tokenize.tokens import check_token_files
+
+
+def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, device: str = "auto") -> list[Path]:
+    """Decode up to `limit` rows to `<uid>.png` plus `grid.png`; the dVAE must be the one that encoded them."""
+    paths = list_shards(tokens_dir)
+    metadata = check_token_files(paths)
+    tokenizer = ImageTokenizer.load(dvae, device)
+    if metadata["image_tokenizer"]["sha256"] != tokenizer.sha256:
+        raise BadInputError(f"{tokens_dir}: encoded with another dVAE (sha256 {metadata['image_tokenizer']['sha256'][:12]}..., {dvae} is {tokenizer.sha256[:12]}...)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, images = [], []
+    for path in paths:
+        table = read_shard(path, columns=["uid", "image_tokens"]).slice(0, limit - len(written))
+        codes = np.asarray(table.column("image_tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
+        for uid, image in zip(table.column("uid").to_pylist(), tokenizer.decode(codes) if table.num_rows else []):
+            Image.fromarray(image).save(out / f"{uid}.png")
+            written.append(out / f"{uid}.png")
+            images.append(image)
+        if len(written) >= limit:
+            break
+    if images:
+        columns = min(8, len(images))
+        rows = [np.concatenate(images[i : i + columns] + [np.zeros_like(images[0])] * (columns - len(images[i : i + columns])), axis=1) for i in range(0, len(images), columns)]
+        Image.fromarray(np.concatenate(rows, axis=0)).save(out / "grid.png")
+    return written

@@ -1,0 +1,41 @@
+"""Model folders: weights in safetensors plus a JSON config, written atomically, never pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dallekit.config import BadInputError
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def save_model(out_dir: str | Path, model: torch.nn.Module, config: dict) -> None:
+    """Write `model.safetensors` and `config.json`, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    write_json(out / "config.json", config)
+
+
+def load_model_state(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a saved model folder; bad input if it is not one."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise BadInputError(f"{model_dir}: expected a model folder with config.json and model.safetensors")
+    return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' means CUDA when there is a GPU."""
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))

@@ -1,0 +1,93 @@
+"""encode: filtered image shards -> token Parquet (dVAE image codes + BPE caption ids).
+
+Each task decodes its shard's images, resizes the shorter side and centre-crops to the dVAE's
+size, encodes them in batches (argmax codes), tokenizes captions and writes the token format
+of `dallekit/tokenize/tokens.py`. The dVAE and tokenizer load once per worker. An image that
+does not decode is rejected with reason `undecodable`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dallekit.config import BadInputError, EncodeConfig
+from dallekit.images import UndecodableImage, load_square
+from dallekit.pipeline.shards import ShardResult, ShardTask, list_shards, read_shard, run_stage, shard_schema
+from dallekit.tokenize.image import cached_image_tokenizer
+from dallekit.tokenize.text import load_text_tokenizer
+from dallekit.tokenize.tokens import token_metadata, token_table
+
+
+@dataclass
+class EncodeShard:
+    """One encode task."""
+
+    path: str
+    dvae: str
+    config: EncodeConfig
+    metadata: dict
+
+
+def encode_shard(task: EncodeShard) -> ShardResult:
+    """Decode, encode and tokenize one shard."""
+    image_tokenizer = cached_image_tokenizer(task.dvae, task.config.device)
+    text_tokenizer = load_text_tokenizer(task.config.text_tokenizer)
+    names = shard_schema(task.path)[0].names
+    keep = [c for c in task.config.keep_columns if c in names]
+    table = read_shard(task.path, columns=["uid", "caption", "jpg", *keep])
+    size = image_tokenizer.config.image_size
+    pixels, good, errors = [], [], []
+    for i, data in enumerate(table.column("jpg").to_pylist()):
+        try:
+            pixels.append(load_square(data, size))
+            good.append(i)
+        except UndecodableImage as err:
+            errors.append((i, str(err)))
+    codes = np.zeros((0, image_tokenizer.config.grid ** 2), np.uint16)
+    if pixels:
+        batch = task.config.batch_size
+        codes = np.concatenate([image_tokenizer.encode(np.stack(pixels[s : s + batch])) for s in range(0, len(pixels), batch)])
+    kept_rows = table.take(pa.array(good, pa.int64()))
+    captions = kept_rows.column("caption").to_pylist()
+    kept = token_table(
+        kept_rows.column("uid"), captions, [text_tokenizer.encode(c or "") for c in captions], codes, task.metadata,
+        extra={c: kept_rows.column(c) for c in keep},
+    )
+    bad = table.take(pa.array([i for i, _ in errors], pa.int64())).drop_columns(["jpg"])
+    rejects = bad.append_column("reason", pa.array(["undecodable"] * len(errors), pa.string())).append_column(
+        "error_message", pa.array([e for _, e in errors], pa.string())
+    )
+    return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
+
+
+def plan_encode(input_dir: str, dvae: str, config: EncodeConfig) -> tuple[list[str], dict]:
+    """The shards to encode and the token metadata; loads both tokenizers to check them first."""
+    paths = list_shards(input_dir)
+    for path in paths:
+        missing = {"uid", "caption", "jpg"} - set(shard_schema(path)[0].names)
+        if missing:
+            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected image shards)")
+    image_tokenizer = cached_image_tokenizer(dvae, config.device)
+    text_tokenizer = load_text_tokenizer(config.text_tokenizer)
+    for name, vocab in (("image codebook", image_tokenizer.config.codebook_size), ("text vocabulary", text_tokenizer.vocab_size)):
+        if vocab > 2**16:
+            raise BadInputError(f"{name} of {vocab} ids does not fit the uint16 token columns")
+    if config.batch_size < 1:
+        raise BadInputError(f"--batch-size {config.batch_size}: expected a positive number")
+    return paths, token_metadata(image_tokenizer.metadata(), text_tokenizer.metadata())
+
+
+def encode(input_dir: str, dvae: str, output_dir: str, config: EncodeConfig, client, plan=None) -> dict:
+    """Run the encode stage; token shards are zstd-compressed."""
+    started = time.time()
+    paths, metadata = plan if plan is not None else plan_encode(input_dir, dvae, config)
+    tasks = [ShardTask(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet"), EncodeShard(p, dvae, config, metadata)) for p in paths]
+    return run_stage(
+        "encode", output_dir, tasks, encode_shard, client,
+        config=asdict(config) | {"input": input_dir, "dvae": dvae, "tokens": metadata},
+        parquet_kwargs={"compression": "zstd"}, started=started,
+    )

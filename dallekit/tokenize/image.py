@@ -1,0 +1,75 @@
+"""The image tokenizer: a trained dVAE loaded from its folder, encoding pixels to codes and back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dallekit.config import BadInputError
+from dallekit.models.dvae import DVAE, DVAEConfig, config_dict
+from dallekit.models.weights import load_model_state, pick_device
+
+_CACHE: dict[tuple, "ImageTokenizer"] = {}  # one dVAE per worker process
+
+
+class ImageTokenizer:
+    """A dVAE in eval mode with its identity (sha256 of the weights) for token-file metadata."""
+
+    kind = "dallekit-dvae"
+
+    def __init__(self, model: DVAE, sha256: str, device: torch.device):
+        self.model = model.to(device).eval()
+        self.config: DVAEConfig = model.config
+        self.sha256 = sha256
+        self.device = device
+
+    @classmethod
+    def load(cls, model_dir: str, device: str = "auto") -> "ImageTokenizer":
+        """Load a dVAE folder written by train-dvae or convert-openai-dvae."""
+        values, state = load_model_state(model_dir)
+        config = DVAEConfig.from_dict(values)
+        model = DVAE(config)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise BadInputError(f"{model_dir}: weights do not fit its config.json ({str(err).splitlines()[0]})") from None
+        digest = hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()
+        return cls(model, digest, pick_device(device))
+
+    def metadata(self) -> dict:
+        """The `image_tokenizer` entry of token-file metadata."""
+        c = self.config
+        return {"kind": self.kind, "codebook_size": c.codebook_size, "grid": c.grid, "image_size": c.image_size, "sha256": self.sha256}
+
+    @torch.no_grad()
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 images (B, S, S, 3) -> uint16 codes (B, G*G), row-major."""
+        x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            codes = self.model.encode(x)  # (B, G, G)
+        return codes.reshape(len(pixels), -1).cpu().numpy().astype(np.uint16)
+
+    @torch.no_grad()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes (B, G*G) -> uint8 images (B, S, S, 3)."""
+        g = self.config.grid
+        c = torch.as_tensor(np.asarray(codes, dtype=np.int64)).to(self.device).reshape(-1, g, g)
+        x = self.model.decode(c)  # (B, 3, S, S)
+        return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def cached_image_tokenizer(model_dir: str, device: str = "auto") -> ImageTokenizer:
+    """ImageTokenizer.load once per process for the same folder."""
+    key = (os.path.abspath(model_dir), device)
+    if key not in _CACHE:
+        _CACHE[key] = ImageTokenizer.load(model_dir, device)
+    return _CACHE[key]
+
+
+def save_dvae_config(config: DVAEConfig) -> dict:
+    """The config.json content of a dVAE folder."""
+    return config_dict(config) | {"model": "dallekit-dvae"}
