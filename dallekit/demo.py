@@ -7,14 +7,18 @@ import json
 import os
 from dataclasses import dataclass
 
-from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, FilterConfig, IngestConfig
+from pathlib import Path
+
+from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, EncodeConfig, FilterConfig, IngestConfig, TrainDVAEConfig
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
+from dallekit.pipeline.encode import encode
 from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest
 from dallekit.pipeline.shards import format_summary
 from dallekit.synthetic import ShapesServer, make_dataset
+from dallekit.train_dvae import train_dvae
 
 
 @dataclass
@@ -69,6 +73,16 @@ def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
             stats.append(clean(f"{config.out}/download", f"{config.out}/clean", DEMO_CLEAN, client))
             print("demo: CLIP scores come from a randomly initialised dallekit-tiny-clip (no weights offline); kept, not used to filter")
             stats.append(filter_stage(f"{config.out}/clean", f"{config.out}/filter", DEMO_FILTER, client))
+            dvae_dir = Path(config.out) / "dvae"
+            options = TrainDVAEConfig(preset="tiny", max_steps=150 if config.quick else None,
+                                      checkpoint_every=75 if config.quick else 300,
+                                      resume=(dvae_dir / "checkpoint" / "state.json").exists())
+            metrics = train_dvae(f"{config.out}/filter", str(dvae_dir), options)
+            grids = sorted(dvae_dir.glob("recon_step*.png"))
+            if metrics:
+                print(f"demo: dVAE held-out PSNR {metrics['val_psnr']:.1f} dB, {metrics['codes_used']:.0%} of codes used")
+            print(f"demo: reconstruction grid (originals above, reconstructions below): {grids[-1]}")
+            stats.append(encode(f"{config.out}/filter", str(dvae_dir), f"{config.out}/tokens", EncodeConfig(), client))
     for s in stats:
         print(format_summary(s))
     return stats

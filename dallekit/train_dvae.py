@@ -184,11 +184,11 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
         if done % options.checkpoint_every == 0 or done == config.max_steps:
             metrics, recon = evaluate(model, val, device)
             save_grid(val, recon, out / f"recon_step{done:06d}.png")
+            log.write((record or {"step": done}) | metrics)  # before the checkpoint: a resume drops later lines
             save_checkpoint(out, model, save_dvae_config(config), optimizer, done,
                             {"epoch": epoch, "consumed": consumed, "dvae": asdict(config)})
-            record = (record or {"step": done}) | metrics
             bar.set_postfix(psnr=f"{metrics['val_psnr']:.1f}", used=f"{metrics['codes_used']:.2f}")
-        if record:
+        elif record:
             log.write(record)
     bar.close()
     return metrics

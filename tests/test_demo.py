@@ -51,3 +51,7 @@ def test_demo_quick_runs_the_pipeline_stages(tmp_path):
     assert filtered["clip_score"].notna().all() and (filtered["lang"] == "en").all()
     assert "filter funnel" in proc.stdout and (out / "filter" / "_funnel.png").exists()
     assert "randomly initialised" in proc.stdout
+    tokens, _ = check_accounting(out / "tokens", len(filtered))
+    assert tokens["image_tokens"].map(len).eq(64).all()
+    assert (out / "dvae" / "model.safetensors").exists() and list((out / "dvae").glob("recon_step*.png"))
+    assert "reconstruction grid" in proc.stdout

@@ -1,0 +1,107 @@
+"""encode: token Parquet readable with plain pandas/pyarrow, metadata checks, rejects, decode, BPE."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dallekit.config import BadInputError, EncodeConfig
+from dallekit.decode import decode_tokens
+from dallekit.images import load_square
+from dallekit.models.dvae import DVAE, dvae_config
+from dallekit.models.weights import save_model
+from dallekit.pipeline.encode import encode
+from dallekit.tokenize.image import ImageTokenizer, save_dvae_config
+from dallekit.tokenize.text import load_text_tokenizer, train_bpe
+from dallekit.tokenize.tokens import check_token_files
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.test_ingest import check_accounting
+
+
+@pytest.fixture(scope="module")
+def random_dvae(tmp_path_factory):
+    """A randomly initialised tiny dVAE saved as train-dvae saves one."""
+    torch.manual_seed(0)
+    config = dvae_config("tiny")
+    folder = tmp_path_factory.mktemp("dvae")
+    save_model(folder, DVAE(config), save_dvae_config(config))
+    return folder
+
+
+def filtered_stage(folder):
+    good = [downloaded_row(f"u{i:02d}", f"a shape number {i}", shape_jpeg(i, size=80), clip_score=0.3 + i / 100) for i in range(10)]
+    half = shape_jpeg(99, size=80)
+    bad = downloaded_row("broken", "a truncated image", half[: len(half) // 2], clip_score=0.5)
+    write_stage(folder, [good[:6], good[6:] + [bad]])
+    return folder
+
+
+def test_token_files_read_with_plain_pandas_and_pyarrow(tmp_path, client, random_dvae):
+    src = filtered_stage(tmp_path / "filtered")
+    stats = encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(batch_size=4), client)
+    kept, rejects = check_accounting(tmp_path / "tokens", 11)
+    assert rejects["uid"].tolist() == ["broken"] and rejects["reason"].tolist() == ["undecodable"]
+    assert stats["reasons"] == {"undecodable": 1}
+    schema = pq.read_schema(tmp_path / "tokens" / "part-00000.parquet")
+    assert schema.field("uid").type == pa.string() and schema.field("caption").type == pa.string()
+    assert schema.field("text_tokens").type == pa.list_(pa.uint16())
+    assert schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
+    assert schema.field("clip_score").type == pa.float64()
+    meta = json.loads(schema.metadata[b"dallekit"])
+    assert meta["format"] == "dallekit.tokens/1"
+    assert meta["image_tokenizer"] | {"sha256": None} == {"kind": "dallekit-dvae", "codebook_size": 128, "grid": 8, "image_size": 32, "sha256": None}
+    assert meta["text_tokenizer"] == {"kind": "clip-bpe", "vocab_size": 49408}
+    df = pd.read_parquet(tmp_path / "tokens")
+    assert len(df) == 10 and df["image_tokens"].map(len).eq(64).all()
+    assert df["image_tokens"].iloc[0].dtype == np.uint16 and df["text_tokens"].iloc[0].dtype == np.uint16
+    row = df[df.uid == "u03"].iloc[0]
+    assert list(row["text_tokens"]) == load_text_tokenizer("clip-bpe").encode("a shape number 3")
+    # the codes are the dVAE's argmax codes of the centre-cropped image
+    tokenizer = ImageTokenizer.load(str(random_dvae))
+    expected = tokenizer.encode(load_square(shape_jpeg(3, size=80), 32)[None])[0]
+    np.testing.assert_array_equal(row["image_tokens"], expected)
+
+
+def test_mismatched_metadata_is_a_clear_error(tmp_path, client, random_dvae):
+    src = filtered_stage(tmp_path / "filtered")
+    encode(str(src), str(random_dvae), str(tmp_path / "a"), EncodeConfig(), client)
+    torch.manual_seed(1)
+    other = tmp_path / "other-dvae"
+    config = dvae_config("tiny", codebook_size=256)
+    save_model(other, DVAE(config), save_dvae_config(config))
+    encode(str(src), str(other), str(tmp_path / "b"), EncodeConfig(), client)
+    paths = [str(tmp_path / "a" / "part-00000.parquet"), str(tmp_path / "b" / "part-00001.parquet")]
+    with pytest.raises(BadInputError, match=r"b/part-00001.parquet: image_tokenizer codebook_size=256.*disagrees.*codebook_size=128"):
+        check_token_files(paths)
+    with pytest.raises(BadInputError, match="encoded with another dVAE"):
+        decode_tokens(str(tmp_path / "b"), str(random_dvae), str(tmp_path / "png"))
+
+
+def test_decode_gives_the_dvae_reconstruction(tmp_path, client, random_dvae):
+    src = filtered_stage(tmp_path / "filtered")
+    encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(), client)
+    written = decode_tokens(str(tmp_path / "tokens"), str(random_dvae), str(tmp_path / "png"), limit=3)
+    assert [p.name for p in written] == ["u00.png", "u01.png", "u02.png"] and (tmp_path / "png" / "grid.png").exists()
+    tokenizer = ImageTokenizer.load(str(random_dvae))
+    codes = pd.read_parquet(tmp_path / "tokens" / "part-00000.parquet")["image_tokens"].iloc[0]
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0])), tokenizer.decode(np.stack([codes]))[0])
+
+
+def test_trained_bpe_tokenizer_is_recorded(tmp_path, client, random_dvae):
+    captions = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue") for s in ("circle", "square") for b in ("white", "black")] * 20
+    bpe = train_bpe(captions, str(tmp_path / "bpe"), vocab_size=300)
+    assert bpe.vocab_size <= 300 and bpe.decode(bpe.encode("A red circle")).strip() == "a red circle"
+    src = filtered_stage(tmp_path / "filtered")
+    encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(text_tokenizer=str(tmp_path / "bpe")), client)
+    meta = check_token_files([str(p) for p in sorted((tmp_path / "tokens").glob("part-*.parquet"))])
+    assert meta["text_tokenizer"]["kind"] == "bpe" and meta["text_tokenizer"]["vocab_size"] == bpe.vocab_size
+    df = pd.read_parquet(tmp_path / "tokens")
+    assert list(df["text_tokens"].iloc[0]) == bpe.encode(df["caption"].iloc[0])
