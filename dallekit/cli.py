@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size (default: 16384, DALL-E's)")
 
+    p = sub.add_parser(
+        "convert-openai-dvae",
+        help="convert OpenAI's released dVAE (encoder.pkl, decoder.pkl) to safetensors, once",
+        description="Loads the dall-e package's pickled modules with torch.load(weights_only=True), allowlisting only "
+        "the dall_e classes, and writes a dVAE folder (model.safetensors + config.json). Needs the optional extra: "
+        "pip install 'dallekit[openai-dvae]'. This is the only command that reads a pickle.",
+    )
+    p.add_argument("--encoder", required=True, help="encoder.pkl from https://cdn.openai.com/dall-e/encoder.pkl")
+    p.add_argument("--decoder", required=True, help="decoder.pkl from https://cdn.openai.com/dall-e/decoder.pkl")
+    p.add_argument("--out", required=True, help="dVAE folder to write")
+
     p = sub.add_parser("demo", help="synthetic shapes served on 127.0.0.1, through the pipeline")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
@@ -111,6 +122,12 @@ def run(argv: list[str] | None = None) -> int:
 
         written = decode_tokens(args.tokens, args.dvae, args.out, args.limit)
         print(f"decode: {len(written)} images and grid.png in {args.out}")
+        return 0
+    if args.command == "convert-openai-dvae":
+        from dallekit.models.openai_dvae import convert_openai_dvae
+
+        config = convert_openai_dvae(args.encoder, args.decoder, args.out)
+        print(f"convert-openai-dvae: {config.codebook_size} codes, {config.grid}x{config.grid} grid, written to {args.out}")
         return 0
     if args.command == "train-bpe":
         from dallekit.tokenize.text import train_bpe
