@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/download_vs_img2dataset.py
 	$(BIN)/python benchmarks/clean_throughput.py --n 10000
 	$(BIN)/python benchmarks/clip_filter_overhead.py
+	$(BIN)/python benchmarks/encode_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

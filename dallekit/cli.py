@@ -36,34 +36,31 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ClusterConfig)
 
 
+def _stage(sub, name: str, help_text: str, config_class: type, out_help: str) -> argparse.ArgumentParser:
+    """A Dask stage's subcommand: --out, its config's options, --config and the cluster options."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--out", required=True, help=out_help)
+    add_options(p, config_class)
+    _add_common(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = _Parser(prog="dallekit", description="Build text-image datasets on Dask and train a compact DALL-E.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("ingest", help="URL lists (CC3M, LAION, CSV/TSV/JSONL/Parquet, image folders) -> URL shards")
+    p = _stage(sub, "ingest", "URL lists (CC3M, LAION, CSV/TSV/JSONL/Parquet, image folders) -> URL shards", IngestConfig,
+               "output folder of URL shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs or folders (local paths or fsspec URLs)")
-    p.add_argument("--out", required=True, help="output folder of URL shards")
-    add_options(p, IngestConfig)
-    _add_common(p)
-
-    p = sub.add_parser("download", help="URL shards -> image shards with img2dataset's downloader")
+    p = _stage(sub, "download", "URL shards -> image shards with img2dataset's downloader", DownloadConfig, "output folder of image shards")
     p.add_argument("urls", metavar="URL_SHARDS", help="folder written by `dallekit ingest`")
-    p.add_argument("--out", required=True, help="output folder of image shards")
-    add_options(p, DownloadConfig)
-    _add_common(p)
-
-    p = sub.add_parser("clean", help="downloaded shards -> repaired captions, no failed downloads or duplicates")
+    p = _stage(sub, "clean", "downloaded shards -> repaired captions, no failed downloads or duplicates", CleanConfig,
+               "output folder of cleaned shards")
     p.add_argument("downloaded", metavar="DOWNLOADED", help="folder written by `dallekit download`")
-    p.add_argument("--out", required=True, help="output folder of cleaned shards")
-    add_options(p, CleanConfig)
-    _add_common(p)
-
-    p = sub.add_parser("filter", help="cleaned shards -> rows passing image, caption, language and CLIP rules")
+    p = _stage(sub, "filter", "cleaned shards -> rows passing image, caption, language and CLIP rules", FilterConfig,
+               "output folder of filtered shards")
     p.add_argument("cleaned", metavar="CLEANED", help="folder written by `dallekit clean`")
-    p.add_argument("--out", required=True, help="output folder of filtered shards")
-    add_options(p, FilterConfig)
-    _add_common(p)
 
     p = sub.add_parser("train-dvae", help="train a discrete VAE on the images of filtered shards")
     p.add_argument("filtered", metavar="FILTERED", help="folder of image shards (from `dallekit filter`)")
@@ -71,12 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, TrainDVAEConfig)
     p.add_argument("--config", help="TOML file; its [train-dvae] section gives defaults")
 
-    p = sub.add_parser("encode", help="filtered image shards -> token Parquet (dVAE codes + BPE ids)")
+    p = _stage(sub, "encode", "filtered image shards -> token Parquet (dVAE codes + BPE ids)", EncodeConfig, "output folder of token shards")
     p.add_argument("filtered", metavar="FILTERED", help="folder of image shards (from `dallekit filter`)")
     p.add_argument("--dvae", required=True, help="dVAE folder (from `dallekit train-dvae` or `convert-openai-dvae`)")
-    p.add_argument("--out", required=True, help="output folder of token shards")
-    add_options(p, EncodeConfig)
-    _add_common(p)
 
     p = sub.add_parser("decode", help="token rows -> PNGs through the dVAE, for inspection")
     p.add_argument("tokens", metavar="TOKENS", help="folder of token shards")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dallekit.config import BadInputError
+from dallekit.models.weights import pick_device
 
 CONFIG_DIR = Path(__file__).with_name("clip_configs")
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -34,13 +35,6 @@ def register_configs() -> None:
     for path in sorted(CONFIG_DIR.glob("*.json")):
         if path.stem not in open_clip.list_models():
             open_clip.add_model_config(path)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' means CUDA when there is a GPU, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -78,7 +72,7 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
     import open_clip
 
     register_configs()
-    target = resolve_device(device)
+    target = pick_device(device)
     try:
         if checkpoint:
             model, preprocess, name = _from_checkpoint(checkpoint, model_name)

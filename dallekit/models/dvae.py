@@ -76,42 +76,26 @@ def dvae_config(preset: str, **overrides) -> DVAEConfig:
     return DVAEConfig(**(DVAE_PRESETS[preset] | overrides))
 
 
-class EncoderBlock(nn.Module):
-    """Bottleneck ResNet block: 3x3, 3x3, 3x3, 1x1 convs, residual scaled by 1/n_layers**2."""
+class BottleneckBlock(nn.Module):
+    """ResNet bottleneck block, residual scaled by 1/n_layers**2; kernels (3,3,3,1) encode, (1,3,3,3) decode."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 3, padding=1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 1)),
-        ]))  # fmt: skip
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = []
+        for i, k in enumerate(kernels):
+            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", nn.Conv2d(widths[i], widths[i + 1], k, padding=k // 2))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-class DecoderBlock(nn.Module):
-    """Bottleneck ResNet block: 1x1, 3x3, 3x3, 3x3 convs, residual scaled by 1/n_layers**2."""
-
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 3, padding=1)),
-        ]))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+ENCODER_KERNELS = (3, 3, 3, 1)
+DECODER_KERNELS = (1, 3, 3, 3)
 
 
 class Encoder(nn.Module):
@@ -124,7 +108,7 @@ class Encoder(nn.Module):
         width = c.n_hid
         for g in range(1, c.n_groups + 1):
             out = c.n_hid * 2 ** (g - 1)
-            group = [(f"block_{i + 1}", EncoderBlock(width if i == 0 else out, out, n_layers)) for i in range(c.n_blk_per_group)]
+            group = [(f"block_{i + 1}", BottleneckBlock(width if i == 0 else out, out, n_layers, ENCODER_KERNELS)) for i in range(c.n_blk_per_group)]
             if g < c.n_groups:
                 group.append(("pool", nn.MaxPool2d(kernel_size=2)))
             layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
@@ -146,7 +130,7 @@ class Decoder(nn.Module):
         width = c.n_init
         for g in range(1, c.n_groups + 1):
             out = c.n_hid * 2 ** (c.n_groups - g)
-            group = [(f"block_{i + 1}", DecoderBlock(width if i == 0 else out, out, n_layers)) for i in range(c.n_blk_per_group)]
+            group = [(f"block_{i + 1}", BottleneckBlock(width if i == 0 else out, out, n_layers, DECODER_KERNELS)) for i in range(c.n_blk_per_group)]
             if g < c.n_groups:
                 group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
