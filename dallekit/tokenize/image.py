@@ -48,7 +48,7 @@ class ImageTokenizer:
     @torch.no_grad()
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 images (B, S, S, 3) -> uint16 codes (B, G*G), row-major."""
-        x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S)
+        x = torch.from_numpy(np.require(pixels, requirements="W")).to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             codes = self.model.encode(x)  # (B, G, G)
         return codes.reshape(len(pixels), -1).cpu().numpy().astype(np.uint16)
