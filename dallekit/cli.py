@@ -17,6 +17,7 @@ from dallekit.config import (
     EncodeConfig,
     FilterConfig,
     IngestConfig,
+    TrainConfig,
     TrainDVAEConfig,
     add_options,
     build_config,
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl, grids")
     add_options(p, TrainDVAEConfig)
     p.add_argument("--config", help="TOML file; its [train-dvae] section gives defaults")
+
+    p = sub.add_parser("train", help="train the DALL-E transformer on token Parquet (torchrun for several GPUs)")
+    p.add_argument("tokens", metavar="TOKENS", help="folder of token shards (from `dallekit encode`)")
+    p.add_argument("--out", required=True, help="run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl")
+    add_options(p, TrainConfig)
+    p.add_argument("--config", help="TOML file; its [train] section gives defaults")
 
     p = _stage(sub, "encode", "filtered image shards -> token Parquet (dVAE codes + BPE ids)", EncodeConfig, "output folder of token shards")
     p.add_argument("filtered", metavar="FILTERED", help="folder of image shards (from `dallekit filter`)")
@@ -128,6 +135,13 @@ def run(argv: list[str] | None = None) -> int:
 
         tokenizer = train_bpe(iter_captions(args.captions), args.out, args.vocab_size)
         print(f"train-bpe: {tokenizer.vocab_size} tokens in {tokenizer.path}")
+        return 0
+    if args.command == "train":
+        from dallekit.train import train_transformer
+
+        options = build_config(TrainConfig, args, toml.get("train"), where=f"{args.config or 'options'} [train]")
+        metrics = train_transformer(args.tokens, args.out, options)
+        print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         return 0
     if args.command == "train-dvae":
         from dallekit.train_dvae import train_dvae

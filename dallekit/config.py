@@ -201,3 +201,35 @@ class EncodeConfig:
     batch_size: int = option(64, "images per dVAE forward pass")
     keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
     device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)")
+
+
+@dataclass
+class TrainConfig:
+    """Options of `dallekit train` (the transformer's size comes from the preset)."""
+
+    preset: str = option("tiny", "transformer preset", choices=["tiny", "small", "base"])
+    max_steps: int = option(2000, "optimizer steps")
+    batch_size: int = option(32, "samples per micro-batch (per rank)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate (after warm-up)")
+    min_lr: float = option(1e-4, "learning rate at max_steps (cosine decay)")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    weight_decay: float = option(4.5e-2, "AdamW weight decay (DALL-E: 4.5e-2)")
+    beta2: float = option(0.96, "AdamW beta2 (DALL-E: 0.96)")
+    grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)")
+    text_len: int | None = option(None, "text positions (default: the preset's)")
+    p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance")
+    sparse_attention: bool = option(False, "DALL-E's row/column/conv attention masks on image tokens")
+    seed: int = option(0, "seed of weights, data order and caption dropout")
+    resume: bool = option(False, "continue from the output folder's checkpoint")
+    checkpoint_every: int = option(500, "steps between checkpoints and validation")
+    log_every: int = option(25, "steps between metric lines")
+    val: str | None = option(None, "a folder of held-out token shards (else --val-fraction of the shards)")
+    val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)")
+    val_batches: int = option(20, "batches per validation pass")
+    num_workers: int = option(2, "loader worker processes (0: load in the training process)")
+    shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer")
+    device: str = option("auto", "torch device (auto: cuda when there is one)")
+    compile: bool = option(False, "torch.compile the model")
+    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)")
+    deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")

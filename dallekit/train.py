@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dallekit.models.weights import write_json, save_model
+from dallekit.config import BadInputError
+from dallekit.models.weights import save_model, write_json
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -113,3 +114,195 @@ class MetricsLog:
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics JSONL file."""
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+# ---------------------------------------------------------------- the transformer trainer
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def default_peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of a known GPU, or None (no MFU on the CPU unless --peak-flops is given)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def split_shards(paths: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out a seeded fraction of the shards (at least one when the fraction is positive and there are two)."""
+    import random as _random
+
+    if val_fraction <= 0 or len(paths) < 2:
+        return paths, []
+    order = list(paths)
+    _random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(paths) * val_fraction))
+    val = set(order[:n_val])
+    return [p for p in paths if p not in val], [p for p in paths if p in val]
+
+
+def model_config_for(metadata: dict, options) -> "DalleConfig":  # noqa: F821
+    """The transformer config: preset size, vocabularies and grid from the token metadata."""
+    from dallekit.models.transformer import dalle_config
+
+    overrides = dict(
+        text_vocab=metadata["text_tokenizer"]["vocab_size"], image_vocab=metadata["image_tokenizer"]["codebook_size"],
+        grid=metadata["image_tokenizer"]["grid"], p_uncond=options.p_uncond, sparse_attention=options.sparse_attention,
+    )
+    if options.text_len:
+        overrides["text_len"] = options.text_len
+    return dalle_config(options.preset, **overrides)
+
+
+@torch.no_grad()
+def validation_loss(model, paths: list[str], options, config, device) -> dict:
+    """Mean text, image and total loss over the first val_batches batches of the held-out shards."""
+    from dallekit.tokenize.tokens import TokenBatches
+
+    model.eval()
+    source = TokenBatches(paths, config.text_len, config.pad_base, options.batch_size, shuffle=False, loop=False)
+    totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+    for _, text, image in source.batches():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.loss(torch.from_numpy(text).to(device), torch.from_numpy(image).to(device))
+        for k in totals:
+            totals[k] += out[k].item()
+        n += 1
+        if n == options.val_batches:
+            break
+    model.train()
+    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()} | {"val_bits_per_image_token": totals["image_loss"] / max(n, 1) / math.log(2)}
+
+
+def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
+    """Train the DALL-E transformer on token Parquet; returns the last logged metrics."""
+    from tqdm.auto import tqdm
+
+    from dallekit.models.transformer import DalleTransformer, config_dict
+    from dallekit.models.weights import pick_device
+    from dallekit.pipeline.shards import list_shards
+    from dallekit.tokenize.tokens import TokenBatches, check_token_files, token_loader
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world > 1
+    device = pick_device(options.device)
+    if distributed:  # launched by torchrun
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    paths = list_shards(tokens_dir)
+    metadata = check_token_files(paths + (list_shards(options.val) if options.val else []))
+    train_paths, val_paths = (paths, list_shards(options.val)) if options.val else split_shards(paths, options.val_fraction, options.seed)
+    config = model_config_for(metadata, options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if options.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        for key in ("text_vocab", "image_vocab", "grid", "text_len", "n_layer", "n_embd"):
+            if saved.get(key) != getattr(config, key):
+                raise BadInputError(f"--resume: {out_dir} holds a model with {key}={saved.get(key)}, these tokens and options give {getattr(config, key)}")
+    torch.manual_seed(options.seed + rank)
+    random.seed(options.seed)
+    if options.deterministic:
+        torch.use_deterministic_algorithms(True)
+    model = DalleTransformer(config).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=options.lr, betas=(0.9, options.beta2), fused=device.type == "cuda",
+    )
+    start = 0
+    if options.resume:
+        restored = load_checkpoint(out, model, optimizer)
+        if restored is None:
+            raise BadInputError(f"--resume: no checkpoint in {out_dir}")
+        start = restored["step"]
+    if options.compile:
+        model.compile()  # in place: model.loss then runs the compiled forward
+    train_model = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    source = TokenBatches(train_paths, config.text_len, config.pad_base, options.batch_size, options.seed, options.shuffle_buffer, rank, world)
+    batches = iter(token_loader(source, options.num_workers, start_batch=start * options.grad_accum, pin_memory=device.type == "cuda"))
+    caption_rng = torch.Generator().manual_seed(options.seed * 7919 + rank)
+    for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
+        torch.rand(options.batch_size, generator=caption_rng)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
+    peak = options.peak_flops or default_peak_flops(device)
+    flops_per_token = model.flops_per_token()
+    tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
+    last, last_time, record = {}, time.time(), {}
+    bar = tqdm(total=options.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    for step in range(start, options.max_steps):
+        lr = options.lr * (step + 1) / options.warmup_steps if step < options.warmup_steps else cosine(
+            step - options.warmup_steps, options.max_steps - options.warmup_steps, options.lr, options.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        parts = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        for micro in range(options.grad_accum):
+            epoch, text, image = next(batches)
+            text = model.drop_captions(text, caption_rng).to(device, non_blocking=True)
+            image = image.to(device, non_blocking=True)
+            sync = not distributed or micro == options.grad_accum - 1
+            context = train_model.no_sync() if not sync else _null()
+            with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out_step = _ddp_loss(train_model, text, image) if distributed else model.loss(text, image)
+                (out_step["loss"] / options.grad_accum).backward()
+            for k in parts:
+                parts[k] += out_step[k].item() / options.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if rank != 0:
+            continue
+        if done % options.log_every == 0 or done == options.max_steps:
+            now = time.time()
+            steps = options.log_every if done % options.log_every == 0 else done % options.log_every
+            tokens_per_s = tokens_per_step * steps / max(now - last_time, 1e-9)
+            last_time = now
+            record = {"step": done, **parts, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch, "tokens_per_s": tokens_per_s,
+                      "mfu": flops_per_token * tokens_per_s / peak if peak else None}
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", img=f"{parts['image_loss']:.3f}")
+        if done % options.checkpoint_every == 0 or done == options.max_steps:
+            if val_paths:
+                record = (record if record.get("step") == done else {"step": done}) | validation_loss(model, val_paths, options, config, device)
+            log.write(record)  # before the checkpoint: a resume drops later lines
+            save_checkpoint(out, model, config_dict(config) | {"tokens": metadata}, optimizer, done, {"epoch": epoch})
+        elif record.get("step") == done:
+            log.write(record)
+        last = record or last
+    bar.close()
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return last
+
+
+def _ddp_loss(ddp_model, text, image):
+    """Run the forward pass through DDP (so its hooks fire) and compute the weighted loss."""
+    import torch.nn.functional as F
+
+    text_logits, image_logits = ddp_model(text, image)
+    inner = ddp_model.module
+    text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten())
+    image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+    w = inner.config.text_loss_weight
+    return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -14,6 +14,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dallekit.config import BadInputError
 
@@ -72,3 +74,102 @@ def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
                     f"disagrees with {where} ({', '.join(f'{k}={reference[section].get(k)!r}' for k in diff)})"
                 )
     return reference
+
+
+class TokenBatches:
+    """Streams (text (B, T), image (B, N)) int64 batches from token shards, for one rank and loader worker.
+
+    Shard order is shuffled per epoch with a seeded RNG, rows go through a bounded shuffle buffer,
+    and shards are read one row group at a time, so memory stays bounded however many shards
+    there are. Ranks take every world-th shard of the epoch's order, loader workers every
+    n_workers-th of those. Captions are truncated to T and padded with per-position padding ids.
+    """
+
+    def __init__(self, paths: list[str], text_len: int, pad_base: int, batch_size: int, seed: int = 0,
+                 shuffle_buffer: int = 4096, rank: int = 0, world: int = 1, shuffle: bool = True, loop: bool = True):
+        self.paths, self.text_len, self.pad_base, self.batch_size = list(paths), text_len, pad_base, batch_size
+        self.seed, self.buffer, self.rank, self.world, self.shuffle, self.loop = seed, shuffle_buffer, rank, world, shuffle, loop
+
+    def _rows(self, epoch: int, worker: int, n_workers: int):
+        """(text (T,), image (N,)) rows of one epoch for one worker, after the shuffle buffer."""
+        import random
+
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(self.paths)
+        if self.shuffle:
+            rng.shuffle(order)
+        mine = order[self.rank :: self.world][worker::n_workers]
+        buffer: list = []
+        for path in mine:
+            fs, p = fsspec.core.url_to_fs(path)
+            with fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    group = pf.read_row_group(g, columns=["text_tokens", "image_tokens"])
+                    for row in zip(*self._arrays(group)):
+                        if not self.shuffle:
+                            yield row
+                            continue
+                        buffer.append(row)
+                        if len(buffer) >= self.buffer:
+                            i = rng.randrange(len(buffer))
+                            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                            yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _arrays(self, group: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Padded text (R, T) and image (R, N) arrays of a row group."""
+        text_col = group.column("text_tokens").combine_chunks()
+        offsets = text_col.offsets.to_numpy()
+        values = text_col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = len(text_col)
+        text = np.tile(np.arange(self.text_len, dtype=np.int64) + self.pad_base, (rows, 1))
+        for i in range(rows):
+            ids = values[offsets[i] : min(offsets[i + 1], offsets[i] + self.text_len)]
+            text[i, : len(ids)] = ids
+        image_col = group.column("image_tokens").combine_chunks()
+        image = image_col.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(rows, -1)
+        return text, image
+
+    def batches(self, worker: int = 0, n_workers: int = 1, epoch: int = 0, skip: int = 0):
+        """Yield (epoch, text, image) numpy batches, skipping the first `skip` batches (exact resume)."""
+        produced = 0
+        while True:
+            text, image, any_rows = [], [], False
+            for t, i in self._rows(epoch, worker, n_workers):
+                any_rows = True
+                text.append(t)
+                image.append(i)
+                if len(text) == self.batch_size:
+                    produced += 1
+                    if produced > skip:
+                        yield epoch, np.stack(text), np.stack(image)
+                    text, image = [], []
+            if not self.loop:
+                if text:
+                    yield epoch, np.stack(text), np.stack(image)
+                return
+            if not any_rows:
+                raise BadInputError(f"rank {self.rank}: no token rows in its shards (fewer shards than ranks x loader workers?)")
+            epoch += 1
+
+class _TokenDataset(IterableDataset):
+    def __init__(self, batches: TokenBatches, n_workers: int, start_batch: int):
+        self.source, self.n_workers, self.start_batch = batches, max(n_workers, 1), start_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # the DataLoader takes batches from its workers in turn, so worker w made every n-th batch
+        skip = len(range(worker, self.start_batch, self.n_workers))
+        for epoch, text, image in self.source.batches(worker, self.n_workers, skip=skip):
+            yield epoch, torch.from_numpy(text), torch.from_numpy(image)
+
+
+def token_loader(batches: TokenBatches, num_workers: int, start_batch: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of (epoch, text (B, T), image (B, N)) that starts after `start_batch` batches."""
+    return DataLoader(
+        _TokenDataset(batches, num_workers, start_batch), batch_size=None, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,300 @@
+"""A compact DALL-E: one decoder-only stream of text tokens, then image tokens (Ramesh et al. 2021).
+
+The input is [BOS, text_0 .. text_{T-1}, image_0 .. image_{N-2}] and the targets are
+[text_0 .. text_{T-1}, image_0 .. image_{N-1}]: every position predicts the next token. Text
+shorter than T is filled with a distinct padding token per position, as DALL-E does, so an
+empty caption (used for caption dropout and classifier-free guidance) is simply all padding.
+Text and image have their own embeddings and output heads; image positions get row + column
+embeddings. The loss is text and image cross-entropy, each averaged over its own tokens,
+weighted 1/8 and 7/8. Attention is PyTorch's scaled_dot_product_attention, causal, optionally
+with DALL-E's sparse row / column / convolutional masks on the image part.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DalleConfig:
+    """Transformer size and vocabularies; presets live in DALLE_PRESETS."""
+
+    text_vocab: int = 49408  # text tokenizer ids (CLIP BPE by default)
+    text_len: int = 64  # text positions; captions are truncated or padded to this
+    image_vocab: int = 8192  # dVAE codebook size
+    grid: int = 32  # image tokens per side (N = grid**2)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # model width
+    dropout: float = 0.0  # dropout in attention and MLP outputs
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    text_loss_weight: float = 1 / 8  # the image loss gets 1 - this
+    p_uncond: float = 0.1  # probability of dropping the caption in training (for guidance)
+    sparse_attention: bool = False  # DALL-E's row/column/conv masks on image tokens instead of full causal
+
+    @property
+    def image_len(self) -> int:
+        """Image tokens per sample."""
+        return self.grid * self.grid
+
+    @property
+    def seq_len(self) -> int:
+        """Positions in the stream: BOS + text + all image tokens but the last."""
+        return self.text_len + self.image_len
+
+    @property
+    def pad_base(self) -> int:
+        """Id of the padding token of text position 0; position i pads with pad_base + i."""
+        return self.text_vocab
+
+    @property
+    def bos(self) -> int:
+        """Id of the start token."""
+        return self.text_vocab + self.text_len
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DalleConfig":
+        """Build from a JSON dict, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+DALLE_PRESETS: dict[str, dict] = {
+    "tiny": dict(text_len=16, n_layer=4, n_head=4, n_embd=128),  # CPU tests and the demo
+    "small": dict(text_len=32, n_layer=8, n_head=8, n_embd=512),  # ~30M parameters
+    "base": dict(text_len=64, n_layer=12, n_head=12, n_embd=768),  # ~110M+ parameters: one GPU
+}
+
+
+def dalle_config(preset: str, **overrides) -> DalleConfig:
+    """The config of a named preset, with overrides (vocabularies and grid come from the token files)."""
+    if preset not in DALLE_PRESETS:
+        raise KeyError(f"unknown transformer preset {preset!r} (expected one of {', '.join(DALLE_PRESETS)})")
+    return DalleConfig(**(DALLE_PRESETS[preset] | overrides))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention, with an optional KV cache."""
+
+    def __init__(self, c: DalleConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+        B, L, C = x.shape  # (batch, new positions, width)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            # with a cache, the L new queries are the last L positions, so plain causal only fits L == total
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=L > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, L, C)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, c: DalleConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias), nn.Dropout(c.dropout)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def sparse_masks(c: DalleConfig) -> list[torch.Tensor | None]:
+    """Per layer: DALL-E's row attention, column attention where (i - 2) % 4 == 0, and a conv mask last.
+
+    Boolean (L, L) masks, True = may attend. Text positions attend causally; image positions see all
+    text and, among earlier image positions, those in the same row, column or 11x11 neighbourhood.
+    """
+    L, T, G = c.seq_len, c.text_len + 1, c.grid
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    idx = torch.arange(L)
+    img = (idx - T).clamp(min=0)  # image index of input position (position T is image token 0)
+    row, col = img // G, img % G
+    is_img = idx >= T
+    both = is_img[:, None] & is_img[None, :]
+    rules = {
+        "row": row[:, None] == row[None, :],
+        "column": col[:, None] == col[None, :],
+        "conv": ((row[:, None] - row[None, :]).abs() <= 5) & ((col[:, None] - col[None, :]).abs() <= 5),
+    }
+    masks = []
+    for i in range(c.n_layer):
+        kind = "conv" if i == c.n_layer - 1 else ("column" if (i - 2) % 4 == 0 else "row")
+        masks.append(causal & (~both | rules[kind]))
+    return masks
+
+
+class DalleTransformer(nn.Module):
+    """The transformer over text then image tokens."""
+
+    def __init__(self, config: DalleConfig):
+        super().__init__()
+        c = self.config = config
+        self.text_emb = nn.Embedding(c.text_vocab + c.text_len + 1, c.n_embd)  # ids, per-position pads, BOS
+        self.text_pos = nn.Embedding(c.text_len + 1, c.n_embd)  # BOS + text positions
+        self.image_emb = nn.Embedding(c.image_vocab, c.n_embd)
+        self.row_emb = nn.Embedding(c.grid, c.n_embd)
+        self.col_emb = nn.Embedding(c.grid, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.text_head = nn.Linear(c.n_embd, c.text_vocab + c.text_len, bias=False)  # text ids and pads
+        self.image_head = nn.Linear(c.n_embd, c.image_vocab, bias=False)
+        self.masks = sparse_masks(c) if c.sparse_attention else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Parameters, embeddings included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def pad_text(self, tokens: list[list[int]]) -> torch.Tensor:
+        """Captions' BPE ids -> (B, T) with per-position padding, truncated to text_len."""
+        c = self.config
+        out = torch.arange(c.text_len).repeat(len(tokens), 1) + c.pad_base  # (B, T) all padding
+        for i, ids in enumerate(tokens):
+            ids = list(ids)[: c.text_len]
+            out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        return out
+
+    def embed(self, text: torch.Tensor, image: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embeddings (B, L, C) of stream positions start .. start+L-1 given text (B, T) and image inputs."""
+        c = self.config
+        B = text.shape[0] if text is not None else image.shape[0]
+        parts = []
+        n_text = c.text_len + 1
+        if start < n_text:
+            bos = torch.full((B, 1), c.bos, dtype=torch.long, device=(text if text is not None else image).device)
+            stream = torch.cat([bos, text], dim=1)[:, start:]  # (B, T+1-start)
+            pos = torch.arange(start, n_text, device=stream.device)
+            parts.append(self.text_emb(stream) + self.text_pos(pos))
+        if image is not None and image.shape[1]:
+            first = max(start - n_text, 0)
+            pos = torch.arange(first, first + image.shape[1], device=image.device)
+            parts.append(self.image_emb(image) + self.row_emb(pos // c.grid) + self.col_emb(pos % c.grid))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for text (B, T, V_text + T) and image (B, N, V_image) targets, given full text and image tokens."""
+        c = self.config
+        x = self.drop(self.embed(text, image[:, :-1]))  # (B, T + N, C)
+        for i, block in enumerate(self.blocks):
+            mask = self.masks[i].to(x.device) if self.masks is not None else None
+            x = block(x, mask)
+        x = self.ln_f(x)
+        return self.text_head(x[:, : c.text_len]), self.image_head(x[:, c.text_len :])
+
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted text + image cross-entropy, each averaged over its own tokens."""
+        text_logits, image_logits = self(text, image)
+        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten())
+        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+        w = self.config.text_loss_weight
+        return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+    def drop_captions(self, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each caption by all padding with probability p_uncond (training only)."""
+        c = self.config
+        if c.p_uncond <= 0:
+            return text
+        drop = torch.rand(text.shape[0], generator=generator, device="cpu").to(text.device) < c.p_uncond
+        pads = torch.arange(c.text_len, device=text.device) + c.pad_base
+        return torch.where(drop[:, None], pads.expand_as(text), text)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, as nanoGPT counts them: 6N + 12 * L * H * Q * T."""
+        c = self.config
+        n = self.num_params() - self.text_emb.weight.numel() - self.image_emb.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.seq_len
+
+    @torch.no_grad()
+    def generate(
+        self, text: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+        cond_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample image tokens (B, N) for padded text (B, T); cond_scale > 1 adds classifier-free guidance."""
+        c = self.config
+        guided = cond_scale != 1.0
+        if guided:  # the unconditional half is the same batch with empty captions
+            empty = (torch.arange(c.text_len, device=text.device) + c.pad_base).expand_as(text)
+            text = torch.cat([text, empty])
+        B = text.shape[0]
+        image = torch.zeros(B, 0, dtype=torch.long, device=text.device)
+        caches = [dict() for _ in self.blocks] if use_cache else None
+        fed = 0  # positions already in the caches
+        for _ in range(c.image_len):
+            if use_cache:
+                x = self.embed(text, image[:, fed - c.text_len - 1 :] if fed > c.text_len else image, start=fed)
+                fed += x.shape[1]
+            else:
+                x = self.embed(text, image)
+            masks = None
+            if self.masks is not None:
+                L = x.shape[1] if not use_cache else fed
+                masks = [m[L - x.shape[1] : L, :L].to(x.device) for m in self.masks]
+            for i, block in enumerate(self.blocks):
+                x = block(x, masks[i] if masks is not None else None, caches[i] if caches is not None else None)
+            logits = self.image_head(self.ln_f(x[:, -1])).float()  # (B, V_image)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cond_scale * (cond - uncond)
+            next_token = sample_logits(logits, temperature, top_k, top_p, generator)  # (B or B/2,)
+            if guided:
+                next_token = next_token.repeat(2)
+            image = torch.cat([image, next_token[:, None]], dim=1)
+        return image[: B // 2] if guided else image
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+    """One token per row from logits (B, V) with temperature, top-k and nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def config_dict(config: DalleConfig) -> dict:
+    """JSON-ready config."""
+    return asdict(config) | {"model": "dallekit-dalle"}

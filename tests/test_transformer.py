@@ -1,0 +1,131 @@
+"""The DALL-E transformer and its trainer: loss weighting, padding, KV cache, overfitting, exact resume, loader."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dallekit.train as train_module
+from dallekit.config import BadInputError, TrainConfig
+from dallekit.models.transformer import DalleTransformer, dalle_config
+from dallekit.tokenize.tokens import TokenBatches, token_metadata, token_table
+from dallekit.train import read_metrics, train_transformer
+
+TEXT_VOCAB, CODES, GRID = 100, 32, 4
+META = token_metadata({"kind": "test", "codebook_size": CODES, "grid": GRID, "image_size": 16, "sha256": "x"}, {"kind": "test", "vocab_size": TEXT_VOCAB})
+
+
+def token_shards(folder, n_shards: int, rows: int, seed: int = 0, metadata=META):
+    """Token shards of random captions and images."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        texts = [list(rng.integers(0, TEXT_VOCAB, rng.integers(1, 12))) for _ in range(rows)]
+        images = rng.integers(0, metadata["image_tokenizer"]["codebook_size"], (rows, metadata["image_tokenizer"]["grid"] ** 2))
+        table = token_table([f"{s}-{i}" for i in range(rows)], ["c"] * rows, texts, images, metadata)
+        pq.write_table(table, folder / f"part-{s:05d}.parquet")
+    return folder
+
+
+def tiny(**overrides):
+    return dalle_config("tiny", text_vocab=TEXT_VOCAB, image_vocab=CODES, grid=GRID, text_len=8, **overrides)
+
+
+def test_padding_is_per_position_and_loss_weights_are_separate_means():
+    torch.manual_seed(0)
+    model = DalleTransformer(tiny(p_uncond=0.0))
+    text = model.pad_text([[5, 6, 7], list(range(20))])
+    assert text[0].tolist() == [5, 6, 7] + [TEXT_VOCAB + i for i in range(3, 8)]  # a distinct pad per position
+    assert text[1].tolist() == list(range(8))  # truncated to text_len
+    image = torch.randint(0, CODES, (2, GRID * GRID))
+    text_logits, image_logits = model(text, image)
+    assert text_logits.shape == (2, 8, TEXT_VOCAB + 8) and image_logits.shape == (2, 16, CODES)
+    text_ce = -torch.log_softmax(text_logits, -1).gather(-1, text[..., None]).mean()
+    image_ce = -torch.log_softmax(image_logits, -1).gather(-1, image[..., None]).mean()
+    out = model.loss(text, image)
+    assert torch.allclose(out["text_loss"], text_ce, atol=1e-5) and torch.allclose(out["image_loss"], image_ce, atol=1e-5)
+    assert torch.allclose(out["loss"], text_ce / 8 + 7 * image_ce / 8, atol=1e-5)
+    # the first image token is predicted from the last text position only (causality)
+    other = image.clone()
+    other[:, 1:] = (other[:, 1:] + 1) % CODES
+    assert torch.allclose(model(text, other)[1][:, 0], image_logits[:, 0], atol=1e-5)
+
+
+def test_caption_dropout_gives_all_padding():
+    model = DalleTransformer(tiny(p_uncond=1.0))
+    text = model.pad_text([[1, 2]])
+    assert model.drop_captions(text).tolist() == [[TEXT_VOCAB + i for i in range(8)]]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kv_cache_gives_the_same_tokens(sparse):
+    torch.manual_seed(0)
+    model = DalleTransformer(tiny(sparse_attention=sparse)).eval()
+    text = model.pad_text([[1, 2, 3], [4]])
+    tokens = [model.generate(text, top_k=10, generator=torch.Generator().manual_seed(3), use_cache=cache) for cache in (True, False)]
+    assert torch.equal(tokens[0], tokens[1]) and tokens[0].shape == (2, 16)
+    guided = model.generate(text, cond_scale=3.0, generator=torch.Generator().manual_seed(3))
+    assert guided.shape == (2, 16) and guided.max() < CODES
+
+
+def test_tiny_model_overfits_a_handful_of_samples(tmp_path):
+    data = token_shards(tmp_path / "tokens", 1, 4)
+    options = TrainConfig(max_steps=150, batch_size=4, lr=3e-3, warmup_steps=10, p_uncond=0.0, text_len=8, val_fraction=0,
+                          num_workers=0, log_every=10, checkpoint_every=150, shuffle_buffer=4)
+    metrics = train_transformer(str(data), str(tmp_path / "run"), options)
+    assert metrics["image_loss"] < 0.1, metrics
+
+
+def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    data = token_shards(tmp_path / "tokens", 6, 24)
+    base = dict(max_steps=12, batch_size=8, warmup_steps=3, text_len=8, val_fraction=0.2, val_batches=2,
+                num_workers=2, log_every=1, checkpoint_every=4, shuffle_buffer=16, deterministic=True)
+    train_transformer(str(data), str(tmp_path / "straight"), TrainConfig(**base))
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(out, model, config, optimizer, step, extra):
+        real_save(out, model, config, optimizer, step, extra)
+        if step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_transformer(str(data), str(tmp_path / "resumed"), TrainConfig(**base))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_transformer(str(data), str(tmp_path / "resumed"), TrainConfig(**base, resume=True))
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
+    for x, y in zip(a[8:], b[8:]):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
+
+
+def test_mismatched_metadata_is_refused(tmp_path):
+    token_shards(tmp_path / "tokens", 2, 8)
+    other = token_metadata({"kind": "test", "codebook_size": 64, "grid": GRID, "image_size": 16, "sha256": "y"}, META["text_tokenizer"])
+    token_shards(tmp_path / "other", 1, 8, metadata=other)
+    (tmp_path / "other" / "part-00000.parquet").rename(tmp_path / "tokens" / "part-00002.parquet")
+    with pytest.raises(BadInputError, match="part-00002.parquet: image_tokenizer codebook_size=64"):
+        train_transformer(str(tmp_path / "tokens"), str(tmp_path / "run"), TrainConfig(max_steps=1, num_workers=0))
+
+
+def test_loader_memory_is_bounded_by_buffer_not_shard_count(tmp_path):
+    def peak(n_shards: int) -> int:
+        data = token_shards(tmp_path / f"t{n_shards}", n_shards, 20)
+        source = TokenBatches(sorted(str(p) for p in data.glob("part-*.parquet")), 8, TEXT_VOCAB, 16, shuffle_buffer=64, loop=False)
+        tracemalloc.start()
+        rows = sum(len(text) for _, text, _ in source.batches())
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert rows == n_shards * 20
+        return top
+
+    few, many = peak(10), peak(150)
+    all_rows = 150 * 20 * (8 + GRID * GRID) * 8  # what holding every row of the 150 shards would take
+    assert many < 2 * few and many < all_rows / 4, (few, many, all_rows)  # only paths grow with the shard count
