@@ -9,15 +9,26 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
-from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, EncodeConfig, FilterConfig, IngestConfig, TrainDVAEConfig
+from dallekit.config import (
+    CleanConfig,
+    ClusterConfig,
+    DownloadConfig,
+    EncodeConfig,
+    FilterConfig,
+    IngestConfig,
+    TrainConfig,
+    TrainDVAEConfig,
+)
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
 from dallekit.pipeline.encode import encode
 from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest
-from dallekit.pipeline.shards import format_summary
+from dallekit.pipeline.shards import format_summary, list_shards, read_shard
 from dallekit.synthetic import ShapesServer, make_dataset
+from dallekit.tokenize.text import train_bpe
+from dallekit.train import train_transformer
 from dallekit.train_dvae import train_dvae
 
 
@@ -82,7 +93,20 @@ def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
             if metrics:
                 print(f"demo: dVAE held-out PSNR {metrics['val_psnr']:.1f} dB, {metrics['codes_used']:.0%} of codes used")
             print(f"demo: reconstruction grid (originals above, reconstructions below): {grids[-1]}")
-            stats.append(encode(f"{config.out}/filter", str(dvae_dir), f"{config.out}/tokens", EncodeConfig(), client))
+            # a BPE trained on the demo's captions: a small vocabulary keeps the transformer's text head small
+            bpe_dir = Path(config.out) / "bpe"
+            if not (bpe_dir / "tokenizer.json").exists():
+                captions = [c for p in list_shards(f"{config.out}/filter") for c in read_shard(p, columns=["caption"]).column("caption").to_pylist()]
+                train_bpe(captions, str(bpe_dir), vocab_size=256)
+            stats.append(encode(f"{config.out}/filter", str(dvae_dir), f"{config.out}/tokens", EncodeConfig(text_tokenizer=str(bpe_dir)), client))
+        model_dir = Path(config.out) / "model"
+        train_options = TrainConfig(preset="tiny", max_steps=40 if config.quick else 600, batch_size=32, warmup_steps=20 if config.quick else 60,
+                                    checkpoint_every=20 if config.quick else 200, num_workers=0, val_fraction=0.15,
+                                    resume=(model_dir / "checkpoint" / "state.json").exists())
+        metrics = train_transformer(f"{config.out}/tokens", str(model_dir), train_options)
+        if metrics:
+            print(f"demo: transformer step {metrics['step']}: loss {metrics['loss']:.3f} (image {metrics['image_loss']:.3f})"
+                  + (f", validation image loss {metrics['val_image_loss']:.3f}" if "val_image_loss" in metrics else ""))
     for s in stats:
         print(format_summary(s))
     return stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -55,3 +56,6 @@ def test_demo_quick_runs_the_pipeline_stages(tmp_path):
     assert tokens["image_tokens"].map(len).eq(64).all()
     assert (out / "dvae" / "model.safetensors").exists() and list((out / "dvae").glob("recon_step*.png"))
     assert "reconstruction grid" in proc.stdout
+    assert (out / "bpe" / "tokenizer.json").exists() and (out / "model" / "model.safetensors").exists()
+    metrics = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 40 and "val_loss" in metrics[-1] and "demo: transformer step 40" in proc.stdout

@@ -79,10 +79,12 @@ def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
 class TokenBatches:
     """Streams (text (B, T), image (B, N)) int64 batches from token shards, for one rank and loader worker.
 
-    Shard order is shuffled per epoch with a seeded RNG, rows go through a bounded shuffle buffer,
-    and shards are read one row group at a time, so memory stays bounded however many shards
-    there are. Ranks take every world-th shard of the epoch's order, loader workers every
-    n_workers-th of those. Captions are truncated to T and padded with per-position padding ids.
+    Shard order is shuffled per epoch with a seeded RNG (the same order on every rank), shards
+    are read one row group at a time, and batches are drawn at random from a bounded buffer of
+    rows, so memory stays bounded however many shards there are. Ranks take every world-th
+    shard of the epoch's order, loader workers every n_workers-th of those. Captions are
+    truncated to T and padded with per-position padding ids. Everything is vectorised: rows
+    never pass through Python one by one.
     """
 
     def __init__(self, paths: list[str], text_len: int, pad_base: int, batch_size: int, seed: int = 0,
@@ -90,69 +92,93 @@ class TokenBatches:
         self.paths, self.text_len, self.pad_base, self.batch_size = list(paths), text_len, pad_base, batch_size
         self.seed, self.buffer, self.rank, self.world, self.shuffle, self.loop = seed, shuffle_buffer, rank, world, shuffle, loop
 
-    def _rows(self, epoch: int, worker: int, n_workers: int):
-        """(text (T,), image (N,)) rows of one epoch for one worker, after the shuffle buffer."""
+    def _groups(self, epoch: int, worker: int, n_workers: int):
+        """(text (R, T), image (R, N)) row groups of this worker's shards in one epoch."""
         import random
 
-        rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(self.paths)
         if self.shuffle:
-            rng.shuffle(order)
-        mine = order[self.rank :: self.world][worker::n_workers]
-        buffer: list = []
-        for path in mine:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        for path in order[self.rank :: self.world][worker::n_workers]:
             fs, p = fsspec.core.url_to_fs(path)
             with fs.open(p, "rb") as f:
                 pf = pq.ParquetFile(f)
                 for g in range(pf.num_row_groups):
-                    group = pf.read_row_group(g, columns=["text_tokens", "image_tokens"])
-                    for row in zip(*self._arrays(group)):
-                        if not self.shuffle:
-                            yield row
-                            continue
-                        buffer.append(row)
-                        if len(buffer) >= self.buffer:
-                            i = rng.randrange(len(buffer))
-                            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                            yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+                    yield self._arrays(pf.read_row_group(g, columns=["text_tokens", "image_tokens"]))
 
     def _arrays(self, group: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Padded text (R, T) and image (R, N) arrays of a row group."""
+        """Padded text (R, T) int64 and image (R, N) uint16 arrays of a row group."""
         text_col = group.column("text_tokens").combine_chunks()
         offsets = text_col.offsets.to_numpy()
-        values = text_col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        values = text_col.values.to_numpy(zero_copy_only=False)
         rows = len(text_col)
+        lengths = np.minimum(np.diff(offsets), self.text_len)
         text = np.tile(np.arange(self.text_len, dtype=np.int64) + self.pad_base, (rows, 1))
-        for i in range(rows):
-            ids = values[offsets[i] : min(offsets[i + 1], offsets[i] + self.text_len)]
-            text[i, : len(ids)] = ids
-        image_col = group.column("image_tokens").combine_chunks()
-        image = image_col.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(rows, -1)
+        row = np.repeat(np.arange(rows), lengths)
+        col = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        text[row, col] = values[offsets[:-1][row] + col]
+        image = group.column("image_tokens").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(rows, -1)
         return text, image
 
     def batches(self, worker: int = 0, n_workers: int = 1, epoch: int = 0, skip: int = 0):
         """Yield (epoch, text, image) numpy batches, skipping the first `skip` batches (exact resume)."""
+        rng = np.random.default_rng([self.seed, self.rank, worker, n_workers])
+        buffer = _RowBuffer()
         produced = 0
         while True:
-            text, image, any_rows = [], [], False
-            for t, i in self._rows(epoch, worker, n_workers):
-                any_rows = True
-                text.append(t)
-                image.append(i)
-                if len(text) == self.batch_size:
+            any_rows = False
+            for text, image in self._groups(epoch, worker, n_workers):
+                any_rows = any_rows or len(text) > 0
+                buffer.add(text, image)
+                keep = self.buffer if self.shuffle else 0
+                while buffer.n >= keep + self.batch_size:
+                    batch = buffer.take(rng if self.shuffle else None, self.batch_size)
                     produced += 1
                     if produced > skip:
-                        yield epoch, np.stack(text), np.stack(image)
-                    text, image = [], []
+                        yield (epoch, *batch)
             if not self.loop:
-                if text:
-                    yield epoch, np.stack(text), np.stack(image)
+                while buffer.n:
+                    batch = buffer.take(rng if self.shuffle else None, min(self.batch_size, buffer.n))
+                    yield (epoch, *batch)
                 return
             if not any_rows:
                 raise BadInputError(f"rank {self.rank}: no token rows in its shards (fewer shards than ranks x loader workers?)")
             epoch += 1
+
+
+class _RowBuffer:
+    """Rows waiting to be batched: preallocated arrays, random draws without replacement, swap-remove."""
+
+    def __init__(self):
+        self.text = self.image = None
+        self.n = 0
+
+    def add(self, text: np.ndarray, image: np.ndarray) -> None:
+        if self.text is None:
+            self.text, self.image = np.empty((0, text.shape[1]), np.int64), np.empty((0, image.shape[1]), image.dtype)
+        if self.n + len(text) > len(self.text):
+            size = max(2 * len(self.text), self.n + len(text))
+            self.text = np.concatenate([self.text[: self.n], np.empty((size - self.n, text.shape[1]), np.int64)])
+            self.image = np.concatenate([self.image[: self.n], np.empty((size - self.n, image.shape[1]), image.dtype)])
+        self.text[self.n : self.n + len(text)] = text
+        self.image[self.n : self.n + len(image)] = image
+        self.n += len(text)
+
+    def take(self, rng, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """`count` rows, at random (or the first ones when rng is None), removed from the buffer."""
+        n = self.n
+        picks = np.sort(rng.choice(n, count, replace=False)) if rng is not None else np.arange(count)
+        text, image = self.text[picks], self.image[picks].astype(np.int64)
+        if rng is None:
+            self.text[: n - count], self.image[: n - count] = self.text[count:n], self.image[count:n]
+        else:
+            tail = np.arange(n - count, n)
+            source = tail[~np.isin(tail, picks)]  # tail rows that stay
+            dest = picks[picks < n - count]  # holes outside the tail
+            self.text[dest], self.image[dest] = self.text[source], self.image[source]
+        self.n = n - count
+        return text, image
+
 
 class _TokenDataset(IterableDataset):
     def __init__(self, batches: TokenBatches, n_workers: int, start_batch: int):
