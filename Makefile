@@ -24,6 +24,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/clean_throughput.py --n 10000
 	$(BIN)/python benchmarks/clip_filter_overhead.py
 	$(BIN)/python benchmarks/encode_overhead.py
+	$(BIN)/python benchmarks/loader_vs_memmap.py
+	bash benchmarks/setup_dalle_pytorch_venv.sh && .bench/dalle-pytorch/bin/python benchmarks/train_vs_dalle_pytorch.py
 
 clean:
 	rm -rf runs .pytest_cache
