@@ -115,17 +115,34 @@ def test_mismatched_metadata_is_refused(tmp_path):
         train_transformer(str(tmp_path / "tokens"), str(tmp_path / "run"), TrainConfig(max_steps=1, num_workers=0))
 
 
+def loader_peak(folder: str) -> int:
+    """Peak Python allocation while streaming every row of a folder of token shards once."""
+    from pathlib import Path
+
+    paths = sorted(str(p) for p in Path(folder).glob("part-*.parquet"))
+    source = TokenBatches(paths, 8, TEXT_VOCAB, 16, shuffle_buffer=64, loop=False)
+    sum(1 for _ in TokenBatches(paths[:1], 8, TEXT_VOCAB, 16, loop=False).batches())  # lazy imports happen here, untraced
+    tracemalloc.start()
+    rows = sum(len(text) for _, text, _ in source.batches())
+    _, top = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rows == len(paths) * 20
+    return top
+
+
 def test_loader_memory_is_bounded_by_buffer_not_shard_count(tmp_path):
-    def peak(n_shards: int) -> int:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def peak(n_shards: int) -> int:  # in a fresh process: the test session's Dask threads would be traced too
         data = token_shards(tmp_path / f"t{n_shards}", n_shards, 20)
-        source = TokenBatches(sorted(str(p) for p in data.glob("part-*.parquet")), 8, TEXT_VOCAB, 16, shuffle_buffer=64, loop=False)
-        tracemalloc.start()
-        rows = sum(len(text) for _, text, _ in source.batches())
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        assert rows == n_shards * 20
-        return top
+        code = f"from tests.test_transformer import loader_peak; print(loader_peak({str(data)!r}))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
 
     few, many = peak(10), peak(150)
     all_rows = 150 * 20 * (8 + GRID * GRID) * 8  # what holding every row of the 150 shards would take
+    print(f"loader peak: {few} bytes over 10 shards, {many} over 150 (all rows: {all_rows})")
     assert many < 2 * few and many < all_rows / 4, (few, many, all_rows)  # only paths grow with the shard count

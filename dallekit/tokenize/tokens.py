@@ -124,13 +124,12 @@ class TokenBatches:
         """Yield (epoch, text, image) numpy batches, skipping the first `skip` batches (exact resume)."""
         rng = np.random.default_rng([self.seed, self.rank, worker, n_workers])
         buffer = _RowBuffer()
-        produced = 0
+        produced, keep = 0, self.buffer if self.shuffle else 0
         while True:
-            any_rows = False
+            rows = 0
             for text, image in self._groups(epoch, worker, n_workers):
-                any_rows = any_rows or len(text) > 0
+                rows += len(text)
                 buffer.add(text, image)
-                keep = self.buffer if self.shuffle else 0
                 while buffer.n >= keep + self.batch_size:
                     batch = buffer.take(rng if self.shuffle else None, self.batch_size)
                     produced += 1
@@ -141,8 +140,9 @@ class TokenBatches:
                     batch = buffer.take(rng if self.shuffle else None, min(self.batch_size, buffer.n))
                     yield (epoch, *batch)
                 return
-            if not any_rows:
+            if not rows:
                 raise BadInputError(f"rank {self.rank}: no token rows in its shards (fewer shards than ranks x loader workers?)")
+            keep = min(keep, rows // 2)  # a buffer larger than an epoch would mix several copies of a row into a batch
             epoch += 1
 
 
