@@ -13,7 +13,7 @@ import hashlib
 import math
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 

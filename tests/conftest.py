@@ -7,9 +7,8 @@ import os
 import random
 
 import pytest
-from PIL import Image
 
-from dallekit.synthetic import Route, ShapesServer, encode, random_spec, render
+from dallekit.synthetic import Route, ShapesServer, random_spec, render
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

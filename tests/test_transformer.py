@@ -7,7 +7,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dallekit.train as train_module
 from dallekit.config import BadInputError, TrainConfig
