@@ -231,5 +231,7 @@ class TrainConfig:
     shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
     compile: bool = option(False, "torch.compile the model")
+    dtype: str = option("bf16", "autocast dtype on a GPU (fp16 adds loss scaling)", choices=["bf16", "fp16", "fp32"])
+    tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)")
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")

@@ -163,7 +163,8 @@ def validation_loss(model, paths: list[str], options, config, device) -> dict:
     source = TokenBatches(paths, config.text_len, config.pad_base, options.batch_size, shuffle=False, loop=False)
     totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
     for _, text, image in source.batches():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        amp_dtype = torch.float16 if options.dtype == "fp16" else torch.bfloat16
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda" and options.dtype != "fp32"):
             out = model.loss(torch.from_numpy(text).to(device), torch.from_numpy(image).to(device))
         for k in totals:
             totals[k] += out[k].item()
@@ -215,12 +216,17 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
         [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=options.lr, betas=(0.9, options.beta2), fused=device.type == "cuda",
     )
+    amp = device.type == "cuda" and options.dtype != "fp32"
+    amp_dtype = torch.float16 if options.dtype == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and options.dtype == "fp16")  # fp16 needs loss scaling
     start = 0
     if options.resume:
         restored = load_checkpoint(out, model, optimizer)
         if restored is None:
             raise BadInputError(f"--resume: no checkpoint in {out_dir}")
         start = restored["step"]
+        if restored["extra"].get("scaler"):
+            scaler.load_state_dict(restored["extra"]["scaler"])
     if options.compile:
         model.compile()  # in place: model.loss then runs the compiled forward
     train_model = model
@@ -234,6 +240,7 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
     for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
         torch.rand(options.batch_size, generator=caption_rng)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
+    board = tensorboard_writer(out, options.tensorboard and rank == 0)
     peak = options.peak_flops or default_peak_flops(device)
     flops_per_token = model.flops_per_token()
     tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
@@ -251,13 +258,15 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
             image = image.to(device, non_blocking=True)
             sync = not distributed or micro == options.grad_accum - 1
             context = train_model.no_sync() if not sync else _null()
-            with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with context, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out_step = _ddp_loss(train_model, text, image) if distributed else model.loss(text, image)
-                (out_step["loss"] / options.grad_accum).backward()
+                scaler.scale(out_step["loss"] / options.grad_accum).backward()
             for k in parts:
                 parts[k] += out_step[k].item() / options.grad_accum
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1
@@ -275,9 +284,12 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
             if val_paths:
                 record = (record if record.get("step") == done else {"step": done}) | validation_loss(model, val_paths, options, config, device)
             log.write(record)  # before the checkpoint: a resume drops later lines
-            save_checkpoint(out, model, config_dict(config) | {"tokens": metadata}, optimizer, done, {"epoch": epoch})
+            board(record)
+            save_checkpoint(out, model, config_dict(config) | {"tokens": metadata}, optimizer, done,
+                            {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
         elif record.get("step") == done:
             log.write(record)
+            board(record)
         last = record or last
     bar.close()
     if distributed:
@@ -285,6 +297,25 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
 
         dist.destroy_process_group()
     return last
+
+
+def tensorboard_writer(out: Path, enabled: bool):
+    """A function that writes a metrics record to TensorBoard, or does nothing."""
+    if not enabled:
+        return lambda record: None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
+
+    return write
 
 
 def _ddp_loss(ddp_model, text, image):

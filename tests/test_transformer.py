@@ -145,3 +145,16 @@ def test_loader_memory_is_bounded_by_buffer_not_shard_count(tmp_path):
     all_rows = 150 * 20 * (8 + GRID * GRID) * 8  # what holding every row of the 150 shards would take
     print(f"loader peak: {few} bytes over 10 shards, {many} over 150 (all rows: {all_rows})")
     assert many < 2 * few and many < all_rows / 4, (few, many, all_rows)  # only paths grow with the shard count
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path):
+    import importlib.util
+
+    data = token_shards(tmp_path / "tokens", 1, 8)
+    options = TrainConfig(max_steps=2, batch_size=4, text_len=8, val_fraction=0, num_workers=0, log_every=1, checkpoint_every=2, tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(BadInputError, match="pip install tensorboard"):
+            train_transformer(str(data), str(tmp_path / "run"), options)
+    else:
+        train_transformer(str(data), str(tmp_path / "run"), options)
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
