@@ -17,6 +17,7 @@ from dallekit.config import (
     EncodeConfig,
     FilterConfig,
     IngestConfig,
+    TrainClipConfig,
     TrainConfig,
     TrainDVAEConfig,
     add_options,
@@ -68,6 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl, grids")
     add_options(p, TrainDVAEConfig)
     p.add_argument("--config", help="TOML file; its [train-dvae] section gives defaults")
+
+    p = sub.add_parser("train-clip", help="train a small open_clip model on the kept pairs (an offline reranker and filter)")
+    p.add_argument("filtered", metavar="FILTERED", help="folder of image shards with captions (from `dallekit filter`)")
+    p.add_argument("--out", required=True, help="open_clip folder: open_clip_config.json + open_clip_model.safetensors")
+    add_options(p, TrainClipConfig)
+    p.add_argument("--config", help="TOML file; its [train-clip] section gives defaults")
+
+    p = sub.add_parser("sample", help="generate images for prompts, rerank with CLIP, keep the best")
+    p.add_argument("--model", required=True, help="transformer folder (from `dallekit train`)")
+    p.add_argument("--dvae", required=True, help="the dVAE folder its tokens came from")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("-n", type=int, default=16, help="candidates per prompt (default: 16; DALL-E used 512)")
+    p.add_argument("--keep", type=int, default=4, help="best candidates kept per prompt (default: 4)")
+    p.add_argument("--batch-size", type=int, default=16, help="candidates generated at once")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-checkpoint", help="a local open_clip folder or .safetensors (e.g. from train-clip)")
+    p.add_argument("--clip-model", help="open_clip model name for --clip-pretrained or a .safetensors checkpoint")
+    p.add_argument("--clip-pretrained", help="open_clip pretrained tag (weights from the hub)")
+    p.add_argument("--out", required=True, help="folder for PNGs, grids and samples.jsonl")
+
+    p = sub.add_parser("evaluate", help="validation loss, CLIP reranking effect (and FID when possible) on held-out tokens")
+    p.add_argument("--model", required=True, help="transformer folder")
+    p.add_argument("--dvae", required=True, help="the dVAE folder its tokens came from")
+    p.add_argument("--tokens", required=True, help="held-out token shards")
+    p.add_argument("--clip-checkpoint", required=False, help="a local open_clip folder or .safetensors (e.g. from train-clip)")
+    p.add_argument("--clip-model", help="open_clip model name for --clip-pretrained or a .safetensors checkpoint")
+    p.add_argument("--clip-pretrained", help="open_clip pretrained tag (weights from the hub)")
+    p.add_argument("-n", type=int, default=16, help="candidates per caption; the curve goes 1, 2, 4, ... n")
+    p.add_argument("--captions", type=int, default=16, help="held-out captions to generate for")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for eval.json and clip_vs_n.png")
 
     p = sub.add_parser("train", help="train the DALL-E transformer on token Parquet (torchrun for several GPUs)")
     p.add_argument("tokens", metavar="TOKENS", help="folder of token shards (from `dallekit encode`)")
@@ -135,6 +172,43 @@ def run(argv: list[str] | None = None) -> int:
 
         tokenizer = train_bpe(iter_captions(args.captions), args.out, args.vocab_size)
         print(f"train-bpe: {tokenizer.vocab_size} tokens in {tokenizer.path}")
+        return 0
+    if args.command == "train-clip":
+        from dallekit.train_clip import train_clip
+
+        options = build_config(TrainClipConfig, args, toml.get("train-clip"), where=f"{args.config or 'options'} [train-clip]")
+        metrics = train_clip(args.filtered, args.out, options)
+        print("train-clip: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return 0
+    if args.command == "sample":
+        from dallekit.sample import SampleOptions, sample
+
+        prompts = list(args.prompt)
+        if args.prompts:
+            try:
+                prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+            except OSError as err:
+                raise BadInputError(f"{args.prompts}: cannot read prompts ({err.strerror})") from None
+        scorer = None
+        if args.clip_checkpoint or args.clip_pretrained:
+            from dallekit.models.clip import load_clip
+
+            scorer = load_clip(args.clip_model or "ViT-B-32", args.clip_pretrained, args.clip_checkpoint)
+        options = SampleOptions(n=args.n, keep=args.keep, batch_size=args.batch_size, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, seed=args.seed)
+        records = sample(args.model, args.dvae, prompts, args.out, options, scorer)
+        print(f"sample: {len(records)} images for {len(prompts)} prompts in {args.out}" + ("" if scorer else " (no CLIP given: not reranked)"))
+        return 0
+    if args.command == "evaluate":
+        from dallekit.evaluate import evaluate
+        from dallekit.models.clip import load_clip
+
+        if not (args.clip_checkpoint or args.clip_pretrained):
+            raise BadInputError("evaluate needs a CLIP: --clip-checkpoint DIR (e.g. from train-clip) or --clip-model M --clip-pretrained T")
+        scorer = load_clip(args.clip_model or "ViT-B-32", args.clip_pretrained, args.clip_checkpoint)
+        results = evaluate(args.model, args.dvae, args.tokens, args.out, scorer, n=args.n, captions=args.captions, seed=args.seed)
+        print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
+        print(f"evaluate: {results['fid_note']}")
         return 0
     if args.command == "train":
         from dallekit.train import train_transformer

@@ -235,3 +235,16 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)")
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")
+
+
+@dataclass
+class TrainClipConfig:
+    """Options of `dallekit train-clip`."""
+
+    model: str = option("dallekit-tiny-clip", "open_clip model name (dallekit's small configs are registered)")
+    max_steps: int = option(300, "optimizer steps")
+    batch_size: int = option(64, "pairs per step (contrastive negatives come from the batch)")
+    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    seed: int = option(0, "seed of weights and data order")
+    device: str = option("auto", "torch device (auto: cuda when there is one)")

@@ -16,6 +16,7 @@ from dallekit.config import (
     EncodeConfig,
     FilterConfig,
     IngestConfig,
+    TrainClipConfig,
     TrainConfig,
     TrainDVAEConfig,
 )
@@ -28,7 +29,12 @@ from dallekit.pipeline.ingest import ingest
 from dallekit.pipeline.shards import format_summary, list_shards, read_shard
 from dallekit.synthetic import ShapesServer, make_dataset
 from dallekit.tokenize.text import train_bpe
-from dallekit.train import train_transformer
+from dallekit.evaluate import evaluate
+from dallekit.models.clip import load_clip
+from dallekit.sample import SampleOptions, sample
+from dallekit.synthetic import COLORS, SHAPES
+from dallekit.train import split_shards, train_transformer
+from dallekit.train_clip import train_clip
 from dallekit.train_dvae import train_dvae
 
 
@@ -62,6 +68,14 @@ DEMO_CLEAN = CleanConfig(near_dup_distance=-1)
 # No CLIP weights can be fetched offline: the demo scores with a randomly initialised tiny CLIP
 # through the same code path and keeps every score without filtering on it.
 DEMO_FILTER = FilterConfig(clip_model="dallekit-tiny-clip", clip_pretrained=None, clip_threshold=-1.0)
+
+
+def demo_prompts(seed: int) -> list[str]:
+    """One prompt per foreground/shape pair (24, the 6 zero-shot pairs included), with a seeded background."""
+    import random
+
+    rng = random.Random(seed)
+    return [f"a {fg} {shape} on a {rng.choice([c for c in COLORS if c != fg])} background" for fg in COLORS for shape in SHAPES]
 
 
 def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
@@ -107,6 +121,24 @@ def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
         if metrics:
             print(f"demo: transformer step {metrics['step']}: loss {metrics['loss']:.3f} (image {metrics['image_loss']:.3f})"
                   + (f", validation image loss {metrics['val_image_loss']:.3f}" if "val_image_loss" in metrics else ""))
+        clip_dir = Path(config.out) / "clip"
+        if not (clip_dir / "open_clip_model.safetensors").exists():
+            train_clip(f"{config.out}/filter", str(clip_dir), TrainClipConfig(max_steps=60 if config.quick else 300))
+        print(f"demo: reranking with the CLIP trained on the demo's own pairs ({clip_dir})")
+        scorer = load_clip("dallekit-tiny-clip", None, checkpoint=str(clip_dir))
+        sample(str(model_dir), str(dvae_dir), demo_prompts(config.seed), f"{config.out}/samples",
+               SampleOptions(n=8 if config.quick else 16, keep=4, seed=config.seed), scorer)
+        print(f"demo: sample grids per prompt (best by CLIP first) in {config.out}/samples/")
+        token_paths = list_shards(f"{config.out}/tokens")
+        _, val_paths = split_shards(token_paths, train_options.val_fraction, train_options.seed)
+        results = evaluate(str(model_dir), str(dvae_dir), None, f"{config.out}/eval", scorer, n=8 if config.quick else 16,
+                           captions=8 if config.quick else 24, seed=config.seed, paths=val_paths or token_paths)
+        print("demo: evaluation on held-out captions: "
+              f"validation image loss {results['val_image_loss']:.3f}, CLIP score random {results['clip_score_random']:.3f} "
+              f"vs reranked {results['clip_score_reranked']:.3f}"
+              + (f", pixel check right: random {results['pixel_right_random']:.0%} vs reranked {results['pixel_right_reranked']:.0%}"
+                 if "pixel_right_random" in results else ""))
+        print(f"demo: {results['fid_note']}")
     for s in stats:
         print(format_summary(s))
     return stats

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {
@@ -223,3 +224,49 @@ def make_dataset(n: int, seed: int = 0, broken_fraction: float = 0.03, png_fract
             routes[row["path"]] = Route(encode(render(spec), fmt), headers={"Content-Type": mime})
         rows.append(row)
     return ShapesDataset(routes, rows)
+
+
+_PALETTE_NAMES = list(COLORS)
+_PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)  # (8, 3)
+
+
+def nearest_colors(pixels: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour of each pixel (..., 3) -> (...)."""
+    d = ((pixels[..., None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def judge(image: np.ndarray) -> dict:
+    """Read foreground, background and shape off an image (H, W, 3) uint8 by pixels alone (DESIGN's check).
+
+    Foreground: majority palette colour of the central square of side 1/8; background: the same over
+    the four corner squares; shape: how much of its bounding box the foreground fills
+    (square ~1, circle ~0.79, triangle ~0.5).
+    """
+    h, w = image.shape[:2]
+    side = max(1, min(h, w) // 8)
+    labels = nearest_colors(image)  # (H, W)
+    cy, cx = h // 2, w // 2
+    centre = labels[cy - side // 2 : cy - side // 2 + side, cx - side // 2 : cx - side // 2 + side]
+    corners = np.concatenate([labels[:side, :side].ravel(), labels[:side, -side:].ravel(), labels[-side:, :side].ravel(), labels[-side:, -side:].ravel()])
+    fg = int(np.bincount(centre.ravel(), minlength=len(_PALETTE_NAMES)).argmax())
+    bg = int(np.bincount(corners, minlength=len(_PALETTE_NAMES)).argmax())
+    mask = labels == fg
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    fill = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean() if len(rows) else 0.0
+    shape = "square" if fill > 0.9 else ("circle" if fill > 0.64 else "triangle")
+    return {"foreground": _PALETTE_NAMES[fg], "background": _PALETTE_NAMES[bg], "shape": shape, "fill": float(fill)}
+
+
+def parse_caption(caption: str) -> dict | None:
+    """(foreground, shape, background) of a demo caption 'a {color} {shape} on a {background} background', or None."""
+    words = caption.lower().split()
+    if len(words) == 7 and words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background":
+        return {"foreground": words[1], "shape": words[2], "background": words[5]}
+    return None
+
+
+def is_right(image: np.ndarray, caption: str) -> bool:
+    """Whether an image shows what a demo caption says: foreground, background and shape all right."""
+    want, got = parse_caption(caption), judge(image)
+    return want is not None and all(got[k] == want[k] for k in ("foreground", "background", "shape"))

@@ -1,0 +1,85 @@
+"""`dallekit train-clip`: a small open_clip model trained on the pipeline's own kept pairs.
+
+open_clip's contrastive loss (ClipLoss) on (image, caption) pairs streamed from filtered shards.
+The result is an open_clip local-dir checkpoint (JSON config + safetensors) that `filter
+--clip-checkpoint` and `sample --clip-checkpoint` load: an offline reranker and domain filter
+where no pretrained weights can be fetched.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dallekit.config import BadInputError, TrainClipConfig
+from dallekit.images import decode_rgb
+from dallekit.models.clip import load_clip, save_clip
+from dallekit.pipeline.shards import list_shards, read_shard
+from dallekit.train import MetricsLog, cosine
+
+
+def pair_batches(paths: list[str], batch_size: int, seed: int):
+    """Endless (images, captions) batches: shard order and rows shuffled per epoch, seeded."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(paths)
+        rng.shuffle(order)
+        images, captions = [], []
+        for path in order:
+            table = read_shard(path, columns=["jpg", "caption"])
+            rows = list(zip(table.column("jpg").to_pylist(), table.column("caption").to_pylist()))
+            rng.shuffle(rows)
+            for data, caption in rows:
+                if data is None or not caption:
+                    continue
+                images.append(data)
+                captions.append(caption)
+                if len(images) == batch_size:
+                    yield images, captions
+                    images, captions = [], []
+        epoch += 1
+
+
+def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dict:
+    """Train a CLIP on the filtered pairs and save it in open_clip's local-dir layout; returns the last metrics."""
+    import open_clip
+
+    paths = list_shards(filtered_dir)
+    torch.manual_seed(options.seed)
+    scorer = load_clip(options.model, None, device=options.device)  # random weights, the same code path as pretrained
+    model, device = scorer.model.train(), scorer.device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    loss_fn = open_clip.loss.ClipLoss()
+    size = model.visual.image_size
+    draft = 2 * (size[0] if isinstance(size, (tuple, list)) else size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl")
+    batches = pair_batches(paths, options.batch_size, options.seed)
+    metrics: dict = {}
+    for step in tqdm(range(options.max_steps), desc="train-clip", unit="step"):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine(step, options.max_steps, options.lr, options.lr / 10)
+        data, captions = next(batches)
+        pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)
+        tokens = scorer.tokenizer(captions).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_features, text_features, logit_scale = model(pixels, tokens)
+            loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # CLIP caps the temperature at 100
+            accuracy = ((image_features @ text_features.T).argmax(-1) == torch.arange(len(captions), device=device)).float().mean()
+        if (step + 1) % 25 == 0 or step + 1 == options.max_steps:
+            metrics = {"step": step + 1, "loss": loss.item(), "batch_retrieval_accuracy": accuracy.item()}
+            log.write(metrics)
+    if not metrics:
+        raise BadInputError("--max-steps must be at least 1")
+    save_clip(model.eval(), options.model, out_dir)
+    return metrics
