@@ -74,3 +74,30 @@ def client():
 
     with dask_client(ClusterConfig(workers=2), quiet=True) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def shapes_filtered(tmp_path_factory):
+    """A filtered-like stage of 2400 captioned synthetic shapes (seen pairs only), no network needed."""
+    from tests.stage_data import downloaded_row, write_stage
+    from dallekit.synthetic import encode
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(2400):
+        spec = random_spec(rng, width=96, height=96)
+        rows.append(downloaded_row(f"{i:016x}", spec.caption, encode(render(spec))))
+    folder = tmp_path_factory.mktemp("shapes") / "filtered"
+    write_stage(folder, [rows[i : i + 400] for i in range(0, len(rows), 400)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_dvae(shapes_filtered, tmp_path_factory):
+    """The tiny dVAE trained for 1300 steps (~3 minutes on 2 cores); (folder, last metrics)."""
+    from dallekit.config import TrainDVAEConfig
+    from dallekit.train_dvae import train_dvae
+
+    out = tmp_path_factory.mktemp("dvae")
+    metrics = train_dvae(str(shapes_filtered), str(out), TrainDVAEConfig(preset="tiny", max_steps=1300, checkpoint_every=650))
+    return out, metrics
