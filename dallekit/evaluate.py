@@ -3,7 +3,8 @@
 For held-out captions it generates N candidates each and reports the mean CLIP score of a random
 candidate (N = 1) against the best of N for N = 1, 2, 4, ... (the DALL-E paper's reranking
 effect), plots it (`clip_vs_n.png`), and, for the demo's shape captions, how often a random and
-the reranked candidate are right by the pixel check. Everything goes to `eval.json`.
+the reranked candidate are right by the pixel check. Everything goes to `eval.json`. FID is
+reported as skipped, with the reason: its Inception weights exist only as a pickle.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ def held_out_captions(paths: list[str], limit: int) -> list[str]:
 
 
 def fid_status() -> str:
-    """FID needs torchvision's Inception weights; they are never downloaded here."""
+    """Why FID is not reported: its Inception v3 weights exist only as a pickle, which dallekit never loads."""
     import os
 
     import torch
 
     hub = Path(os.environ.get("TORCH_HOME", Path(torch.hub.get_dir()))) / "checkpoints"
-    if not list(hub.glob("inception_v3_google-*.pth")):
-        return f"FID skipped: torchvision's Inception v3 weights are not in {hub} (they would have to be downloaded)"
-    return f"FID skipped: Inception weights are in {hub}, but dallekit does not compute FID yet"
+    found = list(hub.glob("inception_v3_google-*.pth"))
+    where = f"found at {found[0]}" if found else f"not in {hub}, and they would have to be downloaded"
+    return f"FID skipped: torchvision's Inception v3 weights are a pickle file ({where}); dallekit loads no pickles"
 
 
 def evaluate(model_dir: str, dvae_dir: str, tokens_dir: str | None, out_dir: str, scorer, n: int = 16, captions: int = 16,
