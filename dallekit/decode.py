@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from dallekit.config import BadInputError
+from dallekit.images import save_image_grid
 from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import check_token_files
@@ -33,7 +34,5 @@ def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, dev
         if len(written) >= limit:
             break
     if images:
-        columns = min(8, len(images))
-        rows = [np.concatenate(images[i : i + columns] + [np.zeros_like(images[0])] * (columns - len(images[i : i + columns])), axis=1) for i in range(0, len(images), columns)]
-        Image.fromarray(np.concatenate(rows, axis=0)).save(out / "grid.png")
+        save_image_grid(images, out / "grid.png", min_side=1)
     return written

@@ -88,3 +88,14 @@ def load_square(data: bytes, size: int) -> np.ndarray:
     resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def save_image_grid(images: list[np.ndarray], path, columns: int = 8, min_side: int = 96) -> None:
+    """Images (H, W, 3) in rows of `columns` (blank-filled), enlarged by whole factors to at least `min_side` px, as PNG."""
+    columns = min(columns, len(images))
+    blank = np.zeros_like(images[0])
+    rows = [np.concatenate(list(images[i : i + columns]) + [blank] * (columns - len(images[i : i + columns])), axis=1)
+            for i in range(0, len(images), columns)]
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, min_side // images[0].shape[0])
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)

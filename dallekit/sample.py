@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError
+from dallekit.images import save_image_grid
 from dallekit.models.transformer import DalleConfig, DalleTransformer
 from dallekit.models.weights import load_model_state, pick_device
 from dallekit.tokenize.image import ImageTokenizer
@@ -72,16 +73,6 @@ def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: lis
     return np.concatenate(images)
 
 
-def save_grid(images: list[np.ndarray], path: Path, columns: int = 8) -> None:
-    """Images side by side in rows, enlarged to at least 96 px."""
-    columns = min(columns, len(images))
-    blank = np.zeros_like(images[0])
-    rows = [np.concatenate(images[i : i + columns] + [blank] * (columns - len(images[i : i + columns])), axis=1) for i in range(0, len(images), columns)]
-    grid = np.concatenate(rows, axis=0)
-    scale = max(1, 96 // images[0].shape[0])
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
-
-
 def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleOptions, scorer=None, device: str = "auto") -> list[dict]:
     """Generate, rerank with CLIP (`scorer`, or keep generation order without one) and save; returns the jsonl records."""
     if not prompts:
@@ -105,7 +96,7 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
             name = f"prompt{p:03d}_rank{rank}.png"
             Image.fromarray(images[i]).save(out / name)
             records.append({"prompt": prompt, "file": name, "rank": rank, "clip_score": None if np.isnan(scores[i]) else float(scores[i]), "seed": seed})
-        save_grid(kept, out / f"prompt{p:03d}_grid.png")
+        save_image_grid(kept, out / f"prompt{p:03d}_grid.png")
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records

@@ -19,11 +19,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, TrainDVAEConfig
-from dallekit.images import UndecodableImage, load_square
+from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
 from dallekit.models.weights import pick_device
 from dallekit.pipeline.shards import list_shards, read_shard
@@ -119,16 +118,6 @@ def evaluate(model: DVAE, images: np.ndarray, device: torch.device) -> tuple[dic
     return metrics, (rec.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def save_grid(originals: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8) -> None:
-    """PNG with originals on top and their reconstructions below, enlarged to at least 96 px."""
-    n = min(columns, len(originals))
-    size = originals.shape[1]
-    scale = max(1, 96 // size)
-    grid = np.concatenate([np.concatenate(list(originals[:n]), axis=1), np.concatenate(list(reconstructions[:n]), axis=1)], axis=0)
-    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
-    image.save(path)
-
-
 def build_config(options: TrainDVAEConfig) -> DVAEConfig:
     """The preset with the run's overrides."""
     overrides = {k: v for k, v in (("max_steps", options.max_steps), ("batch_size", options.batch_size), ("recon_loss", options.recon_loss)) if v is not None}
@@ -183,7 +172,8 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
             last_time = now
         if done % options.checkpoint_every == 0 or done == config.max_steps:
             metrics, recon = evaluate(model, val, device)
-            save_grid(val, recon, out / f"recon_step{done:06d}.png")
+            n = min(8, len(val))  # originals on top, their reconstructions below
+            save_image_grid(list(val[:n]) + list(recon[:n]), out / f"recon_step{done:06d}.png", columns=n)
             log.write((record or {"step": done}) | metrics)  # before the checkpoint: a resume drops later lines
             save_checkpoint(out, model, save_dvae_config(config), optimizer, done,
                             {"epoch": epoch, "consumed": consumed, "dvae": asdict(config)})
