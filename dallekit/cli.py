@@ -47,6 +47,19 @@ def _stage(sub, name: str, help_text: str, config_class: type, out_help: str) ->
     return p
 
 
+def _add_clip_options(parser: argparse.ArgumentParser) -> None:
+    """The CLIP used to rerank or score: a local checkpoint, or a model name with a pretrained tag."""
+    parser.add_argument("--clip-checkpoint", help="a local open_clip folder or .safetensors (e.g. from train-clip)")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name for --clip-pretrained or a .safetensors checkpoint")
+    parser.add_argument("--clip-pretrained", help="open_clip pretrained tag (weights from the hub)")
+
+
+def _clip_scorer(args: argparse.Namespace):
+    from dallekit.models.clip import load_clip
+
+    return load_clip(args.clip_model, args.clip_pretrained, args.clip_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = _Parser(prog="dallekit", description="Build text-image datasets on Dask and train a compact DALL-E.")
@@ -89,18 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip-checkpoint", help="a local open_clip folder or .safetensors (e.g. from train-clip)")
-    p.add_argument("--clip-model", help="open_clip model name for --clip-pretrained or a .safetensors checkpoint")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag (weights from the hub)")
+    _add_clip_options(p)
     p.add_argument("--out", required=True, help="folder for PNGs, grids and samples.jsonl")
 
     p = sub.add_parser("evaluate", help="validation loss, CLIP reranking effect (and FID when possible) on held-out tokens")
     p.add_argument("--model", required=True, help="transformer folder")
     p.add_argument("--dvae", required=True, help="the dVAE folder its tokens came from")
     p.add_argument("--tokens", required=True, help="held-out token shards")
-    p.add_argument("--clip-checkpoint", required=False, help="a local open_clip folder or .safetensors (e.g. from train-clip)")
-    p.add_argument("--clip-model", help="open_clip model name for --clip-pretrained or a .safetensors checkpoint")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag (weights from the hub)")
+    _add_clip_options(p)
     p.add_argument("-n", type=int, default=16, help="candidates per caption; the curve goes 1, 2, 4, ... n")
     p.add_argument("--captions", type=int, default=16, help="held-out captions to generate for")
     p.add_argument("--seed", type=int, default=0)
@@ -151,7 +160,12 @@ def run(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
     toml = load_toml(getattr(args, "config", None))
-    cluster = build_config(ClusterConfig, args, toml.get("cluster"), where=f"{getattr(args, 'config', None) or 'options'} [cluster]")
+
+    def section(config_class: type, name: str):
+        """The config of one subcommand: its TOML section, overridden by the command line."""
+        return build_config(config_class, args, toml.get(name), where=f"{getattr(args, 'config', None) or 'options'} [{name}]")
+
+    cluster = section(ClusterConfig, "cluster")
     from dallekit.pipeline.cluster import dask_client
     from dallekit.pipeline.shards import format_summary
 
@@ -176,7 +190,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train-clip":
         from dallekit.train_clip import train_clip
 
-        options = build_config(TrainClipConfig, args, toml.get("train-clip"), where=f"{args.config or 'options'} [train-clip]")
+        options = section(TrainClipConfig, "train-clip")
         metrics = train_clip(args.filtered, args.out, options)
         print("train-clip: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return 0
@@ -189,11 +203,7 @@ def run(argv: list[str] | None = None) -> int:
                 prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
             except OSError as err:
                 raise BadInputError(f"{args.prompts}: cannot read prompts ({err.strerror})") from None
-        scorer = None
-        if args.clip_checkpoint or args.clip_pretrained:
-            from dallekit.models.clip import load_clip
-
-            scorer = load_clip(args.clip_model or "ViT-B-32", args.clip_pretrained, args.clip_checkpoint)
+        scorer = _clip_scorer(args) if args.clip_checkpoint or args.clip_pretrained else None
         options = SampleOptions(n=args.n, keep=args.keep, batch_size=args.batch_size, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, seed=args.seed)
         records = sample(args.model, args.dvae, prompts, args.out, options, scorer)
@@ -201,11 +211,10 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evaluate":
         from dallekit.evaluate import evaluate
-        from dallekit.models.clip import load_clip
 
         if not (args.clip_checkpoint or args.clip_pretrained):
             raise BadInputError("evaluate needs a CLIP: --clip-checkpoint DIR (e.g. from train-clip) or --clip-model M --clip-pretrained T")
-        scorer = load_clip(args.clip_model or "ViT-B-32", args.clip_pretrained, args.clip_checkpoint)
+        scorer = _clip_scorer(args)
         results = evaluate(args.model, args.dvae, args.tokens, args.out, scorer, n=args.n, captions=args.captions, seed=args.seed)
         print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         print(f"evaluate: {results['fid_note']}")
@@ -213,14 +222,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from dallekit.train import train_transformer
 
-        options = build_config(TrainConfig, args, toml.get("train"), where=f"{args.config or 'options'} [train]")
+        options = section(TrainConfig, "train")
         metrics = train_transformer(args.tokens, args.out, options)
         print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         return 0
     if args.command == "train-dvae":
         from dallekit.train_dvae import train_dvae
 
-        options = build_config(TrainDVAEConfig, args, toml.get("train-dvae"), where=f"{args.config or 'options'} [train-dvae]")
+        options = section(TrainDVAEConfig, "train-dvae")
         metrics = train_dvae(args.filtered, args.out, options)
         print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return 0
@@ -232,35 +241,35 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "ingest":
         from dallekit.pipeline.ingest import ingest, plan_ingest
 
-        config = build_config(IngestConfig, args, toml.get("ingest"), where=f"{args.config or 'options'} [ingest]")
+        config = section(IngestConfig, "ingest")
         blocks = plan_ingest(args.inputs, config)  # bad input fails here, before a cluster starts
         with dask_client(cluster) as client:
             stats = ingest(args.inputs, args.out, config, client, blocks=blocks)
     elif args.command == "download":
         from dallekit.pipeline.download import download, plan_download
 
-        config = build_config(DownloadConfig, args, toml.get("download"), where=f"{args.config or 'options'} [download]")
+        config = section(DownloadConfig, "download")
         tasks = plan_download(args.urls, config)
         with dask_client(cluster) as client:
             stats = download(args.urls, args.out, config, client, tasks=tasks)
     elif args.command == "clean":
         from dallekit.pipeline.clean import clean, plan_clean
 
-        config = build_config(CleanConfig, args, toml.get("clean"), where=f"{args.config or 'options'} [clean]")
+        config = section(CleanConfig, "clean")
         paths = plan_clean(args.downloaded)
         with dask_client(cluster) as client:
             stats = clean(args.downloaded, args.out, config, client, paths=paths)
     elif args.command == "filter":
         from dallekit.pipeline.filter import filter_stage, plan_filter
 
-        config = build_config(FilterConfig, args, toml.get("filter"), where=f"{args.config or 'options'} [filter]")
+        config = section(FilterConfig, "filter")
         paths = plan_filter(args.cleaned, config)
         with dask_client(cluster) as client:
             stats = filter_stage(args.cleaned, args.out, config, client, paths=paths)
     elif args.command == "encode":
         from dallekit.pipeline.encode import encode, plan_encode
 
-        config = build_config(EncodeConfig, args, toml.get("encode"), where=f"{args.config or 'options'} [encode]")
+        config = section(EncodeConfig, "encode")
         plan = plan_encode(args.filtered, args.dvae, config)
         with dask_client(cluster) as client:
             stats = encode(args.filtered, args.dvae, args.out, config, client, plan=plan)

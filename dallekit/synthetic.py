@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -191,13 +190,6 @@ class ShapesServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

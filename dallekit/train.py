@@ -8,6 +8,7 @@ killed run resumes from the last complete checkpoint. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -257,7 +258,7 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
             text = model.drop_captions(text, caption_rng).to(device, non_blocking=True)
             image = image.to(device, non_blocking=True)
             sync = not distributed or micro == options.grad_accum - 1
-            context = train_model.no_sync() if not sync else _null()
+            context = train_model.no_sync() if not sync else contextlib.nullcontext()
             with context, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out_step = _ddp_loss(train_model, text, image) if distributed else model.loss(text, image)
                 scaler.scale(out_step["loss"] / options.grad_accum).backward()
@@ -328,11 +329,3 @@ def _ddp_loss(ddp_model, text, image):
     image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
     w = inner.config.text_loss_weight
     return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

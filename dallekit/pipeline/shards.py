@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -282,8 +281,3 @@ def format_summary(stats: dict) -> str:
     if stats.get("rows_per_second"):
         lines.append(f"  {'rows/s':<28}{stats['rows_per_second']:>10.1f}")
     return "\n".join(lines)
-
-
-def local_path(path: str) -> str:
-    """An absolute local path for plain paths; fsspec URLs pass through unchanged."""
-    return path if "://" in path else os.path.abspath(path)
