@@ -17,6 +17,7 @@ from dallekit.config import (
     EncodeConfig,
     FilterConfig,
     IngestConfig,
+    RunConfig,
     TrainClipConfig,
     TrainConfig,
     TrainDVAEConfig,
@@ -147,10 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", required=True, help="decoder.pkl from https://cdn.openai.com/dall-e/decoder.pkl")
     p.add_argument("--out", required=True, help="dVAE folder to write")
 
+    p = sub.add_parser("run", help="every step, URL lists to samples and report.html, as one job on one Dask cluster (rerun to resume)",
+                       description="Sections of the TOML file: [run] (out, inputs, ...), [cluster], and one per step named like "
+                       "its subcommand: [ingest] [download] [clean] [train-clip] [filter] [train-dvae] [encode] [train] [sample] "
+                       "[evaluate]. Options given here override [run] and [cluster].")
+    p.add_argument("--config", required=True, help="pipeline TOML file (see dallekit/configs/)")
+    add_options(p, RunConfig)
+    add_options(p, ClusterConfig)
+
     p = sub.add_parser("demo", help="synthetic shapes served on 127.0.0.1, through the pipeline")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
-    p.add_argument("--samples", type=int, help="number of generated pairs (default 3000, or 300 with --quick)")
+    p.add_argument("--samples", type=int, help="number of generated pairs (default 6000, or 300 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated set")
     _add_common(p)
     return parser
@@ -195,7 +204,8 @@ def run(argv: list[str] | None = None) -> int:
         print("train-clip: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return 0
     if args.command == "sample":
-        from dallekit.sample import SampleOptions, sample
+        from dallekit.config import SampleConfig
+        from dallekit.sample import sample
 
         prompts = list(args.prompt)
         if args.prompts:
@@ -204,7 +214,7 @@ def run(argv: list[str] | None = None) -> int:
             except OSError as err:
                 raise BadInputError(f"{args.prompts}: cannot read prompts ({err.strerror})") from None
         scorer = _clip_scorer(args) if args.clip_checkpoint or args.clip_pretrained else None
-        options = SampleOptions(n=args.n, keep=args.keep, batch_size=args.batch_size, temperature=args.temperature,
+        options = SampleConfig(prompts=prompts, n=args.n, keep=args.keep, batch_size=args.batch_size, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, seed=args.seed)
         records = sample(args.model, args.dvae, prompts, args.out, options, scorer)
         print(f"sample: {len(records)} images for {len(prompts)} prompts in {args.out}" + ("" if scorer else " (no CLIP given: not reranked)"))
@@ -232,6 +242,11 @@ def run(argv: list[str] | None = None) -> int:
         options = section(TrainDVAEConfig, "train-dvae")
         metrics = train_dvae(args.filtered, args.out, options)
         print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return 0
+    if args.command == "run":
+        from dallekit.pipeline.run import load_pipeline, run_pipeline
+
+        run_pipeline(load_pipeline(toml, args.config, args))
         return 0
     if args.command == "demo":
         from dallekit.demo import DemoConfig, run_demo

@@ -88,7 +88,7 @@ def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
     """Add one --option per dataclass field; unset options stay absent so TOML values can fill them."""
     for f in dataclasses.fields(config_class):
         kind = _base_type(f.type)
-        flag = "--" + f.name.replace("_", "-")
+        flag = ("-" if len(f.name) == 1 else "--") + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -223,6 +223,7 @@ class TrainConfig:
     seed: int = option(0, "seed of weights, data order and caption dropout")
     resume: bool = option(False, "continue from the output folder's checkpoint")
     checkpoint_every: int = option(500, "steps between checkpoints and validation")
+    checkpoint_samples: int = option(4, "held-out captions sampled (2 images each) at every checkpoint into checkpoint_samples.jsonl (0: none)")
     log_every: int = option(25, "steps between metric lines")
     val: str | None = option(None, "a folder of held-out token shards (else --val-fraction of the shards)")
     val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)")
@@ -248,3 +249,42 @@ class TrainClipConfig:
     weight_decay: float = option(0.1, "AdamW weight decay")
     seed: int = option(0, "seed of weights and data order")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
+
+
+@dataclass
+class SampleConfig:
+    """Options of `dallekit sample` (and the [sample] section of a pipeline config)."""
+
+    prompts: list[str] = option([], "prompts to generate for (in a pipeline config; the CLI takes --prompt and --prompts FILE)", nargs="*")
+    n: int = option(16, "candidates per prompt (DALL-E used 512)")
+    keep: int = option(4, "best candidates kept per prompt")
+    batch_size: int = option(16, "candidates generated at once")
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int | None = option(None, "sample among the k likeliest image tokens")
+    top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass")
+    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)")
+    seed: int = option(0, "seed of the candidates (a run with the same seed is identical)")
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of `dallekit evaluate`."""
+
+    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n")
+    captions: int = option(16, "held-out captions to generate for")
+    seed: int = option(0, "seed of the candidates")
+
+
+RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-dvae", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
+
+
+@dataclass
+class RunConfig:
+    """The [run] section of `dallekit run`: the run folder, its inputs and which steps run."""
+
+    out: str = option("runs/pipeline", "run folder: one sub-folder per step, then report.html")
+    inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
+    dvae: str | None = option(None, "an existing dVAE folder to encode with (train-dvae is skipped)")
+    bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)")
+    train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
+    stop_after: str = option("report", "last step to run", choices=RUN_STEPS)

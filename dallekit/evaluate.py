@@ -19,7 +19,8 @@ from PIL import Image
 from dallekit.charts import line_chart
 from dallekit.models.weights import pick_device
 from dallekit.pipeline.shards import list_shards, read_shard
-from dallekit.sample import SampleOptions, check_dvae, generate_images, load_transformer, text_tokenizer_for
+from dallekit.config import SampleConfig
+from dallekit.sample import check_dvae, generate_images, load_transformer, text_tokenizer_for
 from dallekit.synthetic import is_right, parse_caption
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import check_token_files
@@ -64,7 +65,7 @@ def evaluate(model_dir: str, dvae_dir: str, tokens_dir: str | None, out_dir: str
     best_of = {m: [] for m in ns}
     random_right, reranked_right = [], []
     for i, caption in enumerate(held_out_captions(paths, captions)):
-        images = generate_images(model, dvae, tokenizer.encode(caption), SampleOptions(n=n, batch_size=batch_size), seed * 100_003 + i)
+        images = generate_images(model, dvae, tokenizer.encode(caption), SampleConfig(n=n, batch_size=batch_size), seed * 100_003 + i)
         scores = scorer.score([Image.fromarray(im) for im in images], [caption] * len(images))
         for m in ns:
             best_of[m].append(float(scores[:m].max()))

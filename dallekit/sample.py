@@ -2,13 +2,14 @@
 
 `dallekit sample --model DIR --dvae DIR --prompt TEXT...` writes, per prompt, the kept PNGs
 (rank 0 = best by CLIP), a grid, and one `samples.jsonl` line per kept image (prompt, file,
-rank, clip_score, seed). A seed makes a run reproducible.
+rank, clip_score, seed). A seed makes a run reproducible. Prompts in the demo's caption form
+are also judged by the pixel check: `pixel_right` per kept image, and `pixel_check.json` with
+how often a random candidate and the reranked top-1 are right, for seen and zero-shot pairs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +17,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dallekit.config import BadInputError
+from dallekit.config import BadInputError, SampleConfig
 from dallekit.images import save_image_grid
 from dallekit.models.transformer import DalleConfig, DalleTransformer
 from dallekit.models.weights import load_model_state, pick_device
+from dallekit.synthetic import is_right, is_zero_shot, parse_caption, pixel_check_summary
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer
-
-
-@dataclass
-class SampleOptions:
-    """How to generate and rerank."""
-
-    n: int = 16  # candidates per prompt (DALL-E used 512)
-    keep: int = 4  # best candidates kept per prompt
-    batch_size: int = 16  # candidates generated at once
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    cond_scale: float = 1.0  # classifier-free guidance (> 1 needs caption dropout in training)
-    seed: int = 0
 
 
 def load_transformer(model_dir: str, device: str = "auto") -> tuple[DalleTransformer, dict]:
@@ -61,7 +49,7 @@ def check_dvae(metadata: dict, dvae: ImageTokenizer, dvae_dir: str) -> None:
 
 
 @torch.no_grad()
-def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: list[int], options: SampleOptions, seed: int) -> np.ndarray:
+def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: list[int], options: SampleConfig, seed: int) -> np.ndarray:
     """options.n images (n, S, S, 3) uint8 for one caption's BPE ids."""
     generator = torch.Generator().manual_seed(seed)
     images = []
@@ -73,7 +61,7 @@ def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: lis
     return np.concatenate(images)
 
 
-def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleOptions, scorer=None, device: str = "auto") -> list[dict]:
+def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleConfig, scorer=None, device: str = "auto") -> list[dict]:
     """Generate, rerank with CLIP (`scorer`, or keep generation order without one) and save; returns the jsonl records."""
     if not prompts:
         raise BadInputError("no prompts: pass --prompt TEXT or --prompts FILE")
@@ -85,18 +73,26 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
     tokenizer = text_tokenizer_for(metadata)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, checks = [], []
     for p, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt")):
         seed = options.seed * 100_003 + p
         images = generate_images(model, dvae, tokenizer.encode(prompt), options, seed)
         scores = scorer.score([Image.fromarray(im) for im in images], [prompt] * len(images)) if scorer is not None else np.full(len(images), np.nan)
         order = np.argsort(-scores, kind="stable") if scorer is not None else np.arange(len(images))
         kept = [images[i] for i in order[: options.keep]]
+        # the demo's shape captions can be judged by pixels: keep every candidate's verdict
+        right = [is_right(im, prompt) for im in images] if parse_caption(prompt) else None
         for rank, i in enumerate(order[: options.keep]):
             name = f"prompt{p:03d}_rank{rank}.png"
             Image.fromarray(images[i]).save(out / name)
-            records.append({"prompt": prompt, "file": name, "rank": rank, "clip_score": None if np.isnan(scores[i]) else float(scores[i]), "seed": seed})
+            record = {"prompt": prompt, "file": name, "rank": rank, "clip_score": None if np.isnan(scores[i]) else float(scores[i]), "seed": seed}
+            records.append(record | ({"pixel_right": right[i]} if right else {}))
         save_image_grid(kept, out / f"prompt{p:03d}_grid.png")
+        if right:
+            checks.append({"prompt": prompt, "zero_shot": is_zero_shot(prompt), "grid": f"prompt{p:03d}_grid.png",
+                           "random_right": float(np.mean(right)), "reranked_right": float(right[order[0]])})
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+    if checks:
+        (out / "pixel_check.json").write_text(json.dumps(pixel_check_summary(checks), indent=2))
     return records

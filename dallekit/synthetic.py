@@ -262,3 +262,23 @@ def is_right(image: np.ndarray, caption: str) -> bool:
     """Whether an image shows what a demo caption says: foreground, background and shape all right."""
     want, got = parse_caption(caption), judge(image)
     return want is not None and all(got[k] == want[k] for k in ("foreground", "background", "shape"))
+
+
+def is_zero_shot(caption: str) -> bool:
+    """Whether a demo caption names a foreground/shape pair held out of the training data."""
+    want = parse_caption(caption)
+    return want is not None and (want["foreground"], want["shape"]) in ZERO_SHOT_PAIRS
+
+
+def pixel_check_summary(checks: list[dict]) -> dict:
+    """Seen and zero-shot rates of a random candidate and of the reranked top-1 being right, from per-prompt checks."""
+    summary: dict = {"prompts": checks}
+    for split, zero_shot in (("seen", False), ("zero_shot", True)):
+        rows = [c for c in checks if c["zero_shot"] == zero_shot]
+        if rows:
+            summary[split] = {
+                "prompts": len(rows),
+                "random_right": float(np.mean([c["random_right"] for c in rows])),
+                "reranked_right": float(np.mean([c["reranked_right"] for c in rows])),
+            }
+    return summary

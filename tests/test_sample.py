@@ -15,7 +15,8 @@ from dallekit.evaluate import evaluate
 from dallekit.models.clip import load_clip
 from dallekit.models.transformer import DalleTransformer, dalle_config
 from dallekit.pipeline.encode import encode
-from dallekit.sample import SampleOptions, generate_images, load_transformer, sample, text_tokenizer_for
+from dallekit.config import SampleConfig
+from dallekit.sample import generate_images, load_transformer, sample, text_tokenizer_for
 from dallekit.synthetic import COLORS, SHAPES, is_right, judge, random_spec, render
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import train_bpe
@@ -58,9 +59,9 @@ def trained_chain(shapes_filtered, trained_dvae, tmp_path_factory, client):
     from dallekit.pipeline.shards import list_shards, read_shard
 
     captions = [c for p in list_shards(str(shapes_filtered)) for c in read_shard(p, columns=["caption"]).column("caption").to_pylist()]
-    train_bpe(captions, str(work / "bpe"), vocab_size=256)
+    train_bpe(captions, str(work / "bpe"), vocab_size=512)
     encode(str(shapes_filtered), str(dvae_dir), str(work / "tokens"), EncodeConfig(text_tokenizer=str(work / "bpe")), client)
-    train_transformer(str(work / "tokens"), str(work / "model"), TrainConfig(max_steps=600, batch_size=32, warmup_steps=60, num_workers=0,
+    train_transformer(str(work / "tokens"), str(work / "model"), TrainConfig(max_steps=200, batch_size=32, warmup_steps=40, num_workers=0,
                                                                             checkpoint_every=300, val_fraction=0.2))
     train_clip(str(shapes_filtered), str(work / "clip"), TrainClipConfig(max_steps=200))
     return work, dvae_dir
@@ -77,7 +78,7 @@ def test_reranking_with_the_trained_clip_beats_a_random_candidate(trained_chain)
     for fg in COLORS:
         for shape in SHAPES:
             prompt = f"a {fg} {shape} on a {rng.choice([c for c in COLORS if c != fg])} background"
-            images = generate_images(model, dvae, tokenizer.encode(prompt), SampleOptions(n=16), seed=len(top1))
+            images = generate_images(model, dvae, tokenizer.encode(prompt), SampleConfig(n=16), seed=len(top1))
             right = [is_right(im, prompt) for im in images]
             from PIL import Image
 
@@ -93,16 +94,29 @@ def test_sample_and_evaluate_outputs(trained_chain, tmp_path):
     work, dvae_dir = trained_chain
     scorer = load_clip("dallekit-tiny-clip", None, checkpoint=str(work / "clip"))
     records = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background", "a green triangle on a white background"],
-                     str(tmp_path / "samples"), SampleOptions(n=6, keep=3, seed=5), scorer)
+                     str(tmp_path / "samples"), SampleConfig(n=6, keep=3, seed=5), scorer)
     assert [(r["rank"], r["prompt"][:7]) for r in records] == [(0, "a red c"), (1, "a red c"), (2, "a red c"), (0, "a green"), (1, "a green"), (2, "a green")]
     lines = [json.loads(l) for l in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
     assert lines == records and all((tmp_path / "samples" / r["file"]).exists() for r in records)
     assert records[0]["clip_score"] >= records[1]["clip_score"] >= records[2]["clip_score"]
     assert (tmp_path / "samples" / "prompt000_grid.png").exists()
-    again = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background"], str(tmp_path / "again"), SampleOptions(n=6, keep=3, seed=5), scorer)
+    again = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background"], str(tmp_path / "again"), SampleConfig(n=6, keep=3, seed=5), scorer)
     assert [r["clip_score"] for r in again] == [r["clip_score"] for r in records[:3]]  # a seed makes it reproducible
     results = evaluate(str(work / "model"), str(dvae_dir), str(work / "tokens"), str(tmp_path / "eval"), scorer, n=4, captions=4)
     assert results["clip_score_reranked"] >= results["clip_score_random"]
     assert set(results["clip_score_best_of_n"]) == {"1", "2", "4"} and "FID skipped" in results["fid_note"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["captions"] == 4
     assert (tmp_path / "eval" / "clip_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pixel_check_summary_splits_seen_and_zero_shot():
+    from dallekit.synthetic import is_zero_shot, pixel_check_summary
+
+    assert is_zero_shot("a red triangle on a blue background") and not is_zero_shot("a red circle on a blue background")
+    checks = [{"prompt": "a red circle on a blue background", "zero_shot": False, "random_right": 0.5, "reranked_right": 1.0},
+              {"prompt": "a red square on a blue background", "zero_shot": False, "random_right": 0.25, "reranked_right": 0.0},
+              {"prompt": "a red triangle on a blue background", "zero_shot": True, "random_right": 0.125, "reranked_right": 1.0}]
+    summary = pixel_check_summary(checks)
+    assert summary["seen"] == {"prompts": 2, "random_right": 0.375, "reranked_right": 0.5}
+    assert summary["zero_shot"] == {"prompts": 1, "random_right": 0.125, "reranked_right": 1.0}
+
