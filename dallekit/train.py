@@ -241,6 +241,8 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
     for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
         torch.rand(options.batch_size, generator=caption_rng)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
+    sample_log = MetricsLog(out / "checkpoint_samples.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
+    sample_captions = sample_caption_tokens(val_paths or train_paths, options.checkpoint_samples) if rank == 0 else []
     board = tensorboard_writer(out, options.tensorboard and rank == 0)
     peak = options.peak_flops or default_peak_flops(device)
     flops_per_token = model.flops_per_token()
@@ -286,6 +288,8 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
                 record = (record if record.get("step") == done else {"step": done}) | validation_loss(model, val_paths, options, config, device)
             log.write(record)  # before the checkpoint: a resume drops later lines
             board(record)
+            for line in checkpoint_samples(model, sample_captions, done, options.seed):
+                sample_log.write(line)
             save_checkpoint(out, model, config_dict(config) | {"tokens": metadata}, optimizer, done,
                             {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
         elif record.get("step") == done:
@@ -298,6 +302,36 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
 
         dist.destroy_process_group()
     return last
+
+
+def sample_caption_tokens(paths: list[str], count: int) -> list[tuple[str, list[int]]]:
+    """The first `count` distinct (caption, text tokens) of some token shards: what checkpoints are sampled for."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, list[int]] = {}
+    for path in paths:
+        if len(found) >= count:
+            break
+        table = pq.read_table(path, columns=["caption", "text_tokens"])
+        for caption, tokens in zip(table.column("caption").to_pylist(), table.column("text_tokens").to_pylist()):
+            if len(found) < count:
+                found.setdefault(caption, tokens)
+    return list(found.items())
+
+
+@torch.no_grad()
+def checkpoint_samples(model, captions: list[tuple[str, list[int]]], step: int, seed: int, per_caption: int = 2) -> list[dict]:
+    """Image tokens sampled for fixed captions at a checkpoint (decode them with the dVAE to watch training progress)."""
+    if not captions:
+        return []
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed * 100_003 + step)  # its own generator: training's RNG streams stay untouched
+    device = next(model.parameters()).device
+    text = model.pad_text([tokens for _, tokens in captions for _ in range(per_caption)]).to(device)
+    codes = model.generate(text, generator=generator).cpu().tolist()
+    model.train(was_training)
+    return [{"step": step, "caption": captions[i // per_caption][0], "image_tokens": c} for i, c in enumerate(codes)]
 
 
 def tensorboard_writer(out: Path, enabled: bool):

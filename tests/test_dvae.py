@@ -83,3 +83,13 @@ def test_tiny_dvae_learns_the_shapes(trained_dvae):
     assert (out / "recon_step000650.png").exists() and (out / "recon_step001300.png").exists()
     lines = read_metrics(out / "metrics.jsonl")
     assert lines[-1]["step"] == 1300 and {"loss", "recon", "kl", "val_psnr", "perplexity", "codes_used"} <= set(lines[-1])
+
+
+def test_fewer_steps_keep_the_schedule_shares():
+    from dallekit.config import TrainDVAEConfig
+    from dallekit.train_dvae import build_config
+
+    preset = build_config(TrainDVAEConfig(preset="tiny"))
+    short = build_config(TrainDVAEConfig(preset="tiny", max_steps=preset.max_steps // 2))
+    assert short.max_steps == preset.max_steps // 2
+    assert short.temp_anneal_steps == round(preset.temp_anneal_steps / 2) and short.kl_warmup_steps == round(preset.kl_warmup_steps / 2)

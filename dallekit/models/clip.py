@@ -136,6 +136,7 @@ def save_clip(scorer_or_model: Any, model_name: str, out_dir: str) -> Path:
         raise BadInputError(f"{model_name}: no open_clip config to save with the weights")
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME))
     (out / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    save_file(state, str(out / (WEIGHTS_NAME + ".tmp")))
+    os.replace(out / (WEIGHTS_NAME + ".tmp"), out / WEIGHTS_NAME)  # last and atomic: the weights mark a finished save
     return out
