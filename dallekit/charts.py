@@ -46,3 +46,38 @@ def line_chart(xs: list[float], series: dict[str, list[float]], title: str, xlab
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def bar_chart(labels: list[str], values: list[float], title: str, xlabel: str, ylabel: str) -> bytes:
+    """A vertical bar chart (a histogram when the labels are bins) as PNG bytes."""
+    width, height, left, bottom, top, right = 560, 340, 70, 60, 40, 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    hi = max(max(values, default=0), 1e-9)
+    draw.rectangle((left, top, width - right, height - bottom), outline="black")
+    draw.text((left, 12), title, fill="black", font=font)
+    draw.text((width // 2 - 40, height - 20), xlabel, fill="black", font=font)
+    draw.text((6, top - 14), ylabel, fill="black", font=font)
+    draw.text((8, top - 4), f"{hi:g}", fill="black", font=font)
+    slot = (width - left - right) / max(len(values), 1)
+    every = max(1, len(labels) // 10)  # at most ~10 tick labels
+    for i, (label, value) in enumerate(zip(labels, values)):
+        x = left + i * slot
+        y = height - bottom - value / hi * (height - top - bottom)
+        draw.rectangle((x + 1, y, x + max(slot - 1, 1), height - bottom), fill=(76, 114, 176))
+        if i % every == 0:
+            draw.text((x, height - bottom + 6), str(label), fill="black", font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def histogram(values, bins: int, title: str, xlabel: str) -> bytes:
+    """A histogram of numbers as PNG bytes."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    counts, edges = np.histogram(values, bins=bins) if len(values) else (np.zeros(bins), np.linspace(0, 1, bins + 1))
+    return bar_chart([f"{e:.3g}" for e in edges[:-1]], counts.tolist(), title, xlabel, "rows")

@@ -99,3 +99,25 @@ def save_image_grid(images: list[np.ndarray], path, columns: int = 8, min_side: 
     grid = np.concatenate(rows, axis=0)
     scale = max(1, min_side // images[0].shape[0])
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+
+
+def labelled_grid(images: list[np.ndarray], labels: list[str], columns: int = 6, side: int = 128) -> Image.Image:
+    """Images enlarged to `side` px (nearest neighbour) in rows of `columns`, each with its label underneath."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    label_h = 28
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * (side + 8) + 8, rows * (side + label_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = 8 + (i % columns) * (side + 8), 8 + (i // columns) * (side + label_h + 8)
+        canvas.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), (x, y))
+        words, lines = label.split(), [""]
+        for word in words:  # wrap to the cell width
+            if draw.textlength(f"{lines[-1]} {word}".strip(), font=font) > side and lines[-1]:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.multiline_text((x, y + side + 2), "\n".join(lines[:2]), fill="black", font=font, spacing=1)
+    return canvas

@@ -281,3 +281,20 @@ def format_summary(stats: dict) -> str:
     if stats.get("rows_per_second"):
         lines.append(f"  {'rows/s':<28}{stats['rows_per_second']:>10.1f}")
     return "\n".join(lines)
+
+
+def load_stage(path, rejects: bool = False, columns: list[str] | None = None):
+    """A stage folder's kept rows (or, with `rejects`, its rejected rows) as a Dask DataFrame; `.compute()` gives pandas."""
+    import dask.dataframe as dd
+
+    path = str(path)  # a str or a pathlib.Path
+    folder = f"{path.rstrip('/')}/_rejects" if rejects else path
+    fs, root = fsspec.core.url_to_fs(folder)
+    if rejects and not fs.glob(f"{root.rstrip('/')}/{SHARD_GLOB}"):
+        kept = list_shards(path)  # an empty frame with the stage's columns and a reason: this stage rejected nothing
+        schema = shard_schema(kept[0])[0]
+        import pandas as pd
+
+        empty = schema.empty_table().to_pandas().assign(reason=pd.Series(dtype="string"))
+        return dd.from_pandas(empty[columns] if columns else empty, npartitions=1)
+    return dd.read_parquet(list_shards(folder), columns=columns)

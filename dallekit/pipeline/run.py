@@ -1,0 +1,173 @@
+"""`dallekit run --config pipeline.toml`: every step of a run as one job on one Dask cluster.
+
+The TOML file has one section per step, named like its subcommand (`[ingest]`, `[download]`,
+`[clean]`, `[train-clip]`, `[filter]`, `[train-dvae]`, `[encode]`, `[train]`, `[sample]`,
+`[evaluate]`), plus `[cluster]` and `[run]` (the run folder, the inputs, which steps run).
+Steps run in that order; train-clip only with `[run] train_clip = true`, when the CLIP trained
+on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation.
+The run folder gets one sub-folder per step (DESIGN.md) and `report.html`.
+
+Rerunning the same command resumes: complete stages are skipped, a stage's complete shards are
+kept, the trainers continue from their last checkpoint, and steps with a finished output
+(tokenizer, CLIP, samples, evaluation) are not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dallekit.config import (
+    RUN_STEPS,
+    BadInputError,
+    CleanConfig,
+    ClusterConfig,
+    DownloadConfig,
+    EncodeConfig,
+    EvaluateConfig,
+    FilterConfig,
+    IngestConfig,
+    RunConfig,
+    SampleConfig,
+    TrainClipConfig,
+    TrainConfig,
+    TrainDVAEConfig,
+    build_config,
+)
+from dallekit.pipeline.clean import clean
+from dallekit.pipeline.cluster import dask_client
+from dallekit.pipeline.download import download
+from dallekit.pipeline.encode import encode, plan_encode
+from dallekit.pipeline.filter import filter_stage, plan_filter
+from dallekit.pipeline.ingest import ingest, plan_ingest
+from dallekit.pipeline.report import write_report
+from dallekit.pipeline.shards import format_summary, list_shards, read_shard, stage_complete
+
+
+@dataclass
+class Pipeline:
+    """Every section of a pipeline config, each a stage's own config class."""
+
+    run: RunConfig
+    cluster: ClusterConfig
+    ingest: IngestConfig
+    download: DownloadConfig
+    clean: CleanConfig
+    filter: FilterConfig
+    train_dvae: TrainDVAEConfig
+    encode: EncodeConfig
+    train: TrainConfig
+    train_clip: TrainClipConfig
+    sample: SampleConfig
+    evaluate: EvaluateConfig
+
+
+SECTIONS: dict[str, type] = {name.replace("_", "-"): kind for name, kind in typing.get_type_hints(Pipeline).items()}
+
+
+def load_pipeline(toml: dict, where: str, args: argparse.Namespace | None = None) -> Pipeline:
+    """Build a Pipeline from a parsed TOML file; `args` (the command line) overrides [run] and [cluster]."""
+    unknown = sorted(set(toml) - set(SECTIONS))
+    if unknown:
+        raise BadInputError(f"{where}: unknown section [{unknown[0]}] (expected: {', '.join(SECTIONS)})")
+    configs = {}
+    for name, config_class in SECTIONS.items():
+        if not isinstance(toml.get(name, {}), dict):
+            raise BadInputError(f"{where}: {name} must be a [{name}] table")
+        override = args if name in ("run", "cluster") and args is not None else argparse.Namespace()
+        configs[name.replace("-", "_")] = build_config(config_class, override, toml.get(name), f"{where} [{name}]")
+    pipeline = Pipeline(**configs)
+    if not pipeline.run.inputs:
+        raise BadInputError(f"{where} [run]: inputs is empty; expected a list of URL lists to ingest")
+    return pipeline
+
+
+def run_folders(out: str) -> dict[str, str]:
+    """Where each step writes inside a run folder (DESIGN.md's layout)."""
+    names = ["ingest", "download", "clean", "filter", "dvae", "bpe", "tokens", "model", "clip", "samples", "eval"]
+    return {name: f"{out.rstrip('/')}/{name}" for name in names}
+
+
+def _checkpoint_exists(folder: str) -> bool:
+    return (Path(folder) / "checkpoint" / "state.json").exists()
+
+
+def run_pipeline(p: Pipeline) -> dict:
+    """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats and the final metrics."""
+    steps = set(RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1])
+    d = run_folders(p.run.out)
+    if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
+        p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
+    Path(p.run.out).mkdir(parents=True, exist_ok=True)
+    blocks = None if stage_complete(d["ingest"]) else plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
+    result: dict = {"stages": []}
+    stages = result["stages"]
+    dvae_dir = p.run.dvae or d["dvae"]
+    with dask_client(p.cluster) as client:
+        stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, blocks=blocks))
+        if "download" in steps:
+            stages.append(download(d["ingest"], d["download"], p.download, client))
+        if "clean" in steps:
+            stages.append(clean(d["download"], d["clean"], p.clean, client))
+        if p.run.train_clip and "train-clip" in steps and not (Path(d["clip"]) / "open_clip_model.safetensors").exists():
+            from dallekit.train_clip import train_clip
+
+            result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
+        if "filter" in steps:
+            stages.append(filter_stage(d["clean"], d["filter"], p.filter, client, paths=plan_filter(d["clean"], p.filter)))
+        if "train-dvae" in steps and p.run.dvae is None:
+            from dallekit.train_dvae import train_dvae
+
+            result["dvae"] = train_dvae(d["filter"], d["dvae"], replace(p.train_dvae, resume=_checkpoint_exists(d["dvae"])))
+        encode_config = p.encode
+        if p.run.bpe_vocab_size and "train-bpe" in steps:
+            encode_config = replace(p.encode, text_tokenizer=d["bpe"])
+            if not (Path(d["bpe"]) / "tokenizer.json").exists():
+                from dallekit.tokenize.text import train_bpe
+
+                captions = [c for path in list_shards(d["filter"]) for c in read_shard(path, columns=["caption"]).column("caption").to_pylist()]
+                train_bpe(captions, d["bpe"], vocab_size=p.run.bpe_vocab_size)
+        if "encode" in steps:
+            plan = plan_encode(d["filter"], dvae_dir, encode_config)
+            stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client, plan=plan))
+    for stats in stages:
+        print(format_summary(stats))
+    if "train" in steps:
+        result |= _train_and_sample(p, d, dvae_dir, steps)
+    if "report" in steps:
+        report = write_report(p.run.out)
+        print(f"run: report in {report}")
+    return result
+
+
+def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str]) -> dict:
+    """The steps after the Dask stages: train, sample, evaluate (each skipped when done)."""
+    from dallekit.evaluate import evaluate, held_out_captions
+    from dallekit.models.clip import load_clip
+    from dallekit.sample import sample
+    from dallekit.train import split_shards, train_transformer
+
+    result: dict = {}
+    result["train"] = train_transformer(d["tokens"], d["model"], replace(p.train, resume=_checkpoint_exists(d["model"])))
+    if p.train.val:
+        val_paths = list_shards(p.train.val)
+    else:  # the shards the trainer held out
+        token_paths = list_shards(d["tokens"])
+        val_paths = split_shards(token_paths, p.train.val_fraction, p.train.seed)[1] or token_paths
+    scorer = load_clip(p.filter.clip_model, p.filter.clip_pretrained, p.filter.clip_checkpoint) if p.filter.clip else None
+    if "sample" in steps and not (Path(d["samples"]) / "samples.jsonl").exists():
+        prompts = p.sample.prompts or held_out_captions(val_paths, 16)
+        sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer)
+    if "evaluate" in steps:
+        eval_file = Path(d["eval"]) / "eval.json"
+        if scorer is None:
+            print("run: evaluate skipped: it needs a CLIP ([filter] clip = true, or [run] train_clip = true)")
+        elif eval_file.exists():
+            result["evaluate"] = json.loads(eval_file.read_text())
+        else:
+            result["evaluate"] = evaluate(d["model"], dvae_dir, None, d["eval"], scorer, n=p.evaluate.n, captions=p.evaluate.captions,
+                                          seed=p.evaluate.seed, paths=val_paths)
+    return result
