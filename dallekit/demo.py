@@ -1,41 +1,25 @@
-"""The embedded default job: synthetic shapes served on 127.0.0.1, run through the pipeline stages."""
+"""The embedded default job: synthetic shapes served on 127.0.0.1, run through every step.
+
+`dallekit demo` generates the shapes set, serves it over HTTP on loopback, writes its URL list
+and runs the packaged pipeline config `dallekit/configs/demo.toml` (with its [quick] overrides
+for `--quick`) through `dallekit.pipeline.run`, so the demo is `dallekit run` on local data.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from dataclasses import dataclass
-
+import random
+import time
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 
-from dallekit.config import (
-    CleanConfig,
-    ClusterConfig,
-    DownloadConfig,
-    EncodeConfig,
-    FilterConfig,
-    IngestConfig,
-    TrainClipConfig,
-    TrainConfig,
-    TrainDVAEConfig,
-)
-from dallekit.pipeline.clean import clean
-from dallekit.pipeline.cluster import dask_client
-from dallekit.pipeline.download import download
-from dallekit.pipeline.encode import encode
-from dallekit.pipeline.filter import filter_stage
-from dallekit.pipeline.ingest import ingest
-from dallekit.pipeline.shards import format_summary, list_shards, read_shard
-from dallekit.synthetic import ShapesServer, make_dataset
-from dallekit.tokenize.text import train_bpe
-from dallekit.evaluate import evaluate
-from dallekit.models.clip import load_clip
-from dallekit.sample import SampleOptions, sample
-from dallekit.synthetic import COLORS, SHAPES
-from dallekit.train import split_shards, train_transformer
-from dallekit.train_clip import train_clip
-from dallekit.train_dvae import train_dvae
+from dallekit.config import ClusterConfig
+from dallekit.pipeline.run import Pipeline, load_pipeline, run_pipeline
+from dallekit.synthetic import COLORS, SHAPES, ShapesServer, make_dataset
 
 
 @dataclass
@@ -44,7 +28,7 @@ class DemoConfig:
 
     out: str = "runs/demo"  # the run folder
     quick: bool = False  # a small run for tests
-    samples: int | None = None  # generated pairs (default 3000, or 300 with quick)
+    samples: int | None = None  # generated pairs (default 6000, or 300 with quick)
     seed: int = 0  # makes the generated set reproducible
 
 
@@ -62,25 +46,32 @@ def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
                 writer.writerow(record | {"url": server.url(row["path"]) + "?copy", "caption": ""})
 
 
-# The shapes differ only in colour, shape, size and a little jitter, so a (grayscale) pHash finds
-# most of them within 4 bits of another: the demo checks exact duplicates only.
-DEMO_CLEAN = CleanConfig(near_dup_distance=-1)
-# No CLIP weights can be fetched offline: the demo scores with a randomly initialised tiny CLIP
-# through the same code path and keeps every score without filtering on it.
-DEMO_FILTER = FilterConfig(clip_model="dallekit-tiny-clip", clip_pretrained=None, clip_threshold=-1.0)
+def demo_pipeline(config: DemoConfig, cluster: ClusterConfig, inputs: list[str]) -> Pipeline:
+    """The packaged demo config, with --quick's overrides, the run folder, the inputs and the demo prompts."""
+    toml = tomllib.loads(resources.files("dallekit").joinpath("configs/demo.toml").read_text())
+    quick = toml.pop("quick", {})
+    if config.quick:
+        for name, values in quick.items():
+            toml[name] = toml.get(name, {}) | values
+    toml["run"] = toml.get("run", {}) | {"out": config.out, "inputs": inputs}
+    pipeline = load_pipeline(toml, "dallekit/configs/demo.toml")
+    pipeline = replace(pipeline, cluster=cluster)
+    if not pipeline.sample.prompts:
+        pipeline = replace(pipeline, sample=replace(pipeline.sample, prompts=demo_prompts(config.seed, 1 if config.quick else 2)))
+    return pipeline
 
 
-def demo_prompts(seed: int) -> list[str]:
-    """One prompt per foreground/shape pair (24, the 6 zero-shot pairs included), with a seeded background."""
-    import random
-
+def demo_prompts(seed: int, backgrounds: int = 1) -> list[str]:
+    """Prompts for all 24 foreground/shape pairs (the 6 zero-shot pairs included), each with `backgrounds` seeded backgrounds."""
     rng = random.Random(seed)
-    return [f"a {fg} {shape} on a {rng.choice([c for c in COLORS if c != fg])} background" for fg in COLORS for shape in SHAPES]
+    return [f"a {fg} {shape} on a {bg} background" for fg in COLORS for shape in SHAPES
+            for bg in rng.sample([c for c in COLORS if c != fg], backgrounds)]
 
 
-def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
-    """Generate the shapes set, serve it on loopback and run the stages; returns each stage's stats."""
-    samples = config.samples or (300 if config.quick else 3000)
+def run_demo(config: DemoConfig, cluster: ClusterConfig) -> dict:
+    """Generate the shapes set, serve it on loopback and run the demo pipeline; returns run_pipeline's result."""
+    started = time.time()
+    samples = config.samples or (300 if config.quick else 6000)
     os.makedirs(config.out, exist_ok=True)
     data = make_dataset(samples, seed=config.seed)
     server_file = os.path.join(config.out, "server.json")
@@ -91,54 +82,34 @@ def run_demo(config: DemoConfig, cluster: ClusterConfig) -> list[dict]:
         print(f"demo: serving {len(data.routes)} synthetic images on {server.url('/')}")
         url_list = os.path.join(config.out, "urls.csv")
         write_url_list(url_list, data.rows, server)
-        with dask_client(cluster) as client:
-            stats = [ingest([url_list], f"{config.out}/ingest", IngestConfig(shard_size=100 if config.quick else 500), client)]
-            stats.append(download(f"{config.out}/ingest", f"{config.out}/download", DownloadConfig(threads=32, timeout=5), client))
-            print("demo: clean checks exact duplicates only (the shapes are near duplicates of each other by design)")
-            stats.append(clean(f"{config.out}/download", f"{config.out}/clean", DEMO_CLEAN, client))
-            print("demo: CLIP scores come from a randomly initialised dallekit-tiny-clip (no weights offline); kept, not used to filter")
-            stats.append(filter_stage(f"{config.out}/clean", f"{config.out}/filter", DEMO_FILTER, client))
-            dvae_dir = Path(config.out) / "dvae"
-            options = TrainDVAEConfig(preset="tiny", max_steps=150 if config.quick else None,
-                                      checkpoint_every=75 if config.quick else 300,
-                                      resume=(dvae_dir / "checkpoint" / "state.json").exists())
-            metrics = train_dvae(f"{config.out}/filter", str(dvae_dir), options)
-            grids = sorted(dvae_dir.glob("recon_step*.png"))
-            if metrics:
-                print(f"demo: dVAE held-out PSNR {metrics['val_psnr']:.1f} dB, {metrics['codes_used']:.0%} of codes used")
-            print(f"demo: reconstruction grid (originals above, reconstructions below): {grids[-1]}")
-            # a BPE trained on the demo's captions: a small vocabulary keeps the transformer's text head small
-            bpe_dir = Path(config.out) / "bpe"
-            if not (bpe_dir / "tokenizer.json").exists():
-                captions = [c for p in list_shards(f"{config.out}/filter") for c in read_shard(p, columns=["caption"]).column("caption").to_pylist()]
-                train_bpe(captions, str(bpe_dir), vocab_size=256)
-            stats.append(encode(f"{config.out}/filter", str(dvae_dir), f"{config.out}/tokens", EncodeConfig(text_tokenizer=str(bpe_dir)), client))
-        model_dir = Path(config.out) / "model"
-        train_options = TrainConfig(preset="tiny", max_steps=40 if config.quick else 600, batch_size=32, warmup_steps=20 if config.quick else 60,
-                                    checkpoint_every=20 if config.quick else 200, num_workers=0, val_fraction=0.15,
-                                    resume=(model_dir / "checkpoint" / "state.json").exists())
-        metrics = train_transformer(f"{config.out}/tokens", str(model_dir), train_options)
-        if metrics:
-            print(f"demo: transformer step {metrics['step']}: loss {metrics['loss']:.3f} (image {metrics['image_loss']:.3f})"
-                  + (f", validation image loss {metrics['val_image_loss']:.3f}" if "val_image_loss" in metrics else ""))
-        clip_dir = Path(config.out) / "clip"
-        if not (clip_dir / "open_clip_model.safetensors").exists():
-            train_clip(f"{config.out}/filter", str(clip_dir), TrainClipConfig(max_steps=60 if config.quick else 300))
-        print(f"demo: reranking with the CLIP trained on the demo's own pairs ({clip_dir})")
-        scorer = load_clip("dallekit-tiny-clip", None, checkpoint=str(clip_dir))
-        sample(str(model_dir), str(dvae_dir), demo_prompts(config.seed), f"{config.out}/samples",
-               SampleOptions(n=8 if config.quick else 16, keep=4, seed=config.seed), scorer)
-        print(f"demo: sample grids per prompt (best by CLIP first) in {config.out}/samples/")
-        token_paths = list_shards(f"{config.out}/tokens")
-        _, val_paths = split_shards(token_paths, train_options.val_fraction, train_options.seed)
-        results = evaluate(str(model_dir), str(dvae_dir), None, f"{config.out}/eval", scorer, n=8 if config.quick else 16,
-                           captions=8 if config.quick else 24, seed=config.seed, paths=val_paths or token_paths)
-        print("demo: evaluation on held-out captions: "
-              f"validation image loss {results['val_image_loss']:.3f}, CLIP score random {results['clip_score_random']:.3f} "
-              f"vs reranked {results['clip_score_reranked']:.3f}"
-              + (f", pixel check right: random {results['pixel_right_random']:.0%} vs reranked {results['pixel_right_reranked']:.0%}"
-                 if "pixel_right_random" in results else ""))
-        print(f"demo: {results['fid_note']}")
-    for s in stats:
-        print(format_summary(s))
-    return stats
+        print("demo: clean checks exact duplicates only (the shapes are near duplicates of each other by design); "
+              "the CLIP that filters and reranks is trained on the demo's own cleaned pairs (no weights offline)")
+        result = run_pipeline(demo_pipeline(config, cluster, [url_list]))
+    print_summary(config.out, result)
+    print(f"demo: done in {(time.time() - started) / 60:.1f} minutes")
+    return result
+
+
+def print_summary(out: str, result: dict) -> None:
+    """The demo's headline numbers: dVAE, transformer, evaluation and the pixel check."""
+    if result.get("dvae"):
+        print(f"demo: dVAE held-out PSNR {result['dvae']['val_psnr']:.1f} dB, {result['dvae']['codes_used']:.0%} of codes used")
+    grids = sorted(Path(out, "dvae").glob("recon_step*.png"))
+    if grids:
+        print(f"demo: reconstruction grid (originals above, reconstructions below): {grids[-1]}")
+    if result.get("train"):
+        m = result["train"]
+        print(f"demo: transformer step {m['step']}: loss {m['loss']:.3f} (image {m['image_loss']:.3f})"
+              + (f", validation image loss {m['val_image_loss']:.3f}" if "val_image_loss" in m else ""))
+    if result.get("evaluate"):
+        e = result["evaluate"]
+        print(f"demo: held-out captions: CLIP score random {e['clip_score_random']:.3f} vs reranked {e['clip_score_reranked']:.3f}; {e['fid_note']}")
+    check_file = os.path.join(out, "samples", "pixel_check.json")
+    if os.path.exists(check_file):
+        check = json.load(open(check_file))
+        for split in ("seen", "zero_shot"):
+            if split in check:
+                s = check[split]
+                print(f"demo: pixel check, {split.replace('_', '-')} pairs ({s['prompts']} prompts): "
+                      f"random candidate right {s['random_right']:.0%}, reranked top-1 right {s['reranked_right']:.0%}")
+    print(f"demo: report in {os.path.join(out, 'report.html')}, sample grids in {os.path.join(out, 'samples')}/")

@@ -101,3 +101,20 @@ def trained_dvae(shapes_filtered, tmp_path_factory):
     out = tmp_path_factory.mktemp("dvae")
     metrics = train_dvae(str(shapes_filtered), str(out), TrainDVAEConfig(preset="tiny", max_steps=1300, checkpoint_every=650))
     return out, metrics
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `dallekit demo --quick` run (at most 3 minutes on 2 cores); its run folder, with the printed output in stdout.txt."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "demo", "--quick", "--out", str(out), "--workers", "2"],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    print(f"demo --quick took {time.time() - start:.0f} s")
+    return out
