@@ -103,5 +103,6 @@ def test_trained_bpe_tokenizer_is_recorded(tmp_path, client, random_dvae):
     encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(text_tokenizer=str(tmp_path / "bpe")), client)
     meta = check_token_files([str(p) for p in sorted((tmp_path / "tokens").glob("part-*.parquet"))])
     assert meta["text_tokenizer"]["kind"] == "bpe" and meta["text_tokenizer"]["vocab_size"] == bpe.vocab_size
+    assert meta["text_tokenizer"]["path"] == str((tmp_path / "bpe" / "tokenizer.json").resolve())  # found from any working directory
     df = pd.read_parquet(tmp_path / "tokens")
     assert list(df["text_tokens"].iloc[0]) == bpe.encode(df["caption"].iloc[0])

@@ -59,7 +59,7 @@ class TrainedBpeTokenizer:
         file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not file.is_file():
             raise BadInputError(f"{path}: no tokenizer.json (train one with `dallekit train-bpe`)")
-        self.path = str(file)
+        self.path = str(file.resolve())  # absolute: token metadata must find it from any working directory
         self._tok = Tokenizer.from_file(self.path)
         self.vocab_size = self._tok.get_vocab_size()
         self.sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
