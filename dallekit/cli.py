@@ -191,6 +191,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"convert-openai-dvae: {config.codebook_size} codes, {config.grid}x{config.grid} grid, written to {args.out}")
         return 0
     if args.command == "train-bpe":
+        from dallekit.pipeline.shards import iter_captions
         from dallekit.tokenize.text import train_bpe
 
         tokenizer = train_bpe(iter_captions(args.captions), args.out, args.vocab_size)
@@ -290,24 +291,6 @@ def run(argv: list[str] | None = None) -> int:
             stats = encode(args.filtered, args.dvae, args.out, config, client, plan=plan)
     print(format_summary(stats))
     return 0
-
-
-def iter_captions(source: str):
-    """Captions from a stage folder's `caption` column, or lines of a text file or folder of them."""
-    from pathlib import Path
-
-    from dallekit.pipeline.shards import list_shards, read_shard
-
-    path = Path(source)
-    if path.is_dir() and list(path.glob("part-*.parquet")):
-        for shard in list_shards(source):
-            yield from (c for c in read_shard(shard, columns=["caption"]).column("caption").to_pylist() if c)
-        return
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise BadInputError(f"{source}: expected a stage folder with a caption column or text files of captions")
-    for file in files:
-        yield from (line.strip() for line in file.read_text(errors="replace").splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> None:

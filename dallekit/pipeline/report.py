@@ -17,7 +17,7 @@ from PIL import Image
 from dallekit.charts import bar_chart, histogram, line_chart
 from dallekit.images import labelled_grid
 from dallekit.pipeline.funnel import draw_funnel
-from dallekit.pipeline.shards import list_shards, read_shard, read_stats, stage_complete
+from dallekit.pipeline.shards import list_shards, read_shard, read_stats, shard_schema, stage_complete
 
 STAGES = ["ingest", "download", "clean", "filter", "encode"]
 STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "clean": "clean", "filter": "filter", "encode": "tokens"}
@@ -41,10 +41,10 @@ def _columns(folder: Path, columns: list[str], max_shards: int) -> dict[str, lis
     """Some columns of a stage's first shards (those present)."""
     values: dict[str, list] = {c: [] for c in columns}
     for path in list_shards(str(folder))[:max_shards]:
-        table = read_shard(path)
-        for c in columns:
-            if c in table.column_names:
-                values[c].extend(table.column(c).to_pylist())
+        present = [c for c in columns if c in shard_schema(path)[0].names]
+        table = read_shard(path, columns=present)
+        for c in present:
+            values[c].extend(table.column(c).to_pylist())
     return values
 
 

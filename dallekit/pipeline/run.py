@@ -44,7 +44,7 @@ from dallekit.pipeline.encode import encode, plan_encode
 from dallekit.pipeline.filter import filter_stage, plan_filter
 from dallekit.pipeline.ingest import ingest, plan_ingest
 from dallekit.pipeline.report import write_report
-from dallekit.pipeline.shards import format_summary, list_shards, read_shard, stage_complete
+from dallekit.pipeline.shards import format_summary, iter_captions, list_shards, stage_complete
 
 
 @dataclass
@@ -128,8 +128,7 @@ def run_pipeline(p: Pipeline) -> dict:
             if not (Path(d["bpe"]) / "tokenizer.json").exists():
                 from dallekit.tokenize.text import train_bpe
 
-                captions = [c for path in list_shards(d["filter"]) for c in read_shard(path, columns=["caption"]).column("caption").to_pylist()]
-                train_bpe(captions, d["bpe"], vocab_size=p.run.bpe_vocab_size)
+                train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
         if "encode" in steps:
             plan = plan_encode(d["filter"], dvae_dir, encode_config)
             stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client, plan=plan))

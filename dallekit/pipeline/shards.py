@@ -298,3 +298,19 @@ def load_stage(path, rejects: bool = False, columns: list[str] | None = None):
         empty = schema.empty_table().to_pandas().assign(reason=pd.Series(dtype="string"))
         return dd.from_pandas(empty[columns] if columns else empty, npartitions=1)
     return dd.read_parquet(list_shards(folder), columns=columns)
+
+
+def iter_captions(source: str):
+    """Captions from a stage folder's `caption` column, or lines of a text file or folder of them."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_dir() and list(path.glob("part-*.parquet")):
+        for shard in list_shards(source):
+            yield from (c for c in read_shard(shard, columns=["caption"]).column("caption").to_pylist() if c)
+        return
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise BadInputError(f"{source}: expected a stage folder with a caption column or text files of captions")
+    for file in files:
+        yield from (line.strip() for line in file.read_text(errors="replace").splitlines() if line.strip())
