@@ -42,9 +42,12 @@ def test_kv_cache_is_faster_for_a_full_image():
     times = {}
     for cache in (True, False):
         model.generate(text[:1], use_cache=cache)  # warm-up
-        start = time.perf_counter()
-        tokens = model.generate(text, generator=torch.Generator().manual_seed(0), use_cache=cache)
-        times[cache] = time.perf_counter() - start
+        runs = []
+        for _ in range(3):  # the best of three: another process on the 2 cores only slows some runs
+            start = time.perf_counter()
+            tokens = model.generate(text, generator=torch.Generator().manual_seed(0), use_cache=cache)
+            runs.append(time.perf_counter() - start)
+        times[cache] = min(runs)
         times[f"tokens{cache}"] = tokens
     print(f"64 image tokens x 8: {times[True]:.3f} s with the KV cache, {times[False]:.3f} s without")
     assert torch.equal(times["tokensTrue"], times["tokensFalse"])
