@@ -41,7 +41,8 @@ def _columns(folder: Path, columns: list[str], max_shards: int) -> dict[str, lis
     """Some columns of a stage's first shards (those present)."""
     values: dict[str, list] = {c: [] for c in columns}
     for path in list_shards(str(folder))[:max_shards]:
-        present = [c for c in columns if c in shard_schema(path)[0].names]
+        names = shard_schema(path)[0].names
+        present = [c for c in columns if c in names]
         table = read_shard(path, columns=present)
         for c in present:
             values[c].extend(table.column(c).to_pylist())
