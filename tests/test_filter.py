@@ -103,17 +103,18 @@ def test_clip_top_fraction_is_global(tmp_path, client):
     assert np.isnan(rejected[rejected.uid == "too-small"]["clip_score"]).all()  # CLIP never ran on it
 
 
-def test_clip_checkpoint_saved_and_loaded_from_disk(tmp_path):
+@pytest.mark.parametrize("name", ["dallekit-tiny-clip", "dallekit-tiny-rn-clip"])
+def test_clip_checkpoint_saved_and_loaded_from_disk(tmp_path, name):
     from PIL import Image
 
-    scorer = load_clip("dallekit-tiny-clip", None)
-    folder = save_clip(scorer, "dallekit-tiny-clip", tmp_path / "clip")
+    scorer = load_clip(name, None)
+    folder = save_clip(scorer, name, tmp_path / "clip")
     assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
     images = [Image.new("RGB", (80, 64), c) for c in ("red", "blue", "white")]
     captions = ["a red square", "a blue square", "a white square"]
     expected = scorer.score(images, captions)
     from_folder = load_clip("ignored-name", None, checkpoint=str(folder))
-    from_file = load_clip("dallekit-tiny-clip", None, checkpoint=str(folder / "open_clip_model.safetensors"))
+    from_file = load_clip(name, None, checkpoint=str(folder / "open_clip_model.safetensors"))
     np.testing.assert_allclose(from_folder.score(images, captions), expected, atol=1e-5)
     np.testing.assert_allclose(from_file.score(images, captions), expected, atol=1e-5)
 
