@@ -219,6 +219,7 @@ class TrainConfig:
     grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)")
     text_len: int | None = option(None, "text positions (default: the preset's)")
     p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance")
+    dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)")
     sparse_attention: bool = option(False, "DALL-E's row/column/conv attention masks on image tokens")
     seed: int = option(0, "seed of weights, data order and caption dropout")
     resume: bool = option(False, "continue from the output folder's checkpoint")

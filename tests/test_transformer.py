@@ -81,6 +81,20 @@ def test_tiny_model_overfits_a_handful_of_samples(tmp_path):
     assert metrics["image_loss"] < 0.1, metrics
 
 
+def test_dropout_option_reaches_the_model_and_acts_only_in_training():
+    config = train_module.model_config_for(META, TrainConfig(preset="tiny", dropout=0.2, text_len=8))
+    assert config.dropout == 0.2 and train_module.model_config_for(META, TrainConfig(preset="tiny")).dropout == 0.0
+    torch.manual_seed(0)
+    model = DalleTransformer(config)
+    text = model.pad_text([[1, 2, 3]])
+    image = torch.randint(0, CODES, (1, GRID * GRID))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(text, image)[0], model(text, image)[0])
+        model.train()
+        assert not torch.equal(model(text, image)[0], model(text, image)[0])
+
+
 def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     data = token_shards(tmp_path / "tokens", 6, 24)
     base = dict(max_steps=12, batch_size=8, warmup_steps=3, text_len=8, val_fraction=0.2, val_batches=2,
