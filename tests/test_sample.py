@@ -66,7 +66,7 @@ def trained_chain(shapes_filtered, trained_dvae, tmp_path_factory, client):
     encode(str(shapes_filtered), str(dvae_dir), str(work / "tokens"), EncodeConfig(text_tokenizer=str(work / "bpe")), client)
     train_transformer(str(work / "tokens"), str(work / "model"), TrainConfig(max_steps=200, batch_size=32, warmup_steps=40, num_workers=0,
                                                                             checkpoint_every=300, val_fraction=0.2))
-    train_clip(str(shapes_filtered), str(work / "clip"), TrainClipConfig(max_steps=200))
+    train_clip(str(shapes_filtered), str(work / "clip"), TrainClipConfig(model="dallekit-tiny-rn-clip", max_steps=600))  # the demo's reranker
     return work, dvae_dir
 
 
@@ -75,7 +75,7 @@ def test_reranking_with_the_trained_clip_beats_a_random_candidate(trained_chain)
     work, dvae_dir = trained_chain
     model, metadata = load_transformer(str(work / "model"))
     dvae, tokenizer = ImageTokenizer.load(str(dvae_dir)), text_tokenizer_for(metadata)
-    scorer = load_clip("dallekit-tiny-clip", None, checkpoint=str(work / "clip"))
+    scorer = load_clip("dallekit-tiny-rn-clip", None, checkpoint=str(work / "clip"))
     rng = random.Random(0)
     random_rate, top1 = [], []
     for fg in COLORS:
@@ -95,7 +95,7 @@ def test_reranking_with_the_trained_clip_beats_a_random_candidate(trained_chain)
 @pytest.mark.slow
 def test_sample_and_evaluate_outputs(trained_chain, tmp_path):
     work, dvae_dir = trained_chain
-    scorer = load_clip("dallekit-tiny-clip", None, checkpoint=str(work / "clip"))
+    scorer = load_clip("dallekit-tiny-rn-clip", None, checkpoint=str(work / "clip"))
     records = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background", "a green triangle on a white background"],
                      str(tmp_path / "samples"), SampleConfig(n=6, keep=3, seed=5), scorer)
     assert [(r["rank"], r["prompt"][:7]) for r in records] == [(0, "a red c"), (1, "a red c"), (2, "a red c"), (0, "a green"), (1, "a green"), (2, "a green")]
