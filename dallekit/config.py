@@ -221,6 +221,7 @@ class TrainConfig:
     p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance")
     dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)")
     sparse_attention: bool = option(False, "DALL-E's row/column/conv attention masks on image tokens")
+    attention_window: int = option(0, "image tokens attend to earlier ones at most this many rows/columns away in all layers but the last (0: full)")
     seed: int = option(0, "seed of weights, data order and caption dropout")
     resume: bool = option(False, "continue from the output folder's checkpoint")
     checkpoint_every: int = option(500, "steps between checkpoints and validation")

@@ -149,7 +149,7 @@ def model_config_for(metadata: dict, options) -> "DalleConfig":  # noqa: F821
     overrides = dict(
         text_vocab=metadata["text_tokenizer"]["vocab_size"], image_vocab=metadata["image_tokenizer"]["codebook_size"],
         grid=metadata["image_tokenizer"]["grid"], p_uncond=options.p_uncond, sparse_attention=options.sparse_attention,
-        dropout=options.dropout,
+        dropout=options.dropout, attention_window=options.attention_window,
     )
     if options.text_len:
         overrides["text_len"] = options.text_len

@@ -10,7 +10,7 @@ import torch
 
 import dallekit.train as train_module
 from dallekit.config import BadInputError, TrainConfig
-from dallekit.models.transformer import DalleTransformer, dalle_config
+from dallekit.models.transformer import DalleTransformer, attention_masks, dalle_config
 from dallekit.tokenize.tokens import TokenBatches, token_metadata, token_table
 from dallekit.train import read_metrics, train_transformer
 
@@ -62,15 +62,31 @@ def test_caption_dropout_gives_all_padding():
     assert model.drop_captions(text).tolist() == [[TEXT_VOCAB + i for i in range(8)]]
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_kv_cache_gives_the_same_tokens(sparse):
+@pytest.mark.parametrize("attention", [{}, {"sparse_attention": True}, {"attention_window": 1}])
+def test_kv_cache_gives_the_same_tokens(attention):
     torch.manual_seed(0)
-    model = DalleTransformer(tiny(sparse_attention=sparse)).eval()
+    model = DalleTransformer(tiny(**attention)).eval()
     text = model.pad_text([[1, 2, 3], [4]])
     tokens = [model.generate(text, top_k=10, generator=torch.Generator().manual_seed(3), use_cache=cache) for cache in (True, False)]
     assert torch.equal(tokens[0], tokens[1]) and tokens[0].shape == (2, 16)
     guided = model.generate(text, cond_scale=3.0, generator=torch.Generator().manual_seed(3))
     assert guided.shape == (2, 16) and guided.max() < CODES
+
+
+def test_attention_window_masks_far_image_tokens_in_all_layers_but_the_last():
+    config = train_module.model_config_for(META, TrainConfig(preset="tiny", attention_window=1, text_len=8))
+    assert config.attention_window == 1 and DalleTransformer(tiny()).masks is None
+    masks = attention_masks(config)
+    T = config.text_len + 1  # input position of image token 0
+    at = lambda r, c: T + r * GRID + c  # noqa: E731 - input position of the image token at row r, column c
+    for layer in masks[:-1]:
+        assert layer[at(2, 2), : T].all()  # all text
+        assert layer[at(2, 2), at(1, 1)] and layer[at(2, 2), at(2, 1)] and layer[at(2, 2), at(1, 3)]  # the 3x3 neighbourhood
+        assert not layer[at(2, 2), at(0, 2)] and not layer[at(2, 2), at(1, 0)]  # two rows or columns away
+        assert not layer[at(2, 2), at(2, 3)]  # still causal
+    assert torch.equal(masks[-1], torch.ones_like(masks[-1]).tril())  # the last layer sees everything before it
+    with pytest.raises(ValueError, match="alternatives"):
+        attention_masks(tiny(sparse_attention=True, attention_window=1))
 
 
 def test_tiny_model_overfits_a_handful_of_samples(tmp_path):

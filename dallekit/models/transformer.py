@@ -7,7 +7,9 @@ empty caption (used for caption dropout and classifier-free guidance) is simply 
 Text and image have their own embeddings and output heads; image positions get row + column
 embeddings. The loss is text and image cross-entropy, each averaged over its own tokens,
 weighted 1/8 and 7/8. Attention is PyTorch's scaled_dot_product_attention, causal, optionally
-with DALL-E's sparse row / column / convolutional masks on the image part.
+with DALL-E's sparse row / column / convolutional masks on the image part, or with a local window
+on the image part in every layer but the last (the shape is drawn from local context, so a
+colour and a shape never seen together still compose).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DalleConfig:
     text_loss_weight: float = 1 / 8  # the image loss gets 1 - this
     p_uncond: float = 0.1  # probability of dropping the caption in training (for guidance)
     sparse_attention: bool = False  # DALL-E's row/column/conv masks on image tokens instead of full causal
+    attention_window: int = 0  # > 0: image tokens see earlier ones at most this many rows/columns away (text always), last layer full
 
     @property
     def image_len(self) -> int:
@@ -122,12 +125,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def sparse_masks(c: DalleConfig) -> list[torch.Tensor | None]:
-    """Per layer: DALL-E's row attention, column attention where (i - 2) % 4 == 0, and a conv mask last.
+def attention_masks(c: DalleConfig) -> list[torch.Tensor] | None:
+    """Per-layer boolean (L, L) masks (True = may attend), or None for plain causal attention.
 
-    Boolean (L, L) masks, True = may attend. Text positions attend causally; image positions see all
-    text and, among earlier image positions, those in the same row, column or 11x11 neighbourhood.
+    sparse_attention: DALL-E's row attention, column attention where (i - 2) % 4 == 0, and a conv
+    mask (11x11 neighbourhood) last. attention_window w: every layer but the last sees, among
+    earlier image positions, those at most w rows and w columns away; the last layer is full causal.
+    Text positions attend causally and image positions always see all text.
     """
+    if c.sparse_attention and c.attention_window:
+        raise ValueError("sparse_attention and attention_window are alternatives: set one")
+    if not c.sparse_attention and not c.attention_window:
+        return None
     L, T, G = c.seq_len, c.text_len + 1, c.grid
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     idx = torch.arange(L)
@@ -135,11 +144,11 @@ def sparse_masks(c: DalleConfig) -> list[torch.Tensor | None]:
     row, col = img // G, img % G
     is_img = idx >= T
     both = is_img[:, None] & is_img[None, :]
-    rules = {
-        "row": row[:, None] == row[None, :],
-        "column": col[:, None] == col[None, :],
-        "conv": ((row[:, None] - row[None, :]).abs() <= 5) & ((col[:, None] - col[None, :]).abs() <= 5),
-    }
+    d_row, d_col = (row[:, None] - row[None, :]).abs(), (col[:, None] - col[None, :]).abs()
+    if c.attention_window:
+        near = (d_row <= c.attention_window) & (d_col <= c.attention_window)
+        return [causal & (~both | near) for _ in range(c.n_layer - 1)] + [causal]
+    rules = {"row": d_row == 0, "column": d_col == 0, "conv": (d_row <= 5) & (d_col <= 5)}
     masks = []
     for i in range(c.n_layer):
         kind = "conv" if i == c.n_layer - 1 else ("column" if (i - 2) % 4 == 0 else "row")
@@ -163,7 +172,7 @@ class DalleTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.text_head = nn.Linear(c.n_embd, c.text_vocab + c.text_len, bias=False)  # text ids and pads
         self.image_head = nn.Linear(c.n_embd, c.image_vocab, bias=False)
-        self.masks = sparse_masks(c) if c.sparse_attention else None
+        self.masks = attention_masks(c)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
