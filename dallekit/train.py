@@ -146,6 +146,10 @@ def model_config_for(metadata: dict, options) -> "DalleConfig":  # noqa: F821
     """The transformer config: preset size, vocabularies and grid from the token metadata."""
     from dallekit.models.transformer import dalle_config
 
+    if options.attention_window < 0:
+        raise BadInputError(f"--attention-window {options.attention_window}: expected 0 (full attention) or a positive number of rows/columns")
+    if options.attention_window and options.sparse_attention:
+        raise BadInputError("--attention-window and --sparse-attention are alternatives: pass one")
     overrides = dict(
         text_vocab=metadata["text_tokenizer"]["vocab_size"], image_vocab=metadata["image_tokenizer"]["codebook_size"],
         grid=metadata["image_tokenizer"]["grid"], p_uncond=options.p_uncond, sparse_attention=options.sparse_attention,

@@ -87,6 +87,10 @@ def test_attention_window_masks_far_image_tokens_in_all_layers_but_the_last():
     assert torch.equal(masks[-1], torch.ones_like(masks[-1]).tril())  # the last layer sees everything before it
     with pytest.raises(ValueError, match="alternatives"):
         attention_masks(tiny(sparse_attention=True, attention_window=1))
+    with pytest.raises(BadInputError, match="--attention-window and --sparse-attention"):
+        train_module.model_config_for(META, TrainConfig(attention_window=1, sparse_attention=True))
+    with pytest.raises(BadInputError, match="--attention-window -1: expected 0"):
+        train_module.model_config_for(META, TrainConfig(attention_window=-1))
 
 
 def test_tiny_model_overfits_a_handful_of_samples(tmp_path):
