@@ -191,6 +191,7 @@ class TrainDVAEConfig:
     val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage")
     shuffle_buffer: int = option(4096, "images in the shuffle buffer")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
+    dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
 
 @dataclass
@@ -234,7 +235,7 @@ class TrainConfig:
     shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
     compile: bool = option(False, "torch.compile the model")
-    dtype: str = option("bf16", "autocast dtype on a GPU (fp16 adds loss scaling)", choices=["bf16", "fp16", "fp32"])
+    dtype: str = option("bf16", "autocast dtype: bf16 or fp16 (with loss scaling) on a GPU; bf16 also on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp16", "fp32"])
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)")
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")
@@ -251,6 +252,7 @@ class TrainClipConfig:
     weight_decay: float = option(0.1, "AdamW weight decay")
     seed: int = option(0, "seed of weights and data order")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
+    dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
 
 @dataclass

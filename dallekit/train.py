@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dallekit.config import BadInputError
-from dallekit.models.weights import save_model, write_json
+from dallekit.models.weights import autocast_dtype, save_model, write_json
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -168,9 +168,9 @@ def validation_loss(model, paths: list[str], options, config, device) -> dict:
     model.eval()
     source = TokenBatches(paths, config.text_len, config.pad_base, options.batch_size, shuffle=False, loop=False)
     totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+    amp_dtype = autocast_dtype(device, options.dtype)
     for _, text, image in source.batches():
-        amp_dtype = torch.float16 if options.dtype == "fp16" else torch.bfloat16
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda" and options.dtype != "fp32"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model.loss(torch.from_numpy(text).to(device), torch.from_numpy(image).to(device))
         for k in totals:
             totals[k] += out[k].item()
@@ -222,9 +222,8 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
         [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=options.lr, betas=(0.9, options.beta2), fused=device.type == "cuda",
     )
-    amp = device.type == "cuda" and options.dtype != "fp32"
-    amp_dtype = torch.float16 if options.dtype == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and options.dtype == "fp16")  # fp16 needs loss scaling
+    amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
     start = 0
     if options.resume:
         restored = load_checkpoint(out, model, optimizer)
@@ -266,7 +265,7 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
             image = image.to(device, non_blocking=True)
             sync = not distributed or micro == options.grad_accum - 1
             context = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with context, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            with context, torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out_step = _ddp_loss(train_model, text, image) if distributed else model.loss(text, image)
                 scaler.scale(out_step["loss"] / options.grad_accum).backward()
             for k in parts:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
 from dallekit.models.clip import load_clip, save_clip
+from dallekit.models.weights import autocast_dtype
 from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.train import MetricsLog, cosine
 
@@ -61,13 +62,14 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     log = MetricsLog(out / "metrics.jsonl")
     batches = pair_batches(paths, options.batch_size, options.seed)
     metrics: dict = {}
+    amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in tqdm(range(options.max_steps), desc="train-clip", unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = cosine(step, options.max_steps, options.lr, options.lr / 10)
         data, captions = next(batches)
         pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)
         tokens = scorer.tokenizer(captions).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             image_features, text_features, logit_scale = model(pixels, tokens)
             loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)

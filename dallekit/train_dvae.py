@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
-from dallekit.models.weights import pick_device
+from dallekit.models.weights import autocast_dtype, pick_device
 from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.tokenize.image import save_dvae_config
 from dallekit.train import MetricsLog, cosine, load_checkpoint, save_checkpoint
@@ -154,6 +154,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     batches = stream.batches(config.batch_size, epoch, consumed)
     metrics: dict = {}
     last_time, bar = time.time(), tqdm(total=config.max_steps, initial=start, desc="train-dvae", unit="step")
+    amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in range(start, config.max_steps):
         temperature = cosine(step, config.temp_anneal_steps, config.temp_start, config.temp_end)
         kl_weight = config.kl_weight * min(1.0, step / max(config.kl_warmup_steps, 1))
@@ -161,7 +162,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, epoch, consumed = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out_step = model(to_tensor(images, device), temperature, kl_weight)
         optimizer.zero_grad(set_to_none=True)
         out_step["loss"].backward()

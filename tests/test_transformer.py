@@ -115,6 +115,19 @@ def test_dropout_option_reaches_the_model_and_acts_only_in_training():
         assert not torch.equal(model(text, image)[0], model(text, image)[0])
 
 
+def test_autocast_dtype_follows_the_option_and_the_device(monkeypatch):
+    import dallekit.models.weights as weights
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert weights.autocast_dtype(cuda, "bf16") == torch.bfloat16 and weights.autocast_dtype(cuda, "fp16") == torch.float16
+    assert weights.autocast_dtype(cuda, "fp32") is None
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: True)
+    assert weights.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert weights.autocast_dtype(cpu, "fp16") is None and weights.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert weights.autocast_dtype(cpu, "bf16") is None
+
+
 def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     data = token_shards(tmp_path / "tokens", 6, 24)
     base = dict(max_steps=12, batch_size=8, warmup_steps=3, text_len=8, val_fraction=0.2, val_batches=2,
