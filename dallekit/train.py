@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dallekit.config import BadInputError
-from dallekit.models.weights import autocast_dtype, save_model, write_json
+from dallekit.models.weights import autocast, autocast_dtype, save_model, write_json
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -170,7 +170,7 @@ def validation_loss(model, paths: list[str], options, config, device) -> dict:
     totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
     amp_dtype = autocast_dtype(device, options.dtype)
     for _, text, image in source.batches():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = model.loss(torch.from_numpy(text).to(device), torch.from_numpy(image).to(device))
         for k in totals:
             totals[k] += out[k].item()
@@ -265,7 +265,7 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
             image = image.to(device, non_blocking=True)
             sync = not distributed or micro == options.grad_accum - 1
             context = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with context, torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            with context, autocast(device, amp_dtype):
                 out_step = _ddp_loss(train_model, text, image) if distributed else model.loss(text, image)
                 scaler.scale(out_step["loss"] / options.grad_accum).backward()
             for k in parts:

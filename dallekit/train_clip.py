@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
 from dallekit.models.clip import load_clip, save_clip
-from dallekit.models.weights import autocast_dtype
+from dallekit.models.weights import autocast, autocast_dtype
 from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.train import MetricsLog, cosine
 
@@ -69,7 +69,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
         data, captions = next(batches)
         pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)
         tokens = scorer.tokenizer(captions).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             image_features, text_features, logit_scale = model(pixels, tokens)
             loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)

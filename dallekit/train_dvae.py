@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
-from dallekit.models.weights import autocast_dtype, pick_device
+from dallekit.models.weights import autocast, autocast_dtype, pick_device
 from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.tokenize.image import save_dvae_config
 from dallekit.train import MetricsLog, cosine, load_checkpoint, save_checkpoint
@@ -162,7 +162,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, epoch, consumed = next(batches)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out_step = model(to_tensor(images, device), temperature, kl_weight)
         optimizer.zero_grad(set_to_none=True)
         out_step["loss"].backward()

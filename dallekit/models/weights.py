@@ -57,3 +57,8 @@ def autocast_dtype(device: torch.device, dtype: str = "bf16") -> torch.dtype | N
     if device.type == "cuda":
         return torch.float16 if dtype == "fp16" else torch.bfloat16
     return torch.bfloat16 if device.type == "cpu" and dtype == "bf16" and cpu_has_native_bf16() else None
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The autocast context for autocast_dtype's answer: a disabled one for None (fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
