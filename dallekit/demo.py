@@ -48,7 +48,8 @@ def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
 
 # Backgrounds per foreground/shape pair in the full demo's prompts: 4 gives 96 prompts, 24 of them
 # zero-shot. With 2 (12 zero-shot prompts) one prompt moved the zero-shot rate by 8 points, and two
-# near-tied CLIP scores could fail a model that is right for 84% of all 42 zero-shot prompts.
+# CLIP misrankings (each among 15 right candidates of 16) failed a model that is right for 84% of all
+# 42 zero-shot prompts.
 DEMO_BACKGROUNDS = 4
 
 
