@@ -1,8 +1,10 @@
-"""Dataclass configs: one per stage, each option usable from the CLI and from a TOML file.
+"""Dataclass configs: one per subcommand, each option usable from the CLI and from a TOML file.
 
-A field's metadata carries its help text; `add_options` turns the fields into argparse options
+An option is declared once, with `option()`: its help, type (the annotation), range, choices
+and whether it changes a stage's output. `add_options` turns the fields into argparse options
 and `build_config` merges a TOML section with the options given on the command line (the
-command line wins). There is no other config system.
+command line wins), then checks every value the same way whatever its source. A lone string
+where a list is expected is taken as a one-element list. There is no other config system.
 """
 
 from __future__ import annotations
@@ -16,63 +18,119 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dallekit.errors import BadInputError
 
-class BadInputError(Exception):
-    """Bad input or usage: the CLI prints the message on one line and exits with code 2."""
+__all__ = ["BadInputError"]  # re-exported: stages raise it from here
 
 
-def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A dataclass field with CLI help text (and optional extra argparse keywords)."""
+class OptionError(ValueError):
+    """A config's own check failed for one option; build_config names where the value came from."""
+
+    def __init__(self, name: str, expected: str, value: Any = None):
+        super().__init__(f"{name}: expected {expected}")
+        self.name, self.expected, self.value = name, expected, value
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: list | None = None,
+    output: bool = True,
+    **argparse_kwargs: Any,
+) -> Any:
+    """A dataclass field: CLI help, its range (ge/gt/le/lt) and choices, checked the same for CLI and TOML values.
+
+    `output=False` marks an option that does not change what a stage writes (threads, batch
+    sizes, devices): it is left out of the stage's fingerprint, so a rerun may change it.
+    """
+    metadata = {"help": help, "range": (ge, gt, le, lt), "choices": choices, "output": output, "argparse": argparse_kwargs}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_kwargs})
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def output_options(config: Any) -> dict:
+    """The options of a config that change a stage's output, for its fingerprint."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("output", True)}
 
 
 @dataclass
 class ClusterConfig:
     """Where the Dask tasks run."""
 
-    scheduler: str | None = option(None, "address of an existing Dask scheduler (else DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
-    workers: int | None = option(None, "worker processes of the local cluster (default: one per core)")
-    threads_per_worker: int = option(1, "threads per local worker process")
-    processes: bool = option(True, "local workers as processes (--no-processes: threads in this process, for debugging)")
+    scheduler: str | None = option(None, "address of an existing Dask scheduler (else DASK_SCHEDULER_ADDRESS, else a LocalCluster)", output=False)
+    workers: int | None = option(None, "worker processes of the local cluster (default: one per core)", ge=1, output=False)
+    threads_per_worker: int = option(1, "threads per local worker process", ge=1, output=False)
+    processes: bool = option(True, "local workers as processes (--no-processes: threads in this process, for debugging)", output=False)
+    host: str = option("127.0.0.1", "interface the local cluster's scheduler, workers and dashboards listen on", output=False)
+
+    def check(self) -> None:
+        """Dask's address parser takes an IPv4 address or a host name here."""
+        if not self.host or ":" in self.host:
+            raise OptionError("host", "an IPv4 address or host name such as 127.0.0.1 (IPv6 is not supported for the local cluster)")
 
 
 @dataclass
-class IngestConfig:
+class StageOptions:
+    """Options every Dask stage has."""
+
+    overwrite: bool = option(False, "start afresh when --out holds this stage run with other inputs or options", output=False)
+
+
+@dataclass
+class IngestConfig(StageOptions):
     """Options of `dallekit ingest`."""
 
     format: str = option("auto", "input format", choices=["auto", "cc3m", "laion", "csv", "tsv", "jsonl", "parquet", "folder"])
     url_col: str | None = option(None, "URL column (default: url, or URL for LAION)")
     caption_col: str | None = option(None, "caption column (default: caption, or TEXT for LAION)")
-    shard_size: int = option(10000, "input rows per output shard")
+    shard_size: int = option(10000, "input rows per output shard", ge=1)
     allow_file_urls: bool = option(False, "accept file:// URLs in tabular inputs (always allowed for --format folder)")
-    block_bytes: int = option(64 * 2**20, "bytes of a text input read by one task")
+    block_bytes: int = option(64 * 2**20, "bytes of a text input read by one task", ge=1, output=False)
 
 
 @dataclass
-class DownloadConfig:
+class DownloadConfig(StageOptions):
     """Options of `dallekit download`; names and defaults follow img2dataset's."""
 
-    image_size: int = option(256, "side of the resized image in pixels")
+    image_size: int = option(256, "side of the resized image in pixels", ge=1, le=16384)
     resize_mode: str = option("center_crop", "img2dataset resize mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     resize_only_if_bigger: bool = option(False, "only downscale, never upscale")
-    threads: int = option(256, "download threads per shard task (img2dataset's thread_count)")
-    timeout: float = option(10, "seconds before a download is abandoned")
-    retries: int = option(0, "extra download attempts per URL")
+    threads: int = option(64, "download threads per shard task (img2dataset's thread_count)", ge=1, le=4096, output=False)
+    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", gt=0, output=False)
+    retries: int = option(0, "extra download attempts per URL", ge=0, le=100, output=False)
     encode_format: str = option("jpg", "format of the stored image bytes", choices=["jpg", "png", "webp"])
-    encode_quality: int = option(95, "JPEG/WEBP quality, or PNG compression 0-9")
-    min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)")
-    max_image_area: float = option(math.inf, "reject images with more pixels than this")
-    max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this")
+    encode_quality: int | None = option(None, "JPEG/WebP quality 0-100 (default 95), or PNG compression 0-9 (default 3)", ge=0, le=100)
+    min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)", ge=0)
+    max_image_area: float = option(64e6, "reject images with more pixels than this, read from the header before decoding", gt=0)
+    max_image_bytes: int = option(20 * 2**20, "abandon a download whose body is larger than this many bytes", ge=1)
+    max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this", ge=1)
     extract_exif: bool = option(True, "keep EXIF as a JSON string column")
-    compute_hash: str = option("sha256", "hash of the raw downloaded bytes, kept as a column")
+    compute_hash: str = option("sha256", "hash of the raw downloaded bytes, kept as a column (clean's exact dedup reads it)", choices=["sha256"])
     user_agent_token: str | None = option(None, "token added to the User-Agent and matched in X-Robots-Tag")
     disallowed_header_directives: list[str] = option(
         ["noai", "noimageai", "noindex", "noimageindex"],
         "X-Robots-Tag directives that opt an image out ('none' to honour none)",
         nargs="+",
     )
+    allow_file_urls: bool = option(False, "read file:// URLs anywhere (else only inside the folders `ingest --format folder` read)")
+
+    def check(self) -> None:
+        """The quality's range depends on the format."""
+        if self.encode_format == "png" and self.encode_quality is not None and self.encode_quality > 9:
+            raise OptionError("encode_quality", "a PNG compression level 0-9 with --encode-format png")
+
+    @property
+    def quality(self) -> int:
+        """The encode quality, with the format's default when none was given."""
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 3 if self.encode_format == "png" else 95
 
 
 def _base_type(annotation: Any) -> Any:
@@ -84,96 +142,165 @@ def _base_type(annotation: Any) -> Any:
     return args[0] if args else hint
 
 
-def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+def _is_list(annotation: Any) -> bool:
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+    return typing.get_origin(hint) is list
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a field: --image-size, or -n for one-letter names."""
+    return ("-" if len(name) == 1 else "--") + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
     """Add one --option per dataclass field; unset options stay absent so TOML values can fill them."""
     for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
         kind = _base_type(f.type)
-        flag = ("-" if len(f.name) == 1 else "--") + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        help_text = meta.pop("help")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text += f" (default: {default})"
+        help_text = f.metadata["help"] + f" (default: {default})"
+        extra = dict(f.metadata["argparse"])
+        if f.metadata["choices"]:
+            extra["choices"] = f.metadata["choices"]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
+            parser.add_argument(flag_name(f.name), type=kind, default=argparse.SUPPRESS, help=help_text, **extra)
 
 
 def load_toml(path: str | None) -> dict:
     """Read a TOML config file; a missing or malformed file is bad input."""
     if not path:
         return {}
+    if Path(path).exists() and not Path(path).is_file():  # a folder, a FIFO or a device would hang or fail to read
+        raise BadInputError(f"{path}: not a regular file, expected a TOML file")
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(f"{path}: not valid TOML ({err})") from None
 
 
+def _toml_value(value: Any, f: dataclasses.Field, where: str, key: str) -> Any:
+    """A TOML value checked against the field's type: TOML skips argparse, so its types are checked here."""
+    kind, is_list = _base_type(f.type), _is_list(f.type)
+    if is_list:
+        values = [value] if isinstance(value, str) else value  # a lone string is a one-element list
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            raise BadInputError(f"{where}: {key} = {value!r}: expected a list of {kind.__name__}")
+        return list(values)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise BadInputError(f"{where}: {key} = {value!r}: expected {kind.__name__}")
+    return value
+
+
 def build_config(config_class: type, args: argparse.Namespace, section: dict | None = None, where: str = "config"):
-    """Build a config from a TOML section, then override with the options given on the command line."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    values = {}
+    """Build a config from a TOML section, then override with the options given on the command line; check every value."""
+    if section is not None and not isinstance(section, dict):
+        raise BadInputError(f"{where}: expected a table of options, got {section!r}")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    values, origin = {}, {}
     for key, value in (section or {}).items():
         name = key.replace("-", "_")
-        if name not in names:
-            raise BadInputError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(names))})")
-        values[name] = value
-    for name in names:
+        if name not in fields:
+            raise BadInputError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(fields))})")
+        values[name] = _toml_value(value, fields[name], where, key)
+        origin[name] = f"{where}: {key} ="
+    for name in fields:
         if hasattr(args, name):
             values[name] = getattr(args, name)
+            origin[name] = flag_name(name)
     config = config_class(**values)
-    _check_choices(config, where)
+    check_config(config, lambda name: origin.get(name, f"{where}: {name} ="))
     return config
 
 
-def _check_choices(config: Any, where: str) -> None:
-    """TOML values skip argparse's checks, so check choices and types here too."""
+def _range_text(ge, gt, le, lt) -> str:
+    parts = [f">= {ge:g}" if ge is not None else None, f"> {gt:g}" if gt is not None else None,
+             f"<= {le:g}" if le is not None else None, f"< {lt:g}" if lt is not None else None]
+    return " and ".join(p for p in parts if p)
+
+
+def check_config(config: Any, describe=None) -> None:
+    """Check every option's range and choices, then the config's own `check()`; bad input names the option."""
+    describe = describe or flag_name
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise BadInputError(f"{where}: {f.name} = {value!r} is not one of {', '.join(choices)}")
-        kind = _base_type(f.type)
-        if value is None or kind is str or isinstance(value, list):
-            continue
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, f.name, float(value))
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BadInputError(f"{where}: {f.name} = {value!r}: expected {kind.__name__}")
+        meta = f.metadata
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is None:
+                continue
+            if meta.get("choices") and item not in meta["choices"]:
+                choices = ", ".join(str(c) for c in meta["choices"] if c is not None)
+                raise BadInputError(f"{describe(f.name)} {item!r}: expected one of {choices}")
+            ge, gt, le, lt = meta.get("range", (None,) * 4)
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                bad = math.isnan(item) or (ge is not None and item < ge) or (gt is not None and item <= gt)
+                bad = bad or (le is not None and item > le) or (lt is not None and item >= lt)
+                if bad:
+                    raise BadInputError(f"{describe(f.name)} {item!r}: expected a number {_range_text(ge, gt, le, lt)}")
+    if hasattr(config, "check"):
+        try:
+            config.check()
+        except OptionError as err:
+            value = err.value if err.value is not None else getattr(config, err.name)
+            raise BadInputError(f"{describe(err.name)} {value!r}: expected {err.expected}") from None
 
 
 @dataclass
-class CleanConfig:
+class CleanConfig(StageOptions):
     """Options of `dallekit clean`."""
 
-    near_dup_distance: int = option(4, "reject images within this many pHash bits of a kept image (-1: no near-dup check)")
+    near_dup_distance: int = option(4, "reject images within this many pHash bits of a kept image (-1: no near-dup check)", ge=-1, le=16)
+    near_dup_color_distance: float = option(
+        6.0, "a pHash match is a near duplicate only if the two images' 8x8 RGB thumbnails also differ by at most this "
+        "(mean absolute difference per channel value, 0-255; measured: re-encoded copies of 64-256 px pictures <= 5.6, recoloured variants mostly > 6)",
+        ge=0, le=255,
+    )
     lowercase: bool = option(False, "lowercase the cleaned captions")
-    max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long")
+    max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long", ge=1)
+
+
+def language_codes() -> list[str]:
+    """The ISO 639-1 codes the language identifier knows."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return list(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(StageOptions):
     """Options of `dallekit filter`: one threshold per rule, checked in this order."""
 
-    min_side: int = option(256, "shorter side of the source image at least this (the dVAE's input)")
-    max_aspect: float = option(2.0, "long/short side of the source image at most this (DALL-E kept [1/2, 2])")
-    min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)")
-    min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)")
-    max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)")
+    min_side: int = option(256, "shorter side of the source image at least this (the dVAE's input)", ge=0)
+    max_aspect: float = option(2.0, "long/short side of the source image at most this (DALL-E kept [1/2, 2])", ge=1)
+    min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)", ge=0)
+    min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)", ge=0)
+    max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)", ge=1)
     languages: list[str] = option(["en"], "caption languages to keep (ISO 639-1 codes, or 'any')", nargs="+")
-    min_lang_score: float = option(0.0, "language-ID probability at least this")
-    max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present")
-    max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present")
+    min_lang_score: float = option(0.0, "language-ID probability at least this", ge=0, le=1)
+    max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present", ge=0, le=1)
+    max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present", ge=0, le=1)
     clip: bool = option(True, "score image-caption pairs with CLIP (--no-clip skips it)")
     clip_model: str = option("ViT-B-32", "open_clip model name")
     clip_pretrained: str | None = option("laion2b_s34b_b79k", "open_clip pretrained tag (weights come from a hub)")
     clip_checkpoint: str | None = option(None, "local CLIP: an open_clip folder (open_clip_config.json + .safetensors) or a .safetensors file for --clip-model")
-    clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)")
-    clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset")
-    clip_batch_size: int = option(64, "images per CLIP forward pass")
-    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)")
+    clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)", ge=-1, le=1)
+    clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", gt=0, le=1)
+    clip_batch_size: int = option(64, "images per CLIP forward pass", ge=1, output=False)
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", output=False)
+
+    def check(self) -> None:
+        """Language codes must be ones the identifier can answer."""
+        known = set(language_codes()) | {"any"}
+        for code in self.languages:
+            if code.lower() not in known:
+                raise OptionError("languages", "an ISO 639-1 code the language identifier knows (such as en, de, fr) or 'any'", code)
 
 
 @dataclass
@@ -181,27 +308,27 @@ class TrainDVAEConfig:
     """Options of `dallekit train-dvae` (the architecture and schedule come from the preset)."""
 
     preset: str = option("tiny", "dVAE preset", choices=["tiny", "small", "dalle"])
-    max_steps: int | None = option(None, "training steps (default: the preset's)")
-    batch_size: int | None = option(None, "images per step (default: the preset's)")
+    max_steps: int | None = option(None, "training steps (default: the preset's)", ge=1)
+    batch_size: int | None = option(None, "images per step (default: the preset's)", ge=1)
     recon_loss: str | None = option(None, "reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
     seed: int = option(0, "seed of weights, data order and Gumbel noise")
     resume: bool = option(False, "continue from the output folder's checkpoint")
-    checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids")
-    log_every: int = option(25, "steps between metric lines")
-    val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage")
-    shuffle_buffer: int = option(4096, "images in the shuffle buffer")
+    checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids", ge=1)
+    log_every: int = option(25, "steps between metric lines", ge=1)
+    val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage", ge=1, le=50)
+    shuffle_buffer: int = option(4096, "images in the shuffle buffer", ge=1)
     device: str = option("auto", "torch device (auto: cuda when there is one)")
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(StageOptions):
     """Options of `dallekit encode`."""
 
     text_tokenizer: str = option("clip-bpe", "'clip-bpe' (CLIP's BPE) or the folder of a `dallekit train-bpe` tokenizer")
-    batch_size: int = option(64, "images per dVAE forward pass")
+    batch_size: int = option(64, "images per dVAE forward pass", ge=1, output=False)
     keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
-    device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)")
+    device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)", output=False)
 
 
 @dataclass
@@ -209,35 +336,35 @@ class TrainConfig:
     """Options of `dallekit train` (the transformer's size comes from the preset)."""
 
     preset: str = option("tiny", "transformer preset", choices=["tiny", "small", "base"])
-    max_steps: int = option(2000, "optimizer steps")
-    batch_size: int = option(32, "samples per micro-batch (per rank)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-3, "peak learning rate (after warm-up)")
-    min_lr: float = option(1e-4, "learning rate at max_steps (cosine decay)")
-    warmup_steps: int = option(100, "linear warm-up steps")
-    weight_decay: float = option(4.5e-2, "AdamW weight decay (DALL-E: 4.5e-2)")
-    beta2: float = option(0.96, "AdamW beta2 (DALL-E: 0.96)")
-    grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)")
-    text_len: int | None = option(None, "text positions (default: the preset's)")
-    p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance")
-    dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)")
+    max_steps: int = option(2000, "optimizer steps", ge=1)
+    batch_size: int = option(32, "samples per micro-batch (per rank)", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
+    lr: float = option(1e-3, "peak learning rate (after warm-up)", gt=0)
+    min_lr: float = option(1e-4, "learning rate at max_steps (cosine decay)", ge=0)
+    warmup_steps: int = option(100, "linear warm-up steps", ge=0)
+    weight_decay: float = option(4.5e-2, "AdamW weight decay (DALL-E: 4.5e-2)", ge=0)
+    beta2: float = option(0.96, "AdamW beta2 (DALL-E: 0.96)", gt=0, lt=1)
+    grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)", gt=0)
+    text_len: int | None = option(None, "text positions (default: the preset's)", ge=1)
+    p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance", ge=0, lt=1)
+    dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)", ge=0, lt=1)
     sparse_attention: bool = option(False, "DALL-E's row/column/conv attention masks on image tokens")
-    attention_window: int = option(0, "image tokens attend to earlier ones at most this many rows/columns away in all layers but the last (0: full)")
+    attention_window: int = option(0, "image tokens attend to earlier ones at most this many rows/columns away in all layers but the last (0: full)", ge=0)
     seed: int = option(0, "seed of weights, data order and caption dropout")
     resume: bool = option(False, "continue from the output folder's checkpoint")
-    checkpoint_every: int = option(500, "steps between checkpoints and validation")
-    checkpoint_samples: int = option(4, "held-out captions sampled (2 images each) at every checkpoint into checkpoint_samples.jsonl (0: none)")
-    log_every: int = option(25, "steps between metric lines")
+    checkpoint_every: int = option(500, "steps between checkpoints and validation", ge=1)
+    checkpoint_samples: int = option(4, "held-out captions sampled (2 images each) at every checkpoint into checkpoint_samples.jsonl (0: none)", ge=0)
+    log_every: int = option(25, "steps between metric lines", ge=1)
     val: str | None = option(None, "a folder of held-out token shards (else --val-fraction of the shards)")
-    val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)")
-    val_batches: int = option(20, "batches per validation pass")
-    num_workers: int = option(2, "loader worker processes (0: load in the training process)")
-    shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer")
+    val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)", ge=0, lt=1)
+    val_batches: int = option(20, "batches per validation pass", ge=1)
+    num_workers: int = option(2, "loader worker processes (0: load in the training process)", ge=0)
+    shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer", ge=1)
     device: str = option("auto", "torch device (auto: cuda when there is one)")
     compile: bool = option(False, "torch.compile the model")
     dtype: str = option("bf16", "autocast dtype: bf16 or fp16 (with loss scaling) on a GPU; bf16 also on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp16", "fp32"])
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
-    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)")
+    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)", gt=0)
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")
 
 
@@ -246,13 +373,22 @@ class TrainClipConfig:
     """Options of `dallekit train-clip`."""
 
     model: str = option("dallekit-tiny-clip", "open_clip model name (dallekit's small configs are registered)")
-    max_steps: int = option(300, "optimizer steps")
-    batch_size: int = option(64, "pairs per step (contrastive negatives come from the batch)")
-    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)")
-    weight_decay: float = option(0.1, "AdamW weight decay")
+    max_steps: int = option(300, "optimizer steps", ge=1)
+    batch_size: int = option(64, "pairs per step (contrastive negatives come from the batch)", ge=2)
+    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
     seed: int = option(0, "seed of weights and data order")
     device: str = option("auto", "torch device (auto: cuda when there is one)")
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
+
+
+@dataclass
+class ClipOptions:
+    """The CLIP that reranks or scores: a local checkpoint, or a model name with a pretrained tag."""
+
+    clip_checkpoint: str | None = option(None, "a local open_clip folder or .safetensors (e.g. from train-clip)")
+    clip_model: str = option("ViT-B-32", "open_clip model name for --clip-pretrained or a .safetensors checkpoint")
+    clip_pretrained: str | None = option(None, "open_clip pretrained tag (weights from the hub)")
 
 
 @dataclass
@@ -260,23 +396,52 @@ class SampleConfig:
     """Options of `dallekit sample` (and the [sample] section of a pipeline config)."""
 
     prompts: list[str] = option([], "prompts to generate for (in a pipeline config; the CLI takes --prompt and --prompts FILE)", nargs="*")
-    n: int = option(16, "candidates per prompt (DALL-E used 512)")
-    keep: int = option(4, "best candidates kept per prompt")
-    batch_size: int = option(16, "candidates generated at once")
-    temperature: float = option(1.0, "sampling temperature")
-    top_k: int | None = option(None, "sample among the k likeliest image tokens")
-    top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass")
-    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)")
+    n: int = option(16, "candidates per prompt (DALL-E used 512)", ge=1)
+    keep: int = option(4, "best candidates kept per prompt", ge=1)
+    batch_size: int = option(16, "candidates generated at once", ge=1)
+    temperature: float = option(1.0, "sampling temperature", gt=0)
+    top_k: int | None = option(None, "sample among the k likeliest image tokens", ge=1)
+    top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass", gt=0, le=1)
+    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)", ge=0)
     seed: int = option(0, "seed of the candidates (a run with the same seed is identical)")
+
+    def check(self) -> None:
+        """Keeping more candidates than are made is a mistake."""
+        if self.keep > self.n:
+            raise OptionError("keep", f"at most -n ({self.n})")
 
 
 @dataclass
 class EvaluateConfig:
     """Options of `dallekit evaluate`."""
 
-    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n")
-    captions: int = option(16, "held-out captions to generate for")
+    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n", ge=1)
+    captions: int = option(16, "held-out captions to generate for", ge=1)
     seed: int = option(0, "seed of the candidates")
+
+
+@dataclass
+class DecodeConfig:
+    """Options of `dallekit decode`."""
+
+    limit: int = option(64, "rows to decode", ge=1)
+
+
+@dataclass
+class TrainBPEConfig:
+    """Options of `dallekit train-bpe`."""
+
+    vocab_size: int = option(16384, "vocabulary size (DALL-E's: 16384)", ge=260, le=65536)
+
+
+@dataclass
+class DemoOptions:
+    """Options of `dallekit demo`."""
+
+    out: str = option("runs/demo", "run folder")
+    quick: bool = option(False, "a small, fast run (for tests)")
+    samples: int | None = option(None, "number of generated pairs (default 6000, or 300 with --quick)", ge=10)
+    seed: int = option(0, "seed of the generated set")
 
 
 RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-dvae", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
@@ -289,6 +454,11 @@ class RunConfig:
     out: str = option("runs/pipeline", "run folder: one sub-folder per step, then report.html")
     inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
     dvae: str | None = option(None, "an existing dVAE folder to encode with (train-dvae is skipped)")
-    bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)")
+    bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", ge=260, le=65536)
     train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
     stop_after: str = option("report", "last step to run", choices=RUN_STEPS)
+
+
+# The sections a --config TOML file may hold: one per step of `dallekit run`, plus [run] and [cluster].
+SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
+                 "sample", "evaluate", "decode", "train-bpe"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,20 @@ from dallekit.pipeline.shards import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import check_token_files
 
+SAFE_STEM = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def safe_stem(uid) -> str:
+    """A file name stem for row data: the uid itself if it matches [0-9A-Za-z_-]{1,64}, else `uid.<hash>`."""
+    text = str(uid)
+    if SAFE_STEM.fullmatch(text) and text != "grid":  # grid.png is the overview
+        return text
+    # a uid such as `../x` or `/abs` must not choose the path; the dot keeps a hashed name from equalling any safe uid
+    return "uid." + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
 
 def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, device: str = "auto") -> list[Path]:
-    """Decode up to `limit` rows to `<uid>.png` plus `grid.png`; the dVAE must be the one that encoded them."""
+    """Decode up to `limit` rows to `<uid>.png` (see safe_stem) plus `grid.png`; the dVAE must be the one that encoded them."""
     paths = list_shards(tokens_dir)
     metadata = check_token_files(paths)
     tokenizer = ImageTokenizer.load(dvae, device)
@@ -28,8 +41,9 @@ def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, dev
         table = read_shard(path, columns=["uid", "image_tokens"]).slice(0, limit - len(written))
         codes = np.asarray(table.column("image_tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
         for uid, image in zip(table.column("uid").to_pylist(), tokenizer.decode(codes) if table.num_rows else []):
-            Image.fromarray(image).save(out / f"{uid}.png")
-            written.append(out / f"{uid}.png")
+            png = out / f"{safe_stem(uid)}.png"
+            Image.fromarray(image).save(png)
+            written.append(png)
             images.append(image)
         if len(written) >= limit:
             break

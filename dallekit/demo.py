@@ -13,23 +13,13 @@ import os
 import random
 import time
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-from dallekit.config import ClusterConfig
+from dallekit.config import ClusterConfig, DemoOptions
 from dallekit.pipeline.run import Pipeline, load_pipeline, run_pipeline
 from dallekit.synthetic import COLORS, SHAPES, ShapesServer, make_dataset
-
-
-@dataclass
-class DemoConfig:
-    """Size of the demo run."""
-
-    out: str = "runs/demo"  # the run folder
-    quick: bool = False  # a small run for tests
-    samples: int | None = None  # generated pairs (default 6000, or 300 with quick)
-    seed: int = 0  # makes the generated set reproducible
 
 
 def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
@@ -53,7 +43,7 @@ def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
 DEMO_BACKGROUNDS = 4
 
 
-def demo_pipeline(config: DemoConfig, cluster: ClusterConfig, inputs: list[str]) -> Pipeline:
+def demo_pipeline(config: DemoOptions, cluster: ClusterConfig, inputs: list[str]) -> Pipeline:
     """The packaged demo config, with --quick's overrides, the run folder, the inputs and the demo prompts."""
     toml = tomllib.loads(resources.files("dallekit").joinpath("configs/demo.toml").read_text())
     quick = toml.pop("quick", {})
@@ -75,7 +65,7 @@ def demo_prompts(seed: int, backgrounds: int = 1) -> list[str]:
             for bg in rng.sample([c for c in COLORS if c != fg], backgrounds)]
 
 
-def run_demo(config: DemoConfig, cluster: ClusterConfig) -> dict:
+def run_demo(config: DemoOptions, cluster: ClusterConfig) -> dict:
     """Generate the shapes set, serve it on loopback and run the demo pipeline; returns run_pipeline's result."""
     started = time.time()
     samples = config.samples or (300 if config.quick else 6000)

@@ -39,37 +39,125 @@ class UndecodableImage(ValueError):
     """The bytes are not a complete image."""
 
 
-def decode_gray_reduced(data: bytes) -> np.ndarray:
-    """Grayscale pixels (H/8, W/8) of image bytes; raises UndecodableImage for bad or truncated bytes.
+MIN_HASH_SOURCE = 2 * HASH_SIDE  # decode at least twice the pHash input, so the 32x32 image is an average, not a sample
+THUMB_SIDE = 8  # the colour signature: an 8x8 RGB thumbnail, 192 bytes
+THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame; C4/C8/CC are DHT, JPG and DAC
+_COLOR_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
 
-    OpenCV decodes JPEGs at 1/8 scale in the DCT domain (about 4x faster than a full decode), but
-    fills a truncated JPEG with gray instead of failing, so the end-of-image marker is checked first.
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header, or None when the bytes are not a JPEG or it is not found.
+
+    Walks the marker segments by their lengths (a few steps, no decoding): far cheaper than PIL's lazy open.
     """
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def jpeg_reduction(width: int, height: int, min_side: int = MIN_HASH_SOURCE) -> int:
+    """The largest JPEG DCT-domain reduction (8, 4, 2 or 1) whose reduced shorter side is still >= `min_side`."""
+    short = min(width, height)
+    for factor in (8, 4, 2):
+        if -(-short // factor) >= min_side:  # libjpeg rounds reduced sides up
+            return factor
+    return 1
+
+
+def _jpeg_size_checked(data: bytes) -> tuple[int, int] | None:
+    """The JPEG's (width, height), (0, 0) when its header has none, None for other formats; raises for truncated JPEGs."""
+    if data is None:
+        raise UndecodableImage("no image bytes")
+    if data[:2] != b"\xff\xd8":
+        return None
+    if b"\xff\xd9" not in data[-64:]:  # OpenCV fills a truncated JPEG with gray instead of failing
         raise UndecodableImage("truncated JPEG (no end-of-image marker)")
+    return jpeg_size(data) or (0, 0)
+
+
+def decode_reduced(data: bytes) -> np.ndarray:
+    """BGR pixels (H, W, 3) of image bytes, JPEGs reduced in the DCT domain to a shorter side of no less than 64; raises UndecodableImage.
+
+    A fixed 1/8 reduction left 8x8 pixels of a 64 px image, too few to tell pictures apart, so
+    the reduction follows the size in the header. Non-JPEGs decode in full.
+    """
     import cv2
 
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    size = _jpeg_size_checked(data)
+    factor = jpeg_reduction(*size) if size and min(size) > 0 else 1
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, _COLOR_FLAGS[factor]))
     if pixels is None or pixels.size == 0:
         raise UndecodableImage("not a decodable image")
     return pixels
 
 
-def phash(data: bytes) -> int:
-    """64-bit perceptual hash (imagehash's pHash algorithm) of image bytes; raises UndecodableImage.
-
-    DCT of the 32x32 grayscale image, its 8x8 lowest frequencies compared with their median.
-    """
+def _area_resize(pixels: np.ndarray, side: int) -> np.ndarray:
     import cv2
 
-    small = decode_gray_reduced(data)
-    if small.shape != (HASH_SIDE, HASH_SIDE):
-        small = cv2.resize(small, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA)
-    pixels = small.astype(np.float64)  # (32, 32)
+    if pixels.shape[:2] == (side, side):
+        return pixels
+    return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def phash_of_gray(gray: np.ndarray) -> int:
+    """64-bit pHash (imagehash's algorithm) of grayscale pixels: DCT of the 32x32 image, 8x8 lowest frequencies vs their median."""
+    pixels = _area_resize(gray, HASH_SIDE).astype(np.float64)  # (32, 32)
     low = (_DCT8 @ pixels @ _DCT8.T).ravel()  # (64,) the 8x8 lowest frequencies of the 2-D DCT
     ordered = np.sort(low)
     bits = low > (ordered[31] + ordered[32]) / 2  # above the median
     return int(np.packbits(bits).view(">u8")[0])
+
+
+def phash(data: bytes) -> int:
+    """64-bit perceptual hash (imagehash's pHash algorithm) of image bytes, as clean stores it; raises UndecodableImage."""
+    return image_signature(data)[0]
+
+
+def image_signature(data: bytes) -> tuple[int, bytes]:
+    """(pHash, colour thumbnail) of image bytes from one colour decode; raises UndecodableImage.
+
+    The thumbnail is the image area-averaged to 8x8 RGB, 192 bytes: pHash is grayscale and blind
+    to colour, so a pHash match is confirmed with `color_distance` of the thumbnails. The hash's
+    gray is the decoded RGB's luma, as imagehash's PIL convert("L") computes it.
+    """
+    import cv2
+
+    bgr = decode_reduced(data)
+    thumb = np.ascontiguousarray(_area_resize(bgr, THUMB_SIDE)[:, :, ::-1])  # BGR -> RGB
+    return phash_of_gray(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)), thumb.tobytes()
+
+
+def thumbs_array(thumbs: list[bytes]) -> np.ndarray:
+    """Colour thumbnails (bytes of THUMB_BYTES each) as a (n, 192) uint8 array."""
+    if not thumbs:
+        return np.zeros((0, THUMB_BYTES), np.uint8)
+    return np.frombuffer(b"".join(thumbs), np.uint8).reshape(len(thumbs), THUMB_BYTES)
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute difference per channel value (0-255) between thumbnails a[i] and b[i], for (n, 192) uint8 arrays of pairs.
+
+    Vectorised over the pairs, so a distributed dedup can check every candidate pair at once;
+    a (192,) array broadcasts against many.
+    """
+    a = np.asarray(a, np.uint8).reshape(-1, THUMB_BYTES)
+    b = np.asarray(b, np.uint8).reshape(-1, THUMB_BYTES)
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=1)
 
 
 def hamming(a: int, b: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 
 import pyarrow as pa
@@ -44,10 +45,21 @@ SCHEMA = {
 }
 
 
-def write_stage(folder, shards: list[list[dict]]) -> None:
-    """Write rows as part-NNNNN.parquet shards, as a finished stage would."""
+STAGE_BY_FOLDER = {"download": "download", "clean": "clean", "filter": "filter", "filtered": "filter"}
+
+
+def write_stage(folder, shards: list[list[dict]], stage: str | None = None) -> None:
+    """Write rows as part-NNNNN.parquet shards with _stats.json and _SUCCESS, as a finished stage would.
+
+    The stage is named by `stage`, else by the folder's name (download, clean, filter), else filter.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for i, rows in enumerate(shards):
         columns = {name: [r.get(name) for r in rows] for name in rows[0]}
         fields = [pa.field(n, SCHEMA.get(n, pa.array(v).type)) for n, v in columns.items()]
         pq.write_table(pa.table(columns, schema=pa.schema(fields)), folder / f"part-{i:05d}.parquet")
+    rows_in = sum(len(rows) for rows in shards)
+    stats = {"stage": stage or STAGE_BY_FOLDER.get(folder.name, "filter"), "shards": len(shards), "rows_in": rows_in,
+             "rows_out": rows_in, "rows_rejected": 0, "reasons": {}, "counters": {}, "seconds": 0.0, "config": {}}
+    (folder / "_stats.json").write_text(json.dumps(stats))
+    (folder / "_SUCCESS").write_text("")

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 
+import cv2
+import numpy as np
+import pyarrow as pa
 import pytest
+from PIL import Image, ImageDraw
 
-from dallekit.config import CleanConfig
-from dallekit.images import hamming, phash
-from dallekit.pipeline.clean import NearDuplicateIndex, caption_reason, clean, repair_caption
+from dallekit.config import BadInputError, CleanConfig
+from dallekit.images import (
+    color_distance, decode_reduced, hamming, image_signature, jpeg_size, phash, phash_of_gray, thumbs_array,
+)
+from dallekit.pipeline.clean import NearDuplicateIndex, caption_reason, check_unique_uids, clean, repair_caption
+from dallekit.synthetic import ShapeSpec, encode, random_spec, render
 from tests.stage_data import downloaded_row, noise_jpeg, shape_jpeg, write_stage
-from tests.test_ingest import check_accounting
+from tests.helpers import check_accounting
 
 
 @pytest.mark.parametrize(
@@ -120,3 +132,157 @@ def test_near_dup_check_can_be_turned_off(tmp_path, client):
     clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(near_dup_distance=-1), client)
     kept, _ = check_accounting(tmp_path / "clean", 2)
     assert sorted(kept["uid"]) == ["a", "b"]
+
+
+def old_phash(data: bytes) -> int:
+    """The hash clean used before: every JPEG decoded at 1/8 scale, whatever its size."""
+    return phash_of_gray(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8))
+
+
+def jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("side", [20, 32, 63, 64, 100, 127, 128, 200, 256, 300, 511, 512, 1000])
+def test_hash_decode_keeps_at_least_64_px(side):
+    image = render(random_spec(random.Random(side), width=side + 7, height=side))
+    for data in (jpeg(image), jpeg(image, progressive=True), jpeg(image, exif=b"Exif\x00\x00" + bytes(5000))):
+        assert jpeg_size(data) == (side + 7, side)
+        shorter = min(decode_reduced(data).shape[:2])
+        assert shorter == side if side < 127 else 64 <= shorter < 128  # the largest reduction that keeps 64 px
+    assert jpeg_size(encode(image, "PNG")) is None and min(decode_reduced(encode(image, "PNG")).shape[:2]) == side
+
+
+def test_color_distance_is_vectorised_over_pairs():
+    rng = np.random.default_rng(0)
+    a = rng.integers(20, 230, (5, 192), dtype=np.uint8)
+    b = a.copy()
+    b[1] += 10
+    b[2, :96] -= 20
+    np.testing.assert_allclose(color_distance(a, b), [0, 10, 10, 0, 0])
+    np.testing.assert_allclose(color_distance(a, a[0]), [np.abs(a[i].astype(int) - a[0]).mean() for i in range(5)])
+    assert thumbs_array([bytes(a[0]), bytes(a[1])]).shape == (2, 192) and thumbs_array([]).shape == (0, 192)
+
+
+def test_near_duplicate_index_needs_the_colours_to_agree():
+    gray, red, pale = bytes([128] * 192), bytes([255, 0, 0] * 64), bytes([132] * 192)
+    index, no_limit = NearDuplicateIndex(4, max_color=6.0), NearDuplicateIndex(4)
+    for kept in (index, no_limit):
+        kept.add(0b1011, "gray", gray)
+        kept.add(0b1011 ^ (1 << 40), "red", red)
+    assert index.find(0b1011, red) == ("red", 1)  # the nearer hash is gray's, but only red's colours agree
+    assert index.find(0b1011, pale) == ("gray", 0)
+    assert index.find(0b1011, bytes([0, 0, 255] * 64)) is None
+    assert no_limit.find(0b1011, red) == ("gray", 0)  # no colour check without a limit
+
+
+def test_colour_variants_of_one_shape_are_kept_and_copies_still_rejected(tmp_path, client):
+    def picture(color: str, side: int) -> Image.Image:  # a circle at 256 px, a triangle at 64 px (not one picture at two sizes)
+        return render(ShapeSpec(color, "circle" if side >= 256 else "triangle", "white", side, side, 0.7, -0.02, 0.015))
+
+    rows, variants = [], {}
+    for side in (256, 64):
+        variants |= {f"{c}-{side}": encode(picture(c, side)) for c in ("red", "orange", "green", "blue", "purple", "black", "yellow")}
+        hashes = [phash(data) for name, data in variants.items() if name.endswith(f"-{side}")]
+        assert max(hamming(a, b) for a, b in itertools.combinations(hashes, 2)) <= 4  # grayscale pHash cannot tell them apart
+        rows += [
+            downloaded_row(f"zz-requality-{side}", "re-encoded", encode(picture("red", side), quality=70)),
+            downloaded_row(f"zz-resource-{side}", "from a larger source", encode(picture("red", 2 * side).resize((side, side), Image.Resampling.BICUBIC))),
+        ]
+    rows.append(downloaded_row("zz-resized-256", "a resized copy", encode(Image.open(io.BytesIO(variants["red-256"])).resize((200, 200)))))
+    rows += [downloaded_row(name, f"a {name.split('-')[0]} shape on a white background", data) for name, data in variants.items()]
+    write_stage(tmp_path / "download", [rows[: len(rows) // 2], rows[len(rows) // 2 :]])
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "clean", len(rows))
+    assert sorted(kept["uid"]) == sorted(variants)
+    by_uid = rejects.set_index("uid")
+    assert set(by_uid["reason"]) == {"near_duplicate_image"}
+    assert by_uid["duplicate_of"].to_dict() == {
+        "zz-requality-256": "red-256", "zz-resource-256": "red-256", "zz-resized-256": "red-256",
+        "zz-requality-64": "red-64", "zz-resource-64": "red-64",
+    }
+    thumbs = kept.set_index("uid")["color_thumb"]
+    assert len(thumbs["red-64"]) == 192 and thumbs["red-64"] == image_signature(variants["red-64"])[1]
+
+
+def face_jpeg(size: int, eyes: str, mouth: str) -> bytes:
+    """An emoji-like face: one silhouette, the eyes and mouth small details."""
+    s, w = 8 * size, size // 4
+    image = Image.new("RGB", (s, s), (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((s * 0.1, s * 0.1, s * 0.9, s * 0.9), fill=(255, 204, 0))
+    for x in (0.37, 0.63):
+        if eyes == "open":
+            draw.ellipse((s * (x - 0.05), s * 0.33, s * (x + 0.05), s * 0.45), fill="black")
+        elif eyes == "closed":
+            draw.line((s * (x - 0.06), s * 0.4, s * (x + 0.06), s * 0.4), fill="black", width=w)
+        else:
+            draw.ellipse((s * (x - 0.08), s * 0.3, s * (x + 0.08), s * 0.48), fill="white", outline="black", width=w)
+    mouths = {"smile": lambda: draw.arc((s * 0.3, s * 0.4, s * 0.7, s * 0.72), 20, 160, fill="black", width=w),
+              "frown": lambda: draw.arc((s * 0.3, s * 0.6, s * 0.7, s * 0.9), 200, 340, fill="black", width=w),
+              "open": lambda: draw.ellipse((s * 0.42, s * 0.58, s * 0.58, s * 0.74), fill="black"),
+              "flat": lambda: draw.line((s * 0.35, s * 0.66, s * 0.65, s * 0.66), fill="black", width=w)}
+    mouths[mouth]()
+    return encode(image.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def distinct_shapes(sizes: list[int], seed: int = 0) -> list[tuple[str, bytes]]:
+    """One synthetic picture per entry of `sizes` (its side in px), no two with the same colours and shape."""
+    rng, seen, out = random.Random(seed), set(), []
+    for size in sizes:
+        spec = random_spec(rng, width=size, height=size)
+        while (spec.foreground, spec.shape, spec.background) in seen:
+            spec = random_spec(rng, width=size, height=size)
+        seen.add((spec.foreground, spec.shape, spec.background))
+        out.append((spec.caption, encode(render(spec))))
+    return out
+
+
+def close_pairs(images: list[bytes], hash_fn) -> int:
+    hashes = [hash_fn(data) for data in images]
+    return sum(hamming(a, b) <= 4 for a, b in itertools.combinations(hashes, 2))
+
+
+def test_small_distinct_images_are_not_merged(tmp_path, client):
+    shapes = distinct_shapes([64] * 40 + [32] * 30)
+    shapes64 = shapes[:40]
+    faces32 = [(f"a face, {e} eyes, {m} mouth", face_jpeg(32, e, m)) for e in ("open", "closed", "wide") for m in ("smile", "frown", "open", "flat")]
+    assert close_pairs([d for _, d in shapes64], old_phash) >= 5  # the 1/8 decode hashed these from 8x8 gray pixels
+    assert close_pairs([d for _, d in faces32], old_phash) >= 5  # and these from 4x4
+    assert close_pairs([d for _, d in faces32], phash) == 0  # the 32x32 hash sees the faces' eyes and mouths
+    pictures = shapes + faces32
+    rows = [downloaded_row(f"u{i:03d}", caption, data, size=(64, 64)) for i, (caption, data) in enumerate(pictures)]
+    write_stage(tmp_path / "download", [rows[::2], rows[1::2]])
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, _ = check_accounting(tmp_path / "clean", len(rows))
+    assert len(kept) == len(rows)
+
+
+def test_a_repeated_uid_is_bad_input(tmp_path, client):
+    shard = [downloaded_row("u1", "a red circle", shape_jpeg(1)), downloaded_row("00ab", "a blue square", shape_jpeg(2)),
+             downloaded_row("00ab", "a green circle", shape_jpeg(3))]
+    write_stage(tmp_path / "download", [shard])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dallekit.cli", "clean", str(tmp_path / "download"), "--out", str(tmp_path / "clean")],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"DASK_SCHEDULER_ADDRESS": client.scheduler.address},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "part-00000.parquet: uid 00ab appears twice (uids must be unique" in last and "Traceback" not in proc.stderr
+    # across shards, and with one of the two a failed download: every row of the input counts
+    shards = [[downloaded_row("u1", "a red circle", shape_jpeg(1))],
+              [downloaded_row("u2", "a blue square", shape_jpeg(2)), downloaded_row("u1", "a lost row", None, status="failed_to_download")]]
+    write_stage(tmp_path / "download2", shards, stage="download")
+    with pytest.raises(BadInputError, match=r"^part-00000\.parquet and part-00001\.parquet: uid u1 appears twice"):
+        clean(str(tmp_path / "download2"), str(tmp_path / "clean2"), CleanConfig(), client)
+
+
+def test_check_unique_uids_names_the_uid_and_its_shards():
+    check_unique_uids(pa.chunked_array([["a", "b", "c"]]), "part-00000.parquet")
+    with pytest.raises(BadInputError, match=r"^part-00004\.parquet: 1 row\(s\) without a uid"):
+        check_unique_uids(pa.chunked_array([["a", None]]), "part-00004.parquet")
+    shards = pa.chunked_array([["part-00002.parquet", "part-00001.parquet", "part-00002.parquet", "part-00001.parquet", "part-00001.parquet"]])
+    with pytest.raises(BadInputError, match=r"^part-00001\.parquet and part-00002\.parquet: uid x appears 3 times \(uids must be unique"):
+        check_unique_uids(pa.chunked_array([["x", "x", "y", "x", "y"]]), shards)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 from dallekit.synthetic import COLORS, ZERO_SHOT_PAIRS, make_dataset, random_spec, render
-from tests.test_ingest import check_accounting
+from tests.helpers import check_accounting
 
 
 def test_synthetic_geometry_covers_the_central_square():

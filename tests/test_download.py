@@ -20,7 +20,7 @@ from dallekit.config import DownloadConfig, IngestConfig
 from dallekit.pipeline.download import download
 from dallekit.pipeline.ingest import ingest
 from tests.conftest import edge_routes
-from tests.test_ingest import check_accounting, read_stage
+from tests.helpers import check_accounting, read_stage
 
 
 def make_url_shards(tmp_path, client, urls: list[str], shard_size: int = 100):

@@ -21,7 +21,7 @@ from dallekit.tokenize.image import ImageTokenizer, save_dvae_config
 from dallekit.tokenize.text import load_text_tokenizer, train_bpe
 from dallekit.tokenize.tokens import check_token_files
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
-from tests.test_ingest import check_accounting
+from tests.helpers import check_accounting
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dallekit.config import BadInputError, FilterConfig
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.pipeline.filter import filter_stage
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
-from tests.test_ingest import check_accounting, read_stage
+from tests.helpers import check_accounting, read_stage
 
 NO_CLIP = FilterConfig(clip=False)
 TINY = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None)
@@ -149,3 +149,15 @@ def test_funnel_is_saved(tmp_path, client):
     assert removed["min_side"] == 1 and removed["caption_words"] == 1 and steps[-1]["remaining"] == 1
     assert [s["remaining"] for s in steps] == sorted((s["remaining"] for s in steps), reverse=True)
     assert (tmp_path / "filter" / "_funnel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_without_a_size_or_image_bytes_fail_min_side(tmp_path, client):
+    rows = [
+        row("ok"), row("no-size", original=(None, None)), row("no-width", original=(None, 300)),
+        row("no-bytes", jpg=None), row("empty-bytes", jpg=b""),
+    ]
+    kept, reasons, _ = run_filter(tmp_path, client, [rows], FilterConfig(clip=False, languages=["any"]))
+    assert kept["uid"].tolist() == ["ok"]
+    assert reasons == {"no-size": "min_side", "no-width": "min_side", "no-bytes": "min_side", "empty-bytes": "min_side"}
+    rejected = read_stage(tmp_path / "filter")[1].set_index("uid")
+    assert np.isnan(rejected.loc["no-width", "min_side"])  # a missing side is no size, not the other side

@@ -174,7 +174,7 @@ def test_pipeline_config_errors_are_bad_input(tmp_path):
         load_pipeline({"run": {}}, "p.toml")
     with pytest.raises(BadInputError, match=r"p.toml \[train\]: unknown key 'max_step'"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "train": {"max_step": 3}}, "p.toml")
-    with pytest.raises(BadInputError, match=r"p.toml \[run\]: stop_after = 'trian' is not one of"):
+    with pytest.raises(BadInputError, match=r"p.toml \[run\]: stop_after = 'trian': expected one of ingest"):
         load_pipeline({"run": {"inputs": ["x.csv"], "stop_after": "trian"}}, "p.toml")
 
 

@@ -3,8 +3,11 @@
 A local checkpoint is a folder in open_clip's own layout (`open_clip_config.json` with
 `model_cfg` and `preprocess_cfg`, weights in `open_clip_model.safetensors`), loaded with
 open_clip's `local-dir:` schema, or a `.safetensors` file for a named model. Pickled weights
-are refused. Small configs shipped in `clip_configs/` are registered with open_clip, so a tiny
-model has a name like any other.
+are refused on every path: a local file must be `.safetensors`, and a pretrained tag is
+fetched here, as open_clip would fetch it but only as its `.safetensors` file, which is then
+handed to open_clip by path (a tag whose weights exist only as a pickle is refused). Small
+configs shipped in `clip_configs/` are registered with open_clip, so a tiny model has a name
+like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from dallekit.config import BadInputError
 from dallekit.models.weights import pick_device
@@ -25,6 +29,8 @@ CONFIG_DIR = Path(__file__).with_name("clip_configs")
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
 RANDOM_INIT_SEED = 0
+# a --clip-pretrained value ending so names a file, never a tag (open_clip's tags have no dots)
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy")
 _CACHE: dict[tuple, "ClipScorer"] = {}  # one model per worker process, whatever the number of tasks
 
 
@@ -82,9 +88,12 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
                 raise BadInputError(f"--clip-model {model_name}: not an open_clip model name (see open_clip.list_models())")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)  # random weights, but the same in every worker
-                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+                model, preprocess = _from_pretrained(model_name, pretrained)
     except BadInputError:
         raise
+    except SafetensorError as err:
+        where = f"--clip-checkpoint {checkpoint}" if checkpoint else f"--clip-pretrained {pretrained}"
+        raise BadInputError(f"{where}: not a readable .safetensors file ({str(err).splitlines()[0][:160]})") from None
     except RuntimeError as err:
         if checkpoint:
             raise BadInputError(f"--clip-checkpoint {checkpoint}: does not fit the model ({str(err).splitlines()[0][:200]})") from None
@@ -107,11 +116,85 @@ def _from_checkpoint(checkpoint: str, model_name: str):
         model, _, preprocess = open_clip.create_model_and_transforms(name)
         return model, preprocess, name
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise BadInputError(f"--clip-checkpoint {checkpoint}: expected a .safetensors file (pickled weights are not loaded)")
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(path))
+        weights = _safetensors_file(checkpoint, "--clip-checkpoint")
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
         return model, preprocess, model_name
     raise BadInputError(f"--clip-checkpoint {checkpoint}: no such file or folder")
+
+
+def _safetensors_file(value: str, option: str) -> str:
+    """A local weights file, which must be .safetensors: open_clip torch.loads any other name, and that unpickles."""
+    if not value.endswith(".safetensors"):  # open_clip's own test, case and all
+        raise BadInputError(f"{option} {value}: expected a .safetensors file (pickled weights are not loaded)")
+    if not Path(value).is_file():
+        raise BadInputError(f"{option} {value}: no such file")
+    return value
+
+
+def _from_pretrained(model_name: str, pretrained: str | None):
+    """A named model with random weights (no pretrained), a local .safetensors, or a pretrained tag's .safetensors."""
+    import open_clip
+
+    if not pretrained:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+        return model, preprocess
+    looks_like_path = os.path.isfile(pretrained) or "/" in pretrained or "\\" in pretrained
+    if looks_like_path or pretrained.lower().endswith(WEIGHT_SUFFIXES):
+        weights = _safetensors_file(pretrained, "--clip-pretrained")
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
+        return model, preprocess
+    weights, cfg = _tag_weights(model_name, pretrained)
+    _safetensors_file(weights, f"--clip-pretrained {pretrained}:")  # what the hub returned is what open_clip opens
+    # open_clip takes the tag's preprocessing only when given the tag itself, so pass it along with the file
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=weights, image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+        image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"),
+    )
+    return model, preprocess
+
+
+def _tag_weights(model_name: str, tag: str) -> tuple[str, dict]:
+    """The local .safetensors of a pretrained tag and the tag's config; a tag whose weights are a pickle is refused."""
+    from open_clip import pretrained as registry
+
+    cfg = registry.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = ", ".join(registry.list_pretrained_tags_by_model(model_name)) or "none"
+        raise BadInputError(f"--clip-pretrained {tag}: not a pretrained tag of {model_name} (its tags: {tags})")
+    repo, filename = os.path.split(cfg.get("hf_hub") or "")
+    if not (repo and registry.has_hf_hub()):  # open_clip's download_pretrained then takes the tag's file or URL
+        source = cfg.get("file") or cfg.get("url") or ""
+        if not source.endswith(".safetensors"):
+            raise BadInputError(f"--clip-pretrained {tag}: open_clip would load {source or 'nothing'}, not a .safetensors file (pickled weights are not loaded)")
+        return registry.download_pretrained(cfg, prefer_hf_hub=False), cfg
+    filename = filename or registry.HF_WEIGHTS_NAME
+    safe = _safe_alternative(filename, registry.HF_WEIGHTS_NAME, registry.HF_SAFE_WEIGHTS_NAME)
+    if not safe.endswith(".safetensors"):
+        raise BadInputError(f"--clip-pretrained {tag}: open_clip would load {repo}/{filename}, not a .safetensors file (pickled weights are not loaded)")
+    try:
+        return registry.hf_hub_download(repo_id=repo, filename=safe), cfg
+    except Exception as err:  # noqa: BLE001 - any hub failure is reported; only a missing file means "pickle only"
+        if _missing_on_hub(err):
+            raise BadInputError(
+                f"--clip-pretrained {tag}: {repo} has no {safe}; open_clip would load {filename}, a pickle (pickled weights are not loaded)"
+            ) from None
+        raise RuntimeError(f"{repo}/{safe}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _safe_alternative(filename: str, pickle_name: str, safe_name: str) -> str:
+    """The .safetensors file open_clip 3.3 tries before `filename` on the hub (pretrained._get_safe_alternatives)."""
+    if filename == pickle_name:
+        return safe_name
+    if filename.endswith((".bin", ".pth")):
+        return filename[:-4] + ".safetensors"
+    return filename
+
+
+def _missing_on_hub(err: Exception) -> bool:
+    """Whether a hub download failed because the repo has no such file (not because the hub is unreachable)."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    return isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError)
 
 
 def cached_clip(model_name: str, pretrained: str | None, checkpoint: str | None, device: str = "auto") -> ClipScorer:

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 
 
 def write_json(path: Path, obj) -> None:
@@ -33,7 +34,34 @@ def load_model_state(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tenso
     folder = Path(model_dir)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise BadInputError(f"{model_dir}: expected a model folder with config.json and model.safetensors")
-    return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+    return read_json(folder / "config.json"), read_safetensors(folder / "model.safetensors")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; bad input naming the file if it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; bad input naming the file if it is corrupt or truncated."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BadInputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:160]})") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state dict; bad input naming the folder when the weights do not fit the model its config describes."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise BadInputError(f"{where}: weights do not fit its config.json ({str(err).splitlines()[0][:200]})") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -62,3 +90,11 @@ def autocast_dtype(device: torch.device, dtype: str = "bf16") -> torch.dtype | N
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """The autocast context for autocast_dtype's answer: a disabled one for None (fp32)."""
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+
+
+def config_from_dict(config_class: type, values: dict, where: str):
+    """A model config from its config.json dict; bad input naming the folder when a value has the wrong type."""
+    try:
+        return config_class.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise BadInputError(f"{where}/config.json: not a {config_class.__name__} ({err})") from None

@@ -3,10 +3,12 @@
 Three passes, like ingest:
 
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
-   and computes the perceptual hash; it writes only small columns to `_work/scan/`.
-2. dedup: one task reads the hashes of the whole dataset (never the images), walks it in uid
-   order and marks exact duplicates (same sha256) and near duplicates (pHash within
-   `--near-dup-distance` bits of a kept image), writing the marks per shard to `_work/dups/`.
+   and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
+   to `_work/scan/`.
+2. dedup: one task reads the hashes of the whole dataset (never the images), checks that every
+   uid is unique, walks the rows in uid order and marks exact duplicates (same sha256) and near
+   duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour thumbnail
+   agrees within `--near-dup-color-distance`), writing the marks per shard to `_work/dups/`.
 3. shards: the stage runner joins each shard with its scan and dedup results.
 """
 
@@ -23,19 +25,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import BadInputError, CleanConfig
-from dallekit.images import UndecodableImage, phash
+from dallekit.config import BadInputError, CleanConfig, output_options
+from dallekit.images import THUMB_BYTES, UndecodableImage, color_distance, image_signature, thumbs_array
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.shards import (
     ShardResult,
     ShardTask,
+    begin_stage,
+    check_columns,
+    input_identity,
     list_shards,
     map_with_progress,
     read_shard,
-    read_stats,
     run_stage,
-    shard_schema,
-    stage_complete,
     write_table_atomic,
 )
 
@@ -80,24 +82,25 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 
 
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
-    """Pass 1: per-row reason (download, decode, caption), repaired caption and hashes; returns rows."""
+    """Pass 1: per-row reason (download, decode, caption), repaired caption, pHash and colour thumbnail; returns rows."""
     table = read_shard(path, columns=["uid", "caption", "status", "sha256", "jpg"])
-    reasons, captions, hashes = [], [], []
+    check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
+    reasons, captions, hashes, thumbs = [], [], [], []
     for status, caption, image in zip(
         table.column("status").to_pylist(), table.column("caption").to_pylist(), table.column("jpg").to_pylist()
     ):
-        reason, fixed, hashed = None, repair_caption(caption, config.lowercase), None
+        reason, fixed, (hashed, thumb) = None, repair_caption(caption, config.lowercase), (None, None)
         if status != "success":
             reason = status if status in RULES else "failed_to_download"
         else:
             try:
-                hashed = phash(image)
+                hashed, thumb = image_signature(image)
             except UndecodableImage:
                 reason = "undecodable"
-        reason = reason or caption_reason(fixed, config)
-        reasons.append(reason)
+        reasons.append(reason or caption_reason(fixed, config))
         captions.append(fixed)
         hashes.append(hashed)
+        thumbs.append(thumb)
     scan = pa.table(
         {
             "uid": table.column("uid"),
@@ -105,10 +108,33 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
             "caption": pa.array(captions, pa.string()),
             "sha256": table.column("sha256"),
             "phash": pa.array(hashes, pa.uint64()),
+            "color_thumb": pa.array(thumbs, pa.binary(THUMB_BYTES)),
         }
     )
     write_table_atomic(scan, f"{work_dir}/scan/{_stem(path)}.parquet")
     return table.num_rows
+
+
+def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> None:
+    """Raise BadInputError naming a repeated (or missing) uid and its shard(s): clean marks and joins rows by uid.
+
+    `shards` is the shard file of every row, or one name for all of them. Cheap when the uids are
+    unique (one hash count); only a failure looks further.
+    """
+    def where(rows: pa.ChunkedArray) -> str:
+        return shards if isinstance(shards, str) else " and ".join(sorted(set(shards.filter(rows).to_pylist())))
+
+    hint = "was this folder written by `dallekit download`?"
+    if uids.null_count:
+        raise BadInputError(f"{where(pc.is_null(uids))}: {uids.null_count} row(s) without a uid ({hint})")
+    if pc.count_distinct(uids).as_py() == len(uids):
+        return
+    counts = pc.value_counts(uids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    uid, times = min(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist()))
+    raise BadInputError(
+        f"{where(pc.equal(uids, uid))}: uid {uid} appears {'twice' if times == 2 else f'{times} times'} (uids must be unique; {hint})"
+    )
 
 
 def _stem(path: str) -> str:
@@ -116,58 +142,74 @@ def _stem(path: str) -> str:
 
 
 class NearDuplicateIndex:
-    """Kept 64-bit hashes, found again within `distance` bits by multi-index hashing.
+    """Kept 64-bit hashes, found again within `distance` bits by multi-index hashing, optionally confirmed by colour.
 
     Two hashes within d bits agree exactly on at least one of d+1 disjoint bit bands
-    (pigeonhole), so only hashes sharing a band value are compared.
+    (pigeonhole), so only hashes sharing a band value are compared. pHash is grayscale: with
+    `max_color` a match also needs colour thumbnails within that `color_distance`.
     """
 
-    def __init__(self, distance: int):
-        self.distance = distance
+    def __init__(self, distance: int, max_color: float | None = None):
+        self.distance, self.max_color = distance, max_color
         n_bands = distance + 1
         edges = [round(i * 64 / n_bands) for i in range(n_bands + 1)]
         self.bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
-        self.tables: list[dict[int, list[tuple[int, str]]]] = [{} for _ in self.bands]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]  # band value -> positions in kept
+        self.kept: list[tuple[int, str, bytes | None]] = []  # (hash, uid, colour thumbnail)
 
-    def find(self, value: int) -> tuple[str, int] | None:
-        """(uid, distance) of a kept hash within the distance, or None."""
+    def find(self, value: int, thumb: bytes | None = None) -> tuple[str, int] | None:
+        """(uid, distance) of the nearest kept hash within the distance whose colours agree, or None."""
+        near: dict[int, int] = {}
         for (shift, mask), table in zip(self.bands, self.tables):
-            for kept, uid in table.get((value >> shift) & mask, ()):
-                d = (value ^ kept).bit_count()
-                if d <= self.distance:
-                    return uid, d
-        return None
+            for k in table.get((value >> shift) & mask, ()):
+                if k not in near and (d := (value ^ self.kept[k][0]).bit_count()) <= self.distance:
+                    near[k] = d
+        order = sorted(near, key=lambda k: (near[k], k))  # nearest first, then the first kept
+        if order and self.max_color is not None and thumb is not None:
+            others = thumbs_array([self.kept[k][2] for k in order])
+            agree = color_distance(others, thumbs_array([thumb])) <= self.max_color
+            order = [k for k, ok in zip(order, agree) if ok]
+        return (self.kept[order[0]][1], near[order[0]]) if order else None
 
-    def add(self, value: int, uid: str) -> None:
-        """Remember a kept hash."""
+    def add(self, value: int, uid: str, thumb: bytes | None = None) -> None:
+        """Remember a kept hash (and its colour thumbnail)."""
         for (shift, mask), table in zip(self.bands, self.tables):
-            table.setdefault((value >> shift) & mask, []).append((value, uid))
+            table.setdefault((value >> shift) & mask, []).append(len(self.kept))
+        self.kept.append((value, uid, thumb))
 
 
-def dedup_dataset(shard_names: list[str], work_dir: str, distance: int) -> dict:
-    """Pass 2: walk every surviving row in uid order; mark exact then near duplicates per shard."""
+def _read_scans(shard_names: list[str], work_dir: str) -> pa.Table:
+    """Every row's dedup columns from the scan tables, with its shard file, sorted by uid."""
     fs, root = fsspec.core.url_to_fs(work_dir)
     parts = []
     for name in shard_names:
         with fs.open(f"{root}/scan/{name}.parquet", "rb") as f:
-            scan = pq.read_table(f, columns=["uid", "reason", "sha256", "phash"])
-        scan = scan.filter(pc.is_null(scan.column("reason"))).drop_columns(["reason"])
-        parts.append(scan.append_column("shard", pa.array([name] * scan.num_rows, pa.string())))
-    rows = pa.concat_tables(parts).sort_by("uid")
+            scan = pq.read_table(f, columns=["uid", "reason", "sha256", "phash", "color_thumb"])
+        parts.append(scan.append_column("shard", pa.array([f"{name}.parquet"] * scan.num_rows, pa.string())))
+    return pa.concat_tables(parts).sort_by("uid")
+
+
+def dedup_dataset(shard_names: list[str], work_dir: str, distance: int, max_color: float = CleanConfig.near_dup_color_distance) -> dict:
+    """Pass 2: check uids are unique over all rows, then walk the surviving rows in uid order; mark exact then near duplicates per shard."""
+    rows = _read_scans(shard_names, work_dir)
+    check_unique_uids(rows.column("uid"), rows.column("shard"))  # rejected rows too: their uids are in the output
+    rows = rows.filter(pc.is_null(rows.column("reason")))
     first_by_sha: dict[str, str] = {}
-    index = NearDuplicateIndex(distance) if distance >= 0 else None
+    index = NearDuplicateIndex(distance, max_color) if distance >= 0 else None
     marks: dict[str, list] = {name: [] for name in shard_names}
-    for uid, sha, hashed, shard in zip(*(rows.column(c).to_pylist() for c in ("uid", "sha256", "phash", "shard"))):
-        if sha is not None and sha in first_by_sha:
-            marks[shard].append((uid, "duplicate_image", first_by_sha[sha], 0))
+    columns = (rows.column(c).to_pylist() for c in ("uid", "sha256", "phash", "color_thumb", "shard"))
+    for uid, sha, hashed, thumb, shard in zip(*columns):
+        found = marks[shard.removesuffix(".parquet")]
+        if sha is not None and sha in first_by_sha:  # the same bytes: no colour check needed
+            found.append((uid, "duplicate_image", first_by_sha[sha], 0))
             continue
         if sha is not None:
             first_by_sha[sha] = uid
-        near = index.find(hashed) if index is not None else None
+        near = index.find(hashed, thumb) if index is not None else None
         if near is not None:
-            marks[shard].append((uid, "near_duplicate_image", near[0], near[1]))
+            found.append((uid, "near_duplicate_image", near[0], near[1]))
         elif index is not None:
-            index.add(hashed, uid)
+            index.add(hashed, uid, thumb)
     for name, found in marks.items():
         uids, reasons, of, dist = zip(*found) if found else ([], [], [], [])
         table = pa.table(
@@ -199,7 +241,7 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     raw = table.column("caption")
     table = table.set_column(caption_index, "caption", scan.column("caption"))
     table = table.add_column(caption_index + 1, "caption_raw", raw)
-    table = table.append_column("phash", scan.column("phash"))
+    table = table.append_column("phash", scan.column("phash")).append_column("color_thumb", scan.column("color_thumb"))
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
     kept = table.filter(pc.invert(rejected))
@@ -212,21 +254,23 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 
 
+UPSTREAM = ("download",)  # the stages whose output clean reads
+
+
 def plan_clean(input_dir: str) -> list[str]:
-    """The downloaded shards to clean; checks they have the columns download writes."""
+    """The downloaded shards to clean; checks the folder is a finished download and has its columns."""
+    input_identity(input_dir, UPSTREAM)
     paths = list_shards(input_dir)
-    for path in paths:
-        missing = {"uid", "caption", "status", "sha256", "jpg"} - set(shard_schema(path)[0].names)
-        if missing:
-            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected shards from `dallekit download`)")
+    check_columns(paths, {"uid", "caption", "status", "sha256", "jpg"}, "shards from `dallekit download`")
     return paths
 
 
 def clean(input_dir: str, output_dir: str, config: CleanConfig, client, paths: list[str] | None = None) -> dict:
     """Run the clean stage over every downloaded shard of `input_dir`."""
-    if stage_complete(output_dir):
-        print(f"clean: {output_dir} is already complete (remove it to run again)")
-        return read_stats(output_dir)
+    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "options": output_options(config)}
+    done = begin_stage("clean", output_dir, fingerprint, [input_dir], config.overwrite)
+    if done is not None:
+        return done
     started = time.time()
     paths = paths if paths is not None else plan_clean(input_dir)
     work_dir = output_dir.rstrip("/") + "/_work"
@@ -234,7 +278,8 @@ def clean(input_dir: str, output_dir: str, config: CleanConfig, client, paths: l
     names = [_stem(p) for p in paths]
     if not fs.exists(f"{work_root}/dedup.done"):
         map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=work_dir, config=config)
-        [found] = map_with_progress(client, dedup_dataset, [names], desc="clean dedup", work_dir=work_dir, distance=config.near_dup_distance)
+        [found] = map_with_progress(client, dedup_dataset, [names], desc="clean dedup", work_dir=work_dir,
+                                    distance=config.near_dup_distance, max_color=config.near_dup_color_distance)
         with fs.open(f"{work_root}/dedup.done", "w") as f:
             f.write(str(sum(found.values())))
     tasks = [ShardTask(name, (path, work_dir)) for name, path in zip(names, paths)]

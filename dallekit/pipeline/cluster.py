@@ -29,14 +29,21 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
             yield client
         return
     workers = config.workers or os.cpu_count() or 1
-    loopback = {"host": "127.0.0.1"} if config.processes else {}  # in-process workers talk over inproc://
+    http = f"{config.host}:0"  # a free port; distributed parses no IPv6 literal here
+    if config.processes:
+        # the scheduler, nannies and workers listen on `host`; each worker's HTTP server follows its listen address
+        bind = {"host": config.host}
+    else:
+        # in-process workers talk over inproc:// (a host would make them TCP), but their HTTP server then
+        # has no address to follow and listens on every interface unless it is given one
+        bind = {"worker_dashboard_address": http}
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=config.threads_per_worker,
         processes=config.processes,
-        dashboard_address="127.0.0.1:0",  # a free port; loopback only
+        dashboard_address=http,
         silence_logs=logging.ERROR,
-        **loopback,
+        **bind,
     )
     with cluster, Client(cluster) as client:
         if not quiet:

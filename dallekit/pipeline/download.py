@@ -1,18 +1,41 @@
 """download: URL shards -> image shards, one Dask task per shard driving img2dataset's own pieces.
 
-Each task hands img2dataset's `Downloader` (with its `Resizer` and `ParquetSampleWriter`) a
-temporary Arrow copy of the shard, because the downloader deletes the file it reads and writes
-its Parquet in place. The result is then put back in input order, every input row is checked to
-be there exactly once (a row the downloader lost is kept as failed, never dropped), and the
-stage runner renames the shard into place. Download drops nothing: failed rows keep their
-status and error message with a null image, and the clean stage rejects them.
+Each task hands img2dataset's `Downloader` (its thread pool, statuses, hashing, EXIF and
+`ParquetSampleWriter`) a temporary Arrow copy of the shard, because the downloader deletes the
+file it reads and writes its Parquet in place. The result is then put back in input order, every
+input row is checked to be there exactly once (a row the downloader lost is kept as failed,
+never dropped), and the stage runner renames the shard into place. Download drops nothing:
+failed rows keep their status and error message with a null image, and the clean stage
+rejects them.
+
+What is dallekit's own, around img2dataset's Downloader:
+
+- decoding and resizing: `dallekit.resize.Resizer` (img2dataset's Resizer interface; it reads
+  the header before decoding, converts 16-bit images and applies EXIF orientation);
+- the network: `dallekit.pipeline.fetch.fetching` installs, for the duration of the task, a
+  urllib opener under which `timeout` is a total deadline per URL (redirects included), bodies
+  are capped at `max_image_bytes`, and only http(s) URLs are fetched, file:// ones only with
+  `allow_file_urls` or inside the folders `ingest --format folder` read (`_file_roots.json`
+  next to the URL shards);
+- temporary folders are named `dallekit-download-<pid>-<random>`, and each task first removes
+  those whose process is gone (a killed worker's).
+
+Memory bound of one task: img2dataset's semaphore lets at most 2 x `threads` raw bodies wait
+for the resizer, each at most `max_image_bytes` (+1 byte) by the fetch cap: 2 x 64 x 20 MiB =
+2.5 GiB with the defaults in the worst case (typical ~100 KB bodies: ~13 MB). Plus one decoded
+image, since the resizer runs on one thread and refuses from the header any image of more than
+`max_image_area` pixels: at the default 64 Mpx, at most 256 MB for 8-bit RGBA (512 MB for a
+16-bit source), with one converted copy alive while converting, matting or rotating. Plus the
+resized output, which img2dataset's writer flushes every 100 rows.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -22,54 +45,53 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.feather as feather  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from dallekit.config import BadInputError, DownloadConfig  # noqa: E402
-from dallekit.pipeline.shards import ShardResult, ShardTask, list_shards, read_shard, run_stage, shard_schema  # noqa: E402
+from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
+from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
+from dallekit.pipeline.shards import (  # noqa: E402
+    ShardResult, ShardTask, begin_stage, input_identity, list_shards, read_shard, run_stage, shard_schema,
+)
 
 OOM_SHARD_COUNT = 5  # digits of the shard id in img2dataset's keys and file names
 MAX_ERROR_KINDS = 100  # distinct error messages counted per shard; the rest count as "other"
 LOST_ROW = "row lost by the downloader"
+FILE_ROOTS = "_file_roots.json"  # written by `ingest --format folder`: {"roots": ["/abs/real/path", ...]}
+TMP_PREFIX = "dallekit-download-"
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
 
 
 @dataclass
 class DownloadShard:
-    """One download task: the URL shard to read and how to number its keys."""
+    """One download task: the URL shard to read, how to number its keys, and where file:// URLs may point."""
 
     path: str
     shard_id: int
     key_digits: int  # ceil(log10(samples per shard)) over the whole input, so keys never collide
     config: DownloadConfig
+    file_roots: tuple[str, ...] = ()  # the folders `ingest --format folder` read (from FILE_ROOTS)
 
 
 def _make_downloader(config: DownloadConfig, output_folder: str, column_list: list[str], samples_per_shard: int):
-    """img2dataset's Downloader with its Resizer and Parquet writer, configured from our options."""
+    """img2dataset's Downloader with dallekit's Resizer and img2dataset's Parquet writer, configured from our options."""
     from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    resizer = Resizer(
-        image_size=config.image_size,
-        resize_mode=config.resize_mode,
-        resize_only_if_bigger=config.resize_only_if_bigger,
-        encode_quality=config.encode_quality,
-        encode_format=config.encode_format,
-        min_image_size=config.min_image_size,
-        max_image_area=config.max_image_area,
-        max_aspect_ratio=config.max_aspect_ratio,
-    )
+    from dallekit.resize import Resizer
+
     directives = [d for d in config.disallowed_header_directives if d.lower() != "none"]
     return Downloader(
         sample_writer_class=ParquetSampleWriter,
-        resizer=resizer,
+        resizer=Resizer(config),
         thread_count=config.threads,
         save_caption=True,
         extract_exif=config.extract_exif,
         output_folder=output_folder,
         column_list=column_list,
-        timeout=config.timeout,
+        timeout=config.timeout,  # the fetch opener makes it a total deadline per URL
         number_sample_per_shard=samples_per_shard,
         oom_shard_count=OOM_SHARD_COUNT,
         compute_hash=config.compute_hash or None,
@@ -81,15 +103,45 @@ def _make_downloader(config: DownloadConfig, output_folder: str, column_list: li
     )
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negatives address process groups: never ours to judge
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or not a pid at all: leave it
+        return True
+    return True
+
+
+def remove_stale_folders(folder: str) -> list[str]:
+    """Remove the download folders in `folder` whose owning process is gone (a killed worker's); returns them."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        found = _TMP_NAME.match(entry.name)
+        if found and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(found.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)  # another worker may be removing it too
+            removed.append(entry.path)
+    return removed
+
+
 def download_shard(task: DownloadShard) -> ShardResult:
     """Download one URL shard with img2dataset and return its rows in input order, none lost."""
     source = read_shard(task.path)
-    tmp = tempfile.mkdtemp(prefix="dallekit-download-")
+    remove_stale_folders(tempfile.gettempdir())
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    policy = FetchPolicy(task.config.max_image_bytes, task.config.allow_file_urls, tuple(task.file_roots))
     try:
         feather_path = os.path.join(tmp, "input.arrow")
         feather.write_feather(source, feather_path, compression="uncompressed")
         downloader = _make_downloader(task.config, tmp, source.column_names, 10**task.key_digits)
-        ok, _ = downloader((task.shard_id, feather_path))
+        with fetching(policy):
+            ok, _ = downloader((task.shard_id, feather_path))
         if not ok:  # the downloader printed its traceback; let Dask retry the shard
             raise RuntimeError(f"{task.path}: img2dataset's downloader failed on this shard")
         written = pq.read_table(os.path.join(tmp, f"{task.shard_id:0{OOM_SHARD_COUNT}d}.parquet"))
@@ -127,8 +179,24 @@ def _in_input_order(written: pa.Table, source: pa.Table, task: DownloadShard) ->
     return table.select(front + [c for c in table.column_names if c not in front])
 
 
+def read_file_roots(input_dir: str) -> tuple[str, ...]:
+    """The folders `ingest --format folder` read, from the URL shards' FILE_ROOTS (none when it is absent)."""
+    fs, root = fsspec.core.url_to_fs(input_dir)
+    path = f"{root.rstrip('/')}/{FILE_ROOTS}"
+    if not fs.exists(path):
+        return ()
+    try:
+        with fs.open(path, "rb") as f:
+            roots = json.load(f)["roots"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadInputError(f"{input_dir}/{FILE_ROOTS}: not a JSON object with a 'roots' list ({err})") from None
+    if not isinstance(roots, list) or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
+        raise BadInputError(f"{input_dir}/{FILE_ROOTS}: 'roots' must be a list of absolute paths")
+    return tuple(roots)
+
+
 def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
-    """One task per URL shard; checks the shards have the columns ingest writes."""
+    """One task per URL shard; checks the shards have the columns ingest writes and reads the file:// roots."""
     for name in ("threads", "image_size"):
         if getattr(config, name) < 1:
             raise BadInputError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected a positive number")
@@ -141,15 +209,20 @@ def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
             raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected URL shards from `dallekit ingest`)")
         rows.append(n_rows)
     key_digits = max(1, math.ceil(math.log10(max(rows + [1]))))
+    roots = read_file_roots(input_dir)
     tasks = []
     for path in paths:
         name = os.path.basename(path).removesuffix(".parquet")
         shard_id = int(name.split("-")[1])
-        tasks.append(ShardTask(name, DownloadShard(path, shard_id, key_digits, config)))
+        tasks.append(ShardTask(name, DownloadShard(path, shard_id, key_digits, config, roots)))
     return tasks
 
 
 def download(input_dir: str, output_dir: str, config: DownloadConfig, client, tasks: list[ShardTask] | None = None) -> dict:
     """Run the download stage over every URL shard of `input_dir`."""
+    fingerprint = {"input": input_identity(input_dir, ("ingest",), required=False), "options": output_options(config)}
+    done = begin_stage("download", output_dir, fingerprint, [input_dir], config.overwrite)
+    if done is not None:
+        return done
     tasks = tasks if tasks is not None else plan_download(input_dir, config)
     return run_stage("download", output_dir, tasks, download_shard, client, config=asdict(config) | {"input": input_dir})

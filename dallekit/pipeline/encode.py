@@ -14,9 +14,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from dallekit.config import BadInputError, EncodeConfig
+from dallekit.config import BadInputError, EncodeConfig, output_options
 from dallekit.images import UndecodableImage, load_square
-from dallekit.pipeline.shards import ShardResult, ShardTask, list_shards, read_shard, run_stage, shard_schema
+from dallekit.pipeline.shards import (
+    ShardResult,
+    ShardTask,
+    begin_stage,
+    check_columns,
+    input_identity,
+    list_shards,
+    read_shard,
+    run_stage,
+    shard_schema,
+)
 from dallekit.tokenize.image import cached_image_tokenizer
 from dallekit.tokenize.text import load_text_tokenizer
 from dallekit.tokenize.tokens import token_metadata, token_table
@@ -64,20 +74,19 @@ def encode_shard(task: EncodeShard) -> ShardResult:
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 
 
+UPSTREAM = ("filter", "clean")  # the stages whose output encode reads
+
+
 def plan_encode(input_dir: str, dvae: str, config: EncodeConfig) -> tuple[list[str], dict]:
-    """The shards to encode and the token metadata; loads both tokenizers to check them first."""
+    """The shards to encode and the token metadata; checks the input and loads both tokenizers first."""
+    input_identity(input_dir, UPSTREAM)
     paths = list_shards(input_dir)
-    for path in paths:
-        missing = {"uid", "caption", "jpg"} - set(shard_schema(path)[0].names)
-        if missing:
-            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected image shards)")
+    check_columns(paths, {"uid", "caption", "jpg"}, "image shards from `dallekit filter`")
     image_tokenizer = cached_image_tokenizer(dvae, config.device)
     text_tokenizer = load_text_tokenizer(config.text_tokenizer)
     for name, vocab in (("image codebook", image_tokenizer.config.codebook_size), ("text vocabulary", text_tokenizer.vocab_size)):
         if vocab > 2**16:
             raise BadInputError(f"{name} of {vocab} ids does not fit the uint16 token columns")
-    if config.batch_size < 1:
-        raise BadInputError(f"--batch-size {config.batch_size}: expected a positive number")
     return paths, token_metadata(image_tokenizer.metadata(), text_tokenizer.metadata())
 
 
@@ -85,6 +94,10 @@ def encode(input_dir: str, dvae: str, output_dir: str, config: EncodeConfig, cli
     """Run the encode stage; token shards are zstd-compressed."""
     started = time.time()
     paths, metadata = plan if plan is not None else plan_encode(input_dir, dvae, config)
+    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "tokens": metadata, "options": output_options(config)}
+    done = begin_stage("encode", output_dir, fingerprint, [input_dir, dvae], config.overwrite)
+    if done is not None:
+        return done
     tasks = [ShardTask(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet"), EncodeShard(p, dvae, config, metadata)) for p in paths]
     return run_stage(
         "encode", output_dir, tasks, encode_shard, client,

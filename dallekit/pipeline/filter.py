@@ -19,20 +19,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import BadInputError, FilterConfig
+from dallekit.config import FilterConfig, output_options
 from dallekit.images import decode_rgb
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.shards import (
     ShardResult,
-    exists,
     ShardTask,
+    begin_stage,
+    check_columns,
+    exists,
+    input_identity,
     list_shards,
     map_with_progress,
+    path_digest,
     read_shard,
-    read_stats,
     run_stage,
-    shard_schema,
-    stage_complete,
     write_table_atomic,
 )
 from dallekit.tokenize.text import default_text_tokenizer
@@ -72,9 +73,11 @@ def rule_failures(table: pa.Table, scores: dict[str, np.ndarray], config: Filter
     """Boolean 'fails' arrays per non-CLIP rule, in RULES order."""
     languages = {code.lower() for code in config.languages}
     lang_ok = np.array([("any" in languages or lang in languages) for lang in scores["lang"]])
+    no_image = pc.fill_null(pc.binary_length(table.column("jpg")), 0).to_numpy(zero_copy_only=False) == 0
     fails = {
-        "min_side": scores["min_side"] < config.min_side,
-        "aspect": scores["aspect"] > config.max_aspect,
+        # "not within the limit", so that a missing size (NaN) fails too; so does a row without image bytes
+        "min_side": ~(scores["min_side"] >= config.min_side) | no_image,
+        "aspect": ~(scores["aspect"] <= config.max_aspect),
         "caption_words": scores["caption_words"] < config.min_caption_words,
         "caption_chars": scores["caption_chars"] < config.min_caption_chars,
         "caption_tokens": scores["caption_tokens"] > config.max_caption_tokens,
@@ -115,7 +118,8 @@ def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], lis
     width = table.column("original_width").cast(pa.float64()).to_numpy(zero_copy_only=False)
     height = table.column("original_height").cast(pa.float64()).to_numpy(zero_copy_only=False)
     captions = [c or "" for c in table.column("caption").to_pylist()]
-    scores = {"min_side": np.fmin(width, height), "aspect": np.fmax(width, height) / np.fmin(width, height)}
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN-propagating: a row with a missing side has no size
+        scores = {"min_side": np.minimum(width, height), "aspect": np.maximum(width, height) / np.minimum(width, height)}
     scores |= {k: np.array(v) for k, v in caption_scores(captions).items()}
     reasons = first_failure(rule_failures(table, scores, task.config), table.num_rows)
     return table, scores, reasons
@@ -187,17 +191,19 @@ def filter_shard(task: FilterShard) -> ShardResult:
     )
 
 
+UPSTREAM = ("clean",)  # the stages whose output filter reads
+
+
+def _weights_id(config: FilterConfig) -> str | None:
+    """The CLIP checkpoint by content, so that retraining it into the same folder changes the fingerprint."""
+    return path_digest(config.clip_checkpoint) if config.clip and config.clip_checkpoint else None
+
+
 def plan_filter(input_dir: str, config: FilterConfig) -> list[str]:
-    """The cleaned shards to filter; checks columns and options, and that CLIP loads, before any task runs."""
+    """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs."""
+    input_identity(input_dir, UPSTREAM)
     paths = list_shards(input_dir)
-    for path in paths:
-        missing = {"uid", "caption", "original_width", "original_height", "jpg"} - set(shard_schema(path)[0].names)
-        if missing:
-            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected shards from `dallekit clean`)")
-    if config.clip_top_fraction is not None and not 0 < config.clip_top_fraction <= 1:
-        raise BadInputError(f"--clip-top-fraction {config.clip_top_fraction}: expected a fraction in (0, 1]")
-    if config.clip_batch_size < 1:
-        raise BadInputError(f"--clip-batch-size {config.clip_batch_size}: expected a positive number")
+    check_columns(paths, {"uid", "caption", "original_width", "original_height", "jpg"}, "shards from `dallekit clean`")
     if config.clip:
         from dallekit.models.clip import cached_clip
 
@@ -207,9 +213,10 @@ def plan_filter(input_dir: str, config: FilterConfig) -> list[str]:
 
 def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, paths: list[str] | None = None) -> dict:
     """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
-    if stage_complete(output_dir):
-        print(f"filter: {output_dir} is already complete (remove it to run again)")
-        return read_stats(output_dir)
+    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}}
+    done = begin_stage("filter", output_dir, fingerprint, [input_dir], config.overwrite)
+    if done is not None:
+        return done
     started = time.time()
     paths = paths if paths is not None else plan_filter(input_dir, config)
     work_dir = output_dir.rstrip("/") + "/_work"

@@ -17,9 +17,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import posixpath
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -27,16 +29,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from dallekit.config import BadInputError, IngestConfig
+from dallekit.config import BadInputError, IngestConfig, output_options
 from dallekit.pipeline.shards import (
     ShardResult,
     ShardTask,
+    begin_stage,
     map_with_progress,
-    read_stats,
     run_stage,
     shard_name,
-    stage_complete,
+    write_json_atomic,
     write_table_atomic,
 )
 
@@ -49,6 +52,8 @@ RESERVED = {
 }
 BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
 FOLDER_CHUNK = 10000  # images of a folder per scan task
+OUTSIDE_FOLDER = "outside_input_folder"  # reject reason: an image or caption resolves outside its input folder
+FILE_ROOTS = "_file_roots.json"  # the local folders an ingest read; download reads file:// URLs only inside them
 
 
 @dataclass
@@ -60,6 +65,7 @@ class InputFile:
     url_col: str
     caption_col: str
     size: int
+    root: str | None = None  # a local image folder's resolved path: every file read must lie inside it
 
 
 @dataclass
@@ -85,6 +91,22 @@ def _unstrip(fs, path: str, original: str) -> str:
     return fs.unstrip_protocol(path) if "://" in original else path
 
 
+def _is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _folder_files(fs, path: str) -> list[str]:
+    """Every file under a folder; a local folder is walked without entering symlinked folders."""
+    if not _is_local(fs):
+        return fs.find(path)
+    # fs.find follows symlinked folders, so a link could pull a whole tree from elsewhere into the input
+    return [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def expand_inputs(inputs: list[str], config: IngestConfig) -> list[InputFile]:
     """Resolve globs and folders into typed input files; bad input names the path and the problem."""
     files: list[InputFile] = []
@@ -97,7 +119,8 @@ def expand_inputs(inputs: list[str], config: IngestConfig) -> list[InputFile]:
             files += [_resolve_file(fs, _unstrip(fs, p, raw), p, config) for p in matches]
         elif fs.isdir(path):
             if config.format == "folder" or (config.format == "auto" and _looks_like_image_folder(fs, path)):
-                files.append(InputFile(raw, "folder", "url", "caption", 0))
+                root = os.path.realpath(path) if _is_local(fs) else None
+                files.append(InputFile(raw, "folder", "url", "caption", 0, root=root))
                 continue
             matches = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith((".", "_")))
             if not matches:
@@ -111,7 +134,7 @@ def expand_inputs(inputs: list[str], config: IngestConfig) -> list[InputFile]:
 
 
 def _looks_like_image_folder(fs, path: str) -> bool:
-    return any(p.lower().endswith(IMAGE_EXTENSIONS) for p in fs.find(path))
+    return any(p.lower().endswith(IMAGE_EXTENSIONS) for p in _folder_files(fs, path))
 
 
 def _detect_format(fs, path: str, raw: str, config: IngestConfig) -> str:
@@ -226,7 +249,7 @@ def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
     for file in files:
         fs, path = _fs(file.path)
         if file.format == "folder":
-            images = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS))
+            images = sorted(p for p in _folder_files(fs, file.root or path) if p.lower().endswith(IMAGE_EXTENSIONS))
             if not images:
                 raise BadInputError(f"{file.path}: no images (.jpg, .png, ...) in this folder")
             for start in range(0, len(images), FOLDER_CHUNK):
@@ -262,16 +285,8 @@ def _read_block(block: Block) -> pd.DataFrame:
     file = block.file
     fs, path = _fs(file.path)
     if file.format == "folder":
-        rows = []
-        for image in block.images:
-            stem = image.rsplit(".", 1)[0]
-            caption = None
-            if fs.exists(stem + ".txt"):
-                with fs.open(stem + ".txt", "rb") as f:
-                    caption = f.read().decode("utf-8", errors="replace").strip()
-            url = "file://" + image if "://" not in file.path else fs.unstrip_protocol(image)
-            rows.append({"url": url, "caption": caption})
-        return pd.DataFrame(rows, columns=["url", "caption"])
+        rows = [_local_image_row(fs, file.root, image) if file.root else _remote_image_row(fs, image) for image in block.images]
+        return pd.DataFrame(rows, columns=["url", "caption", "_reason"])
     if file.format in ("parquet", "laion"):
         with fs.open(path, "rb") as f:
             table = pq.ParquetFile(f).read_row_group(block.row_group)
@@ -292,6 +307,35 @@ def _read_block(block: Block) -> pd.DataFrame:
             df = _normalise_json_columns(df, file)
     df = df.rename(columns={c: f"source_{c}" for c in df.columns if c in RESERVED and c not in (file.url_col, file.caption_col)})
     return df.rename(columns={file.url_col: "url", file.caption_col: "caption"})
+
+
+def _read_caption(fs, path: str) -> str:
+    with fs.open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace").strip()
+
+
+def _local_image_row(fs, root: str, image: str) -> dict:
+    """A local image's row: its resolved file:// URL and caption, or a reject when either resolves outside `root`."""
+    real = os.path.realpath(image)
+    if not _inside(real, root):  # a symlink out of the folder: neither the image nor its caption is read
+        return {"url": Path(image).as_uri(), "caption": None, "_reason": OUTSIDE_FOLDER}
+    caption, reason = None, None
+    text = image.rsplit(".", 1)[0] + ".txt"  # named after the listed image, not its link target
+    if os.path.lexists(text):
+        real_text = os.path.realpath(text)
+        if not _inside(real_text, root):
+            reason = OUTSIDE_FOLDER
+        elif os.path.isfile(real_text):
+            caption = _read_caption(fs, real_text)
+    # as_uri percent-encodes the path: a name like `..%2Fx.jpg` must not be unquoted into `../x.jpg` by the reader
+    return {"url": Path(real).as_uri(), "caption": caption, "_reason": reason}
+
+
+def _remote_image_row(fs, image: str) -> dict:
+    """An image of a non-local fsspec folder (memory://, s3://): its URL and .txt caption."""
+    text = image.rsplit(".", 1)[0] + ".txt"
+    caption = _read_caption(fs, text) if fs.exists(text) else None
+    return {"url": fs.unstrip_protocol(image), "caption": caption, "_reason": None}
 
 
 def _normalise_json_columns(df: pd.DataFrame, file: InputFile) -> pd.DataFrame:
@@ -316,6 +360,7 @@ def _as_text(values: pd.Series) -> pd.Series:
 def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: bool) -> int:
     """Pass 1: normalise one block, flag invalid rows, bucket its URLs; returns its row count."""
     df = _read_block(block)
+    folder_reason = df.pop("_reason") if block.file.format == "folder" else None
     url = _as_text(df["url"]).map(lambda u: u.strip() if u is not None else None)
     caption = _as_text(df["caption"])
     reason = pd.Series([None] * len(df), dtype=object, index=df.index)
@@ -329,6 +374,8 @@ def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: boo
     reason[is_file & ~allow_file] = "file_url_not_allowed"
     reason[~is_http & ~is_file] = "invalid_url_scheme"
     reason[url.map(lambda u: not u)] = "empty_url"
+    if folder_reason is not None:  # a path outside the folder outranks every other reason
+        reason = reason.where(folder_reason.isna(), folder_reason)
     extras = [c for c in df.columns if c not in ("url", "caption")]
     out = pd.DataFrame(
         {
@@ -446,14 +493,25 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> list[Block]:
     return plan_blocks(expand_inputs(inputs, config), config)
 
 
+def write_file_roots(output_dir: str, blocks: list[Block]) -> list[str]:
+    """Write `_file_roots.json` with the resolved local folders the blocks read; download allows file:// URLs only inside them."""
+    roots = sorted({b.file.root for b in blocks if b.file.root})
+    fs, root = _fs(output_dir)
+    fs.makedirs(root, exist_ok=True)
+    write_json_atomic({"roots": roots}, f"{output_dir.rstrip('/')}/{FILE_ROOTS}")
+    return roots
+
+
 def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blocks: list[Block] | None = None) -> dict:
     """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
-    if stage_complete(output_dir):
-        print(f"ingest: {output_dir} is already complete (remove it to run again)")
-        return read_stats(output_dir)
     started = time.time()
     blocks = blocks if blocks is not None else plan_ingest(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
+    identity = [{"path": f.path, "format": f.format, "size": f.size, "images": sum(len(b.images or []) for b in blocks if b.file is f)}
+                for f in files]
+    done = begin_stage("ingest", output_dir, {"inputs": identity, "options": output_options(config)}, inputs, config.overwrite)
+    if done is not None:
+        return done
     work_dir = output_dir.rstrip("/") + "/_work"
     fs, work_root = _fs(work_dir)
     total_bytes = sum(f.size for f in files) + sum(len(b.images or []) * 200 for b in blocks)
@@ -471,6 +529,7 @@ def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blo
         with fs.open(scanned, "w") as f:
             json.dump({"block_rows": block_rows}, f)
     tasks = plan_shards(block_rows, config.shard_size, work_dir)
+    write_file_roots(output_dir, blocks)
     stats = run_stage("ingest", output_dir, tasks, write_shard, client, config=asdict(config) | {"inputs": inputs}, started=started)
     if fs.exists(work_root):
         fs.rm(work_root, recursive=True)

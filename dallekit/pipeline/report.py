@@ -167,7 +167,7 @@ def _samples_section(page: _Page) -> None:
         top = [r for r in records if r["rank"] == 0]
         labels = [r["prompt"].removeprefix("a ").replace(" background", "") + (" (zero-shot)" if verdicts.get(r["prompt"], {}).get("zero_shot") else "")
                   for r in top]
-        overview = labelled_grid([np.asarray(Image.open(samples_dir / r["file"]).convert("RGB")) for r in top], labels)
+        overview = labelled_grid([np.asarray(Image.open(samples_dir / Path(r["file"]).name).convert("RGB")) for r in top], labels)
         overview.save(page.figures / "samples_top1.png")
         page.heading("Samples (best by CLIP first)")
         page.image("report/samples_top1.png", "the reranked top-1 sample of every prompt")

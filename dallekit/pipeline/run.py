@@ -44,7 +44,7 @@ from dallekit.pipeline.encode import encode, plan_encode
 from dallekit.pipeline.filter import filter_stage, plan_filter
 from dallekit.pipeline.ingest import ingest, plan_ingest
 from dallekit.pipeline.report import write_report
-from dallekit.pipeline.shards import format_summary, iter_captions, list_shards, stage_complete
+from dallekit.pipeline.shards import format_summary, iter_captions, list_shards
 
 
 @dataclass
@@ -102,7 +102,7 @@ def run_pipeline(p: Pipeline) -> dict:
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
         p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
     Path(p.run.out).mkdir(parents=True, exist_ok=True)
-    blocks = None if stage_complete(d["ingest"]) else plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
+    blocks = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
     result: dict = {"stages": []}
     stages = result["stages"]
     dvae_dir = p.run.dvae or d["dvae"]

@@ -16,7 +16,10 @@ Folders starting with `_` are ignored by pyarrow and Dask when they read the sta
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,12 +27,22 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError, environment_error
+from dallekit.io import (  # noqa: F401 - the shard I/O stages import from here too
+    SHARD_GLOB,
+    check_columns,
+    list_shards,
+    read_shard,
+    shard_index,
+    shard_schema,
+    shard_stem,
+    write_json_atomic,
+    write_table_atomic,
+)
 
-SHARD_GLOB = "part-*.parquet"
+FINGERPRINT = "_fingerprint.json"
 
 
 @dataclass
@@ -53,52 +66,6 @@ class ShardResult:
 def shard_name(index: int) -> str:
     """The file stem of shard `index`."""
     return f"part-{index:05d}"
-
-
-def list_shards(input_dir: str) -> list[str]:
-    """Sorted full paths of the Parquet shards of a stage folder; bad input if there are none."""
-    fs, root = fsspec.core.url_to_fs(input_dir)
-    if not fs.isdir(root):
-        raise BadInputError(f"{input_dir}: not a folder of Parquet shards")
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/{SHARD_GLOB}"))
-    if not paths:
-        raise BadInputError(f"{input_dir}: no {SHARD_GLOB} shards found (is it a stage output folder?)")
-    return [fs.unstrip_protocol(p) for p in paths] if "://" in input_dir else paths
-
-
-def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard as an Arrow table."""
-    fs, p = fsspec.core.url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def shard_schema(path: str) -> tuple[pa.Schema, int]:
-    """A shard's Arrow schema and row count, from its footer alone."""
-    fs, p = fsspec.core.url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        pf = pq.ParquetFile(f)
-        return pf.schema_arrow, pf.metadata.num_rows
-
-
-def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
-    """Write a Parquet file under a temporary name beside the target and rename it into place."""
-    fs, p = fsspec.core.url_to_fs(path)
-    parent, name = p.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, **parquet_kwargs)
-    fs.mv(tmp, p)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to a temporary name and rename it into place."""
-    fs, p = fsspec.core.url_to_fs(path)
-    tmp = f"{p}.{uuid.uuid4().hex}.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, p)
 
 
 def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardResult], parquet_kwargs: dict) -> dict:
@@ -169,6 +136,166 @@ def read_stats(output_dir: str) -> dict:
         return json.load(f)
 
 
+def _local_real(path: str) -> str | None:
+    """The resolved path of a local folder, or None for a remote URL."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return os.path.realpath(path.removeprefix("file://"))
+
+
+def _check_not_input(output_dir: str, input_dirs: list[str]) -> None:
+    """--out must not be an input, lie inside one, or hold one: a stage would overwrite or list what it reads."""
+    out = _local_real(output_dir)
+    for input_dir in input_dirs:
+        src = _local_real(input_dir)
+        if out is None or src is None:
+            if output_dir.rstrip("/") == input_dir.rstrip("/"):
+                raise BadInputError(f"--out {output_dir}: is the input folder; give another folder")
+            continue
+        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+            relation = "is" if out == src else ("is inside" if out.startswith(src + os.sep) else "holds")
+            raise BadInputError(f"--out {output_dir}: {relation} the input {input_dir}; give a folder of its own")
+
+
+def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = True) -> dict:
+    """What a stage's fingerprint records of a stage folder it reads: its path, stage and fingerprint digest.
+
+    The folder must hold a finished stage of one of the `upstream` kinds (its `_SUCCESS` and
+    `_stats.json`); bad input otherwise. With `required=False` a folder of hand-made shards is
+    accepted too, recorded by its shard names and sizes.
+    """
+    fs, root = fsspec.core.url_to_fs(input_dir)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise BadInputError(f"{input_dir}: no such folder")
+    kinds = " or ".join(f"`dallekit {u}`" for u in upstream)
+    if not required and not fs.exists(f"{root}/_SUCCESS"):
+        shards = [(shard_stem(p), fs.size(p)) for p in list_shards(input_dir)]
+        return {"path": _local_real(input_dir) or input_dir, "stage": None, "shards": shards}
+    if not fs.exists(f"{root}/_SUCCESS") or not fs.exists(f"{root}/_stats.json"):
+        raise BadInputError(f"{input_dir}: not a finished stage folder (no _SUCCESS); expected the output of {kinds}")
+    try:
+        stage = read_stats(input_dir).get("stage")
+    except (ValueError, OSError) as err:
+        raise BadInputError(f"{input_dir}/_stats.json: not readable ({err})") from None
+    if stage not in upstream:
+        raise BadInputError(f"{input_dir}: holds a `{stage}` stage; expected the output of {kinds}")
+    digest = None
+    if fs.exists(f"{root}/{FINGERPRINT}"):
+        with fs.open(f"{root}/{FINGERPRINT}", "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest}
+
+
+def path_digest(path: str) -> str | None:
+    """A short sha256 of a local file, or of a folder's files (names and contents); None if it does not exist."""
+    target = os.path.realpath(path)
+    files = [target] if os.path.isfile(target) else sorted(
+        os.path.join(d, name) for d, _, names in os.walk(target) for name in names
+    )
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(os.path.relpath(name, target).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _canonical(obj: Any) -> Any:
+    """The JSON round trip of a fingerprint, so a fresh one compares equal to a stored one."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two fingerprints, as 'name old -> new'."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key} {json.dumps(a)[:80]} -> {json.dumps(b)[:80]}")
+    return found
+
+
+def _read_fingerprint(fs: Any, root: str, output_dir: str) -> dict | None:
+    path = f"{root}/{FINGERPRINT}"
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except ValueError:
+        raise BadInputError(f"{output_dir}/{FINGERPRINT}: not valid JSON; remove the folder or pass --overwrite") from None
+
+
+def _prepare_folder(fs: Any, root: str, output_dir: str) -> None:
+    """Create --out, or bad input when it is a file, lies under a file, or cannot be written."""
+    if fs.exists(root) and not fs.isdir(root):
+        raise BadInputError(f"--out {output_dir}: is a file, expected a folder")
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as err:
+        raise environment_error(err, f"--out {output_dir}") or BadInputError(f"--out {output_dir}: cannot create it ({err})") from None
+
+
+def prepare_output(output_dir: str, input_dirs: list[str]) -> None:
+    """For the trainers and tools: --out is not an input, is or can be a folder, and can be written."""
+    _check_not_input(output_dir, input_dirs)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    _prepare_folder(fs, root.rstrip("/"), output_dir)
+    probe = f"{root.rstrip('/')}/.dallekit-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except OSError as err:
+        raise environment_error(err, f"--out {output_dir}") or BadInputError(f"--out {output_dir}: cannot write there ({err})") from None
+
+
+def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list[str], overwrite: bool = False) -> dict | None:
+    """Claim --out for a stage run before any work: the stats of an identical finished run, or None to go on.
+
+    `fingerprint` holds what the output depends on (the inputs and the options that change it).
+    A folder holding this stage with the same fingerprint resumes (or is already complete); one
+    with another fingerprint is refused, naming what differs, unless `overwrite` starts afresh.
+    A folder holding another stage, anything else, or one of the inputs is refused.
+    """
+    _check_not_input(output_dir, input_dirs)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    _prepare_folder(fs, root, output_dir)
+    current = _canonical({"stage": stage, **fingerprint})
+    stored = _read_fingerprint(fs, root, output_dir)
+    entries = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != FINGERPRINT]
+    other = stored.get("stage") if stored else (read_stats(output_dir).get("stage") if fs.exists(f"{root}/_stats.json") else None)
+    if other is not None and other != stage:
+        raise BadInputError(f"--out {output_dir}: holds a `{other}` stage, not {stage}; give another folder")
+    if stored is None and entries and not (other == stage and overwrite):
+        what = f"a `{other}` stage with no fingerprint (pass --overwrite)" if other else "files that are not a dallekit stage"
+        raise BadInputError(f"--out {output_dir}: holds {what}; give an empty or new folder")
+    if stored is not None and stored != current:
+        if not overwrite:
+            changes = "; ".join(_differences(stored, current)[:6])
+            raise BadInputError(f"--out {output_dir}: holds a {stage} run with other inputs or options ({changes}); "
+                                "rerun with the same ones to resume, or pass --overwrite to start afresh")
+    if (stored is not None and stored != current) or (stored is None and entries):
+        print(f"{stage}: --overwrite: removing the earlier run in {output_dir}")
+        fs.rm(root, recursive=True)
+        fs.makedirs(root, exist_ok=True)
+    elif stored is not None and fs.exists(f"{root}/_SUCCESS"):
+        print(f"{stage}: {output_dir} is already complete with these inputs and options")
+        return read_stats(output_dir)
+    try:
+        write_json_atomic(current, f"{root}/{FINGERPRINT}")
+    except OSError as err:
+        raise environment_error(err, f"--out {output_dir}") or err from None
+    return None
+
+
 def run_stage(
     stage: str,
     output_dir: str,
@@ -217,20 +344,45 @@ def run_stage(
     return stats
 
 
+@dataclass
+class _Refused:
+    """A task's bad input, returned rather than raised so that Dask neither retries it nor logs a traceback."""
+
+    message: str
+
+
+def _guarded(fn: Callable, item: Any, **kwargs: Any) -> Any:
+    """Run one task; bad input and environment errors (a full disk) come back as a _Refused value."""
+    try:
+        return fn(item, **kwargs)
+    except BadInputError as err:
+        return _Refused(str(err))
+    except OSError as err:
+        converted = environment_error(err, getattr(item, "name", None) or fn.__name__)
+        if converted is None:
+            raise
+        return _Refused(str(converted))
+
+
 def map_with_progress(
     client: Any, fn: Callable, items: list, desc: str, unit: str = "task", already_done: int = 0, retries: int = 2, **kwargs: Any
 ) -> list:
-    """Run fn(item, **kwargs) as one Dask task per item with a progress bar; results in item order."""
+    """Run fn(item, **kwargs) as one Dask task per item with a progress bar; results in item order.
+
+    A task's BadInputError (or full disk) stops the run with that one-line error, without retries.
+    """
     if not items:
         return []
     from distributed import as_completed
 
     keys = [f"{desc}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(items))]
-    futures = client.map(fn, items, key=keys, retries=retries, pure=False, **kwargs)
+    futures = client.map(functools.partial(_guarded, fn), items, key=keys, retries=retries, pure=False, **kwargs)
     with tqdm(total=len(items) + already_done, initial=already_done, desc=desc, unit=unit) as bar:
         try:
             for future in as_completed(futures):
-                future.result()  # re-raises the task's error after its retries
+                result = future.result()  # re-raises a bug's error after its retries
+                if isinstance(result, _Refused):
+                    raise BadInputError(result.message)
                 bar.update(1)
         except BaseException:
             client.cancel(futures)

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dallekit.config import BadInputError
 from dallekit.models.dvae import DVAE, DVAEConfig, config_dict
-from dallekit.models.weights import load_model_state, pick_device
+from dallekit.models.weights import config_from_dict, load_model_state, load_weights, pick_device
 
 _CACHE: dict[tuple, "ImageTokenizer"] = {}  # one dVAE per worker process
 
@@ -31,12 +30,8 @@ class ImageTokenizer:
     def load(cls, model_dir: str, device: str = "auto") -> "ImageTokenizer":
         """Load a dVAE folder written by train-dvae or convert-openai-dvae."""
         values, state = load_model_state(model_dir)
-        config = DVAEConfig.from_dict(values)
-        model = DVAE(config)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise BadInputError(f"{model_dir}: weights do not fit its config.json ({str(err).splitlines()[0]})") from None
+        model = DVAE(config_from_dict(DVAEConfig, values, model_dir))
+        load_weights(model, state, model_dir)
         digest = hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()
         return cls(model, digest, pick_device(device))
 

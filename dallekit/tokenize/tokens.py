@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
+from dallekit.io import shard_schema
 
 FORMAT = "dallekit.tokens/1"
 METADATA_KEY = b"dallekit"
@@ -46,15 +47,17 @@ def token_table(uids, captions, text_tokens: list[list[int]], image_tokens: np.n
 
 def read_token_metadata(path: str) -> dict:
     """The `dallekit` metadata of one token file; bad input if it has none."""
-    fs, p = fsspec.core.url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        schema = pq.ParquetFile(f).schema_arrow
+    schema = shard_schema(path)[0]
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise BadInputError(f"{path}: no `dallekit` token metadata (expected a shard written by `dallekit encode`)")
-    metadata = json.loads(raw)
-    if metadata.get("format") != FORMAT:
-        raise BadInputError(f"{path}: token format {metadata.get('format')!r}, expected {FORMAT!r}")
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        raise BadInputError(f"{path}: its `dallekit` token metadata is not JSON") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else metadata
+        raise BadInputError(f"{path}: token format {found!r}, expected {FORMAT!r}")
     return metadata
 
 

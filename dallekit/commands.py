@@ -1,0 +1,230 @@
+"""What each `dallekit` subcommand does, given its parsed arguments and its checked configs.
+
+`cli.py` declares the commands and their options; this module holds one short handler per
+command, looked up in HANDLERS. Heavy imports happen inside the handlers, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dallekit.errors import BadInputError
+
+
+def _summary(stats: dict) -> int:
+    from dallekit.pipeline.shards import format_summary
+
+    print(format_summary(stats))
+    return 0
+
+
+class LazyClient:
+    """A Dask client that starts its cluster on first use, so that bad input and finished stages never start one."""
+
+    def __init__(self, cluster_config):
+        self._config, self._context, self._client = cluster_config, None, None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            from dallekit.pipeline.cluster import dask_client
+
+            self._context = dask_client(self._config)
+            self._client = self._context.__enter__()
+        return getattr(self._client, name)
+
+    def close(self) -> None:
+        """Shut the cluster down if it was started."""
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+
+
+def _stage(args: argparse.Namespace, configs: dict, stage_fn, *inputs) -> int:
+    """Run one Dask stage on a client made from the [cluster] options, started only when a task runs."""
+    client = LazyClient(configs["cluster"])
+    try:
+        return _summary(stage_fn(*inputs, args.out, configs[args.command], client))
+    finally:
+        client.close()
+
+
+def ingest(args, configs, toml) -> int:
+    """dallekit ingest."""
+    from dallekit.pipeline.ingest import ingest as ingest_stage, plan_ingest
+
+    blocks = plan_ingest(args.inputs, configs["ingest"])
+    return _stage(args, configs, lambda inputs, out, config, client: ingest_stage(inputs, out, config, client, blocks=blocks), args.inputs)
+
+
+def download(args, configs, toml) -> int:
+    """dallekit download."""
+    from dallekit.pipeline.download import download as download_stage, plan_download
+
+    tasks = plan_download(args.urls, configs["download"])
+    return _stage(args, configs, lambda src, out, config, client: download_stage(src, out, config, client, tasks=tasks), args.urls)
+
+
+def clean(args, configs, toml) -> int:
+    """dallekit clean."""
+    from dallekit.pipeline.clean import clean as clean_stage, plan_clean
+
+    paths = plan_clean(args.downloaded)
+    return _stage(args, configs, lambda src, out, config, client: clean_stage(src, out, config, client, paths=paths), args.downloaded)
+
+
+def filter_(args, configs, toml) -> int:
+    """dallekit filter."""
+    from dallekit.pipeline.filter import filter_stage, plan_filter
+
+    paths = plan_filter(args.cleaned, configs["filter"])
+    return _stage(args, configs, lambda src, out, config, client: filter_stage(src, out, config, client, paths=paths), args.cleaned)
+
+
+def encode(args, configs, toml) -> int:
+    """dallekit encode."""
+    from dallekit.pipeline.encode import encode as encode_stage, plan_encode
+
+    plan = plan_encode(args.filtered, args.dvae, configs["encode"])
+    return _stage(args, configs, lambda src, out, config, client: encode_stage(src, args.dvae, out, config, client, plan=plan), args.filtered)
+
+
+def _prepare(args: argparse.Namespace, *inputs: str) -> None:
+    from dallekit.pipeline.shards import prepare_output
+
+    prepare_output(args.out, [i for i in inputs if i])
+
+
+def train_dvae(args, configs, toml) -> int:
+    """dallekit train-dvae."""
+    from dallekit.train_dvae import train_dvae as train
+
+    _prepare(args, args.filtered)
+    metrics = train(args.filtered, args.out, configs["train-dvae"])
+    print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def train_clip(args, configs, toml) -> int:
+    """dallekit train-clip."""
+    from dallekit.train_clip import train_clip as train
+
+    _prepare(args, args.filtered)
+    metrics = train(args.filtered, args.out, configs["train-clip"])
+    print("train-clip: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def train(args, configs, toml) -> int:
+    """dallekit train."""
+    from dallekit.train import train_transformer
+
+    _prepare(args, args.tokens)
+    metrics = train_transformer(args.tokens, args.out, configs["train"])
+    print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def _scorer(options, required: bool):
+    """The CLIP of --clip-checkpoint or --clip-model/--clip-pretrained, or None when neither is given and none is required."""
+    from dallekit.models.clip import load_clip
+
+    if not (options.clip_checkpoint or options.clip_pretrained):
+        if required:
+            raise BadInputError("evaluate needs a CLIP: --clip-checkpoint DIR (e.g. from train-clip) or --clip-model M --clip-pretrained T")
+        return None
+    return load_clip(options.clip_model, options.clip_pretrained, options.clip_checkpoint)
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompts file."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise BadInputError(f"{path}: not a regular file, expected one prompt per line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read prompts ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: not UTF-8 text near byte {err.start}; expected one prompt per line") from None
+
+
+def sample(args, configs, toml) -> int:
+    """dallekit sample."""
+    from dataclasses import replace
+
+    from dallekit.sample import sample as generate
+
+    options = configs["sample"]
+    prompts = list(options.prompts) + list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    _prepare(args, args.model, args.dvae)
+    scorer = _scorer(configs["clip"], required=False)
+    records = generate(args.model, args.dvae, prompts, args.out, replace(options, prompts=prompts), scorer)
+    print(f"sample: {len(records)} images for {len(prompts)} prompts in {args.out}" + ("" if scorer else " (no CLIP given: not reranked)"))
+    return 0
+
+
+def evaluate(args, configs, toml) -> int:
+    """dallekit evaluate."""
+    from dallekit.evaluate import evaluate as run_evaluation
+
+    options = configs["evaluate"]
+    _prepare(args, args.model, args.dvae, args.tokens)
+    scorer = _scorer(configs["clip"], required=True)
+    results = run_evaluation(args.model, args.dvae, args.tokens, args.out, scorer, n=options.n, captions=options.captions, seed=options.seed)
+    print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
+    print(f"evaluate: {results['fid_note']}")
+    return 0
+
+
+def decode(args, configs, toml) -> int:
+    """dallekit decode."""
+    from dallekit.decode import decode_tokens
+
+    _prepare(args, args.tokens, args.dvae)
+    written = decode_tokens(args.tokens, args.dvae, args.out, configs["decode"].limit)
+    print(f"decode: {len(written)} images and grid.png in {args.out}")
+    return 0
+
+
+def train_bpe(args, configs, toml) -> int:
+    """dallekit train-bpe."""
+    from dallekit.pipeline.shards import iter_captions
+    from dallekit.tokenize.text import train_bpe as train
+
+    _prepare(args, args.captions)
+    tokenizer = train(iter_captions(args.captions), args.out, configs["train-bpe"].vocab_size)
+    print(f"train-bpe: {tokenizer.vocab_size} tokens in {tokenizer.path}")
+    return 0
+
+
+def convert_openai_dvae(args, configs, toml) -> int:
+    """dallekit convert-openai-dvae."""
+    from dallekit.models.openai_dvae import convert_openai_dvae as convert
+
+    _prepare(args)
+    config = convert(args.encoder, args.decoder, args.out)
+    print(f"convert-openai-dvae: {config.codebook_size} codes, {config.grid}x{config.grid} grid, written to {args.out}")
+    return 0
+
+
+def run(args, configs, toml) -> int:
+    """dallekit run."""
+    from dallekit.pipeline.run import load_pipeline, run_pipeline
+
+    run_pipeline(load_pipeline(toml, args.config, args))
+    return 0
+
+
+def demo(args, configs, toml) -> int:
+    """dallekit demo."""
+    from dallekit.demo import run_demo
+
+    run_demo(configs["demo"], configs["cluster"])
+    return 0
+
+
+HANDLERS = {
+    "ingest": ingest, "download": download, "clean": clean, "filter": filter_, "encode": encode, "train-dvae": train_dvae,
+    "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
+    "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
+}

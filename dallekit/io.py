@@ -1,0 +1,105 @@
+"""Shard files: listing, reading and atomic writing of a stage folder's Parquet shards, local or fsspec.
+
+The bottom layer every stage, trainer and tool reads its input through: a corrupt, empty or
+misnamed shard is bad input naming the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dallekit.errors import BadInputError
+
+SHARD_GLOB = "part-*.parquet"
+SHARD_NAME = re.compile(r"part-(\d{1,9})\.parquet")
+
+
+def list_shards(input_dir: str) -> list[str]:
+    """Sorted full paths of the Parquet shards of a stage folder; bad input if there are none or one is misnamed."""
+    fs, root = fsspec.core.url_to_fs(input_dir)
+    if not fs.isdir(root):
+        raise BadInputError(f"{input_dir}: not a folder of Parquet shards")
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/{SHARD_GLOB}"))
+    if not paths:
+        raise BadInputError(f"{input_dir}: no {SHARD_GLOB} shards found (is it a stage output folder?)")
+    for p in paths:
+        if not SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]):
+            raise BadInputError(f"{p}: a shard name must be part-<number>.parquet")
+        if fs.isdir(p):
+            raise BadInputError(f"{p}: a folder where a Parquet shard was expected")
+    return [fs.unstrip_protocol(p) for p in paths] if "://" in input_dir else paths
+
+
+def shard_stem(path: str) -> str:
+    """The name of a shard without folder and extension: part-00042."""
+    return path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def shard_index(path: str) -> int:
+    """The number in a shard's name."""
+    return int(shard_stem(path).split("-", 1)[1])
+
+
+def _unreadable(path: str, err: Exception) -> BadInputError:
+    message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return BadInputError(f"{path}: not a readable Parquet shard ({message})")
+
+
+def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one shard as an Arrow table; a corrupt or truncated file is bad input naming it."""
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowException, FileNotFoundError) as err:  # a disk error is not the file's fault: it propagates
+        raise _unreadable(path, err) from None
+
+
+def shard_schema(path: str) -> tuple[pa.Schema, int]:
+    """A shard's Arrow schema and row count, from its footer alone; a file that is not Parquet is bad input."""
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            return pf.schema_arrow, pf.metadata.num_rows
+    except (pa.ArrowException, FileNotFoundError) as err:
+        raise _unreadable(path, err) from None
+
+
+def check_columns(paths: list[str], required: set[str], expected: str) -> list[tuple[pa.Schema, int]]:
+    """Every shard's schema and row count; bad input naming the shard if it lacks a required column."""
+    schemas = []
+    for path in paths:
+        schema, rows = shard_schema(path)
+        missing = required - set(schema.names)
+        if missing:
+            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected {expected})")
+        schemas.append((schema, rows))
+    return schemas
+
+
+def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
+    """Write a Parquet file under a temporary name beside the target and rename it into place."""
+    fs, p = fsspec.core.url_to_fs(path)
+    parent, name = p.rsplit("/", 1)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, **parquet_kwargs)
+    fs.mv(tmp, p)
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """Write JSON to a temporary name and rename it into place."""
+    fs, p = fsspec.core.url_to_fs(path)
+    tmp = f"{p}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, p)

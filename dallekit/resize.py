@@ -1,0 +1,222 @@
+"""resize: dallekit's decoder and resizer, a drop-in for img2dataset's `Resizer` handed to its `Downloader`.
+
+Same call and results as img2dataset's Resizer for ordinary 8-bit images: OpenCV decodes
+(`cv2.imdecode`, IMREAD_UNCHANGED), alpha is matted on white, grayscale stays one channel,
+CMYK is converted by OpenCV, the resize modes no / keep_ratio / keep_ratio_largest /
+center_crop / border resize with INTER_AREA down and INTER_LANCZOS4 up exactly as its
+albumentations transforms do, and the encoder and quality are the same. The differences:
+
+- The header is read first (PIL's `Image.open` is lazy: it parses the header and decodes no
+  pixel), and the size checks run on it, in img2dataset's order: "image too small", then
+  "image_too_large: WxH pixels (N) is more than max_image_area M", then "aspect ratio too
+  large". A decompression bomb (a small file that decodes to gigabytes) costs no memory.
+  PIL refuses more than 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx) by itself; that refusal is
+  reported as image_too_large too. Bytes PIL can not identify are "Image decoding error",
+  since their size can not be known before decoding (OpenCV-only formats such as Radiance
+  HDR are lost; the web's JPEG, PNG, WebP, GIF, BMP and TIFF are all read by both).
+- 16-bit images (PNG "I;16", 48- and 64-bit RGB(A)) are scaled to 8 bits (v / 257, rounded)
+  instead of saturating to white; float images are taken as 0..1.
+- EXIF orientation is applied, as a viewer shows the image (OpenCV's IMREAD_UNCHANGED ignores
+  it). The choice: `original_width`/`original_height` are the displayed, rotated size, so a
+  phone photo taken upright reads as portrait everywhere downstream (min_side, aspect rules).
+- Alpha is matted in row blocks with img2dataset's arithmetic: the same pixels without its
+  whole-image float64 copies, so a decode holds one image of at most max_image_area pixels
+  (and its 8-bit or rotated copy while converting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import threading
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from dallekit.config import DownloadConfig
+
+ORIENTATION_TAG = 0x0112
+MATTE_BLOCK_PIXELS = 1 << 20  # pixels matted at once: float64 temporaries of ~24 MB
+_ENCODE_FLAGS = {"jpg": cv2.IMWRITE_JPEG_QUALITY, "png": cv2.IMWRITE_PNG_COMPRESSION, "webp": cv2.IMWRITE_WEBP_QUALITY}
+# EXIF orientation -> the transform that shows the stored pixels upright (PIL's exif_transpose, in OpenCV)
+_ORIENT = {
+    2: lambda img: cv2.flip(img, 1),
+    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
+    4: lambda img: cv2.flip(img, 0),
+    5: cv2.transpose,
+    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda img: cv2.flip(cv2.transpose(img), -1),
+    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+def _failure(message: str) -> tuple:
+    return None, None, None, None, None, message
+
+
+class _Quiet:
+    """Who silences fds 1 and 2 in this process: the first decode in redirects them, the last out restores."""
+
+    lock = threading.Lock()
+    users = 0
+    saved: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silence fds 1 and 2 while OpenCV decodes: libjpeg and libpng print warnings there (img2dataset does the same)."""
+    with _Quiet.lock:
+        if not _Quiet.users:
+            null = os.open(os.devnull, os.O_WRONLY)
+            _Quiet.saved = (os.dup(1), os.dup(2))
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
+        _Quiet.users += 1
+    try:
+        yield
+    finally:
+        with _Quiet.lock:
+            _Quiet.users -= 1
+            if not _Quiet.users:
+                for fd, saved in zip((1, 2), _Quiet.saved):
+                    os.dup2(saved, fd)
+                    os.close(saved)
+
+
+def read_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of image bytes from their header alone; raises on bytes PIL can not identify."""
+    with Image.open(io.BytesIO(data)) as image:
+        orientation = 1
+        # only EXIF already parsed from the header: PNG's getexif() would decode the image to look for a late eXIf chunk
+        if "exif" in image.info or image.format == "TIFF":
+            try:
+                orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
+            except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the image
+                orientation = 1
+        return image.width, image.height, orientation if orientation in _ORIENT else 1
+
+
+def to_8bit(img: np.ndarray) -> np.ndarray:
+    """8-bit pixels: 16-bit scaled by 1/257 (rounded), float taken as 0..1; OpenCV's other depths are refused."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return cv2.convertScaleAbs(img, alpha=1 / 257)
+    if img.dtype in (np.float32, np.float64):
+        return cv2.convertScaleAbs(img, alpha=255)
+    raise ValueError(f"unsupported pixel type {img.dtype}")
+
+
+def matte_on_white(img: np.ndarray) -> np.ndarray:
+    """BGRA -> BGR on a white background, img2dataset's formula in row blocks (no whole-image float64 copies)."""
+    out = np.empty(img.shape[:2] + (3,), np.uint8)
+    rows = max(1, MATTE_BLOCK_PIXELS // img.shape[1])
+    for top in range(0, img.shape[0], rows):
+        block = img[top : top + rows]
+        alpha = block[:, :, 3, np.newaxis]
+        out[top : top + rows] = np.rint((alpha / 255 * block[..., :3] + 255 - alpha).clip(min=0, max=255))
+    return out
+
+
+def decode(data: bytes, orientation: int = 1) -> np.ndarray:
+    """Decode with OpenCV as img2dataset does, then to 8 bits, alpha matted on white, shown upright."""
+    with quiet_native_output():
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("Image decoding error")
+    img = to_8bit(img)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = matte_on_white(img)
+    return _ORIENT[orientation](img) if orientation in _ORIENT else img
+
+
+class Resizer:
+    """img2dataset's Resizer interface, configured from a DownloadConfig; see the module docstring for what differs."""
+
+    def __init__(self, config: DownloadConfig):
+        self.image_size = config.image_size
+        self.resize_mode = config.resize_mode
+        self.resize_only_if_bigger = config.resize_only_if_bigger
+        self.min_image_size = config.min_image_size
+        self.max_image_area = config.max_image_area
+        self.max_aspect_ratio = config.max_aspect_ratio
+        self.encode_ext = f".{config.encode_format}"
+        self.encode_params = [int(_ENCODE_FLAGS[config.encode_format]), config.quality]
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        """(img_bytes, width, height, original_width, original_height, error_message), as img2dataset's Resizer."""
+        try:
+            return self._resize_stream(img_stream, blurring_bbox_list)
+        except Exception as err:  # noqa: BLE001 - img2dataset records any failure as the row's error
+            return _failure(str(err))
+
+    def _resize_stream(self, img_stream, blurring_bbox_list) -> tuple:
+        cv2.setNumThreads(1)  # the download threads and the Dask workers already use the cores
+        img_stream.seek(0)
+        data = img_stream.read()
+        try:
+            width, height, orientation = read_header(data)
+        except Image.DecompressionBombError as err:
+            return _failure(self._bomb_message(err))
+        except Exception:  # noqa: BLE001 - not an image PIL knows: its size can not be checked before decoding
+            return _failure("Image decoding error")
+        refusal = self.check_size(width, height)
+        if refusal:
+            return _failure(refusal)
+        if blurring_bbox_list is not None:
+            return _failure("blurrer not defined")
+        img = decode(data, orientation)
+        refusal = self.check_size(img.shape[1], img.shape[0])  # the header may have understated it
+        if refusal:
+            return _failure(refusal)
+        original_height, original_width = img.shape[:2]
+        img = self.resize(img)
+        ok, encoded = cv2.imencode(self.encode_ext, img, params=self.encode_params)
+        if not ok:
+            return _failure("Image encoding error")
+        return encoded.tobytes(), img.shape[1], img.shape[0], original_width, original_height, None
+
+    def check_size(self, width: int, height: int) -> str | None:
+        """img2dataset's size refusals, in its order, with the area one naming size and limit; None when fine."""
+        if min(width, height) < self.min_image_size:
+            return "image too small"
+        if width * height > self.max_image_area:
+            return f"image_too_large: {width}x{height} pixels ({width * height}) is more than max_image_area {self.max_image_area:.0f}"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return "aspect ratio too large"
+        return None
+
+    def _bomb_message(self, err: Exception) -> str:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{found.group(1)} pixels" if found else "the image"
+        pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        limit = f"max_image_area {self.max_image_area:.0f}" if self.max_image_area < pil_limit else f"PIL's decompression-bomb limit {pil_limit}"
+        return f"image_too_large: {size} is more than {limit}"
+
+    def resize(self, img: np.ndarray) -> np.ndarray:
+        """Resize, crop or pad as img2dataset's albumentations transforms do (same sizes, rounding and interpolation)."""
+        if self.resize_mode == "no":
+            return img
+        height, width = img.shape[:2]
+        side = min(height, width) if self.resize_mode in ("keep_ratio", "center_crop") else max(height, width)
+        downscale = side > self.image_size
+        if self.resize_only_if_bigger and not downscale:
+            return img
+        scale = self.image_size / side
+        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        if (new_height, new_width) != (height, width):
+            interpolation = cv2.INTER_AREA if downscale else cv2.INTER_LANCZOS4
+            img = cv2.resize(img, (new_width, new_height), interpolation=interpolation)
+        size = self.image_size
+        if self.resize_mode == "center_crop":
+            top, left = (new_height - size) // 2, (new_width - size) // 2
+            return img[top : top + size, left : left + size]
+        if self.resize_mode == "border":
+            top, left = int(max(0, size - new_height) / 2.0), int(max(0, size - new_width) / 2.0)
+            bottom, right = max(0, size - new_height) - top, max(0, size - new_width) - left
+            return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=[255, 255, 255])
+        return img
