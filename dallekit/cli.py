@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print("dallekit: interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
     except OSError as err:
-        converted = environment_error(err, "cannot write")
+        converted = environment_error(err, "file system")
         if converted is None:
             raise
         print(f"dallekit: error: {converted}", file=sys.stderr)

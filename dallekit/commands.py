@@ -94,11 +94,18 @@ def _prepare(args: argparse.Namespace, *inputs: str) -> None:
     prepare_output(args.out, [i for i in inputs if i])
 
 
+def _no_model_yet(args: argparse.Namespace, resume: bool) -> None:
+    """A trainer's --out holding a model is continued with --resume, never silently replaced."""
+    if not resume and any(os.path.exists(os.path.join(args.out, name)) for name in ("model.safetensors", "checkpoint")):
+        raise BadInputError(f"--out {args.out}: holds a trained model; pass --resume to continue it, or give another folder")
+
+
 def train_dvae(args, configs, toml) -> int:
     """dallekit train-dvae."""
     from dallekit.train_dvae import train_dvae as train
 
     _prepare(args, args.filtered)
+    _no_model_yet(args, configs["train-dvae"].resume)
     metrics = train(args.filtered, args.out, configs["train-dvae"])
     print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return 0
@@ -119,6 +126,7 @@ def train(args, configs, toml) -> int:
     from dallekit.train import train_transformer
 
     _prepare(args, args.tokens)
+    _no_model_yet(args, configs["train"].resume)
     metrics = train_transformer(args.tokens, args.out, configs["train"])
     print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ def option(
     le: float | None = None,
     lt: float | None = None,
     choices: list | None = None,
+    pattern: str | None = None,
     output: bool = True,
     **argparse_kwargs: Any,
 ) -> Any:
@@ -48,10 +50,13 @@ def option(
     `output=False` marks an option that does not change what a stage writes (threads, batch
     sizes, devices): it is left out of the stage's fingerprint, so a rerun may change it.
     """
-    metadata = {"help": help, "range": (ge, gt, le, lt), "choices": choices, "output": output, "argparse": argparse_kwargs}
+    metadata = {"help": help, "range": (ge, gt, le, lt), "choices": choices, "pattern": pattern, "output": output, "argparse": argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+DEVICE = r"auto|cpu|mps|cuda(:\d+)?"  # the torch devices an option may name
 
 
 def output_options(config: Any) -> dict:
@@ -102,7 +107,7 @@ class DownloadConfig(StageOptions):
     resize_mode: str = option("center_crop", "img2dataset resize mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     resize_only_if_bigger: bool = option(False, "only downscale, never upscale")
     threads: int = option(64, "download threads per shard task (img2dataset's thread_count)", ge=1, le=4096, output=False)
-    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", gt=0, output=False)
+    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", gt=0, le=86400, output=False)
     retries: int = option(0, "extra download attempts per URL", ge=0, le=100, output=False)
     encode_format: str = option("jpg", "format of the stored image bytes", choices=["jpg", "png", "webp"])
     encode_quality: int | None = option(None, "JPEG/WebP quality 0-100 (default 95), or PNG compression 0-9 (default 3)", ge=0, le=100)
@@ -112,7 +117,7 @@ class DownloadConfig(StageOptions):
     max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this", ge=1)
     extract_exif: bool = option(True, "keep EXIF as a JSON string column")
     compute_hash: str = option("sha256", "hash of the raw downloaded bytes, kept as a column (clean's exact dedup reads it)", choices=["sha256"])
-    user_agent_token: str | None = option(None, "token added to the User-Agent and matched in X-Robots-Tag")
+    user_agent_token: str | None = option(None, "token added to the User-Agent and matched in X-Robots-Tag", pattern=r"[A-Za-z0-9._+-]{1,64}")
     disallowed_header_directives: list[str] = option(
         ["noai", "noimageai", "noindex", "noimageindex"],
         "X-Robots-Tag directives that opt an image out ('none' to honour none)",
@@ -225,25 +230,42 @@ def _range_text(ge, gt, le, lt) -> str:
     return " and ".join(p for p in parts if p)
 
 
+def _item_problem(f: dataclasses.Field, item: Any) -> str | None:
+    """What is wrong with one value of an option, or None.
+
+    Infinity is refused unless the option's default is infinite (no limit), and an empty
+    string is never a value: both passed range checks and then broke a stage.
+    """
+    meta = f.metadata
+    if meta.get("choices") and item not in meta["choices"]:
+        return "one of " + ", ".join(str(c) for c in meta["choices"] if c is not None)
+    if isinstance(item, str):
+        if not item.strip():
+            return "a non-empty value"
+        if meta.get("pattern") and not re.fullmatch(meta["pattern"], item):
+            return meta.get("pattern_text") or f"a value matching {meta['pattern']}"
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        ge, gt, le, lt = meta.get("range", (None,) * 4)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if math.isinf(item) and not (isinstance(default, float) and math.isinf(default) and item > 0):
+            return "a finite number" + (f" {_range_text(ge, gt, le, lt)}" if any(v is not None for v in (ge, gt, le, lt)) else "")
+        bad = math.isnan(item) or (ge is not None and item < ge) or (gt is not None and item <= gt)
+        if bad or (le is not None and item > le) or (lt is not None and item >= lt):
+            return f"a number {_range_text(ge, gt, le, lt)}"
+    return None
+
+
 def check_config(config: Any, describe=None) -> None:
-    """Check every option's range and choices, then the config's own `check()`; bad input names the option."""
+    """Check every option's range, choices and pattern, then the config's own `check()`; bad input names the option."""
     describe = describe or flag_name
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        meta = f.metadata
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if item is None:
-                continue
-            if meta.get("choices") and item not in meta["choices"]:
-                choices = ", ".join(str(c) for c in meta["choices"] if c is not None)
-                raise BadInputError(f"{describe(f.name)} {item!r}: expected one of {choices}")
-            ge, gt, le, lt = meta.get("range", (None,) * 4)
-            if isinstance(item, (int, float)) and not isinstance(item, bool):
-                bad = math.isnan(item) or (ge is not None and item < ge) or (gt is not None and item <= gt)
-                bad = bad or (le is not None and item > le) or (lt is not None and item >= lt)
-                if bad:
-                    raise BadInputError(f"{describe(f.name)} {item!r}: expected a number {_range_text(ge, gt, le, lt)}")
+        if isinstance(value, list) and not value and f.metadata.get("argparse", {}).get("nargs") == "+":
+            raise BadInputError(f"{describe(f.name)} []: expected at least one value")
+        for item in value if isinstance(value, list) else [value]:
+            problem = None if item is None else _item_problem(f, item)
+            if problem:
+                raise BadInputError(f"{describe(f.name)} {item!r}: expected {problem}")
     if hasattr(config, "check"):
         try:
             config.check()
@@ -293,7 +315,7 @@ class FilterConfig(StageOptions):
     clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)", ge=-1, le=1)
     clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", gt=0, le=1)
     clip_batch_size: int = option(64, "images per CLIP forward pass", ge=1, output=False)
-    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", output=False)
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
 
     def check(self) -> None:
         """Language codes must be ones the identifier can answer."""
@@ -317,7 +339,7 @@ class TrainDVAEConfig:
     log_every: int = option(25, "steps between metric lines", ge=1)
     val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage", ge=1, le=50)
     shuffle_buffer: int = option(4096, "images in the shuffle buffer", ge=1)
-    device: str = option("auto", "torch device (auto: cuda when there is one)")
+    device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
 
@@ -328,7 +350,13 @@ class EncodeConfig(StageOptions):
     text_tokenizer: str = option("clip-bpe", "'clip-bpe' (CLIP's BPE) or the folder of a `dallekit train-bpe` tokenizer")
     batch_size: int = option(64, "images per dVAE forward pass", ge=1, output=False)
     keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
-    device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)", output=False)
+    device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)", pattern=DEVICE, output=False)
+
+    def check(self) -> None:
+        """A kept column must not be one encode writes itself, nor be named twice."""
+        for i, name in enumerate(self.keep_columns):
+            if name in ("uid", "caption", "text_tokens", "image_tokens", "jpg") or name in self.keep_columns[:i]:
+                raise OptionError("keep_columns", "columns other than uid, caption, text_tokens, image_tokens and jpg, each once", name)
 
 
 @dataclass
@@ -360,7 +388,7 @@ class TrainConfig:
     val_batches: int = option(20, "batches per validation pass", ge=1)
     num_workers: int = option(2, "loader worker processes (0: load in the training process)", ge=0)
     shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer", ge=1)
-    device: str = option("auto", "torch device (auto: cuda when there is one)")
+    device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     compile: bool = option(False, "torch.compile the model")
     dtype: str = option("bf16", "autocast dtype: bf16 or fp16 (with loss scaling) on a GPU; bf16 also on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp16", "fp32"])
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
@@ -378,7 +406,7 @@ class TrainClipConfig:
     lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)", gt=0)
     weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
     seed: int = option(0, "seed of weights and data order")
-    device: str = option("auto", "torch device (auto: cuda when there is one)")
+    device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
 
@@ -396,13 +424,13 @@ class SampleConfig:
     """Options of `dallekit sample` (and the [sample] section of a pipeline config)."""
 
     prompts: list[str] = option([], "prompts to generate for (in a pipeline config; the CLI takes --prompt and --prompts FILE)", nargs="*")
-    n: int = option(16, "candidates per prompt (DALL-E used 512)", ge=1)
+    n: int = option(16, "candidates per prompt (DALL-E used 512)", ge=1, le=100_000)
     keep: int = option(4, "best candidates kept per prompt", ge=1)
-    batch_size: int = option(16, "candidates generated at once", ge=1)
-    temperature: float = option(1.0, "sampling temperature", gt=0)
+    batch_size: int = option(16, "candidates generated at once", ge=1, le=4096)
+    temperature: float = option(1.0, "sampling temperature", ge=0.01, le=100)
     top_k: int | None = option(None, "sample among the k likeliest image tokens", ge=1)
     top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass", gt=0, le=1)
-    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)", ge=0)
+    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)", ge=0, le=100)
     seed: int = option(0, "seed of the candidates (a run with the same seed is identical)")
 
     def check(self) -> None:
@@ -415,8 +443,8 @@ class SampleConfig:
 class EvaluateConfig:
     """Options of `dallekit evaluate`."""
 
-    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n", ge=1)
-    captions: int = option(16, "held-out captions to generate for", ge=1)
+    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n", ge=1, le=100_000)
+    captions: int = option(16, "held-out captions to generate for", ge=1, le=100_000)
     seed: int = option(0, "seed of the candidates")
 
 

@@ -39,9 +39,14 @@ def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, dev
     written, images = [], []
     for path in paths:
         table = read_shard(path, columns=["uid", "image_tokens"]).slice(0, limit - len(written))
+        if table.num_rows == 0:  # an empty shard (every row of it rejected upstream)
+            continue
         codes = np.asarray(table.column("image_tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
-        for uid, image in zip(table.column("uid").to_pylist(), tokenizer.decode(codes) if table.num_rows else []):
-            png = out / f"{safe_stem(uid)}.png"
+        for uid, image in zip(table.column("uid").to_pylist(), tokenizer.decode(codes)):
+            stem = safe_stem(uid)
+            if out / f"{stem}.png" in written:  # a uid seen twice keeps both images
+                stem = f"{stem}.{len(written)}"
+            png = out / f"{stem}.png"
             Image.fromarray(image).save(png)
             written.append(png)
             images.append(image)

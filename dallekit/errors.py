@@ -17,5 +17,5 @@ def environment_error(err: OSError, doing: str) -> BadInputError | None:
     """A one-line BadInputError for a full disk, a read-only or unwritable path, or a file in the way; None for anything else."""
     if err.errno not in ENVIRONMENT_ERRNOS:
         return None
-    where = f" {err.filename}" if err.filename else ""
+    where = f" {err.filename}:" if err.filename else ""
     return BadInputError(f"{doing}:{where} {err.strerror or err}")

@@ -73,14 +73,27 @@ def shard_schema(path: str) -> tuple[pa.Schema, int]:
         raise _unreadable(path, err) from None
 
 
+# What a stage's columns must hold, by name: a wrong type is bad input, not a traceback in a task.
+COLUMN_KINDS = {
+    "uid": ("string", pa.types.is_string), "url": ("string", pa.types.is_string), "caption": ("string", pa.types.is_string),
+    "status": ("string", pa.types.is_string), "sha256": ("string", pa.types.is_string), "jpg": ("binary", pa.types.is_binary),
+    "original_width": ("integer or float", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
+    "original_height": ("integer or float", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
+}
+
+
 def check_columns(paths: list[str], required: set[str], expected: str) -> list[tuple[pa.Schema, int]]:
-    """Every shard's schema and row count; bad input naming the shard if it lacks a required column."""
+    """Every shard's schema and row count; bad input naming the shard if a required column is missing or of the wrong type."""
     schemas = []
     for path in paths:
         schema, rows = shard_schema(path)
         missing = required - set(schema.names)
         if missing:
             raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected {expected})")
+        for name in sorted(required & COLUMN_KINDS.keys()):
+            kind, fits = COLUMN_KINDS[name]
+            if not (fits(schema.field(name).type) or pa.types.is_null(schema.field(name).type)):
+                raise BadInputError(f"{path}: column {name} holds {schema.field(name).type}, expected {kind} (expected {expected})")
         schemas.append((schema, rows))
     return schemas
 

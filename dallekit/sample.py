@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, SampleConfig
 from dallekit.images import save_image_grid
 from dallekit.models.transformer import DalleConfig, DalleTransformer
-from dallekit.models.weights import config_from_dict, load_model_state, load_weights, pick_device
+from dallekit.models.weights import build_model, load_model_state, load_weights, pick_device
 from dallekit.synthetic import is_right, is_zero_shot, parse_caption, pixel_check_summary
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer
@@ -31,7 +31,7 @@ def load_transformer(model_dir: str, device: str = "auto") -> tuple[DalleTransfo
     values, state = load_model_state(model_dir)
     if values.get("model") != "dallekit-dalle":
         raise BadInputError(f"{model_dir}: not a transformer folder written by `dallekit train`")
-    model = DalleTransformer(config_from_dict(DalleConfig, values, model_dir))
+    model = build_model(DalleTransformer, DalleConfig, values, model_dir)
     load_weights(model, state, model_dir)
     return model.to(pick_device(device)).eval(), values["tokens"]
 

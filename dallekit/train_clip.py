@@ -18,7 +18,7 @@ from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.models.weights import autocast, autocast_dtype
-from dallekit.pipeline.shards import list_shards, read_shard
+from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.train import MetricsLog, cosine
 
 
@@ -29,7 +29,7 @@ def pair_batches(paths: list[str], batch_size: int, seed: int):
         rng = random.Random(seed * 1_000_003 + epoch)
         order = list(paths)
         rng.shuffle(order)
-        images, captions = [], []
+        images, captions, batches = [], [], 0
         for path in order:
             table = read_shard(path, columns=["jpg", "caption"])
             rows = list(zip(table.column("jpg").to_pylist(), table.column("caption").to_pylist()))
@@ -40,8 +40,11 @@ def pair_batches(paths: list[str], batch_size: int, seed: int):
                 images.append(data)
                 captions.append(caption)
                 if len(images) == batch_size:
+                    batches += 1
                     yield images, captions
                     images, captions = [], []
+        if batches == 0:  # else the loop would read the shards forever
+            raise BadInputError(f"{len(images)} image-caption pairs, fewer than --batch-size {batch_size}: lower it or add data")
         epoch += 1
 
 
@@ -50,6 +53,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     import open_clip
 
     paths = list_shards(filtered_dir)
+    check_columns(paths, {"jpg", "caption"}, "image shards with captions from `dallekit filter`")
     torch.manual_seed(options.seed)
     scorer = load_clip(options.model, None, device=options.device)  # random weights, the same code path as pretrained
     model, device = scorer.model.train(), scorer.device

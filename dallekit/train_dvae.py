@@ -25,7 +25,7 @@ from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
 from dallekit.models.weights import autocast, autocast_dtype, pick_device
-from dallekit.pipeline.shards import list_shards, read_shard
+from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.tokenize.image import save_dvae_config
 from dallekit.train import MetricsLog, cosine, load_checkpoint, save_checkpoint
 
@@ -132,6 +132,7 @@ def build_config(options: TrainDVAEConfig) -> DVAEConfig:
 def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     """Train a dVAE; returns the last evaluation metrics."""
     paths = list_shards(input_dir)
+    check_columns(paths, {"uid", "jpg"}, "image shards from `dallekit filter`")
     config = build_config(options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

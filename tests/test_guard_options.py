@@ -55,6 +55,16 @@ BAD_OPTIONS = [
     ("demo", ["--samples", "0"], "--samples 0"),
     ("demo", ["--workers", "-2"], "--workers -2"),
     ("run", ["--config", "c.toml", "--stop-after", "nothing"], "--stop-after"),
+    ("download", STAGE_IN + ["--timeout", "inf"], "--timeout inf: expected a finite number"),
+    ("train", STAGE_IN + ["--lr", "inf"], "--lr inf: expected a finite number"),
+    ("train", STAGE_IN + ["--device", "garbage"], "--device 'garbage'"),
+    ("filter", STAGE_IN + ["--clip-pretrained", ""], "--clip-pretrained '': expected a non-empty value"),
+    ("download", STAGE_IN + ["--user-agent-token", "bot\r\nX-Evil: 1"], "--user-agent-token"),
+    ("sample", TRAINED + ["--prompt", "a", "-n", "100000000000000000000", "--keep", "1"], "-n 100000000000000000000"),
+    ("sample", TRAINED + ["--prompt", "a", "--temperature", "1e-300"], "--temperature 1e-300"),
+    ("encode", STAGE_IN + ["--dvae", "d", "--keep-columns", "uid"], "--keep-columns 'uid'"),
+    ("encode", STAGE_IN + ["--dvae", "d", "--keep-columns", "width", "width"], "--keep-columns 'width'"),
+    ("clean", STAGE_IN + ["--host", "::1"], "--host '::1'"),
 ]
 
 
@@ -85,6 +95,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         ("download = 3\n", "download must be a [download] table"),
         ("[cluster]\nworkers = -2\n", "[cluster]: workers = -2"),
         ("[filter]\nlanguages = \"klingon\"\n", "[filter]: languages = 'klingon'"),
+        ("[filter]\nlanguages = []\n", "[filter]: languages = []: expected at least one value"),
     ],
 )
 def test_bad_toml_is_one_line_and_exit_2(tmp_path, capsys, toml, needle):
@@ -127,3 +138,11 @@ def test_corrupt_weights_are_one_line_errors(tmp_path, capsys):
     code, err = run_cli(capsys, "sample", "--model", folder, "--dvae", folder, "--prompt", "a", "--out", tmp_path / "o")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "config.json: not valid JSON" in err, err
+
+
+def test_unreachable_scheduler_address_is_one_line(tmp_path, capsys):
+    from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+
+    write_stage(tmp_path / "download", [[downloaded_row("00000000000000aa", "a red circle", shape_jpeg(1, size=32))]])
+    code, err = run_cli(capsys, "clean", tmp_path / "download", "--out", tmp_path / "c", "--scheduler", "garbage")
+    assert code == 2 and err.count("\n") == 1 and "--scheduler garbage" in err, err

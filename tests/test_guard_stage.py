@@ -239,3 +239,62 @@ def test_encode_rerun_with_another_dvae_is_refused(tmp_path, client):
 
     metadata = check_token_files(sorted(str(p) for p in out.glob("part-*.parquet")))  # every shard agrees ...
     assert metadata["image_tokenizer"]["sha256"] == ImageTokenizer.load(dvaes[1], "cpu").sha256  # ... on the second dVAE
+
+
+def test_an_edited_input_of_the_same_size_is_a_changed_input(tmp_path, client):
+    (tmp_path / "in.csv").write_text("url,caption\nhttp://x/1.jpg,aaaa\nhttp://x/2.jpg,bbbb\n")
+    ingest([str(tmp_path / "in.csv")], str(tmp_path / "out"), IngestConfig(shard_size=1), client)
+    interrupt(tmp_path / "out")
+    (tmp_path / "in.csv").write_text("url,caption\nhttp://x/1.jpg,aaaa\nhttp://x/2.jpg,BBBB\n")
+    with pytest.raises(BadInputError, match="inputs"):
+        ingest([str(tmp_path / "in.csv")], str(tmp_path / "out"), IngestConfig(shard_size=1), client)
+    (tmp_path / "in.csv").write_text("url,caption\nhttp://x/1.jpg,aaaa\nhttp://x/2.jpg,bbbb\n")  # rewritten, same rows
+    ingest([str(tmp_path / "in.csv")], str(tmp_path / "out"), IngestConfig(shard_size=1), client)
+    assert sorted(read_stage(tmp_path / "out")[0]["caption"]) == ["aaaa", "bbbb"]
+
+
+def test_damaged_stage_files_are_one_line_or_redone(tmp_path, client, capsys):
+    src = downloaded(tmp_path)
+    (src / "_stats.json").write_text("[]")
+    code, err = run_cli(["clean", src, "--out", tmp_path / "c"], capsys)
+    one_line(code, err, "_stats.json", "not a stage's stats")
+    src = downloaded(tmp_path / "again")
+    clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
+    interrupt(tmp_path / "clean")
+    (tmp_path / "clean" / "_progress" / "part-00000.json").write_text("garbage")  # a damaged mark: its shard is redone
+    clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
+    check_accounting(tmp_path / "clean", 12)
+    (tmp_path / "clean" / "_fingerprint.json").write_text("[1]")
+    code, err = run_cli(["clean", src, "--out", tmp_path / "clean"], capsys)
+    one_line(code, err, "_fingerprint.json", "not a stage fingerprint")
+
+
+def test_a_column_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = downloaded(tmp_path)
+    table = pq.read_table(src / "part-00000.parquet")
+    table = table.set_column(table.column_names.index("jpg"), "jpg", pa.array(["not bytes"] * table.num_rows))
+    pq.write_table(table, src / "part-00000.parquet")
+    for command in (["clean", src, "--out", tmp_path / "c"], ["train-dvae", src, "--out", tmp_path / "d"],
+                    ["train-clip", src, "--out", tmp_path / "e"]):
+        code, err = run_cli(command, capsys)
+        one_line(code, err, "column jpg holds string, expected binary")
+
+
+def test_trainers_do_not_write_into_a_stage_or_replace_a_model(tmp_path, client, capsys):
+    src = downloaded(tmp_path)
+    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1"], capsys)
+    assert code == 0, err
+    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1"], capsys)
+    one_line(code, err, "holds a trained model", "--resume")
+    clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
+    code, err = run_cli(["train-dvae", src, "--out", tmp_path / "clean", "--max-steps", "1"], capsys)
+    one_line(code, err, "holds a dallekit stage")
+
+
+def test_train_clip_with_fewer_pairs_than_a_batch_is_one_line(tmp_path, capsys):
+    src = downloaded(tmp_path, n=4)
+    code, err = run_cli(["train-clip", src, "--out", tmp_path / "clip", "--batch-size", "8", "--max-steps", "1"], capsys)
+    one_line(code, err, "4 image-caption pairs, fewer than --batch-size 8")

@@ -94,9 +94,12 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
     except SafetensorError as err:
         where = f"--clip-checkpoint {checkpoint}" if checkpoint else f"--clip-pretrained {pretrained}"
         raise BadInputError(f"{where}: not a readable .safetensors file ({str(err).splitlines()[0][:160]})") from None
-    except RuntimeError as err:
-        if checkpoint:
-            raise BadInputError(f"--clip-checkpoint {checkpoint}: does not fit the model ({str(err).splitlines()[0][:200]})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as err:
+        if checkpoint:  # a config or weights file of the user's that open_clip cannot build or fill
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise BadInputError(f"--clip-checkpoint {checkpoint}: does not fit the model ({reason})") from None
+        if not isinstance(err, RuntimeError):
+            raise
         raise BadInputError(
             f"cannot get CLIP weights {model_name}/{pretrained} ({str(err).splitlines()[0][:160]}); "
             "pass a local open_clip folder with --clip-checkpoint PATH, or --no-clip"

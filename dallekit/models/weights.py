@@ -92,9 +92,9 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
-def config_from_dict(config_class: type, values: dict, where: str):
-    """A model config from its config.json dict; bad input naming the folder when a value has the wrong type."""
+def build_model(model_class: type, config_class: type, values: dict, where: str):
+    """A model built from its config.json dict; bad input naming the file when a value has the wrong type or size."""
     try:
-        return config_class.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise BadInputError(f"{where}/config.json: not a {config_class.__name__} ({err})") from None
+        return model_class(config_class.from_dict(values))
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as err:
+        raise BadInputError(f"{where}/config.json: not a valid {config_class.__name__} ({str(err).splitlines()[0][:160]})") from None

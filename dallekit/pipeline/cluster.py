@@ -21,7 +21,7 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
     if address:
         try:
             client = Client(address, timeout="20s")
-        except (OSError, TimeoutError) as err:
+        except (OSError, TimeoutError, ValueError) as err:  # ValueError: not an address at all
             raise BadInputError(f"--scheduler {address}: cannot reach a Dask scheduler there ({err})") from None
         with client:
             if not quiet:
@@ -37,14 +37,17 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
         # in-process workers talk over inproc:// (a host would make them TCP), but their HTTP server then
         # has no address to follow and listens on every interface unless it is given one
         bind = {"worker_dashboard_address": http}
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=config.threads_per_worker,
-        processes=config.processes,
-        dashboard_address=http,
-        silence_logs=logging.ERROR,
-        **bind,
-    )
+    try:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=config.threads_per_worker,
+            processes=config.processes,
+            dashboard_address=http,
+            silence_logs=logging.ERROR,
+            **bind,
+        )
+    except (OSError, RuntimeError, ValueError) as err:  # most often a --host this machine has no interface for
+        raise BadInputError(f"--host {config.host}: cannot start a local Dask cluster there ({str(err).splitlines()[0][:160]})") from None
     with cluster, Client(cluster) as client:
         if not quiet:
             print(f"dask: local cluster, {workers} workers, dashboard {client.dashboard_link}", file=sys.stderr)

@@ -220,7 +220,11 @@ def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
 
 def download(input_dir: str, output_dir: str, config: DownloadConfig, client, tasks: list[ShardTask] | None = None) -> dict:
     """Run the download stage over every URL shard of `input_dir`."""
-    fingerprint = {"input": input_identity(input_dir, ("ingest",), required=False), "options": output_options(config)}
+    options = output_options(config) | {  # spelled-out defaults and reordered directives are the same output
+        "encode_quality": config.quality,
+        "disallowed_header_directives": sorted({d.strip().lower() for d in config.disallowed_header_directives}),
+    }
+    fingerprint = {"input": input_identity(input_dir, ("ingest",), required=False), "options": options}
     done = begin_stage("download", output_dir, fingerprint, [input_dir], config.overwrite)
     if done is not None:
         return done

@@ -502,13 +502,43 @@ def write_file_roots(output_dir: str, blocks: list[Block]) -> list[str]:
     return roots
 
 
+WHOLE_HASH_BYTES = 64 * 2**20  # inputs up to this size are hashed whole; larger ones by their first and last MiB
+
+
+def _content_id(path: str) -> str | None:
+    """What identifies an input file's content: a sha256 for a local file, an object store's ETag or mtime else.
+
+    Rewriting a file with the same rows (as the demo does on a rerun) is the same input; editing it is not.
+    """
+    fs, p = _fs(path)
+    try:
+        info = fs.info(p)
+        if info.get("type") != "file":
+            return None
+        if "://" in path:
+            value = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+            return str(value) if value is not None else None
+        digest = hashlib.sha256()
+        with fs.open(p, "rb") as f:
+            if info["size"] <= WHOLE_HASH_BYTES:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            else:
+                digest.update(f.read(1 << 20))
+                f.seek(info["size"] - (1 << 20))
+                digest.update(f.read(1 << 20))
+        return digest.hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blocks: list[Block] | None = None) -> dict:
     """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
     started = time.time()
     blocks = blocks if blocks is not None else plan_ingest(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
-    identity = [{"path": f.path, "format": f.format, "size": f.size, "images": sum(len(b.images or []) for b in blocks if b.file is f)}
-                for f in files]
+    identity = [{"path": f.path, "format": f.format, "size": f.size, "content": _content_id(f.path),
+                 "images": sum(len(b.images or []) for b in blocks if b.file is f)} for f in files]
     done = begin_stage("ingest", output_dir, {"inputs": identity, "options": output_options(config)}, inputs, config.overwrite)
     if done is not None:
         return done

@@ -100,13 +100,22 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
     return mark
 
 
+MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counters", "seconds"}
+
+
 def _read_marks(output_dir: str) -> dict[str, dict]:
     """The progress marks of the shards already complete."""
     fs, root = fsspec.core.url_to_fs(output_dir)
     marks = {}
     for p in fs.glob(f"{root.rstrip('/')}/_progress/part-*.json"):
-        with fs.open(p, "r") as f:
-            mark = json.load(f)
+        try:
+            with fs.open(p, "r") as f:
+                mark = json.load(f)
+        except ValueError:
+            mark = None
+        if not isinstance(mark, dict) or not MARK_KEYS <= set(mark) or mark["shard"] != p.rsplit("/", 1)[-1].removesuffix(".json"):
+            fs.rm(p)  # marks are written atomically, so this one was damaged by hand: redo its shard
+            continue
         marks[mark["shard"]] = mark
     return marks
 
@@ -130,10 +139,17 @@ def stage_complete(output_dir: str) -> bool:
 
 
 def read_stats(output_dir: str) -> dict:
-    """The `_stats.json` of a finished stage."""
+    """The `_stats.json` of a finished stage; bad input naming it if it is not a stage's stats."""
     fs, root = fsspec.core.url_to_fs(output_dir)
-    with fs.open(f"{root.rstrip('/')}/_stats.json", "r") as f:
-        return json.load(f)
+    path = f"{root.rstrip('/')}/_stats.json"
+    try:
+        with fs.open(path, "r") as f:
+            stats = json.load(f)
+    except (ValueError, IsADirectoryError) as err:
+        raise BadInputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("stage"), str):
+        raise BadInputError(f"{path}: not a stage's stats (expected a JSON object with a stage name)")
+    return stats
 
 
 def _local_real(path: str) -> str | None:
@@ -227,9 +243,12 @@ def _read_fingerprint(fs: Any, root: str, output_dir: str) -> dict | None:
         return None
     try:
         with fs.open(path, "r") as f:
-            return json.load(f)
+            stored = json.load(f)
     except ValueError:
-        raise BadInputError(f"{output_dir}/{FINGERPRINT}: not valid JSON; remove the folder or pass --overwrite") from None
+        stored = None
+    if not isinstance(stored, dict):
+        raise BadInputError(f"{output_dir}/{FINGERPRINT}: not a stage fingerprint; remove the folder or pass --overwrite")
+    return stored
 
 
 def _prepare_folder(fs: Any, root: str, output_dir: str) -> None:
@@ -243,9 +262,12 @@ def _prepare_folder(fs: Any, root: str, output_dir: str) -> None:
 
 
 def prepare_output(output_dir: str, input_dirs: list[str]) -> None:
-    """For the trainers and tools: --out is not an input, is or can be a folder, and can be written."""
+    """For the trainers and tools: --out is not an input nor a stage folder, is or can be a folder, and can be written."""
     _check_not_input(output_dir, input_dirs)
     fs, root = fsspec.core.url_to_fs(output_dir)
+    for marker in (FINGERPRINT, "_stats.json", "_SUCCESS"):
+        if fs.exists(f"{root.rstrip('/')}/{marker}"):
+            raise BadInputError(f"--out {output_dir}: holds a dallekit stage ({marker}); give a folder of its own")
     _prepare_folder(fs, root.rstrip("/"), output_dir)
     probe = f"{root.rstrip('/')}/.dallekit-write-test-{uuid.uuid4().hex[:8]}"
     try:
@@ -458,11 +480,17 @@ def iter_captions(source: str):
 
     path = Path(source)
     if path.is_dir() and list(path.glob("part-*.parquet")):
-        for shard in list_shards(source):
+        shards = list_shards(source)
+        check_columns(shards, {"caption"}, "a stage folder with a caption column")
+        for shard in shards:
             yield from (c for c in read_shard(shard, columns=["caption"]).column("caption").to_pylist() if c)
         return
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise BadInputError(f"{source}: expected a stage folder with a caption column or text files of captions")
     for file in files:
-        yield from (line.strip() for line in file.read_text(errors="replace").splitlines() if line.strip())
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise BadInputError(f"{file}: not UTF-8 text near byte {err.start}; expected one caption per line") from None
+        yield from (line.strip() for line in text.splitlines() if line.strip())

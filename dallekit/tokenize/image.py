@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dallekit.models.dvae import DVAE, DVAEConfig, config_dict
-from dallekit.models.weights import config_from_dict, load_model_state, load_weights, pick_device
+from dallekit.models.weights import build_model, load_model_state, load_weights, pick_device
 
 _CACHE: dict[tuple, "ImageTokenizer"] = {}  # one dVAE per worker process
 
@@ -30,7 +30,7 @@ class ImageTokenizer:
     def load(cls, model_dir: str, device: str = "auto") -> "ImageTokenizer":
         """Load a dVAE folder written by train-dvae or convert-openai-dvae."""
         values, state = load_model_state(model_dir)
-        model = DVAE(config_from_dict(DVAEConfig, values, model_dir))
+        model = build_model(DVAE, DVAEConfig, values, model_dir)
         load_weights(model, state, model_dir)
         digest = hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()
         return cls(model, digest, pick_device(device))

@@ -107,7 +107,8 @@ class TokenBatches:
             with fs.open(p, "rb") as f:
                 pf = pq.ParquetFile(f)
                 for g in range(pf.num_row_groups):
-                    yield self._arrays(pf.read_row_group(g, columns=["text_tokens", "image_tokens"]))
+                    if pf.metadata.row_group(g).num_rows:  # an empty shard has one empty group: nothing to yield
+                        yield self._arrays(pf.read_row_group(g, columns=["text_tokens", "image_tokens"]))
 
     def _arrays(self, group: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Padded text (R, T) int64 and image (R, N) uint16 arrays of a row group."""
