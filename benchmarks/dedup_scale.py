@@ -208,8 +208,7 @@ def run_new(work: Path, n: int, shard_rows: int, workers: int) -> dict:
     with dask_client(ClusterConfig(workers=workers), quiet=True) as client:
         warm(client)
         seconds, rss = measured(lambda: dedup(client, names, str(work), 4, 6.0), client)
-        stats = dedup_stats(str(work))
-    s = stats
+        s = dedup_stats(str(work))
     print(f"size={n} seconds={seconds:.1f} rows/s={n / seconds:.0f} peak_worker_rss_mb={rss / 2**20:.0f} "
           f"reps={s['representatives']} k={s['blocks']} tables={s['tables']} compared_pairs={s['compared_pairs']} "
           f"edges={s['edges']} cc_rounds={s['components_rounds']} marks={s['marks']}", flush=True)
@@ -224,8 +223,9 @@ def run_old(work: Path, new: dict, shard_rows: int, workers: int) -> dict:
     with dask_client(ClusterConfig(workers=workers), quiet=True) as client:
         warm(client)
         dedup(client, ref, str(work / "new"), 4, 6.0)
-        job = lambda: map_with_progress(client, old_dedup_dataset, [names], desc="old dedup", work_dir=str(work / "old"),  # noqa: E731
-                                        distance=4, max_color=6.0)
+        def job() -> None:
+            map_with_progress(client, old_dedup_dataset, [names], desc="old dedup", work_dir=str(work / "old"), distance=4, max_color=6.0)
+
         seconds, rss = measured(job, client)
     same = all(pq.read_table(work / "new" / "dups" / f"{m}.parquet").equals(pq.read_table(work / "old" / "dups" / f"{m}.parquet"))
                for m in names)

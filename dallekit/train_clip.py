@@ -8,6 +8,7 @@ where no pretrained weights can be fetched.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl")
     batches = pair_batches(paths, options.batch_size, options.seed)
+    batches = itertools.chain([next(batches)], batches)  # too little data fails here, before the progress bar
     metrics: dict = {}
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in tqdm(range(options.max_steps), desc="train-clip", unit="step"):

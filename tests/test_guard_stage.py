@@ -285,9 +285,9 @@ def test_a_column_of_the_wrong_type_is_one_line(tmp_path, capsys):
 
 def test_trainers_do_not_write_into_a_stage_or_replace_a_model(tmp_path, client, capsys):
     src = downloaded(tmp_path)
-    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1"], capsys)
+    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50"], capsys)
     assert code == 0, err
-    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1"], capsys)
+    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50"], capsys)
     one_line(code, err, "holds a trained model", "--resume")
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
     code, err = run_cli(["train-dvae", src, "--out", tmp_path / "clean", "--max-steps", "1"], capsys)
