@@ -113,7 +113,7 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "demo", "--quick", "--out", str(out), "--workers", "2"],
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out / "stdout.txt").write_text(proc.stdout)
     print(f"demo --quick took {time.time() - start:.0f} s")

@@ -133,7 +133,7 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, shap
     write_url_list(str(url_list), rows, server)
     config = pipeline_toml(tmp_path, url_list, trained_dvae[0])
     whole = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(tmp_path / "whole")),
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr[-3000:]
     check_run_accounting(tmp_path / "whole")
     # kill the whole process group once some download shards are done, then rerun the same command
@@ -146,7 +146,7 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, shap
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "tokens" / "_SUCCESS").exists()
-    again = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(out)), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(out)), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     check_run_accounting(out)
     for stage in STAGES:
