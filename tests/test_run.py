@@ -170,7 +170,7 @@ def test_pipeline_config_errors_are_bad_input(tmp_path):
 
     with pytest.raises(BadInputError, match=r"unknown section \[trian\]"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "trian": {}}, "p.toml")
-    with pytest.raises(BadInputError, match=r"p.toml \[run\]: inputs is empty"):
+    with pytest.raises(BadInputError, match=r"p.toml \[run\]: inputs = \[\]: expected at least one value"):
         load_pipeline({"run": {}}, "p.toml")
     with pytest.raises(BadInputError, match=r"p.toml \[train\]: unknown key 'max_step'"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "train": {"max_step": 3}}, "p.toml")
