@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/clip_filter_overhead.py
 	$(BIN)/python benchmarks/encode_overhead.py
 	$(BIN)/python benchmarks/loader_vs_memmap.py
+	$(BIN)/python benchmarks/kv_cache.py
 	bash benchmarks/setup_dalle_pytorch_venv.sh && .bench/dalle-pytorch/bin/python benchmarks/train_vs_dalle_pytorch.py
 
 clean:

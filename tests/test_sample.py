@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -35,23 +34,14 @@ def test_pixel_judge_reads_the_generated_shapes():
     assert not is_right(np.asarray(render(spec)), f"a {spec.foreground} {wrong_shape} on a {spec.background} background")
 
 
-def test_kv_cache_is_faster_for_a_full_image():
+def test_kv_cache_generates_the_same_image_tokens_as_full_recompute():
     torch.manual_seed(0)
     model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
-    text = model.pad_text([[1, 2, 3]] * 8)
-    times = {}
-    for cache in (True, False):
-        model.generate(text[:1], use_cache=cache)  # warm-up
-        runs = []
-        for _ in range(3):  # the best of three: another process on the 2 cores only slows some runs
-            start = time.perf_counter()
-            tokens = model.generate(text, generator=torch.Generator().manual_seed(0), use_cache=cache)
-            runs.append(time.perf_counter() - start)
-        times[cache] = min(runs)
-        times[f"tokens{cache}"] = tokens
-    print(f"64 image tokens x 8: {times[True]:.3f} s with the KV cache, {times[False]:.3f} s without")
-    assert torch.equal(times["tokensTrue"], times["tokensFalse"])
-    assert times[False] >= 3 * times[True]
+    text = model.pad_text([[1, 2, 3], [4, 5], [6], [7, 8, 9]])
+    cached = model.generate(text, generator=torch.Generator().manual_seed(0), use_cache=True)
+    full = model.generate(text, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert cached.shape == (4, 64)
+    assert torch.equal(cached, full)  # the speed-up is measured in benchmarks/kv_cache.py
 
 
 @pytest.fixture(scope="module")
