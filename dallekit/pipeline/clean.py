@@ -5,10 +5,11 @@ Three passes, like ingest:
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
    and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
    to `_work/scan/`.
-2. dedup: one task reads the hashes of the whole dataset (never the images), checks that every
-   uid is unique, walks the rows in uid order and marks exact duplicates (same sha256) and near
-   duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour thumbnail
-   agrees within `--near-dup-color-distance`), writing the marks per shard to `_work/dups/`.
+2. dedup (`dallekit.pipeline.dedup`): distributed passes over the hashes (never the images)
+   check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
+   near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
+   thumbnail agrees within `--near-dup-color-distance`), writing the marks per shard to
+   `_work/dups/`. No task holds more than a bounded number of rows.
 3. shards: the stage runner joins each shard with its scan and dedup results.
 """
 
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
 from dallekit.images import THUMB_BYTES, UndecodableImage, color_distance, image_signature, thumbs_array
+from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.shards import (
     ShardResult,
@@ -178,48 +180,6 @@ class NearDuplicateIndex:
         self.kept.append((value, uid, thumb))
 
 
-def _read_scans(shard_names: list[str], work_dir: str) -> pa.Table:
-    """Every row's dedup columns from the scan tables, with its shard file, sorted by uid."""
-    fs, root = fsspec.core.url_to_fs(work_dir)
-    parts = []
-    for name in shard_names:
-        with fs.open(f"{root}/scan/{name}.parquet", "rb") as f:
-            scan = pq.read_table(f, columns=["uid", "reason", "sha256", "phash", "color_thumb"])
-        parts.append(scan.append_column("shard", pa.array([f"{name}.parquet"] * scan.num_rows, pa.string())))
-    return pa.concat_tables(parts).sort_by("uid")
-
-
-def dedup_dataset(shard_names: list[str], work_dir: str, distance: int, max_color: float = CleanConfig.near_dup_color_distance) -> dict:
-    """Pass 2: check uids are unique over all rows, then walk the surviving rows in uid order; mark exact then near duplicates per shard."""
-    rows = _read_scans(shard_names, work_dir)
-    check_unique_uids(rows.column("uid"), rows.column("shard"))  # rejected rows too: their uids are in the output
-    rows = rows.filter(pc.is_null(rows.column("reason")))
-    first_by_sha: dict[str, str] = {}
-    index = NearDuplicateIndex(distance, max_color) if distance >= 0 else None
-    marks: dict[str, list] = {name: [] for name in shard_names}
-    columns = (rows.column(c).to_pylist() for c in ("uid", "sha256", "phash", "color_thumb", "shard"))
-    for uid, sha, hashed, thumb, shard in zip(*columns):
-        found = marks[shard.removesuffix(".parquet")]
-        if sha is not None and sha in first_by_sha:  # the same bytes: no colour check needed
-            found.append((uid, "duplicate_image", first_by_sha[sha], 0))
-            continue
-        if sha is not None:
-            first_by_sha[sha] = uid
-        near = index.find(hashed, thumb) if index is not None else None
-        if near is not None:
-            found.append((uid, "near_duplicate_image", near[0], near[1]))
-        elif index is not None:
-            index.add(hashed, uid, thumb)
-    for name, found in marks.items():
-        uids, reasons, of, dist = zip(*found) if found else ([], [], [], [])
-        table = pa.table(
-            {"uid": pa.array(uids, pa.string()), "reason": pa.array(reasons, pa.string()),
-             "duplicate_of": pa.array(of, pa.string()), "duplicate_distance": pa.array(dist, pa.int32())}
-        )
-        write_table_atomic(table, f"{work_dir}/dups/{name}.parquet")
-    return {name: len(found) for name, found in marks.items()}
-
-
 def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     """Pass 3: one shard joined with its scan and dedup marks; kept rows get the repaired caption."""
     path, work_dir = payload
@@ -278,8 +238,7 @@ def clean(input_dir: str, output_dir: str, config: CleanConfig, client, paths: l
     names = [_stem(p) for p in paths]
     if not fs.exists(f"{work_root}/dedup.done"):
         map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=work_dir, config=config)
-        [found] = map_with_progress(client, dedup_dataset, [names], desc="clean dedup", work_dir=work_dir,
-                                    distance=config.near_dup_distance, max_color=config.near_dup_color_distance)
+        found = dedup(client, names, work_dir, config.near_dup_distance, config.near_dup_color_distance)
         with fs.open(f"{work_root}/dedup.done", "w") as f:
             f.write(str(sum(found.values())))
     tasks = [ShardTask(name, (path, work_dir)) for name, path in zip(names, paths)]
