@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,3 +24,36 @@ def downloaded_shapes(work: Path, n: int, client, shard_size: int = 1000, thread
         ingest([str(urls)], str(work / "ingest"), IngestConfig(shard_size=shard_size), client)
         download(str(work / "ingest"), str(work / "download"), DownloadConfig(threads=threads), client)
     return work / "download"
+
+
+def _rss() -> int:
+    """This process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _max_rss() -> int:
+    """This process's peak resident memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def measured(run, client) -> tuple[float, int]:
+    """(seconds, peak RSS of the largest worker in bytes) of run(); the RSS polled every 0.5 s and read as ru_maxrss."""
+    peak, stop = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            try:
+                peak[0] = max([peak[0], *client.run(_rss).values()])
+            except Exception:  # noqa: BLE001, S110 - a poll racing the cluster's shutdown: the next one counts
+                pass
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    return seconds, max(peak[0], *client.run(_max_rss).values())

@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from common import measured
 
 from dallekit.config import ClusterConfig
 from dallekit.images import THUMB_BYTES
@@ -155,39 +155,6 @@ def old_dedup_dataset(shard_names: list[str], work_dir: str, distance: int, max_
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def _rss() -> int:
-    """This process's resident memory now."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _max_rss() -> int:
-    """This process's peak resident memory."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
-def measured(run, client) -> tuple[float, int]:
-    """(seconds, peak RSS of the largest worker in bytes) of run(); the RSS polled every 0.5 s and read as ru_maxrss."""
-    peak, stop = [0], threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.5):
-            try:
-                peak[0] = max([peak[0], *client.run(_rss).values()])
-            except Exception:  # noqa: BLE001, S110 - a poll racing the cluster's shutdown: the next one counts
-                pass
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
-    return seconds, max(peak[0], *client.run(_max_rss).values())
 
 
 def warm(client) -> None:

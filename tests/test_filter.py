@@ -12,7 +12,11 @@ import pytest
 
 from dallekit.config import BadInputError, FilterConfig
 from dallekit.models.clip import load_clip, save_clip
-from dallekit.pipeline.filter import filter_stage
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dallekit.pipeline import filter as filter_module
+from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 from tests.helpers import check_accounting, read_stage
 
@@ -101,6 +105,34 @@ def test_clip_top_fraction_is_global(tmp_path, client):
     scored = rejected[rejected.reason == "clip_score"]["clip_score"]
     assert kept["clip_score"].min() > scored.max()
     assert np.isnan(rejected[rejected.uid == "too-small"]["clip_score"]).all()  # CLIP never ran on it
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_top_fraction_threshold_is_within_one_bin_below_the_exact_quantile(tmp_path, client, monkeypatch, fraction):
+    monkeypatch.setattr(filter_module, "MAX_HISTOGRAM_TASKS", 3)  # 7 files in 3 histogram tasks
+    rng = np.random.default_rng(int(fraction * 1000))
+    parts = [rng.normal(0.25, 0.05, 3000), rng.uniform(-1, 1, 500), np.full(200, 0.3), rng.normal(0.31, 1e-4, 800),
+             np.array([-1.0, 1.0, 0.9999999]), rng.normal(0.1, 0.2, 1500), np.zeros(0)]
+    paths = []
+    for i, part in enumerate(parts):
+        path = tmp_path / f"part-{i:05d}.parquet"
+        scores = np.clip(part, -1, 1).astype(np.float32)
+        pq.write_table(pa.table({"uid": [f"{i}-{j}" for j in range(len(scores))], "clip_score": scores}), path)
+        paths.append(str(path))
+    scores = np.concatenate([np.clip(p, -1, 1).astype(np.float32) for p in parts])
+    exact = float(np.quantile(scores, 1 - fraction, method="higher"))
+    threshold = global_threshold(client, paths, fraction)
+    assert exact - SCORE_BIN_WIDTH < threshold <= exact
+    kept = int((scores >= threshold).sum())
+    same_bin = int(((scores >= threshold) & (scores < threshold + SCORE_BIN_WIDTH)).sum())
+    exact_kept = int((scores >= exact).sum())  # what the exact quantile keeps (about fraction * N)
+    assert exact_kept <= kept <= exact_kept + same_bin
+
+
+def test_top_fraction_of_no_scored_rows_keeps_none(tmp_path, client):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"uid": pa.array([], pa.string()), "clip_score": pa.array([], pa.float32())}), path)
+    assert global_threshold(client, [str(path)], 0.5) == float("inf")
 
 
 @pytest.mark.parametrize("name", ["dallekit-tiny-clip", "dallekit-tiny-rn-clip"])

@@ -10,7 +10,9 @@ import pytest
 
 from dallekit.cli import main
 from dallekit.config import IngestConfig
-from dallekit.pipeline.ingest import ingest, make_uid
+from dallekit.config import BadInputError
+from dallekit.pipeline import ingest as ingest_module
+from dallekit.pipeline.ingest import ingest, make_uid, plan_ingest
 from tests.helpers import check_accounting, read_stage
 
 
@@ -121,6 +123,56 @@ def test_glob_and_blocks_give_exact_shards_and_global_dedup(tmp_path, client):
     # the same input read as one block gives the same shards
     ingest([str(tmp_path / "*.tsv")], str(tmp_path / "one"), IngestConfig(format="cc3m", shard_size=300), client)
     assert read_stage(tmp_path / "one")[0].equals(kept)
+
+
+def test_more_buckets_than_blocks_and_shards_keep_the_global_dedup(tmp_path, client, monkeypatch):
+    """Buckets follow the input size without a cap; each shard reads its repeats from its blocks' files."""
+    monkeypatch.setattr(ingest_module, "BUCKET_BYTES", 150)  # 300 buckets (more than the old cap of 256)
+    lines = [f"caption number {i}\thttp://example.com/{i % 700}.jpg\n" for i in range(1000)]
+    (tmp_path / "a.tsv").write_text("".join(lines))
+    ingest([str(tmp_path / "a.tsv")], str(tmp_path / "out"), IngestConfig(format="cc3m", shard_size=300, block_bytes=5000), client)
+    kept, rejects = check_accounting(tmp_path / "out", 1000)
+    assert kept["caption"].tolist() == [f"caption number {i}" for i in range(700)]
+    assert set(rejects["reason"]) == {"duplicate_url"} and len(rejects) == 300
+    by_uid = dict(zip(kept["url"], kept["uid"]))
+    assert all(by_uid[u] == d for u, d in zip(rejects["url"], rejects["duplicate_of"]))
+
+
+def image_tree(root, layout: dict[str, int]) -> int:
+    """Tiny JPEGs with captions in nested folders: {relative folder: number of images}; returns the total."""
+    from dallekit.synthetic import encode, random_spec, render
+    import random
+
+    rng = random.Random(0)
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            spec = random_spec(rng, width=32, height=32)
+            (root / folder / f"{i}.jpg").write_bytes(encode(render(spec)))
+            (root / folder / f"{i}.txt").write_text(f"{folder} {i} {spec.caption}")
+    return sum(layout.values())
+
+
+def test_folder_blocks_hold_counts_not_file_names(tmp_path, client, monkeypatch):
+    monkeypatch.setattr(ingest_module, "FOLDER_CHUNK", 4)
+    layout = {".": 3, "a": 5, "a/b": 1, "c": 6, "c/d/e": 2}
+    total = image_tree(tmp_path / "images", layout)
+    blocks = plan_ingest([str(tmp_path / "images")], IngestConfig())
+    assert [b.images for b in blocks] == [4, 4, 4, 4, 1]
+    for b in blocks:  # (folder, start, stop, count) slices only: the driver never lists the tree's file names
+        assert all(isinstance(count, int) and 0 <= start < stop <= count for _, start, stop, count in b.folders)
+    ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client, blocks=blocks)
+    kept, _ = check_accounting(tmp_path / "out", total)
+    expected = {f"{folder} {i}" for folder, n in layout.items() for i in range(n)}
+    assert {" ".join(c.split()[:2]) for c in kept["caption"]} == expected and len(kept) == total
+
+
+def test_folder_changed_after_planning_is_bad_input(tmp_path, client):
+    image_tree(tmp_path / "images", {"a": 3})
+    blocks = plan_ingest([str(tmp_path / "images")], IngestConfig())
+    (tmp_path / "images" / "a" / "0.jpg").unlink()
+    with pytest.raises(BadInputError, match=r"images/a: had 3 images when ingest started and 2 now"):
+        ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client, blocks=blocks)
 
 
 def test_rerun_of_complete_stage_is_a_no_op(tmp_path, client):

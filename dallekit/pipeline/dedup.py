@@ -296,14 +296,11 @@ def _sorted_keys(ph: np.ndarray, k: int, blocks: tuple[int, ...]) -> tuple[np.nd
     return packed >> np.uint64(index_bits), (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
 
 
-def _histograms(ph: np.ndarray, distance: int) -> dict[str, list[list[int]]]:
-    """For every k the run may choose, the counts of each leading block's top bits (the driver sizes table tasks from them)."""
-    out = {}
-    for k in range(distance + 1, max(distance + 1, MAX_BLOCKS) + 1):
-        edges = block_edges(k)
-        out[str(k)] = [np.bincount(_lead_bits(ph, k, j), minlength=1 << min(edges[j + 1] - edges[j], HIST_BITS)).tolist()
-                       for j in range(distance + 1)]
-    return out
+def _histograms(ph: np.ndarray, k: int, distance: int) -> list[list[int]]:
+    """The counts of each leading block's top bits for k blocks (the driver sizes table tasks from them)."""
+    edges = block_edges(k)
+    return [np.bincount(_lead_bits(ph, k, j), minlength=1 << min(edges[j + 1] - edges[j], HIST_BITS)).tolist()
+            for j in range(distance + 1)]
 
 
 def _ranges(hist: np.ndarray, limit: int) -> list[int]:
@@ -444,7 +441,8 @@ def dedup(client: Any, shard_names: list[str], work_dir: str, distance: int,
     run = _Run(client, root, shard_names, groups)
     stats, marked = _exact_passes(run, work_dir, total, near=distance >= 0)
     if distance >= 0:
-        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), distance, max_color)
+        k = choose_blocks(stats["survivors"], distance)  # from an upper bound of the representatives: any k finds every pair
+        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), k, distance, max_color)
         stats, marked = stats | near_stats, marked + near_marked
     found = run.run("final", _final, _items(range(len(groups)), marks=_expected(marked, "marks")), root=root,
                     work_dir=work_dir, names=shard_names, groups=groups)
@@ -495,14 +493,14 @@ def _exact_passes(run: _Run, work_dir: str, total: int, near: bool) -> tuple[dic
     return stats, list(exact)
 
 
-def _near_passes(run: _Run, buckets: int, coll: dict[str, int], distance: int, max_color: float | None) -> tuple[dict, list]:
-    """Passes 3-7: collapse, permuted tables, colour confirmation, components and the walk."""
+def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance: int,
+                 max_color: float | None) -> tuple[dict, list]:
+    """Passes 3-7: collapse, permuted tables (k blocks), colour confirmation, components and the walk."""
     each = range(buckets)
-    collapsed = run.run("collapse", _collapse, _items(each, coll=coll), root=run.root, distance=distance).values()
+    collapsed = run.run("collapse", _collapse, _items(each, coll=coll), root=run.root, k=k, distance=distance).values()
     run.drop("coll")
     reps = sum(r["reps"] for r in collapsed)
-    k = choose_blocks(reps, distance)
-    hist = [np.sum([r["hist"][str(k)][j] for r in collapsed], axis=0) for j in range(distance + 1)]
+    hist = [np.sum([r["hist"][j] for r in collapsed], axis=0) for j in range(distance + 1)]
     bounds = {j: _ranges(h, ROWS_PER_TASK) for j, h in enumerate(hist)}
     tab = run.run("tabmap", _tabmap, _items(each), root=run.root, k=k, bounds=bounds).values()
     table_keys = [f"{j}-{r}" for j, starts in bounds.items() for r in range(len(starts))]
@@ -626,7 +624,7 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     return {"parts": {"coll": _write_parts(rows, part, lambda p: f"{root}/coll/{p}/{g}.parquet")}}
 
 
-def _collapse(item: tuple[int, dict], root: str, distance: int) -> dict:
+def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
     """Pass 3, one task per bucket: identical (pHash, thumbnail) rows to one representative, the first in uid order."""
     p, expect = item
     rows = _read_dir(f"{root}/coll/{p}", S_REPS, expect["coll"])
@@ -641,7 +639,7 @@ def _collapse(item: tuple[int, dict], root: str, distance: int) -> dict:
     members = pa.table({"id": (p << 32) + local[~new], "uid": rows["uid"].filter(member), "shard": rows["shard"].filter(member)},
                        schema=S_IDS)
     write_table_atomic(members, f"{root}/members/{p}.parquet", **WRITE)
-    return {"reps": int(new.sum()), "members": int((~new).sum()), "hist": _histograms(ph[new], distance)}
+    return {"reps": int(new.sum()), "members": int((~new).sum()), "hist": _histograms(ph[new], k, distance)}
 
 
 # ---------------------------------------------------------------- passes 4-5: tables and colour

@@ -3,13 +3,15 @@
 Rules run in `RULES` order and a rejected row's `reason` is the first rule it failed. Image and
 caption rules are cheap and run on every row; CLIP runs only on rows that passed them (its
 `clip_score` is null for the others). With `--clip-top-fraction` the CLIP threshold is global:
-a first pass scores every shard and stores the scores in `_work/`, the driver takes the
-quantile, and the second pass applies it without scoring again.
+a first pass scores every shard and stores the scores in `_work/`, tasks sum a fine histogram
+of them from which the driver takes the quantile (within `SCORE_BIN_WIDTH`), and the second
+pass applies it without scoring again.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -225,7 +227,7 @@ def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, 
     if config.clip and config.clip_top_fraction is not None:
         pending = [t for t in tasks if not exists(_scores_path(t))]  # scored by an earlier, interrupted run
         map_with_progress(client, clip_pass, pending, desc="filter clip", unit="shard")
-        threshold = global_threshold([_scores_path(t) for t in tasks], config.clip_top_fraction)
+        threshold = global_threshold(client, [_scores_path(t) for t in tasks], config.clip_top_fraction)
         print(f"filter: the top {config.clip_top_fraction:.0%} of CLIP scores start at {threshold:.4f}")
         config = replace(config, clip_threshold=threshold)
         tasks = [FilterShard(p, config, work_dir, scores_ready=True) for p in paths]
@@ -237,14 +239,43 @@ def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, 
     return stats
 
 
-def global_threshold(score_paths: list[str], fraction: float) -> float:
-    """The CLIP score above which `fraction` of all scored rows lie."""
-    values = []
+# The global CLIP threshold comes from a histogram of the scores (cosines, in [-1, 1]) summed
+# over the shards, so that no task and not the driver holds every score. It is the lower edge of
+# the bin that holds the exact quantile: at most one bin width below it, never above, so at least
+# the asked fraction is kept, plus the rows of that one bin that lie below the exact quantile.
+SCORE_BINS = 1 << 16
+SCORE_BIN_WIDTH = 2 / SCORE_BINS  # 3.05e-5: the threshold's largest error
+MAX_HISTOGRAM_TASKS = 64  # the driver sums at most this many histograms of SCORE_BINS counts
+
+
+def score_histogram(score_paths: list[str]) -> np.ndarray:
+    """Counts of the CLIP scores saved in these files over SCORE_BINS equal bins of [-1, 1], one file at a time."""
+    counts = np.zeros(SCORE_BINS, np.int64)
     for path in score_paths:
         fs, p = fsspec.core.url_to_fs(path)
         with fs.open(p, "rb") as f:
-            values.append(pq.read_table(f, columns=["clip_score"]).column("clip_score").to_numpy())
-    scores = np.concatenate(values) if values else np.zeros(0)
-    if scores.size == 0:
+            scores = pq.read_table(f, columns=["clip_score"]).column("clip_score").to_numpy().astype(np.float64)
+        # (s + 1) / 2^-15 is exact for float32 scores, so a score's bin never rounds across an edge
+        bins = np.clip(np.floor((scores + 1) / SCORE_BIN_WIDTH), 0, SCORE_BINS - 1).astype(np.int64)
+        counts += np.bincount(bins, minlength=SCORE_BINS)
+    return counts
+
+
+def threshold_from_histogram(counts: np.ndarray, fraction: float) -> float:
+    """The lower edge of the bin holding np.quantile(scores, 1 - fraction, method="higher"); inf when nothing was scored."""
+    total = int(counts.sum())
+    if total == 0:
         return float("inf")
-    return float(np.quantile(scores, 1 - fraction, method="higher"))
+    rank = math.ceil((total - 1) * (1 - fraction))  # the sorted position np.quantile's "higher" method takes
+    b = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
+    return -1 + b * SCORE_BIN_WIDTH
+
+
+def global_threshold(client, score_paths: list[str], fraction: float) -> float:
+    """The CLIP score from which about `fraction` of all scored rows lie (within SCORE_BIN_WIDTH below the exact quantile)."""
+    per_task = max(1, math.ceil(len(score_paths) / MAX_HISTOGRAM_TASKS))
+    groups = [score_paths[i : i + per_task] for i in range(0, len(score_paths), per_task)]
+    counts = np.zeros(SCORE_BINS, np.int64)
+    for part in map_with_progress(client, score_histogram, groups, desc="filter threshold", unit="task"):
+        counts += part
+    return threshold_from_histogram(counts, fraction)

@@ -6,13 +6,16 @@ Inputs stream through Dask in three passes, so no process ever holds all rows:
    a folder's images) normalises it to `_work/blocks/b-N.parquet` and writes the URLs of its
    valid rows into hash buckets `_work/urls/h-K/b-N.parquet`.
 2. dedup: one task per bucket finds repeated URLs (the first in input order is kept) and writes
-   the later ones with the uid they repeat to `_work/dups/h-K.parquet`.
+   the later ones with the uid they repeat to `_work/dups/h-K.parquet`; then one task per block
+   gathers its repeats from every bucket into `_work/block_dups/b-N.parquet`, so that a shard
+   task opens one file per block it reads, not one per bucket (buckets x shards grows as N^2).
 3. shards: the stage runner writes output shard i from input rows [i*S, (i+1)*S), so a rerun
    produces the same shards; rejected rows go to `_rejects/` with a reason.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -70,14 +73,21 @@ class InputFile:
 
 @dataclass
 class Block:
-    """One scan task's share of an input: a byte range, a row group or a list of images."""
+    """One scan task's share of an input: a byte range, a row group or slices of folders' image lists."""
 
     index: int
     file: InputFile
     offset: int = 0
     length: int = 0
     row_group: int = -1
-    images: list | None = None
+    # (folder, start, stop, images in the folder): the task lists the folder again and takes [start:stop],
+    # so the driver holds counts per folder, never the file names of the whole tree
+    folders: list[tuple[str, int, int, int]] | None = None
+
+    @property
+    def images(self) -> int:
+        """The number of images this block reads from folders."""
+        return sum(stop - start for _, start, stop, _ in self.folders or [])
 
 
 # ---------------------------------------------------------------- resolving inputs
@@ -95,12 +105,26 @@ def _is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _folder_files(fs, path: str) -> list[str]:
-    """Every file under a folder; a local folder is walked without entering symlinked folders."""
-    if not _is_local(fs):
-        return fs.find(path)
-    # fs.find follows symlinked folders, so a link could pull a whole tree from elsewhere into the input
-    return [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
+def _walk_images(fs, top: str):
+    """(folder, its image file names sorted) for each folder under `top` in sorted order, one folder at a time.
+
+    A local walk does not enter symlinked folders: a link could pull a whole tree from elsewhere into the input.
+    """
+    walker = os.walk(top) if _is_local(fs) else fs.walk(top)
+    for folder, dirs, names in walker:
+        dirs.sort()  # both walks honour an in-place sort: a stable order of folders
+        images = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        if images:
+            yield folder, images
+
+
+def _folder_images(fs, folder: str) -> list[str]:
+    """The image file names directly in one folder, sorted, as `_walk_images` lists them."""
+    if _is_local(fs):
+        names = [e.name for e in os.scandir(folder) if not e.is_dir()]
+    else:
+        names = [posixpath.basename(e["name"]) for e in fs.ls(folder, detail=True) if e["type"] != "directory"]
+    return sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _inside(real: str, root: str) -> bool:
@@ -134,7 +158,7 @@ def expand_inputs(inputs: list[str], config: IngestConfig) -> list[InputFile]:
 
 
 def _looks_like_image_folder(fs, path: str) -> bool:
-    return any(p.lower().endswith(IMAGE_EXTENSIONS) for p in _folder_files(fs, path))
+    return next(_walk_images(fs, path), None) is not None
 
 
 def _detect_format(fs, path: str, raw: str, config: IngestConfig) -> str:
@@ -249,11 +273,10 @@ def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
     for file in files:
         fs, path = _fs(file.path)
         if file.format == "folder":
-            images = sorted(p for p in _folder_files(fs, file.root or path) if p.lower().endswith(IMAGE_EXTENSIONS))
-            if not images:
+            before = len(blocks)
+            blocks += _folder_blocks(fs, file, before)
+            if len(blocks) == before:
                 raise BadInputError(f"{file.path}: no images (.jpg, .png, ...) in this folder")
-            for start in range(0, len(images), FOLDER_CHUNK):
-                blocks.append(Block(len(blocks), file, images=images[start : start + FOLDER_CHUNK]))
         elif file.format in ("parquet", "laion"):
             with fs.open(path, "rb") as f:
                 n_groups = pq.ParquetFile(f).num_row_groups
@@ -268,6 +291,35 @@ def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
 
 
 # ---------------------------------------------------------------- pass 1: scan
+
+
+def _folder_blocks(fs, file: InputFile, first_index: int) -> list[Block]:
+    """Blocks of up to FOLDER_CHUNK images over a folder tree, from one folder's listing at a time."""
+    blocks, segments, filled = [], [], 0
+    for folder, images in _walk_images(fs, file.root or _fs(file.path)[1]):
+        start = 0
+        while start < len(images):
+            take = min(len(images) - start, FOLDER_CHUNK - filled)
+            segments.append((folder, start, start + take, len(images)))
+            filled, start = filled + take, start + take
+            if filled == FOLDER_CHUNK:
+                blocks.append(Block(first_index + len(blocks), file, folders=segments))
+                segments, filled = [], 0
+    if segments:
+        blocks.append(Block(first_index + len(blocks), file, folders=segments))
+    return blocks
+
+
+def _block_images(fs, block: Block) -> list[str]:
+    """The paths of a folder block's images, listed again; a folder that changed since planning is bad input."""
+    paths = []
+    for folder, start, stop, count in block.folders or []:
+        names = _folder_images(fs, folder)
+        if len(names) != count:
+            raise BadInputError(f"{folder}: had {count} images when ingest started and {len(names)} now; "
+                                "expected the input folder not to change while ingesting")
+        paths += [posixpath.join(folder, n) if not _is_local(fs) else os.path.join(folder, n) for n in names[start:stop]]
+    return paths
 
 
 def make_uid(url: str, caption: str) -> str:
@@ -285,7 +337,8 @@ def _read_block(block: Block) -> pd.DataFrame:
     file = block.file
     fs, path = _fs(file.path)
     if file.format == "folder":
-        rows = [_local_image_row(fs, file.root, image) if file.root else _remote_image_row(fs, image) for image in block.images]
+        images = _block_images(fs, block)
+        rows = [_local_image_row(fs, file.root, image) if file.root else _remote_image_row(fs, image) for image in images]
         return pd.DataFrame(rows, columns=["url", "caption", "_reason"])
     if file.format in ("parquet", "laion"):
         with fs.open(path, "rb") as f:
@@ -416,8 +469,22 @@ def dedup_bucket(bucket: int, work_dir: str) -> int:
     firsts = df[~repeated].set_index("url")["uid"]
     dups = df[repeated]
     result = pd.DataFrame({"_order": dups["_order"].to_numpy(), "duplicate_of": dups["url"].map(firsts).to_numpy()})
-    write_table_atomic(pa.Table.from_pandas(result, preserve_index=False), f"{work_dir}/dups/h-{bucket:04d}.parquet")
+    # sorted by _order (df is) in row groups, so that a block's reader skips the groups of other blocks
+    write_table_atomic(pa.Table.from_pandas(result, preserve_index=False), f"{work_dir}/dups/h-{bucket:04d}.parquet",
+                       row_group_size=ROW_GROUP)
     return len(result)
+
+
+def regroup_dups(block: int, work_dir: str) -> int:
+    """Pass 2b: the repeats of one block from every bucket, to `_work/block_dups/b-N.parquet`; a shard then reads one file per block."""
+    fs, root = _fs(f"{work_dir}/dups")
+    lo, hi = block << 32, (block + 1) << 32
+    parts = [pq.read_table(fs.open(p, "rb"), filters=[("_order", ">=", lo), ("_order", "<", hi)])
+             for p in sorted(fs.glob(f"{root}/h-*.parquet"))]
+    table = pa.concat_tables(parts, promote_options="permissive").sort_by("_order") if parts else pa.table({"_order": pa.array([], pa.int64()),
+                                                                              "duplicate_of": pa.array([], pa.string())})
+    write_table_atomic(table, f"{work_dir}/block_dups/b-{block:06d}.parquet")
+    return table.num_rows
 
 
 # ---------------------------------------------------------------- pass 3: output shards
@@ -462,15 +529,13 @@ def write_shard(plan: ShardPlan) -> ShardResult:
     """Pass 3: assemble one shard from its block slices and split kept rows from rejects."""
     parts = [_read_slice(plan.work_dir, b, start, stop) for b, start, stop in plan.slices]
     table = pa.concat_tables(parts, promote_options="permissive")
-    lo, hi = table.column("_order")[0].as_py(), table.column("_order")[-1].as_py()
-    fs, dups_root = _fs(f"{plan.work_dir}/dups")
-    dup_paths = fs.glob(f"{dups_root}/h-*.parquet")
+    fs, dups_root = _fs(f"{plan.work_dir}/block_dups")
     duplicate_of = {}
-    if dup_paths:
-        dups = pa.concat_tables(
-            [pq.read_table(fs.open(p, "rb"), filters=[("_order", ">=", lo), ("_order", "<=", hi)]) for p in dup_paths]
-        )
-        duplicate_of = dict(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
+    for b, start, stop in plan.slices:
+        lo = (b << 32) + start
+        dups = pq.read_table(fs.open(f"{dups_root}/b-{b:06d}.parquet", "rb"),
+                             filters=[("_order", ">=", lo), ("_order", "<", lo + stop - start)])
+        duplicate_of.update(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
     orders = table.column("_order").to_pylist()
     dup_col = pa.array([duplicate_of.get(o) for o in orders], pa.string())
     reasons = pc.if_else(pc.is_valid(dup_col), "duplicate_url", table.column("_reason").cast(pa.string()))
@@ -537,15 +602,18 @@ def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blo
     started = time.time()
     blocks = blocks if blocks is not None else plan_ingest(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
+    images = collections.Counter()
+    for b in blocks:  # one pass: inputs x blocks would be quadratic with many input files
+        images[id(b.file)] += b.images
     identity = [{"path": f.path, "format": f.format, "size": f.size, "content": _content_id(f.path),
-                 "images": sum(len(b.images or []) for b in blocks if b.file is f)} for f in files]
+                 "images": images[id(f)]} for f in files]
     done = begin_stage("ingest", output_dir, {"inputs": identity, "options": output_options(config)}, inputs, config.overwrite)
     if done is not None:
         return done
     work_dir = output_dir.rstrip("/") + "/_work"
     fs, work_root = _fs(work_dir)
-    total_bytes = sum(f.size for f in files) + sum(len(b.images or []) * 200 for b in blocks)
-    n_buckets = max(1, min(256, math.ceil(total_bytes / BUCKET_BYTES)))
+    total_bytes = sum(f.size for f in files) + sum(b.images * 200 for b in blocks)
+    n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))  # no cap: a bucket's rows, not their number, is bounded
     scanned = f"{work_root}/scan.json"
     if fs.exists(scanned):  # passes 1 and 2 finished in an earlier run
         with fs.open(scanned, "r") as f:
@@ -556,6 +624,7 @@ def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blo
             work_dir=work_dir, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls,
         )
         map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="ingest dedup", unit="bucket", work_dir=work_dir)
+        map_with_progress(client, regroup_dups, [b.index for b in blocks], desc="ingest regroup", unit="block", work_dir=work_dir)
         with fs.open(scanned, "w") as f:
             json.dump({"block_rows": block_rows}, f)
     tasks = plan_shards(block_rows, config.shard_size, work_dir)

@@ -119,13 +119,25 @@ def _dvae_section(page: _Page, max_shards: int) -> None:
         page.figure("dvae_psnr.png", line_chart([m["step"] for m in evals], {"held-out PSNR": [m["val_psnr"] for m in evals]},
                                                  "dVAE reconstruction", "step", "PSNR (dB)"))
     if stage_complete(str(tokens_dir)):
-        codes = [np.asarray(t) for t in _columns(tokens_dir, ["image_tokens"], max_shards)["image_tokens"]]
-        if codes:
-            counts = np.bincount(np.concatenate(codes).astype(np.int64))
+        counts = _code_counts(tokens_dir, max_shards)
+        if counts.size:
             ranked = np.sort(counts)[::-1]
             page.figure("codebook_usage.png", bar_chart([str(i) for i in range(len(ranked))], ranked.tolist(),
                                                          f"codebook usage: {int((counts > 0).sum())} of {len(counts)}+ codes used",
                                                          "codes, most used first", "image tokens"))
+
+
+def _code_counts(tokens_dir: Path, max_shards: int) -> np.ndarray:
+    """How often each image code occurs in the first shards, summed shard by shard with numpy."""
+    import pyarrow.compute as pc
+
+    counts = np.zeros(0, np.int64)
+    for path in list_shards(str(tokens_dir))[:max_shards]:
+        codes = pc.list_flatten(read_shard(path, columns=["image_tokens"]).column("image_tokens")).to_numpy()
+        shard = np.bincount(codes.astype(np.int64))
+        counts = np.pad(counts, (0, max(0, shard.size - counts.size))) if shard.size > counts.size else counts
+        counts[: shard.size] += shard
+    return counts
 
 
 def _training_section(page: _Page) -> None:
