@@ -311,3 +311,17 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, monkeypatch):
         dedup(client, names, str(tmp_path), 4, 6.0)
         killer.join()
     assert killed == [True] and read_marks(tmp_path, names) == reference(rows, 4, 6.0)
+
+
+def test_colour_summary_bound_never_exceeds_the_colour_distance():
+    from dallekit.pipeline.dedup import _color_bound, _color_summary
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5000, THUMB_BYTES), dtype=np.uint8)
+    b = np.clip(a.astype(np.int16) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    b[::3] = rng.integers(0, 256, (len(b[::3]), THUMB_BYTES), dtype=np.uint8)  # unrelated pictures too
+    flat = np.repeat(rng.integers(0, 256, (5000, 1, 3), dtype=np.uint8), 64, axis=1).reshape(5000, THUMB_BYTES)
+    for x, y in ((a, b), (flat, a), (flat, flat[::-1])):
+        bound, exact = _color_bound(_color_summary(x), _color_summary(y)), color_distance(x, y)
+        assert (bound <= exact).all()
+    assert np.allclose(_color_bound(_color_summary(flat), _color_summary(flat[::-1])), color_distance(flat, flat[::-1]))  # tight on flat colours

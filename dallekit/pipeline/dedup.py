@@ -93,7 +93,8 @@ S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("phash", pa.ui
 S_REF = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32())])  # a surviving row of a scan shard
 S_SHA = S_REF.append(pa.field("sha256", pa.string()))
 S_IDS = pa.schema([("id", pa.int64()), ("uid", pa.string()), ("shard", pa.int32())])  # members (id: their rep) and nodes
-S_TAB = pa.schema([("phash", pa.uint64()), ("id", pa.int64())])
+SUMMARY = pa.binary(24)  # a thumbnail's 12 sums (2x2 regions of 4x4 pixels, 3 channels) as uint16: see _color_summary
+S_TAB = pa.schema([("phash", pa.uint64()), ("id", pa.int64()), ("summary", SUMMARY)])
 S_PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("ham", pa.int8())])
 S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB))
 S_EDGES = pa.schema([("u", pa.int64()), ("v", pa.int64())])
@@ -504,7 +505,8 @@ def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance
     bounds = {j: _ranges(h, ROWS_PER_TASK) for j, h in enumerate(hist)}
     tab = run.run("tabmap", _tabmap, _items(each), root=run.root, k=k, bounds=bounds).values()
     table_keys = [f"{j}-{r}" for j, starts in bounds.items() for r in range(len(starts))]
-    tables = run.run("tables", _tables, _items(table_keys, tab=_expected(tab, "tab")), root=run.root, k=k, distance=distance).values()
+    tables = run.run("tables", _tables, _items(table_keys, tab=_expected(tab, "tab")), root=run.root, k=k, distance=distance,
+                     max_color=max_color).values()
     run.drop("tab")
     confirm = run.run("confirm_a", _confirm_a, _items(each, cand=_expected(tables, "cand")), root=run.root).values()
     run.drop("cand")
@@ -645,11 +647,38 @@ def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
 # ---------------------------------------------------------------- passes 4-5: tables and colour
 
 
+def _color_summary(thumbs: np.ndarray) -> np.ndarray:
+    """(n, 12) uint16 sums of each 4x4-pixel quarter of an 8x8 RGB thumbnail, per channel.
+
+    `color_distance` is at least sum(|sums_a - sums_b|) / 192 (the triangle inequality per
+    quarter), so a pair whose summaries are further apart than the limit cannot be confirmed
+    and need not travel with its two thumbnails to the confirm passes.
+    """
+    quarters = thumbs.reshape(-1, 2, 4, 2, 4, 3).astype(np.uint16)
+    return quarters.sum(axis=(2, 4), dtype=np.uint16).reshape(-1, 12)
+
+
+def _color_bound(summary_a: np.ndarray, summary_b: np.ndarray) -> np.ndarray:
+    """A lower bound of color_distance from two (n, 12) summaries."""
+    return np.abs(summary_a.astype(np.int32) - summary_b.astype(np.int32)).sum(axis=1) / THUMB_BYTES
+
+
+def _summaries(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A SUMMARY column as an (n, 12) uint16 array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return np.zeros((0, 12), np.uint16)
+    return np.frombuffer(arr.buffers()[1], np.uint16)[arr.offset * 12 : (arr.offset + len(arr)) * 12].reshape(-1, 12)
+
+
 def _tabmap(item: tuple[int, dict], root: str, k: int, bounds: dict[int, list[int]]) -> dict:
     """Pass 4a, one task per representative bucket: each representative to the table partition of every leading block."""
     p = item[0]
-    (ph,) = _np(_read(f"{root}/reps/{p}.parquet", ["phash"]), "phash")
-    table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64)}, schema=S_TAB)
+    reps = _read(f"{root}/reps/{p}.parquet", ["phash", "color_thumb"])
+    (ph,) = _np(reps, "phash")
+    summary = _color_summary(_thumbs(reps["color_thumb"]))
+    summary_col = pa.FixedSizeBinaryArray.from_buffers(SUMMARY, len(ph), [None, pa.py_buffer(np.ascontiguousarray(summary))])
+    table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64), "summary": summary_col}, schema=S_TAB)
     written = []
     for lead, starts in bounds.items():
         part = np.searchsorted(np.asarray(starts), _lead_bits(ph, k, lead), side="right") - 1
@@ -658,15 +687,23 @@ def _tabmap(item: tuple[int, dict], root: str, k: int, bounds: dict[int, list[in
     return {"parts": {"tab": written}}
 
 
-def _tables(item: tuple[str, dict], root: str, k: int, distance: int) -> dict:
-    """Pass 4b, one task per (leading block, key range): sort each table led by the block, compare within equal keys."""
+def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color: float | None) -> dict:
+    """Pass 4b, one task per (leading block, key range): sort each table led by the block, compare within equal keys.
+
+    Pairs whose colour summaries already rule out `max_color` are dropped here.
+    """
     key, expect = item
     lead, r = (int(x) for x in key.split("-"))
-    ph, ids = _np(_read_dir(f"{root}/tab/{lead}/{r}", S_TAB, expect["tab"]), "phash", "id")
+    entries = _read_dir(f"{root}/tab/{lead}/{r}", S_TAB, expect["tab"])
+    ph, ids = _np(entries, "phash", "id")
+    summary = _summaries(entries["summary"])
     found, compared = [], 0
     for blocks in tables_led_by(k, distance, lead):
         keys, order = _sorted_keys(ph, k, blocks)
         i, j, bits, n = equal_key_pairs(keys, ph[order], distance)
+        if max_color is not None and len(i):
+            near = _color_bound(summary[order[i]], summary[order[j]]) <= max_color
+            i, j, bits = i[near], j[near], bits[near]
         a, b = ids[order[i]], ids[order[j]]
         found.append((np.minimum(a, b), np.maximum(a, b), bits.astype(np.int8)))
         compared += n
