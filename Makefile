@@ -22,6 +22,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/download_vs_img2dataset.py
 	$(BIN)/python benchmarks/clean_throughput.py --n 10000
+	$(BIN)/python benchmarks/dedup_scale.py
+	$(BIN)/python benchmarks/clean_scale.py
 	$(BIN)/python benchmarks/clip_filter_overhead.py
 	$(BIN)/python benchmarks/encode_overhead.py
 	$(BIN)/python benchmarks/loader_vs_memmap.py

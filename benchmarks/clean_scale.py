@@ -1,12 +1,13 @@
-"""clean over a million rows of tiny downloaded images on a 3-worker LocalCluster: worker memory stays flat.
+"""clean over millions of rows of tiny downloaded images on a 3-worker LocalCluster: worker memory stays flat.
 
-Writes N rows as a finished `download` stage (16x16 JPEGs, each its own picture, plus 3% exact
+Writes N rows as a finished `download` stage (32x32 JPEGs, each its own picture, plus 3% exact
 copies and 5% re-encoded near copies of earlier rows), runs `dallekit clean` on them on a fresh
 LocalCluster of 3 workers and samples every worker's RSS every 0.5 s. For each size it prints
 rows/s and the largest worker's peak RSS, saves the RSS timeline of the largest size as a PNG,
 and ends with ratio=<peak worker RSS at the largest size / at the smallest> (flat: about 1).
+The dedup's tasks hold up to 500,000 rows, so sizes from 1M up compare like with like.
 
-    python benchmarks/clean_scale.py [--sizes 250000,1000000] [--workers 3]
+    python benchmarks/clean_scale.py [--sizes 1000000,2000000] [--workers 3]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dallekit.config import CleanConfig, ClusterConfig  # noqa: E402
 from dallekit.pipeline.clean import clean  # noqa: E402
 from dallekit.pipeline.cluster import dask_client  # noqa: E402
 
-SIDE = 16
+SIDE = 32
 
 
 def jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -45,8 +46,8 @@ def jpeg(pixels: np.ndarray, quality: int) -> bytes:
 
 
 def picture(rng: np.random.Generator) -> np.ndarray:
-    """A random 4x4 colour pattern scaled to 16x16: distinct pHashes, a colour thumbnail of its own."""
-    return np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
+    """A random 4x4 colour pattern scaled to 32x32: distinct pHashes, a colour thumbnail of its own."""
+    return np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((SIDE // 4, SIDE // 4, 1), np.uint8))
 
 
 def write_shard(folder: Path, index: int, rows: int) -> int:
@@ -60,7 +61,7 @@ def write_shard(folder: Path, index: int, rows: int) -> int:
         if i > 0 and kind < 0.03:
             images.append(images[rng.integers(0, i)])  # exact copy
         elif i > 0 and kind < 0.08:
-            images.append(jpeg(pictures[rng.integers(0, len(pictures))], quality=60))  # the same picture re-encoded
+            images.append(jpeg(pictures[rng.integers(0, len(pictures))], quality=75))  # the same picture re-encoded
         else:
             pictures.append(picture(rng))
             images.append(jpeg(pictures[-1], quality=90))
@@ -126,7 +127,7 @@ def run(work: Path, n: int, shard_rows: int, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="250000,1000000", help="comma-separated row counts")
+    parser.add_argument("--sizes", default="1000000,2000000", help="comma-separated row counts")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--shard-rows", type=int, default=10_000)
     parser.add_argument("--work", default="/tmp/clean-scale")
@@ -139,7 +140,7 @@ def main() -> None:
         print(results[-1]["line"], flush=True)
     shutil.rmtree(args.work, ignore_errors=True)
     last = results[-1]
-    times = [t for t, _ in last["samples"]]
+    times = [round(t, 1) for t, _ in last["samples"]]
     series = {f"worker {i + 1} (sorted by RSS)": [values[i] / 2**20 for _, values in last["samples"]]
               for i in range(min(len(v) for _, v in last["samples"]))}
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)

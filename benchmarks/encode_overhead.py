@@ -1,6 +1,6 @@
 """The encode stage's images/s vs a bare dvae.encode(batch) loop on already-decoded tensors.
 
-Downloads N generated 256 px JPEGs on loopback, then, with the same randomly initialised dVAE
+Downloads and cleans N generated 256 px JPEGs on loopback, then, with the same randomly initialised dVAE
 (preset `small` by default), batch size and torch threads, in one process:
   bare:  model.encode on uint8 images already decoded, resized and cropped, as float tensors;
   stage: `encode` on an in-process Dask worker: JPEG decode, resize, crop, caption BPE, Parquet.
@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import downloaded_shapes  # noqa: E402
 
-from dallekit.config import ClusterConfig, EncodeConfig  # noqa: E402
+from dallekit.config import CleanConfig, ClusterConfig, EncodeConfig  # noqa: E402
 from dallekit.images import load_square  # noqa: E402
 from dallekit.models.dvae import DVAE, dvae_config  # noqa: E402
 from dallekit.models.weights import save_model  # noqa: E402
+from dallekit.pipeline.clean import clean  # noqa: E402
 from dallekit.pipeline.cluster import dask_client  # noqa: E402
 from dallekit.pipeline.encode import encode, plan_encode  # noqa: E402
 from dallekit.pipeline.shards import list_shards, read_shard  # noqa: E402
@@ -70,7 +71,8 @@ def main() -> None:
         save_model(work / "dvae", DVAE(config), save_dvae_config(config))
     options = EncodeConfig(batch_size=args.batch_size)
     with dask_client(ClusterConfig(workers=1, threads_per_worker=1, processes=False), quiet=True) as client:
-        downloaded = downloaded_shapes(work, args.n, client, shard_size=256)
+        downloaded = work / "clean"  # encode reads a cleaned (or filtered) stage; no near-dup removal, so the images stay
+        clean(str(downloaded_shapes(work, args.n, client, shard_size=256)), str(downloaded), CleanConfig(near_dup_distance=-1), client)
         plan = plan_encode(str(downloaded), str(work / "dvae"), options)  # loads the dVAE, shared with the in-process worker
         tokenizer = cached_image_tokenizer(str(work / "dvae"), options.device)
         config = tokenizer.config

@@ -29,8 +29,9 @@ def line_chart(xs: list[float], series: dict[str, list[float]], title: str, xlab
     draw.text((left, 12), title, fill="black", font=font)
     draw.text((width // 2 - 40, height - 22), xlabel, fill="black", font=font)
     draw.text((6, top - 14), ylabel, fill="black", font=font)
-    for x, label in zip(px, xs):
-        draw.text((at(x, lo)[0] - 6, height - bottom + 6), f"{label:g}", fill="black", font=font)
+    every = max(1, math.ceil(len(xs) / 10))  # at most 10 x labels, so that long series stay readable
+    for x, label in list(zip(px, xs))[::every]:
+        draw.text((at(x, lo)[0] - 6, height - bottom + 6), f"{label:.4g}", fill="black", font=font)
     for frac in (0, 0.5, 1):
         y = lo + frac * (hi - lo)
         draw.text((8, at(x0, y)[1] - 6), f"{y:.3f}", fill="black", font=font)
