@@ -23,7 +23,9 @@ after a killed worker or driver skips every finished task and writes the same fi
    within d bits agree exactly on at least k-d blocks. The tables whose key starts with block j
    share one partition of the representatives by block j's value (ranges of each of their keys,
    sized from counts); a task sorts each table's entries by key and compares, vectorised,
-   only the entries of equal-key runs (XOR + popcount), keeping pairs within d bits.
+   only the entries of equal-key runs (XOR + popcount), keeping pairs within d bits whose
+   quarter colour sums do not already rule out `max_color` (a lower bound of the colour
+   distance, so no pair that could be confirmed is lost).
 5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables
    find the same pair) and joined with both thumbnails; `color_distance` confirms them.
 6. components: connected components of the confirmed edges by the alternating large-star /
