@@ -138,6 +138,20 @@ def test_more_buckets_than_blocks_and_shards_keep_the_global_dedup(tmp_path, cli
     assert all(by_uid[u] == d for u, d in zip(rejects["url"], rejects["duplicate_of"]))
 
 
+def test_a_parquet_row_group_bigger_than_a_task_is_read_in_slices(tmp_path, client, monkeypatch):
+    monkeypatch.setattr(ingest_module, "PARQUET_BLOCK_ROWS", 40)
+    monkeypatch.setattr(ingest_module, "PARQUET_BATCH_ROWS", 16)  # slices that start and end inside batches
+    rows = [(f"http://example.com/{i % 90}.jpg", f"caption {i}") for i in range(100)]
+    pq.write_table(pa.table({"url": [u for u, _ in rows], "caption": [c for _, c in rows]}), tmp_path / "one.parquet",
+                   row_group_size=1000)  # one row group of 100 rows
+    blocks = plan_ingest([str(tmp_path / "one.parquet")], IngestConfig())
+    assert [b.rows for b in blocks] == [(0, 40), (40, 80), (80, 100)]
+    ingest([str(tmp_path / "one.parquet")], str(tmp_path / "out"), IngestConfig(shard_size=30), client, blocks=blocks)
+    kept, rejects = check_accounting(tmp_path / "out", 100)
+    assert kept["caption"].tolist() == [f"caption {i}" for i in range(90)]  # input order, each row once
+    assert len(rejects) == 10 and set(rejects["reason"]) == {"duplicate_url"}
+
+
 def image_tree(root, layout: dict[str, int]) -> int:
     """Tiny JPEGs with captions in nested folders: {relative folder: number of images}; returns the total."""
     from dallekit.synthetic import encode, random_spec, render

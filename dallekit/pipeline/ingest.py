@@ -55,6 +55,8 @@ RESERVED = {
 }
 BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
 FOLDER_CHUNK = 10000  # images of a folder per scan task
+PARQUET_BLOCK_ROWS = 1_000_000  # rows of a Parquet row group per scan task; a bigger group is read in slices
+PARQUET_BATCH_ROWS = 65_536  # rows decoded at a time while a task seeks to its slice
 OUTSIDE_FOLDER = "outside_input_folder"  # reject reason: an image or caption resolves outside its input folder
 FILE_ROOTS = "_file_roots.json"  # the local folders an ingest read; download reads file:// URLs only inside them
 
@@ -80,6 +82,7 @@ class Block:
     offset: int = 0
     length: int = 0
     row_group: int = -1
+    rows: tuple[int, int] | None = None  # a slice [start, stop) of a Parquet row group too big for one task
     # (folder, start, stop, images in the folder): the task lists the folder again and takes [start:stop],
     # so the driver holds counts per folder, never the file names of the whole tree
     folders: list[tuple[str, int, int, int]] | None = None
@@ -279,9 +282,12 @@ def plan_blocks(files: list[InputFile], config: IngestConfig) -> list[Block]:
                 raise BadInputError(f"{file.path}: no images (.jpg, .png, ...) in this folder")
         elif file.format in ("parquet", "laion"):
             with fs.open(path, "rb") as f:
-                n_groups = pq.ParquetFile(f).num_row_groups
-            for group in range(n_groups):
-                blocks.append(Block(len(blocks), file, row_group=group))
+                meta = pq.ParquetFile(f).metadata
+            for group in range(meta.num_row_groups):
+                n = meta.row_group(group).num_rows
+                for start in range(0, max(n, 1), PARQUET_BLOCK_ROWS):  # files written as one huge row group too
+                    rows = (start, min(n, start + PARQUET_BLOCK_ROWS)) if n > PARQUET_BLOCK_ROWS else None
+                    blocks.append(Block(len(blocks), file, row_group=group, rows=rows))
         elif fsspec.utils.infer_compression(path):  # compressed text cannot be split by bytes
             blocks.append(Block(len(blocks), file, offset=0, length=-1))
         else:
@@ -342,7 +348,7 @@ def _read_block(block: Block) -> pd.DataFrame:
         return pd.DataFrame(rows, columns=["url", "caption", "_reason"])
     if file.format in ("parquet", "laion"):
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(block.row_group)
+            table = _read_row_group(pq.ParquetFile(f), block)
         df = table.to_pandas()
     else:
         with fs.open(path, "rb", compression="infer") as f:
@@ -360,6 +366,22 @@ def _read_block(block: Block) -> pd.DataFrame:
             df = _normalise_json_columns(df, file)
     df = df.rename(columns={c: f"source_{c}" for c in df.columns if c in RESERVED and c not in (file.url_col, file.caption_col)})
     return df.rename(columns={file.url_col: "url", file.caption_col: "caption"})
+
+
+def _read_row_group(pf: pq.ParquetFile, block: Block) -> pa.Table:
+    """A block's row group, or its slice of one: batches before the slice are decoded and dropped, so memory stays one slice."""
+    if block.rows is None:
+        return pf.read_row_group(block.row_group)
+    start, stop = block.rows
+    parts, seen = [], 0
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[block.row_group]):
+        lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
+        if lo < hi:
+            parts.append(batch.slice(lo, hi - lo))
+        seen += batch.num_rows
+        if seen >= stop:
+            break
+    return pa.Table.from_batches(parts, schema=pf.schema_arrow)
 
 
 def _read_caption(fs, path: str) -> str:
