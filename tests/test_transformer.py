@@ -183,7 +183,8 @@ def test_loader_memory_is_bounded_by_buffer_not_shard_count(tmp_path):
 
     def peak(n_shards: int) -> int:  # in a fresh process: the test session's Dask threads would be traced too
         data = token_shards(tmp_path / f"t{n_shards}", n_shards, 20)
-        code = f"from tests.test_transformer import loader_peak; print(loader_peak({str(data)!r}))"
+        # os._exit skips the interpreter's teardown, which once died of SIGSEGV after the result was printed
+        code = f"import os; from tests.test_transformer import loader_peak; print(loader_peak({str(data)!r}), flush=True); os._exit(0)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
         assert out.returncode == 0, out.stderr
         return int(out.stdout.split()[-1])
