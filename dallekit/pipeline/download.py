@@ -53,18 +53,12 @@ import pyarrow.parquet as pq  # noqa: E402
 from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
 from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
 from dallekit.pipeline.shards import (  # noqa: E402
-    ShardResult, ShardTask, begin_stage, input_identity, list_shards, read_shard, run_stage, shard_schema,
+    ShardResult, ShardTask, begin_stage, input_identity, list_shards, read_shard, run_stage, shard_schema, top_counts,
 )
 
 OOM_SHARD_COUNT = 5  # digits of the shard id in img2dataset's keys and file names
-MAX_ERROR_KINDS = 100  # distinct error messages counted per shard; the rest count as "other"
 # URLs and long numbers (sizes, byte counts) make each row's message unique; counted as kinds they stay few
 _ROW_DETAIL = re.compile(r"(?:https?|file|ftp)://\S+|\d{4,}")
-
-
-def error_kind(message: str) -> str:
-    """An error message without its row's details (URLs, long numbers), so that counts group by kind."""
-    return _ROW_DETAIL.sub("<…>", message)
 LOST_ROW = "row lost by the downloader"
 FILE_ROOTS = "_file_roots.json"  # written by `ingest --format folder`: {"roots": ["/abs/real/path", ...]}
 TMP_PREFIX = "dallekit-download-"
@@ -137,6 +131,11 @@ def remove_stale_folders(folder: str) -> list[str]:
     return removed
 
 
+def error_kind(message: str) -> str:
+    """An error message without its row's details (URLs, long numbers), so that counts group by kind."""
+    return _ROW_DETAIL.sub("<…>", message)
+
+
 def download_shard(task: DownloadShard) -> ShardResult:
     """Download one URL shard with img2dataset and return its rows in input order, none lost."""
     source = read_shard(task.path)
@@ -157,10 +156,7 @@ def download_shard(task: DownloadShard) -> ShardResult:
     table = _in_input_order(written, source, task)
     statuses = collections.Counter(table.column("status").to_pylist())
     errors = collections.Counter(error_kind(e) for e in table.column("error_message").to_pylist() if e is not None)
-    kinds = dict(errors.most_common(MAX_ERROR_KINDS))
-    if len(errors) > MAX_ERROR_KINDS:
-        kinds["other"] = sum(errors.values()) - sum(kinds.values())
-    return ShardResult(rows_in=source.num_rows, kept=table, counters={"status": dict(statuses), "error_message": kinds})
+    return ShardResult(rows_in=source.num_rows, kept=table, counters={"status": dict(statuses), "error_message": top_counts(errors)})
 
 
 def _in_input_order(written: pa.Table, source: pa.Table, task: DownloadShard) -> pa.Table:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 
 from dallekit.charts import bar_chart, histogram, line_chart
@@ -129,14 +130,12 @@ def _dvae_section(page: _Page, max_shards: int) -> None:
 
 def _code_counts(tokens_dir: Path, max_shards: int) -> np.ndarray:
     """How often each image code occurs in the first shards, summed shard by shard with numpy."""
-    import pyarrow.compute as pc
-
     counts = np.zeros(0, np.int64)
     for path in list_shards(str(tokens_dir))[:max_shards]:
         codes = pc.list_flatten(read_shard(path, columns=["image_tokens"]).column("image_tokens")).to_numpy()
-        shard = np.bincount(codes.astype(np.int64))
-        counts = np.pad(counts, (0, max(0, shard.size - counts.size))) if shard.size > counts.size else counts
-        counts[: shard.size] += shard
+        shard = np.bincount(codes.astype(np.int64), minlength=counts.size)
+        shard[: counts.size] += counts
+        counts = shard
     return counts
 
 

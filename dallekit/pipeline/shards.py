@@ -415,10 +415,10 @@ def map_with_progress(
 MAX_COUNTER_KEYS = 100  # the distinct values a stage's counter keeps in _stats.json; the rest count as "other"
 
 
-def _top(counter: collections.Counter) -> dict:
-    """The counter's most common values, the rest summed as "other"."""
-    kept = dict(counter.most_common(MAX_COUNTER_KEYS))
-    if len(counter) > MAX_COUNTER_KEYS:
+def top_counts(counter: collections.Counter, limit: int = MAX_COUNTER_KEYS) -> dict:
+    """The counter's `limit` most common values, the rest summed as "other"."""
+    kept = dict(counter.most_common(limit))
+    if len(counter) > limit:
         kept["other"] = kept.get("other", 0) + sum(counter.values()) - sum(kept.values())
     return kept
 
@@ -439,7 +439,7 @@ def summarize(stage: str, marks: list[dict], seconds: float, config: dict | None
         "rows_out": sum(m["rows_out"] for m in marks),
         "rows_rejected": sum(m["rows_rejected"] for m in marks),
         "reasons": dict(reasons.most_common()),
-        "counters": {k: _top(v) for k, v in counters.items()},
+        "counters": {k: top_counts(v) for k, v in counters.items()},
         "seconds": round(seconds, 3),
         "rows_per_second": round(rows_in / seconds, 1) if seconds > 0 else None,
         "config": config or {},
