@@ -5,7 +5,8 @@ thumbnails; 3% exact copies of other rows, 5% near-duplicate variants of a row a
 before (1-4 bits, colours within 3; a tenth of them recoloured, which must not merge), 2%
 rejected rows, and one cluster of 10,000 identical hashes and thumbnails spread over the shards.
 Each size runs on a fresh LocalCluster of 2 worker processes (start-up not timed); the peak
-RSS is the largest worker's ru_maxrss (and a 0.5 s poll of its RSS). Today's one-task dedup
+RSS is the largest worker's ru_maxrss (and a 0.5 s poll of its RSS); sizes under 4M rows run three
+times on one cluster and report the median time. Today's one-task dedup
 (a copy, `old_dedup_dataset`) runs beside the new one at the smallest size, and both outputs
 are compared. Last lines: the peak RSS ratio largest/smallest size (target <= 1.3), new vs old
 (target >= 20x) and ratio=<rows/s at the largest size / rows/s at the smallest> (target >= 0.8).
@@ -172,14 +173,22 @@ def generated(work: Path, n: int, shard_rows: int) -> list[str]:
     return names
 
 
-def run_new(work: Path, n: int, shard_rows: int, workers: int) -> dict:
-    """The new dedup over n generated rows on a fresh cluster: seconds, the largest worker's peak RSS, its stats."""
+def run_new(work: Path, n: int, shard_rows: int, workers: int, repeats: int) -> dict:
+    """The new dedup over n generated rows on a fresh cluster, `repeats` times: median seconds, the largest worker's peak RSS, its stats."""
     names = generated(work, n, shard_rows)
+    times, peaks = [], []
     with dask_client(ClusterConfig(workers=workers), quiet=True) as client:
         warm(client)
-        seconds, rss = measured(lambda: dedup(client, names, str(work), 4, 6.0), client)
+        for _ in range(repeats):  # a short run is repeated: one busy minute of the shared machine moves it most
+            shutil.rmtree(work / "dedup", ignore_errors=True)
+            shutil.rmtree(work / "dups", ignore_errors=True)
+            seconds, rss = measured(lambda: dedup(client, names, str(work), 4, 6.0), client)
+            times.append(seconds)
+            peaks.append(rss)
         s = dedup_stats(str(work))
+    seconds, rss = float(np.median(times)), max(peaks)
     lines = [(f"size={n} seconds={seconds:.1f} rows/s={n / seconds:.0f} peak_worker_rss_mb={rss / 2**20:.0f} "
+              f"runs={len(times)} seconds_each={[round(t, 1) for t in times]} "
               f"reps={s['representatives']} k={s['blocks']} tables={s['tables']} compared_pairs={s['compared_pairs']} "
               f"edges={s['edges']} cc_rounds={s['components_rounds']} marks={s['marks']}"),
              f"  pass seconds (wall, task sum): {s['pass_seconds']}"]
@@ -221,12 +230,14 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/dedup-scale", help="scratch folder (16M rows need about 20 GB)")
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each size under 4M rows (the median is reported)")
     parser.add_argument("--no-old", action="store_true", help="skip today's one-task dedup")
     parser.add_argument("--results", default="/tmp/dedup-scale-results.json", help="measurements so far (delete it to measure afresh)")
     args = parser.parse_args()
     sizes, work, path = [int(s) for s in args.sizes.split(",")], Path(args.work), Path(args.results)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.workers} workers, {args.shard_rows}-row shards", flush=True)
-    results = [measure(path, f"new-{n}", lambda n=n: run_new(work, n, args.shard_rows, args.workers)) for n in sizes]
+    results = [measure(path, f"new-{n}", lambda n=n: run_new(work, n, args.shard_rows, args.workers, args.repeats if n < 4_000_000 else 1))
+               for n in sizes]
     old = None if args.no_old else measure(path, f"old-{sizes[0]}", lambda: run_old(work, sizes[0], args.shard_rows, args.workers))
     shutil.rmtree(work, ignore_errors=True)
     first, last = results[0], results[-1]

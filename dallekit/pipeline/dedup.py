@@ -8,7 +8,10 @@ rejected as either kind) has a pHash within `distance` bits and a colour thumbna
 
 Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and
 then a marker (`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun
-after a killed worker or driver skips every finished task and writes the same files:
+after a killed worker or driver skips every finished task and writes the same files. A task
+writes one file per output kind, an Arrow IPC stream per consumer task back to back, and its
+marker indexes them by byte range: a pass of P producers and C consumers writes P files, not
+P * C (at 16M rows, 32 x 160 small files a pass cost more than the pass's work).
 
 1. split (per group of scan shards): every uid to a uid bucket, every surviving row to a sha256
    bucket (hash partitioning).
@@ -60,6 +63,7 @@ import itertools
 import json
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,32 +188,73 @@ def _read(path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
-def _read_dir(path: str, schema: pa.Schema, expect: int) -> pa.Table:
-    """The `expect` Parquet files of a folder as one table (`_tmp-` files skipped); empty with `schema` when none.
+def _read_parts(refs: list[list], schema: pa.Schema) -> pa.Table:
+    """The parts `refs` ([path, offset, length, rows] each, from the producers' markers) as one table; empty with `schema` when none.
 
-    The count comes from the producers' markers: a task that a killed driver left running can
-    then never read a folder that a rerun is deleting (and overwrite good output with less).
+    Each part is read by its byte range, and must hold the rows its producer counted: a task
+    that a killed driver left running then fails rather than read a file a rerun replaced.
     """
-    fs, root = fsspec.core.url_to_fs(path)
-    files = sorted(p for p in fs.glob(f"{root.rstrip('/')}/*.parquet") if not p.rsplit("/", 1)[-1].startswith("_"))
-    if len(files) != expect:
-        raise RuntimeError(f"{path}: {len(files)} files where {expect} were written (a stale task or a deleted folder)")
-    parts = [_read(fs.unstrip_protocol(p) if "://" in path else p) for p in files]
-    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+    tables = []
+    for path, offset, length, rows in refs:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            f.seek(offset)
+            table = pa.ipc.open_stream(pa.py_buffer(f.read(length))).read_all()
+        if table.num_rows != rows:
+            raise RuntimeError(f"{path}@{offset}: {table.num_rows} rows where {rows} were written (a stale task or a replaced file)")
+        tables.append(table)
+    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 
-def _write_parts(table: pa.Table, part: np.ndarray, path_of: Callable[[int], str]) -> list[int]:
-    """Write the rows of `table` with each value of `part` to path_of(value), atomically; the values written (none for no rows)."""
-    if not table.num_rows:
-        return []
-    if np.all(part == part[0]):  # one part: no reordering
-        write_table_atomic(table, path_of(int(part[0])), **WRITE)
-        return [int(part[0])]
-    order = np.argsort(part, kind="stable")
-    values, starts = np.unique(part[order], return_index=True)
-    for value, lo, hi in zip(values.tolist(), starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
-        write_table_atomic(_take(table, order[lo:hi]), path_of(int(value)), **WRITE)
-    return values.tolist()
+class _PartsFile:
+    """One producer's output of one kind: an Arrow IPC stream per consumer, back to back in one file written atomically.
+
+    One file per producer (not per producer and consumer) keeps the files of a pass linear in
+    the dataset: P producers and C consumers write P files, read by byte range, not P * C.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path, self.index = path, {}
+        self.fs, p = fsspec.core.url_to_fs(path)
+        parent, name = p.rsplit("/", 1)
+        self.fs.makedirs(parent, exist_ok=True)
+        self.local, self.tmp = p, f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
+        self.file = self.fs.open(self.tmp, "wb")
+
+    def add(self, key: Any, table: pa.Table) -> None:
+        """The rows of consumer `key`."""
+        start = self.file.tell()
+        with pa.ipc.new_stream(self.file, table.schema) as writer:
+            writer.write_table(table)
+        self.index[str(key)] = [self.path, start, self.file.tell() - start, table.num_rows]
+
+    def split(self, table: pa.Table, part: np.ndarray, key: Callable[[int], Any] = int) -> None:
+        """The rows of `table` with each value v of `part`, for consumer key(v)."""
+        if not table.num_rows:
+            return
+        if np.all(part == part[0]):  # one part: no reordering
+            self.add(key(int(part[0])), table)
+            return
+        order = np.argsort(part, kind="stable")
+        values, starts = np.unique(part[order], return_index=True)
+        for value, lo, hi in zip(values.tolist(), starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
+            self.add(key(int(value)), _take(table, order[lo:hi]))
+
+    def close(self) -> dict[str, list]:
+        """Rename the file into place (none when no rows); the index {consumer key: [path, offset, length, rows]}."""
+        self.file.close()
+        if self.index:
+            self.fs.mv(self.tmp, self.local)
+        else:
+            self.fs.rm(self.tmp)
+        return self.index
+
+
+def _write_parts(table: pa.Table, part: np.ndarray, path: str) -> dict[str, list]:
+    """The rows of `table` with each value of `part`, for that consumer, in one file at `path`; its index (empty for no rows)."""
+    out = _PartsFile(path)
+    out.split(table, part)
+    return out.close()
 
 
 def _take(table: pa.Table, indices: Any) -> pa.Table:
@@ -220,13 +265,13 @@ def _take(table: pa.Table, indices: Any) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=table.schema)
 
 
-def _expected(results: Any, kind: str) -> dict[str, int]:
-    """How many producer tasks wrote each part of `kind` (from their markers): what each consumer must find."""
-    counts: dict[str, int] = {}
+def _expected(results: Any, kind: str) -> dict[str, list[list]]:
+    """The parts of `kind` each consumer must read (from its producers' markers, in producer order)."""
+    refs: dict[str, list[list]] = {}
     for result in results:
-        for part in result["parts"].get(kind, []):
-            counts[str(part)] = counts.get(str(part), 0) + 1
-    return counts
+        for key, ref in result["parts"].get(kind, {}).items():
+            refs.setdefault(key, []).append(ref)
+    return refs
 
 
 def _runs(sorted_keys: np.ndarray) -> np.ndarray:
@@ -242,10 +287,10 @@ def _marks(rows: pa.Table, reason: str, of: pa.Array | pa.ChunkedArray, distance
                      "duplicate_of": of, "duplicate_distance": pa.array(np.asarray(distance, np.int32))}, schema=S_MARKS)
 
 
-def _write_marks(marks: pa.Table, root: str, group_of: list[int], name: str) -> list[int]:
-    """Marks to the folder of their shard's group, for the final pass; the groups written."""
+def _write_marks(marks: pa.Table, root: str, group_of: list[int], name: str) -> dict[str, list]:
+    """Marks for the final task of their shard's group; the index of the file written."""
     groups = np.asarray(group_of, np.int64)[_np(marks, "shard")[0]]
-    return _write_parts(marks, groups, lambda g: f"{root}/marks/{g}/{name}.parquet")
+    return _write_parts(marks, groups, f"{root}/marks/{name}.arrow")
 
 
 # ---------------------------------------------------------------- blocks and tables
@@ -462,9 +507,9 @@ def dedup_stats(work_dir: str) -> dict[str, int]:
     return _load_json(fs, local)["stats"]
 
 
-def _items(keys: Any, **expect: dict[str, int]) -> dict[str, tuple[Any, dict[str, int]]]:
-    """Consumer tasks: key -> (key, how many files of each input kind its producers wrote)."""
-    return {str(key): (key, {kind: counts.get(str(key), 0) for kind, counts in expect.items()}) for key in keys}
+def _items(keys: Any, **expect: dict[str, list]) -> dict[str, tuple[Any, dict[str, list]]]:
+    """Consumer tasks: key -> (key, the parts of each input kind its producers wrote for it)."""
+    return {str(key): (key, {kind: refs.get(str(key), []) for kind, refs in expect.items()}) for key in keys}
 
 
 def _exact_passes(run: _Run, work_dir: str, total: int, near: bool) -> tuple[dict, list]:
@@ -557,10 +602,10 @@ def _split(item: tuple[int, list[int]], root: str, work_dir: str, names: list[st
     if rows["uid"].null_count:
         rows = rows.filter(pc.is_valid(rows["uid"]))
     uid_parts = _write_parts(rows.select(S_UID.names).cast(S_UID), _string_hash(rows["uid"]) % np.uint64(buckets),
-                             lambda b: f"{root}/uid/{b}/{g}.parquet")
+                             f"{root}/uid/{g}.arrow")
     live = rows.filter(pc.is_null(rows["reason"])).select(S_SHA.names).cast(S_SHA)
     sha_parts = _write_parts(live, _string_hash(pc.fill_null(live["sha256"], "")) % np.uint64(buckets),
-                             lambda b: f"{root}/sha/{b}/{g}.parquet")
+                             f"{root}/sha/{g}.arrow")
     return {"nulls": [x for x in nulls if x[1]], "survivors": live.num_rows, "parts": {"uid": uid_parts, "sha": sha_parts}}
 
 
@@ -583,8 +628,8 @@ def _repeated_uid(uids: pa.Table, names: list[str]) -> list | None:
 def _exact(item: tuple[int, dict], root: str, names: list[str], group_of: list[int], near: bool) -> dict:
     """Pass 2, one task per bucket: repeated uids, then sha256 repeats (the first in uid order keeps); survivors back to their group."""
     b, expect = item
-    repeat = _repeated_uid(_read_dir(f"{root}/uid/{b}", S_UID, expect["uid"]), names)
-    rows = _read_dir(f"{root}/sha/{b}", S_SHA, expect["sha"])
+    repeat = _repeated_uid(_read_parts(expect["uid"], S_UID), names)
+    rows = _read_parts(expect["sha"], S_SHA)
     rows = rows.take(pc.sort_indices(rows, [("sha256", "ascending"), ("uid", "ascending")]))
     n, sha = rows.num_rows, rows["sha256"]
     same = np.zeros(n, bool)
@@ -597,7 +642,7 @@ def _exact(item: tuple[int, dict], root: str, names: list[str], group_of: list[i
     if near:
         live = rows.filter(pa.array(~same)).select(S_REF.names)
         groups = np.asarray(group_of, np.int64)[_np(live, "shard")[0]]
-        parts["keep"] = _write_parts(live, groups, lambda g: f"{root}/keep/{g}/{b}.parquet")
+        parts["keep"] = _write_parts(live, groups, f"{root}/keep/{b}.arrow")
     return {"repeat": repeat, "duplicates": len(dups), "parts": parts}
 
 
@@ -608,7 +653,7 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     shuffle, most of whose rows would only have passed them on.
     """
     g, expect = item
-    refs = _read_dir(f"{root}/keep/{g}", S_REF, expect["keep"])
+    refs = _read_parts(expect["keep"], S_REF)
     refs = refs.take(pc.sort_indices(refs, [("shard", "ascending"), ("row", "ascending")]))
     shard, row = _np(refs, "shard", "row")
     n = len(row)
@@ -625,13 +670,13 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
         keep = np.flatnonzero(valid)
         rows, ph, thumbs = _take(rows, keep), ph[keep], thumbs[keep]
     part = _fold(_mix(ph), thumbs) % np.uint64(buckets)  # identical images land in one collapse bucket
-    return {"parts": {"coll": _write_parts(rows, part, lambda p: f"{root}/coll/{p}/{g}.parquet")}}
+    return {"parts": {"coll": _write_parts(rows, part, f"{root}/coll/{g}.arrow")}}
 
 
 def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
     """Pass 3, one task per bucket: identical (pHash, thumbnail) rows to one representative, the first in uid order."""
     p, expect = item
-    rows = _read_dir(f"{root}/coll/{p}", S_REPS, expect["coll"])
+    rows = _read_parts(expect["coll"], S_REPS)
     rows = _take(rows, pc.sort_indices(rows, [("phash", "ascending"), ("color_thumb", "ascending"), ("uid", "ascending")]))
     (ph,) = _np(rows, "phash")
     words = _thumbs(rows["color_thumb"]).view(np.uint64)
@@ -688,12 +733,11 @@ def _tabmap(item: tuple[int, dict], root: str, k: int, bounds: dict[int, list[in
     reps = _read(f"{root}/reps/{p}.parquet", ["phash", "summary"])
     (ph,) = _np(reps, "phash")
     table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64), "summary": reps["summary"]}, schema=S_TAB)
-    written = []
+    out = _PartsFile(f"{root}/tab/{p}.arrow")
     for lead, starts in bounds.items():
         part = np.searchsorted(np.asarray(starts), _lead_bits(ph, k, lead), side="right") - 1
-        done = _write_parts(table, part, lambda r, lead=lead: f"{root}/tab/{lead}/{r}/{p}.parquet")
-        written += [f"{lead}-{r}" for r in done]
-    return {"parts": {"tab": written}}
+        out.split(table, part, key=lambda r, lead=lead: f"{lead}-{r}")
+    return {"parts": {"tab": out.close()}}
 
 
 def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color: float | None) -> dict:
@@ -703,7 +747,7 @@ def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color:
     """
     key, expect = item
     lead, r = (int(x) for x in key.split("-"))
-    entries = _read_dir(f"{root}/tab/{lead}/{r}", S_TAB, expect["tab"])
+    entries = _read_parts(expect["tab"], S_TAB)
     ph, ids = _np(entries, "phash", "id")
     summary = _summaries(entries["summary"])
     found, compared = [], 0
@@ -718,7 +762,7 @@ def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color:
         compared += n
     a, b, bits = (np.concatenate(x) for x in zip(*found)) if found else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.int8),)
     pairs = pa.table({"a": a, "b": b, "ham": bits}, schema=S_PAIRS)
-    parts = _write_parts(pairs, a >> 32, lambda q: f"{root}/cand/{q}/{lead}-{r}.parquet")
+    parts = _write_parts(pairs, a >> 32, f"{root}/cand/{lead}-{r}.arrow")
     return {"compared": compared, "candidates": len(a), "parts": {"cand": parts}}
 
 
@@ -730,26 +774,26 @@ def _rep_thumbs(root: str, p: int) -> np.ndarray:
 def _confirm_a(item: tuple[int, dict], root: str) -> dict:
     """Pass 5a, one task per bucket of the first end: each candidate pair once, with its first thumbnail, to the second end's bucket."""
     p, expect = item
-    a, b, bits = _np(_read_dir(f"{root}/cand/{p}", S_PAIRS, expect["cand"]), "a", "b", "ham")
+    a, b, bits = _np(_read_parts(expect["cand"], S_PAIRS), "a", "b", "ham")
     order = np.lexsort((b, a))
     a, b, bits = a[order], b[order], bits[order]
     once = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
     a, b, bits = a[once], b[once], bits[once]
     thumbs = _rep_thumbs(root, p)[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
     pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs)}, schema=S_PAIRS_THUMB)
-    return {"pairs": len(a), "parts": {"cand2": _write_parts(pairs, b >> 32, lambda q: f"{root}/cand2/{q}/{p}.parquet")}}
+    return {"pairs": len(a), "parts": {"cand2": _write_parts(pairs, b >> 32, f"{root}/cand2/{p}.arrow")}}
 
 
 def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None) -> dict:
     """Pass 5b, one task per bucket of the second end: colour_distance confirms each pair; edges for the walk and the components."""
     q, expect = item
-    pairs = _read_dir(f"{root}/cand2/{q}", S_PAIRS_THUMB, expect["cand2"])
+    pairs = _read_parts(expect["cand2"], S_PAIRS_THUMB)
     a, b, bits = _np(pairs, "a", "b", "ham")
     if max_color is not None and len(a):
         agree = color_distance(_thumbs(pairs["thumb_a"]), _rep_thumbs(root, q)[b & LOW]) <= max_color
         a, b, bits = a[agree], b[agree], bits[agree]
     edges = pa.table({"a": a, "b": b, "ham": bits}, schema=S_PAIRS)
-    parts = {"wedge": _write_parts(edges, a >> 32, lambda p: f"{root}/wedge/{p}/{q}.parquet"),
+    parts = {"wedge": _write_parts(edges, a >> 32, f"{root}/wedge/{q}.arrow"),
              "cc": _write_edges(np.r_[a, b], np.r_[b, a], f"{root}/cc/0", q)}
     return {"edges": len(a), "parts": parts}
 
@@ -757,15 +801,15 @@ def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None) -> di
 # ---------------------------------------------------------------- pass 6: components
 
 
-def _write_edges(u: np.ndarray, v: np.ndarray, folder: str, source: int) -> list[int]:
-    """Directed edges (u, v) to the bucket of u, for the next components round; the buckets written."""
+def _write_edges(u: np.ndarray, v: np.ndarray, folder: str, source: int) -> dict[str, list]:
+    """Directed edges (u, v) to the bucket of u, for the next components round; the index of the file written."""
     keep = u != v
-    return _write_parts(pa.table({"u": u[keep], "v": v[keep]}, schema=S_EDGES), u[keep] >> 32, lambda p: f"{folder}/{p}/{source}.parquet")
+    return _write_parts(pa.table({"u": u[keep], "v": v[keep]}, schema=S_EDGES), u[keep] >> 32, f"{folder}/{source}.arrow")
 
 
-def _neighbourhoods(folder: str, expect: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _neighbourhoods(refs: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A bucket's edges (u, v) once each, sorted by (u, v), and the start of each u's run."""
-    u, v = _np(_read_dir(folder, S_EDGES, expect), "u", "v")
+    u, v = _np(_read_parts(refs, S_EDGES), "u", "v")
     order = np.lexsort((v, u))
     u, v = u[order], v[order]
     once = np.r_[True, (u[1:] != u[:-1]) | (v[1:] != v[:-1])] if len(u) else np.zeros(0, bool)
@@ -781,9 +825,9 @@ def _cc_round(item: tuple[int, dict], root: str, round_no: int) -> dict:
     node either has only larger neighbours (a centre) or exactly one, smaller (a leaf).
     """
     p, expect = item
-    u, v, starts = _neighbourhoods(f"{root}/cc/{round_no}/{p}", expect["cc"])
+    u, v, starts = _neighbourhoods(expect["cc"])
     if not len(u):
-        return {"star": True, "edges": 0, "parts": {"cc": []}}
+        return {"star": True, "edges": 0, "parts": {"cc": {}}}
     nodes, lowest, degree = u[starts], np.minimum.reduceat(v, starts), np.diff(np.r_[starts, len(u)])
     star = bool(np.all((lowest > nodes) | ((degree == 1) & (lowest < nodes))))
     if round_no % 2 == 0:  # large-star: every larger neighbour of u links to the smallest of u and its neighbours
@@ -806,23 +850,23 @@ def _cc_round(item: tuple[int, dict], root: str, round_no: int) -> dict:
 def _gather(item: tuple[int, dict], root: str, last: int, walkers: int, group_of: list[int]) -> dict:
     """Pass 7a, one task per bucket: its nodes, edges and members to the walk task of their component; members of lone representatives marked."""
     p, expect = item
-    u, v, starts = _neighbourhoods(f"{root}/cc/{last}/{p}", expect["cc"])
+    u, v, starts = _neighbourhoods(expect["cc"])
     nodes = u[starts]
     comp = np.minimum(nodes, np.minimum.reduceat(v, starts)) if len(nodes) else nodes  # stars: the centre is the component's smallest node
     walker = (_mix(comp) % np.uint64(walkers)).astype(np.int64)
     reps = _read(f"{root}/reps/{p}.parquet", ["uid", "shard"])
     local = pa.array(nodes & LOW)
     node_rows = pa.table({"id": nodes, "uid": reps["uid"].take(local), "shard": reps["shard"].take(local)}, schema=S_IDS)
-    parts = {"nodes": _write_parts(node_rows, walker, lambda w: f"{root}/walkin/{w}/nodes/{p}.parquet")}
-    edges = _read_dir(f"{root}/wedge/{p}", S_PAIRS, expect["wedge"])
+    parts = {"nodes": _write_parts(node_rows, walker, f"{root}/walkin/nodes-{p}.arrow")}
+    edges = _read_parts(expect["wedge"], S_PAIRS)
     at_edge = walker[np.searchsorted(nodes, _np(edges, "a")[0])]
-    parts["edges"] = _write_parts(edges, at_edge, lambda w: f"{root}/walkin/{w}/edges/{p}.parquet")
+    parts["edges"] = _write_parts(edges, at_edge, f"{root}/walkin/edges-{p}.arrow")
     members = _read(f"{root}/members/{p}.parquet")
     (rep,) = _np(members, "id")
     at = np.minimum(np.searchsorted(nodes, rep), max(len(nodes) - 1, 0))
     linked = (nodes[at] == rep) if len(nodes) else np.zeros(len(rep), bool)
     parts["members"] = _write_parts(members.filter(pa.array(linked)), walker[at[linked]],
-                                    lambda w: f"{root}/walkin/{w}/members/{p}.parquet")
+                                    f"{root}/walkin/members-{p}.arrow")
     lone = members.filter(pa.array(~linked))  # no near edge: the representative is kept and is the nearest (0 bits)
     of = reps["uid"].take(pa.array(_np(lone, "id")[0] & LOW))
     parts["marks"] = _write_marks(_marks(lone, REASON_NEAR, of, np.zeros(lone.num_rows)), root, group_of, f"near-{p}")
@@ -875,7 +919,7 @@ def _member_targets(rep: np.ndarray, pos: np.ndarray, kept: np.ndarray, a: np.nd
 def _walk(item: tuple[int, dict], root: str, group_of: list[int]) -> dict:
     """Pass 7b, one task per group of components: the keep-first walk in uid order; marks for rejected nodes and members."""
     w, expect = item
-    nodes = _read_dir(f"{root}/walkin/{w}/nodes", S_IDS, expect["nodes"])
+    nodes = _read_parts(expect["nodes"], S_IDS)
     nodes = nodes.take(pc.sort_indices(nodes, [("uid", "ascending")]))
     (ids,) = _np(nodes, "id")
     by_id = np.argsort(ids)
@@ -883,7 +927,7 @@ def _walk(item: tuple[int, dict], root: str, group_of: list[int]) -> dict:
     def rank(x: np.ndarray) -> np.ndarray:  # node id -> its rank in uid order
         return by_id[np.searchsorted(ids[by_id], x)]
 
-    a, b, bits = _np(_read_dir(f"{root}/walkin/{w}/edges", S_PAIRS, expect["edges"]), "a", "b", "ham")
+    a, b, bits = _np(_read_parts(expect["edges"], S_PAIRS), "a", "b", "ham")
     a, b = rank(a), rank(b)
     late, early = np.maximum(a, b), np.minimum(a, b)
     kept = _keep_first(len(ids), late, early)
@@ -891,7 +935,7 @@ def _walk(item: tuple[int, dict], root: str, group_of: list[int]) -> dict:
     rows, of, dist = _nearest(late[hit], early[hit], bits[hit].astype(np.int64))
     uids = nodes["uid"]
     marks = [_marks(nodes.take(pa.array(rows, pa.int64())), REASON_NEAR, uids.take(pa.array(of, pa.int64())), dist)]
-    members = _read_dir(f"{root}/walkin/{w}/members", S_IDS, expect["members"])
+    members = _read_parts(expect["members"], S_IDS)
     pos = np.searchsorted(uids.to_numpy(zero_copy_only=False), members["uid"].to_numpy(zero_copy_only=False))
     target, dist = _member_targets(rank(_np(members, "id")[0]), pos, kept, a, b, bits)
     marks.append(_marks(members, REASON_NEAR, uids.take(pa.array(target, pa.int64())), dist))
@@ -905,7 +949,7 @@ def _walk(item: tuple[int, dict], root: str, group_of: list[int]) -> dict:
 def _final(item: tuple[int, dict], root: str, work_dir: str, names: list[str], groups: list[list[int]]) -> dict:
     """Pass 8, one task per group of shards: each shard's marks sorted by uid, to _work/dups/<shard>.parquet."""
     g, expect = item
-    marks = _read_dir(f"{root}/marks/{g}", S_MARKS, expect["marks"])
+    marks = _read_parts(expect["marks"], S_MARKS)
     marks = marks.take(pc.sort_indices(marks, [("shard", "ascending"), ("uid", "ascending")]))
     (shard,) = _np(marks, "shard")
     out = {}
