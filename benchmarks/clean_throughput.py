@@ -20,13 +20,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, FilterConfig, IngestConfig
+from dallekit.config import (
+    CleanConfig,
+    ClusterConfig,
+    DownloadConfig,
+    FilterConfig,
+    IngestConfig,
+)
+from dallekit.demo.synthetic import ShapesServer, make_dataset
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
 from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest
-from dallekit.synthetic import ShapesServer, make_dataset
 
 
 def timed(fn, *args) -> float:
@@ -37,13 +43,14 @@ def timed(fn, *args) -> float:
 
 def warm_up() -> None:
     """Import each stage's libraries and load its small models, as a long-running worker has."""
+    import random
+
     import img2dataset.downloader  # noqa: F401
 
+    from dallekit.demo.synthetic import encode, random_spec, render
     from dallekit.images import phash
     from dallekit.pipeline.clean import repair_caption
     from dallekit.pipeline.filter import caption_scores
-    from dallekit.synthetic import encode, random_spec, render
-    import random
 
     phash(encode(render(random_spec(random.Random(0), width=64, height=64))))
     caption_scores([repair_caption("a warm-up caption")])

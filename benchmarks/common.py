@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from dallekit.config import DownloadConfig, IngestConfig
+from dallekit.demo.synthetic import ShapesServer, make_dataset
 from dallekit.pipeline.download import download
 from dallekit.pipeline.ingest import ingest
-from dallekit.synthetic import ShapesServer, make_dataset
 
 
 def downloaded_shapes(work: Path, n: int, client, shard_size: int = 1000, threads: int = 16) -> Path:

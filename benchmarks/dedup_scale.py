@@ -31,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from common import measured
 
 from dallekit.config import ClusterConfig
-from dallekit.images import THUMB_BYTES
-from dallekit.pipeline.clean import NearDuplicateIndex, check_unique_uids
+from dallekit.images import THUMB_BYTES, color_distance, thumbs_array
+from dallekit.pipeline.clean import check_unique_uids
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.dedup import dedup, dedup_stats
 from dallekit.pipeline.shards import map_with_progress, write_table_atomic
@@ -112,7 +111,43 @@ def write_dataset(work: Path, n: int, shard_rows: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- today's one-task dedup, copied as the baseline
-# (clean.py keeps NearDuplicateIndex, which its tests use; dedup_dataset and _read_scans left it)
+
+
+class NearDuplicateIndex:
+    """Kept 64-bit hashes, found again within `distance` bits by multi-index hashing, optionally confirmed by colour.
+
+    Two hashes within d bits agree exactly on at least one of d+1 disjoint bit bands
+    (pigeonhole), so only hashes sharing a band value are compared. pHash is grayscale: with
+    `max_color` a match also needs colour thumbnails within that `color_distance`.
+    """
+
+    def __init__(self, distance: int, max_color: float | None = None):
+        self.distance, self.max_color = distance, max_color
+        n_bands = distance + 1
+        edges = [round(i * 64 / n_bands) for i in range(n_bands + 1)]
+        self.bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]  # band value -> positions in kept
+        self.kept: list[tuple[int, str, bytes | None]] = []  # (hash, uid, colour thumbnail)
+
+    def find(self, value: int, thumb: bytes | None = None) -> tuple[str, int] | None:
+        """(uid, distance) of the nearest kept hash within the distance whose colours agree, or None."""
+        near: dict[int, int] = {}
+        for (shift, mask), table in zip(self.bands, self.tables):
+            for k in table.get((value >> shift) & mask, ()):
+                if k not in near and (d := (value ^ self.kept[k][0]).bit_count()) <= self.distance:
+                    near[k] = d
+        order = sorted(near, key=lambda k: (near[k], k))  # nearest first, then the first kept
+        if order and self.max_color is not None and thumb is not None:
+            others = thumbs_array([self.kept[k][2] for k in order])
+            agree = color_distance(others, thumbs_array([thumb])) <= self.max_color
+            order = [k for k, ok in zip(order, agree) if ok]
+        return (self.kept[order[0]][1], near[order[0]]) if order else None
+
+    def add(self, value: int, uid: str, thumb: bytes | None = None) -> None:
+        """Remember a kept hash (and its colour thumbnail)."""
+        for (shift, mask), table in zip(self.bands, self.tables):
+            table.setdefault((value >> shift) & mask, []).append(len(self.kept))
+        self.kept.append((value, uid, thumb))
 
 
 def _read_scans(shard_names: list[str], work_dir: str) -> pa.Table:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from dallekit.synthetic import ShapesServer, make_dataset
+from dallekit.demo.synthetic import ShapesServer, make_dataset
 
 BIN = Path(sys.executable).parent
 

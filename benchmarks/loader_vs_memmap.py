@@ -23,7 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from dallekit.tokenize.tokens import TokenBatches, token_loader, token_metadata, token_table
+from dallekit.tokenize.tokens import (
+    TokenBatches,
+    token_loader,
+    token_metadata,
+    token_table,
+)
 
 
 def main() -> None:

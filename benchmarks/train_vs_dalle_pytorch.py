@@ -63,7 +63,7 @@ def main() -> None:
     ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
 
     def ours_step():
-        loss = ours.loss(text, image)["loss"]
+        loss = ours(text, image, return_loss=True)["loss"]
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()

@@ -1,5 +1,5 @@
 """dallekit: text-image datasets on Dask, dVAE tokens, and a compact DALL-E."""
 
-from dallekit.pipeline.shards import load_stage
+from dallekit.io import load_stage
 
 __all__ = ["load_stage"]

@@ -50,7 +50,8 @@ def _stage(args: argparse.Namespace, configs: dict, stage_fn, *inputs) -> int:
 
 def ingest(args, configs, toml) -> int:
     """dallekit ingest."""
-    from dallekit.pipeline.ingest import ingest as ingest_stage, plan_ingest
+    from dallekit.pipeline.ingest import ingest as ingest_stage
+    from dallekit.pipeline.ingest import plan_ingest
 
     blocks = plan_ingest(args.inputs, configs["ingest"])
     return _stage(args, configs, lambda inputs, out, config, client: ingest_stage(inputs, out, config, client, blocks=blocks), args.inputs)
@@ -58,7 +59,8 @@ def ingest(args, configs, toml) -> int:
 
 def download(args, configs, toml) -> int:
     """dallekit download."""
-    from dallekit.pipeline.download import download as download_stage, plan_download
+    from dallekit.pipeline.download import download as download_stage
+    from dallekit.pipeline.download import plan_download
 
     tasks = plan_download(args.urls, configs["download"])
     return _stage(args, configs, lambda src, out, config, client: download_stage(src, out, config, client, tasks=tasks), args.urls)
@@ -66,7 +68,8 @@ def download(args, configs, toml) -> int:
 
 def clean(args, configs, toml) -> int:
     """dallekit clean."""
-    from dallekit.pipeline.clean import clean as clean_stage, plan_clean
+    from dallekit.pipeline.clean import clean as clean_stage
+    from dallekit.pipeline.clean import plan_clean
 
     paths = plan_clean(args.downloaded)
     return _stage(args, configs, lambda src, out, config, client: clean_stage(src, out, config, client, paths=paths), args.downloaded)
@@ -82,7 +85,8 @@ def filter_(args, configs, toml) -> int:
 
 def encode(args, configs, toml) -> int:
     """dallekit encode."""
-    from dallekit.pipeline.encode import encode as encode_stage, plan_encode
+    from dallekit.pipeline.encode import encode as encode_stage
+    from dallekit.pipeline.encode import plan_encode
 
     plan = plan_encode(args.filtered, args.dvae, configs["encode"])
     return _stage(args, configs, lambda src, out, config, client: encode_stage(src, args.dvae, out, config, client, plan=plan), args.filtered)
@@ -102,7 +106,7 @@ def _no_model_yet(args: argparse.Namespace, resume: bool) -> None:
 
 def train_dvae(args, configs, toml) -> int:
     """dallekit train-dvae."""
-    from dallekit.train_dvae import train_dvae as train
+    from dallekit.training.dvae import train_dvae as train
 
     _prepare(args, args.filtered)
     _no_model_yet(args, configs["train-dvae"].resume)
@@ -113,7 +117,7 @@ def train_dvae(args, configs, toml) -> int:
 
 def train_clip(args, configs, toml) -> int:
     """dallekit train-clip."""
-    from dallekit.train_clip import train_clip as train
+    from dallekit.training.clip import train_clip as train
 
     _prepare(args, args.filtered)
     metrics = train(args.filtered, args.out, configs["train-clip"])
@@ -123,7 +127,7 @@ def train_clip(args, configs, toml) -> int:
 
 def train(args, configs, toml) -> int:
     """dallekit train."""
-    from dallekit.train import train_transformer
+    from dallekit.training.transformer import train_transformer
 
     _prepare(args, args.tokens)
     _no_model_yet(args, configs["train"].resume)
@@ -160,25 +164,27 @@ def sample(args, configs, toml) -> int:
     """dallekit sample."""
     from dataclasses import replace
 
-    from dallekit.sample import sample as generate
+    from dallekit.demo.synthetic import SHAPES_JUDGE
+    from dallekit.generation.sample import sample as generate
 
     options = configs["sample"]
     prompts = list(options.prompts) + list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     _prepare(args, args.model, args.dvae)
     scorer = _scorer(configs["clip"], required=False)
-    records = generate(args.model, args.dvae, prompts, args.out, replace(options, prompts=prompts), scorer)
+    records = generate(args.model, args.dvae, prompts, args.out, replace(options, prompts=prompts), scorer, judge=SHAPES_JUDGE)
     print(f"sample: {len(records)} images for {len(prompts)} prompts in {args.out}" + ("" if scorer else " (no CLIP given: not reranked)"))
     return 0
 
 
 def evaluate(args, configs, toml) -> int:
     """dallekit evaluate."""
-    from dallekit.evaluate import evaluate as run_evaluation
+    from dallekit.demo.synthetic import SHAPES_JUDGE
+    from dallekit.generation.evaluate import evaluate as run_evaluation
 
     options = configs["evaluate"]
     _prepare(args, args.model, args.dvae, args.tokens)
     scorer = _scorer(configs["clip"], required=True)
-    results = run_evaluation(args.model, args.dvae, args.tokens, args.out, scorer, n=options.n, captions=options.captions, seed=options.seed)
+    results = run_evaluation(args.model, args.dvae, args.tokens, args.out, scorer, options, judge=SHAPES_JUDGE)
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
     print(f"evaluate: {results['fid_note']}")
     return 0
@@ -186,7 +192,7 @@ def evaluate(args, configs, toml) -> int:
 
 def decode(args, configs, toml) -> int:
     """dallekit decode."""
-    from dallekit.decode import decode_tokens
+    from dallekit.generation.decode import decode_tokens
 
     _prepare(args, args.tokens, args.dvae)
     written = decode_tokens(args.tokens, args.dvae, args.out, configs["decode"].limit)
@@ -196,7 +202,7 @@ def decode(args, configs, toml) -> int:
 
 def train_bpe(args, configs, toml) -> int:
     """dallekit train-bpe."""
-    from dallekit.pipeline.shards import iter_captions
+    from dallekit.io import iter_captions
     from dallekit.tokenize.text import train_bpe as train
 
     _prepare(args, args.captions)
@@ -217,15 +223,16 @@ def convert_openai_dvae(args, configs, toml) -> int:
 
 def run(args, configs, toml) -> int:
     """dallekit run."""
-    from dallekit.pipeline.run import load_pipeline, run_pipeline
+    from dallekit.demo.synthetic import SHAPES_JUDGE
+    from dallekit.jobs.run import load_pipeline, run_pipeline
 
-    run_pipeline(load_pipeline(toml, args.config, args))
+    run_pipeline(load_pipeline(toml, args.config, args), judge=SHAPES_JUDGE)
     return 0
 
 
 def demo(args, configs, toml) -> int:
     """dallekit demo."""
-    from dallekit.demo import run_demo
+    from dallekit.demo.job import run_demo
 
     run_demo(configs["demo"], configs["cluster"])
     return 0

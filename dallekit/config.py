@@ -13,11 +13,12 @@ import argparse
 import dataclasses
 import math
 import re
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dallekit.errors import BadInputError
 
@@ -36,24 +37,39 @@ def option(
     default: Any,
     help: str,
     *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
+    bounds: str | None = None,
     choices: list | None = None,
     pattern: str | None = None,
     output: bool = True,
-    **argparse_kwargs: Any,
+    nargs: str | None = None,
 ) -> Any:
-    """A dataclass field: CLI help, its range (ge/gt/le/lt) and choices, checked the same for CLI and TOML values.
+    """A dataclass field: CLI help, its bounds and choices, checked the same for CLI and TOML values.
 
-    `output=False` marks an option that does not change what a stage writes (threads, batch
-    sizes, devices): it is left out of the stage's fingerprint, so a rerun may change it.
+    `bounds` is an interval, "[1, 4096]", "(0, 1)" or "[0, inf)": a square bracket includes its
+    end, a round one does not. `output=False` marks an option that does not change what a stage
+    writes (threads, batch sizes, devices): it is left out of the stage's fingerprint, so a
+    rerun may change it. `nargs` is argparse's, for list options.
     """
-    metadata = {"help": help, "range": (ge, gt, le, lt), "choices": choices, "pattern": pattern, "output": output, "argparse": argparse_kwargs}
+    metadata = {"help": help, "range": _interval(bounds), "choices": choices, "pattern": pattern, "output": output,
+                "argparse": {"nargs": nargs} if nargs else {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _interval(bounds: str | None) -> tuple[float | None, float | None, float | None, float | None]:
+    """(ge, gt, le, lt) of an interval such as "[1, 4096]" or "(0, inf)"; all None without one."""
+    if bounds is None:
+        return (None,) * 4
+    match = re.fullmatch(r"([\[(])\s*([^,]+),\s*([^\])]+)([\])])", bounds.strip())
+    if not match:
+        raise ValueError(f"bounds {bounds!r}: expected an interval such as '[1, 4096]' or '(0, inf)'")
+    left, low, high, right = match.groups()
+    low_value, high_value = float(low), float(high)
+    low_value = None if math.isinf(low_value) else (int(low_value) if low_value.is_integer() else low_value)
+    high_value = None if math.isinf(high_value) else (int(high_value) if high_value.is_integer() else high_value)
+    return (low_value if left == "[" else None, low_value if left == "(" else None,
+            high_value if right == "]" else None, high_value if right == ")" else None)
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"  # the torch devices an option may name
@@ -69,8 +85,8 @@ class ClusterConfig:
     """Where the Dask tasks run."""
 
     scheduler: str | None = option(None, "address of an existing Dask scheduler (else DASK_SCHEDULER_ADDRESS, else a LocalCluster)", output=False)
-    workers: int | None = option(None, "worker processes of the local cluster (default: one per core)", ge=1, output=False)
-    threads_per_worker: int = option(1, "threads per local worker process", ge=1, output=False)
+    workers: int | None = option(None, "worker processes of the local cluster (default: one per core)", bounds="[1, inf)", output=False)
+    threads_per_worker: int = option(1, "threads per local worker process", bounds="[1, inf)", output=False)
     processes: bool = option(True, "local workers as processes (--no-processes: threads in this process, for debugging)", output=False)
     host: str = option("127.0.0.1", "interface the local cluster's scheduler, workers and dashboards listen on", output=False)
 
@@ -94,27 +110,27 @@ class IngestConfig(StageOptions):
     format: str = option("auto", "input format", choices=["auto", "cc3m", "laion", "csv", "tsv", "jsonl", "parquet", "folder"])
     url_col: str | None = option(None, "URL column (default: url, or URL for LAION)")
     caption_col: str | None = option(None, "caption column (default: caption, or TEXT for LAION)")
-    shard_size: int = option(10000, "input rows per output shard", ge=1)
+    shard_size: int = option(10000, "input rows per output shard", bounds="[1, inf)")
     allow_file_urls: bool = option(False, "accept file:// URLs in tabular inputs (always allowed for --format folder)")
-    block_bytes: int = option(64 * 2**20, "bytes of a text input read by one task", ge=1, output=False)
+    block_bytes: int = option(64 * 2**20, "bytes of a text input read by one task", bounds="[1, inf)", output=False)
 
 
 @dataclass
 class DownloadConfig(StageOptions):
     """Options of `dallekit download`; names and defaults follow img2dataset's."""
 
-    image_size: int = option(256, "side of the resized image in pixels", ge=1, le=16384)
+    image_size: int = option(256, "side of the resized image in pixels", bounds="[1, 16384]")
     resize_mode: str = option("center_crop", "img2dataset resize mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     resize_only_if_bigger: bool = option(False, "only downscale, never upscale")
-    threads: int = option(64, "download threads per shard task (img2dataset's thread_count)", ge=1, le=4096, output=False)
-    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", gt=0, le=86400, output=False)
-    retries: int = option(0, "extra download attempts per URL", ge=0, le=100, output=False)
+    threads: int = option(64, "download threads per shard task (img2dataset's thread_count)", bounds="[1, 4096]", output=False)
+    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", bounds="(0, 86400]", output=False)
+    retries: int = option(0, "extra download attempts per URL", bounds="[0, 100]", output=False)
     encode_format: str = option("jpg", "format of the stored image bytes", choices=["jpg", "png", "webp"])
-    encode_quality: int | None = option(None, "JPEG/WebP quality 0-100 (default 95), or PNG compression 0-9 (default 3)", ge=0, le=100)
-    min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)", ge=0)
-    max_image_area: float = option(64e6, "reject images with more pixels than this, read from the header before decoding", gt=0)
-    max_image_bytes: int = option(20 * 2**20, "abandon a download whose body is larger than this many bytes", ge=1)
-    max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this", ge=1)
+    encode_quality: int | None = option(None, "JPEG/WebP quality 0-100 (default 95), or PNG compression 0-9 (default 3)", bounds="[0, 100]")
+    min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)", bounds="[0, inf)")
+    max_image_area: float = option(64e6, "reject images with more pixels than this, read from the header before decoding", bounds="(0, inf)")
+    max_image_bytes: int = option(20 * 2**20, "abandon a download whose body is larger than this many bytes", bounds="[1, inf)")
+    max_aspect_ratio: float = option(math.inf, "reject images whose long/short side ratio exceeds this", bounds="[1, inf)")
     extract_exif: bool = option(True, "keep EXIF as a JSON string column")
     compute_hash: str = option("sha256", "hash of the raw downloaded bytes, kept as a column (clean's exact dedup reads it)", choices=["sha256"])
     user_agent_token: str | None = option(None, "token added to the User-Agent and matched in X-Robots-Tag", pattern=r"[A-Za-z0-9._+-]{1,64}")
@@ -243,7 +259,7 @@ def _item_problem(f: dataclasses.Field, item: Any) -> str | None:
         if not item.strip():
             return "a non-empty value"
         if meta.get("pattern") and not re.fullmatch(meta["pattern"], item):
-            return meta.get("pattern_text") or f"a value matching {meta['pattern']}"
+            return f"a value matching {meta['pattern']}"
     if isinstance(item, (int, float)) and not isinstance(item, bool):
         ge, gt, le, lt = meta.get("range", (None,) * 4)
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -278,14 +294,14 @@ def check_config(config: Any, describe=None) -> None:
 class CleanConfig(StageOptions):
     """Options of `dallekit clean`."""
 
-    near_dup_distance: int = option(4, "reject images within this many pHash bits of a kept image (-1: no near-dup check)", ge=-1, le=16)
+    near_dup_distance: int = option(4, "reject images within this many pHash bits of a kept image (-1: no near-dup check)", bounds="[-1, 16]")
     near_dup_color_distance: float = option(
         6.0, "a pHash match is a near duplicate only if the two images' 8x8 RGB thumbnails also differ by at most this "
         "(mean absolute difference per channel value, 0-255; measured: re-encoded copies of 64-256 px pictures <= 5.6, recoloured variants mostly > 6)",
-        ge=0, le=255,
+        bounds="[0, 255]",
     )
     lowercase: bool = option(False, "lowercase the cleaned captions")
-    max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long", ge=1)
+    max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long", bounds="[1, inf)")
 
 
 def language_codes() -> list[str]:
@@ -299,22 +315,22 @@ def language_codes() -> list[str]:
 class FilterConfig(StageOptions):
     """Options of `dallekit filter`: one threshold per rule, checked in this order."""
 
-    min_side: int = option(256, "shorter side of the source image at least this (the dVAE's input)", ge=0)
-    max_aspect: float = option(2.0, "long/short side of the source image at most this (DALL-E kept [1/2, 2])", ge=1)
-    min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)", ge=0)
-    min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)", ge=0)
-    max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)", ge=1)
+    min_side: int = option(256, "shorter side of the source image at least this (the dVAE's input)", bounds="[0, inf)")
+    max_aspect: float = option(2.0, "long/short side of the source image at most this (DALL-E kept [1/2, 2])", bounds="[1, inf)")
+    min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)", bounds="[0, inf)")
+    min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)", bounds="[0, inf)")
+    max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)", bounds="[1, inf)")
     languages: list[str] = option(["en"], "caption languages to keep (ISO 639-1 codes, or 'any')", nargs="+")
-    min_lang_score: float = option(0.0, "language-ID probability at least this", ge=0, le=1)
-    max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present", ge=0, le=1)
-    max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present", ge=0, le=1)
+    min_lang_score: float = option(0.0, "language-ID probability at least this", bounds="[0, 1]")
+    max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present", bounds="[0, 1]")
+    max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present", bounds="[0, 1]")
     clip: bool = option(True, "score image-caption pairs with CLIP (--no-clip skips it)")
     clip_model: str = option("ViT-B-32", "open_clip model name")
     clip_pretrained: str | None = option("laion2b_s34b_b79k", "open_clip pretrained tag (weights come from a hub)")
     clip_checkpoint: str | None = option(None, "local CLIP: an open_clip folder (open_clip_config.json + .safetensors) or a .safetensors file for --clip-model")
-    clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)", ge=-1, le=1)
-    clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", gt=0, le=1)
-    clip_batch_size: int = option(64, "images per CLIP forward pass", ge=1, output=False)
+    clip_threshold: float = option(0.28, "keep CLIP cosine similarity at least this (LAION English)", bounds="[-1, 1]")
+    clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", bounds="(0, 1]")
+    clip_batch_size: int = option(64, "images per CLIP forward pass", bounds="[1, inf)", output=False)
     device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
 
     def check(self) -> None:
@@ -330,15 +346,15 @@ class TrainDVAEConfig:
     """Options of `dallekit train-dvae` (the architecture and schedule come from the preset)."""
 
     preset: str = option("tiny", "dVAE preset", choices=["tiny", "small", "dalle"])
-    max_steps: int | None = option(None, "training steps (default: the preset's)", ge=1)
-    batch_size: int | None = option(None, "images per step (default: the preset's)", ge=1)
+    max_steps: int | None = option(None, "training steps (default: the preset's)", bounds="[1, inf)")
+    batch_size: int | None = option(None, "images per step (default: the preset's)", bounds="[1, inf)")
     recon_loss: str | None = option(None, "reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
     seed: int = option(0, "seed of weights, data order and Gumbel noise")
     resume: bool = option(False, "continue from the output folder's checkpoint")
-    checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids", ge=1)
-    log_every: int = option(25, "steps between metric lines", ge=1)
-    val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage", ge=1, le=50)
-    shuffle_buffer: int = option(4096, "images in the shuffle buffer", ge=1)
+    checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids", bounds="[1, inf)")
+    log_every: int = option(25, "steps between metric lines", bounds="[1, inf)")
+    val_percent: int = option(5, "percent of images (chosen by uid) held out for PSNR and codebook usage", bounds="[1, 50]")
+    shuffle_buffer: int = option(4096, "images in the shuffle buffer", bounds="[1, inf)")
     device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
 
@@ -348,7 +364,7 @@ class EncodeConfig(StageOptions):
     """Options of `dallekit encode`."""
 
     text_tokenizer: str = option("clip-bpe", "'clip-bpe' (CLIP's BPE) or the folder of a `dallekit train-bpe` tokenizer")
-    batch_size: int = option(64, "images per dVAE forward pass", ge=1, output=False)
+    batch_size: int = option(64, "images per dVAE forward pass", bounds="[1, inf)", output=False)
     keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
     device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)", pattern=DEVICE, output=False)
 
@@ -364,35 +380,35 @@ class TrainConfig:
     """Options of `dallekit train` (the transformer's size comes from the preset)."""
 
     preset: str = option("tiny", "transformer preset", choices=["tiny", "small", "base"])
-    max_steps: int = option(2000, "optimizer steps", ge=1)
-    batch_size: int = option(32, "samples per micro-batch (per rank)", ge=1)
-    grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
-    lr: float = option(1e-3, "peak learning rate (after warm-up)", gt=0)
-    min_lr: float = option(1e-4, "learning rate at max_steps (cosine decay)", ge=0)
-    warmup_steps: int = option(100, "linear warm-up steps", ge=0)
-    weight_decay: float = option(4.5e-2, "AdamW weight decay (DALL-E: 4.5e-2)", ge=0)
-    beta2: float = option(0.96, "AdamW beta2 (DALL-E: 0.96)", gt=0, lt=1)
-    grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)", gt=0)
-    text_len: int | None = option(None, "text positions (default: the preset's)", ge=1)
-    p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance", ge=0, lt=1)
-    dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)", ge=0, lt=1)
+    max_steps: int = option(2000, "optimizer steps", bounds="[1, inf)")
+    batch_size: int = option(32, "samples per micro-batch (per rank)", bounds="[1, inf)")
+    grad_accum: int = option(1, "micro-batches per optimizer step", bounds="[1, inf)")
+    lr: float = option(1e-3, "peak learning rate (after warm-up)", bounds="(0, inf)")
+    min_lr: float = option(1e-4, "learning rate at max_steps (cosine decay)", bounds="[0, inf)")
+    warmup_steps: int = option(100, "linear warm-up steps", bounds="[0, inf)")
+    weight_decay: float = option(4.5e-2, "AdamW weight decay (DALL-E: 4.5e-2)", bounds="[0, inf)")
+    beta2: float = option(0.96, "AdamW beta2 (DALL-E: 0.96)", bounds="(0, 1)")
+    grad_clip: float = option(4.0, "gradient norm clip (DALL-E: 4)", bounds="(0, inf)")
+    text_len: int | None = option(None, "text positions (default: the preset's)", bounds="[1, inf)")
+    p_uncond: float = option(0.1, "caption dropout probability, for classifier-free guidance", bounds="[0, 1)")
+    dropout: float = option(0.0, "dropout in attention and MLP outputs (nanoGPT: 0 for large data, 0.1+ for small)", bounds="[0, 1)")
     sparse_attention: bool = option(False, "DALL-E's row/column/conv attention masks on image tokens")
-    attention_window: int = option(0, "image tokens attend to earlier ones at most this many rows/columns away in all layers but the last (0: full)", ge=0)
+    attention_window: int = option(0, "image tokens attend to earlier ones at most this many rows/columns away in all layers but the last (0: full)", bounds="[0, inf)")
     seed: int = option(0, "seed of weights, data order and caption dropout")
     resume: bool = option(False, "continue from the output folder's checkpoint")
-    checkpoint_every: int = option(500, "steps between checkpoints and validation", ge=1)
-    checkpoint_samples: int = option(4, "held-out captions sampled (2 images each) at every checkpoint into checkpoint_samples.jsonl (0: none)", ge=0)
-    log_every: int = option(25, "steps between metric lines", ge=1)
+    checkpoint_every: int = option(500, "steps between checkpoints and validation", bounds="[1, inf)")
+    checkpoint_samples: int = option(4, "held-out captions sampled (2 images each) at every checkpoint into checkpoint_samples.jsonl (0: none)", bounds="[0, inf)")
+    log_every: int = option(25, "steps between metric lines", bounds="[1, inf)")
     val: str | None = option(None, "a folder of held-out token shards (else --val-fraction of the shards)")
-    val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)", ge=0, lt=1)
-    val_batches: int = option(20, "batches per validation pass", ge=1)
-    num_workers: int = option(2, "loader worker processes (0: load in the training process)", ge=0)
-    shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer", ge=1)
+    val_fraction: float = option(0.05, "fraction of shards held out for validation loss (0: none)", bounds="[0, 1)")
+    val_batches: int = option(20, "batches per validation pass", bounds="[1, inf)")
+    num_workers: int = option(2, "loader worker processes (0: load in the training process)", bounds="[0, inf)")
+    shuffle_buffer: int = option(4096, "rows in the loader's shuffle buffer", bounds="[1, inf)")
     device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     compile: bool = option(False, "torch.compile the model")
     dtype: str = option("bf16", "autocast dtype: bf16 or fp16 (with loss scaling) on a GPU; bf16 also on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp16", "fp32"])
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
-    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)", gt=0)
+    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)", bounds="(0, inf)")
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")
 
 
@@ -401,10 +417,10 @@ class TrainClipConfig:
     """Options of `dallekit train-clip`."""
 
     model: str = option("dallekit-tiny-clip", "open_clip model name (dallekit's small configs are registered)")
-    max_steps: int = option(300, "optimizer steps", ge=1)
-    batch_size: int = option(64, "pairs per step (contrastive negatives come from the batch)", ge=2)
-    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)", gt=0)
-    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
+    max_steps: int = option(300, "optimizer steps", bounds="[1, inf)")
+    batch_size: int = option(64, "pairs per step (contrastive negatives come from the batch)", bounds="[2, inf)")
+    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 1/10)", bounds="(0, inf)")
+    weight_decay: float = option(0.1, "AdamW weight decay", bounds="[0, inf)")
     seed: int = option(0, "seed of weights and data order")
     device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
@@ -424,13 +440,13 @@ class SampleConfig:
     """Options of `dallekit sample` (and the [sample] section of a pipeline config)."""
 
     prompts: list[str] = option([], "prompts to generate for (in a pipeline config; the CLI takes --prompt and --prompts FILE)", nargs="*")
-    n: int = option(16, "candidates per prompt (DALL-E used 512)", ge=1, le=100_000)
-    keep: int = option(4, "best candidates kept per prompt", ge=1)
-    batch_size: int = option(16, "candidates generated at once", ge=1, le=4096)
-    temperature: float = option(1.0, "sampling temperature", ge=0.01, le=100)
-    top_k: int | None = option(None, "sample among the k likeliest image tokens", ge=1)
-    top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass", gt=0, le=1)
-    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)", ge=0, le=100)
+    n: int = option(16, "candidates per prompt (DALL-E used 512)", bounds="[1, 100_000]")
+    keep: int = option(4, "best candidates kept per prompt", bounds="[1, inf)")
+    batch_size: int = option(16, "candidates generated at once", bounds="[1, 4096]")
+    temperature: float = option(1.0, "sampling temperature", bounds="[0.01, 100]")
+    top_k: int | None = option(None, "sample among the k likeliest image tokens", bounds="[1, inf)")
+    top_p: float | None = option(None, "sample from the smallest set of tokens with this probability mass", bounds="(0, 1]")
+    cond_scale: float = option(1.0, "classifier-free guidance scale (1: none; > 1 needs caption dropout in training)", bounds="[0, 100]")
     seed: int = option(0, "seed of the candidates (a run with the same seed is identical)")
 
     def check(self) -> None:
@@ -443,23 +459,25 @@ class SampleConfig:
 class EvaluateConfig:
     """Options of `dallekit evaluate`."""
 
-    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n", ge=1, le=100_000)
-    captions: int = option(16, "held-out captions to generate for", ge=1, le=100_000)
+    n: int = option(16, "candidates per caption; the CLIP curve goes 1, 2, 4, ... n", bounds="[1, 100_000]")
+    captions: int = option(16, "held-out captions to generate for", bounds="[1, 100_000]")
     seed: int = option(0, "seed of the candidates")
+    batch_size: int = option(16, "candidates generated at once, and the validation loss's batch", bounds="[1, 4096]")
+    val_batches: int = option(20, "batches of the held-out shards the validation loss averages", bounds="[1, inf)")
 
 
 @dataclass
 class DecodeConfig:
     """Options of `dallekit decode`."""
 
-    limit: int = option(64, "rows to decode", ge=1)
+    limit: int = option(64, "rows to decode", bounds="[1, inf)")
 
 
 @dataclass
 class TrainBPEConfig:
     """Options of `dallekit train-bpe`."""
 
-    vocab_size: int = option(16384, "vocabulary size (DALL-E's: 16384)", ge=260, le=65536)
+    vocab_size: int = option(16384, "vocabulary size (DALL-E's: 16384)", bounds="[260, 65536]")
 
 
 @dataclass
@@ -468,7 +486,7 @@ class DemoOptions:
 
     out: str = option("runs/demo", "run folder")
     quick: bool = option(False, "a small, fast run (for tests)")
-    samples: int | None = option(None, "number of generated pairs (default 6000, or 300 with --quick)", ge=10)
+    samples: int | None = option(None, "number of generated pairs (default 6000, or 300 with --quick)", bounds="[10, inf)")
     seed: int = option(0, "seed of the generated set")
 
 
@@ -482,7 +500,7 @@ class RunConfig:
     out: str = option("runs/pipeline", "run folder: one sub-folder per step, then report.html")
     inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
     dvae: str | None = option(None, "an existing dVAE folder to encode with (train-dvae is skipped)")
-    bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", ge=260, le=65536)
+    bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", bounds="[260, 65536]")
     train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
     stop_after: str = option("report", "last step to run", choices=RUN_STEPS)
 

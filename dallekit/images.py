@@ -160,11 +160,6 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=1)
 
 
-def hamming(a: int, b: int) -> int:
-    """Bits that differ between two 64-bit hashes."""
-    return (a ^ b).bit_count()
-
-
 def load_square(data: bytes, size: int) -> np.ndarray:
     """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects."""
     try:

@@ -116,3 +116,42 @@ def write_json_atomic(obj: Any, path: str) -> None:
     with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
     fs.mv(tmp, p)
+
+
+def load_stage(path, rejects: bool = False, columns: list[str] | None = None):
+    """A stage folder's kept rows (or, with `rejects`, its rejected rows) as a Dask DataFrame; `.compute()` gives pandas."""
+    import dask.dataframe as dd
+
+    path = str(path)  # a str or a pathlib.Path
+    folder = f"{path.rstrip('/')}/_rejects" if rejects else path
+    fs, root = fsspec.core.url_to_fs(folder)
+    if rejects and not fs.glob(f"{root.rstrip('/')}/{SHARD_GLOB}"):
+        kept = list_shards(path)  # an empty frame with the stage's columns and a reason: this stage rejected nothing
+        schema = shard_schema(kept[0])[0]
+        import pandas as pd
+
+        empty = schema.empty_table().to_pandas().assign(reason=pd.Series(dtype="string"))
+        return dd.from_pandas(empty[columns] if columns else empty, npartitions=1)
+    return dd.read_parquet(list_shards(folder), columns=columns)
+
+
+def iter_captions(source: str):
+    """Captions from a stage folder's `caption` column, or lines of a text file or folder of them."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_dir() and list(path.glob("part-*.parquet")):
+        shards = list_shards(source)
+        check_columns(shards, {"caption"}, "a stage folder with a caption column")
+        for shard in shards:
+            yield from (c for c in read_shard(shard, columns=["caption"]).column("caption").to_pylist() if c)
+        return
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise BadInputError(f"{source}: expected a stage folder with a caption column or text files of captions")
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise BadInputError(f"{file}: not UTF-8 text near byte {err.start}; expected one caption per line") from None
+        yield from (line.strip() for line in text.splitlines() if line.strip())

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from dallekit.synthetic import Route, ShapesServer, random_spec, render
+from dallekit.demo.synthetic import Route, ShapesServer, random_spec, render
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -59,7 +59,7 @@ def edge_server():
 @pytest.fixture(scope="session")
 def shapes_server():
     """A server of 120 generated shapes; yields (server, rows)."""
-    from dallekit.synthetic import make_dataset
+    from dallekit.demo.synthetic import make_dataset
 
     data = make_dataset(120, seed=1)
     with ShapesServer(data.routes, max_seconds=1800) as server:
@@ -79,8 +79,8 @@ def client():
 @pytest.fixture(scope="session")
 def shapes_filtered(tmp_path_factory):
     """A filtered-like stage of 2400 captioned synthetic shapes (seen pairs only), no network needed."""
+    from dallekit.demo.synthetic import encode
     from tests.stage_data import downloaded_row, write_stage
-    from dallekit.synthetic import encode
 
     rng = random.Random(7)
     rows = []
@@ -96,7 +96,7 @@ def shapes_filtered(tmp_path_factory):
 def trained_dvae(shapes_filtered, tmp_path_factory):
     """The tiny dVAE trained for 1300 steps (~3 minutes on 2 cores); (folder, last metrics)."""
     from dallekit.config import TrainDVAEConfig
-    from dallekit.train_dvae import train_dvae
+    from dallekit.training.dvae import train_dvae
 
     out = tmp_path_factory.mktemp("dvae")
     metrics = train_dvae(str(shapes_filtered), str(out), TrainDVAEConfig(preset="tiny", max_steps=1300, checkpoint_every=650))

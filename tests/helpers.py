@@ -33,3 +33,8 @@ def check_accounting(path, rows_in: int, exact_duplicate_rows: bool = False) -> 
         assert pd.concat([kept["uid"], rejects["uid"]]).is_unique
     assert (path / "_SUCCESS").exists()
     return kept, rejects
+
+
+def hamming(a: int, b: int) -> int:
+    """Bits that differ between two 64-bit hashes."""
+    return (a ^ b).bit_count()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dallekit.synthetic import encode, random_spec, render
+from dallekit.demo.synthetic import encode, random_spec, render
 
 
 def shape_jpeg(seed: int, size: int = 256, resize_to: int | None = None) -> bytes:

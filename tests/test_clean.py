@@ -17,13 +17,24 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dallekit.config import BadInputError, CleanConfig
+from dallekit.demo.synthetic import ShapeSpec, encode, random_spec, render
 from dallekit.images import (
-    color_distance, decode_reduced, hamming, image_signature, jpeg_size, phash, phash_of_gray, thumbs_array,
+    color_distance,
+    decode_reduced,
+    image_signature,
+    jpeg_size,
+    phash,
+    phash_of_gray,
+    thumbs_array,
 )
-from dallekit.pipeline.clean import NearDuplicateIndex, caption_reason, check_unique_uids, clean, repair_caption
-from dallekit.synthetic import ShapeSpec, encode, random_spec, render
+from dallekit.pipeline.clean import (
+    caption_reason,
+    check_unique_uids,
+    clean,
+    repair_caption,
+)
+from tests.helpers import check_accounting, hamming
 from tests.stage_data import downloaded_row, noise_jpeg, shape_jpeg, write_stage
-from tests.helpers import check_accounting
 
 
 @pytest.mark.parametrize(
@@ -70,21 +81,6 @@ def test_phash_resized_copy_is_near_and_other_images_are_far():
     assert hamming(phash(original), phash(resized)) <= 4
     assert hamming(phash(original), phash(noise_jpeg(2))) > 10
     assert hamming(phash(noise_jpeg(3)), phash(noise_jpeg(4))) > 10
-
-
-def test_near_duplicate_index_matches_brute_force():
-    rng = random.Random(0)
-    base = [rng.getrandbits(64) for _ in range(300)]
-    values = base + [b ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64)) for b in base[:100]] + [b ^ ((1 << 7) - 1) for b in base[:50]]
-    for distance in (0, 2, 4, 8):
-        index, kept = NearDuplicateIndex(distance), []
-        for i, v in enumerate(values):
-            found = index.find(v)
-            brute = [k for k in kept if hamming(values[k], v) <= distance]
-            assert (found is not None) == bool(brute), (distance, i)
-            if found is None:
-                index.add(v, str(i))
-                kept.append(i)
 
 
 def test_clean_stage_dedups_globally(tmp_path, client):
@@ -164,18 +160,6 @@ def test_color_distance_is_vectorised_over_pairs():
     np.testing.assert_allclose(color_distance(a, b), [0, 10, 10, 0, 0])
     np.testing.assert_allclose(color_distance(a, a[0]), [np.abs(a[i].astype(int) - a[0]).mean() for i in range(5)])
     assert thumbs_array([bytes(a[0]), bytes(a[1])]).shape == (2, 192) and thumbs_array([]).shape == (0, 192)
-
-
-def test_near_duplicate_index_needs_the_colours_to_agree():
-    gray, red, pale = bytes([128] * 192), bytes([255, 0, 0] * 64), bytes([132] * 192)
-    index, no_limit = NearDuplicateIndex(4, max_color=6.0), NearDuplicateIndex(4)
-    for kept in (index, no_limit):
-        kept.add(0b1011, "gray", gray)
-        kept.add(0b1011 ^ (1 << 40), "red", red)
-    assert index.find(0b1011, red) == ("red", 1)  # the nearer hash is gray's, but only red's colours agree
-    assert index.find(0b1011, pale) == ("gray", 0)
-    assert index.find(0b1011, bytes([0, 0, 255] * 64)) is None
-    assert no_limit.find(0b1011, red) == ("gray", 0)  # no colour check without a limit
 
 
 def test_colour_variants_of_one_shape_are_kept_and_copies_still_rejected(tmp_path, client):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from dallekit.cli import build_parser
-from dallekit.config import BadInputError, DownloadConfig, IngestConfig, build_config, load_toml
+from dallekit.config import (
+    BadInputError,
+    DownloadConfig,
+    IngestConfig,
+    build_config,
+    load_toml,
+)
 
 
 def parse(*argv):

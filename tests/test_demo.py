@@ -7,7 +7,13 @@ import random
 
 import numpy as np
 
-from dallekit.synthetic import COLORS, ZERO_SHOT_PAIRS, make_dataset, random_spec, render
+from dallekit.demo.synthetic import (
+    COLORS,
+    ZERO_SHOT_PAIRS,
+    make_dataset,
+    random_spec,
+    render,
+)
 from tests.helpers import check_accounting
 
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import dallekit.train_dvae as train_module
+import dallekit.training.dvae as train_module
 from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.models.dvae import DVAE, dvae_config, logit_laplace_nll, map_pixels
-from dallekit.train import read_metrics
-from dallekit.train_dvae import train_dvae
+from dallekit.training.dvae import train_dvae
+from dallekit.training.loop import read_metrics
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
 
@@ -87,7 +87,7 @@ def test_tiny_dvae_learns_the_shapes(trained_dvae):
 
 def test_fewer_steps_keep_the_schedule_shares():
     from dallekit.config import TrainDVAEConfig
-    from dallekit.train_dvae import build_config
+    from dallekit.training.dvae import build_config
 
     preset = build_config(TrainDVAEConfig(preset="tiny"))
     short = build_config(TrainDVAEConfig(preset="tiny", max_steps=preset.max_steps // 2))

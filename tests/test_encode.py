@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from dallekit.config import BadInputError, EncodeConfig
-from dallekit.decode import decode_tokens
+from dallekit.generation.decode import decode_tokens
 from dallekit.images import load_square
-from dallekit.models.dvae import DVAE, dvae_config
+from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
 from dallekit.models.weights import save_model
 from dallekit.pipeline.encode import encode
-from dallekit.tokenize.image import ImageTokenizer, save_dvae_config
+from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer, train_bpe
 from dallekit.tokenize.tokens import check_token_files
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 from tests.helpers import check_accounting
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dallekit.config import BadInputError, FilterConfig
 from dallekit.models.clip import load_clip, save_clip
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from dallekit.pipeline import filter as filter_module
 from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 from tests.helpers import check_accounting, read_stage
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
 NO_CLIP = FilterConfig(clip=False)
 TINY = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None)

@@ -28,8 +28,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from dallekit.config import DownloadConfig
+from dallekit.demo.synthetic import encode, random_spec, render
 from dallekit.pipeline.download import download_shard, plan_download
-from dallekit.synthetic import encode, random_spec, render
 
 # ---------------------------------------------------------------- a scripted loopback server
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from dallekit.cli import build_parser, main
-from dallekit.config import DownloadConfig, FilterConfig, RunConfig, build_config, load_toml
+from dallekit.config import (
+    DownloadConfig,
+    FilterConfig,
+    RunConfig,
+    build_config,
+    load_toml,
+)
 from dallekit.errors import BadInputError
 
 STAGE_IN = ["in", "--out", "out"]

@@ -15,6 +15,7 @@ import torch
 
 from dallekit.cli import main
 from dallekit.config import BadInputError, ClusterConfig, IngestConfig
+from dallekit.demo.synthetic import encode, random_spec, render
 from dallekit.pipeline.ingest import (
     FILE_ROOTS,
     OUTSIDE_FOLDER,
@@ -22,7 +23,6 @@ from dallekit.pipeline.ingest import (
     plan_ingest,
     scan_block,
 )
-from dallekit.synthetic import encode, random_spec, render
 from tests.helpers import check_accounting
 
 SECRET = "the secret caption outside the folder"
@@ -105,10 +105,10 @@ def test_tabular_ingest_records_no_file_roots_and_remote_folders_still_list(tmp_
 
 
 def test_decode_writes_only_inside_out_whatever_the_uid(tmp_path):
-    from dallekit.decode import SAFE_STEM, decode_tokens, safe_stem
-    from dallekit.models.dvae import DVAE, dvae_config
+    from dallekit.generation.decode import SAFE_STEM, decode_tokens, safe_stem
+    from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
     from dallekit.models.weights import save_model
-    from dallekit.tokenize.image import ImageTokenizer, save_dvae_config
+    from dallekit.tokenize.image import ImageTokenizer
     from dallekit.tokenize.tokens import token_metadata, token_table
 
     torch.manual_seed(0)
@@ -289,7 +289,7 @@ def test_local_cluster_listens_on_loopback_only(processes):
 
 
 def test_shapes_server_listens_on_loopback_only():
-    from dallekit.synthetic import ShapesServer
+    from dallekit.demo.synthetic import ShapesServer
 
     with ShapesServer({}, max_seconds=60) as server:
         mine = [s for s in _listening(os.getpid()) if s[2] == server.port]

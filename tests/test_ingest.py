@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from dallekit.cli import main
-from dallekit.config import IngestConfig
-from dallekit.config import BadInputError
+from dallekit.config import BadInputError, IngestConfig
 from dallekit.pipeline import ingest as ingest_module
 from dallekit.pipeline.ingest import ingest, make_uid, plan_ingest
 from tests.helpers import check_accounting, read_stage
-
 
 ROWS = [
     ("a red circle on a blue background", "http://example.com/1.jpg"),
@@ -83,8 +80,9 @@ def test_laion_parquet_keeps_its_columns(tmp_path, client):
 
 
 def test_image_folder_becomes_file_urls(tmp_path, client):
-    from dallekit.synthetic import encode, random_spec, render
     import random
+
+    from dallekit.demo.synthetic import encode, random_spec, render
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -154,8 +152,9 @@ def test_a_parquet_row_group_bigger_than_a_task_is_read_in_slices(tmp_path, clie
 
 def image_tree(root, layout: dict[str, int]) -> int:
     """Tiny JPEGs with captions in nested folders: {relative folder: number of images}; returns the total."""
-    from dallekit.synthetic import encode, random_spec, render
     import random
+
+    from dallekit.demo.synthetic import encode, random_spec, render
 
     rng = random.Random(0)
     for folder, n in layout.items():

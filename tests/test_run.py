@@ -126,7 +126,7 @@ min_side = 100
 
 
 def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, shapes_server, trained_dvae):
-    from dallekit.demo import write_url_list
+    from dallekit.demo.job import write_url_list
 
     server, rows = shapes_server
     url_list = tmp_path / "urls.csv"
@@ -166,7 +166,7 @@ def read_rows(folder: Path, columns: list[str], rejects: bool) -> list[list]:
 
 
 def test_pipeline_config_errors_are_bad_input(tmp_path):
-    from dallekit.pipeline.run import load_pipeline
+    from dallekit.jobs.run import load_pipeline
 
     with pytest.raises(BadInputError, match=r"unknown section \[trian\]"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "trian": {}}, "p.toml")
@@ -189,7 +189,7 @@ def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
 def test_example_configs_load():
     import tomllib
 
-    from dallekit.pipeline.run import load_pipeline
+    from dallekit.jobs.run import load_pipeline
 
     root = Path(__file__).parent.parent / "dallekit" / "configs"
     for path in sorted(root.glob("*.toml")):

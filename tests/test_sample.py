@@ -9,18 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from dallekit.config import EncodeConfig, TrainClipConfig, TrainConfig
-from dallekit.evaluate import evaluate
+from dallekit.config import EncodeConfig, EvaluateConfig, SampleConfig, TrainClipConfig, TrainConfig
+from dallekit.demo.synthetic import COLORS, SHAPES, SHAPES_JUDGE, is_right, judge, random_spec, render
+from dallekit.generation.evaluate import evaluate
+from dallekit.generation.sample import (
+    generate_images,
+    load_transformer,
+    sample,
+    text_tokenizer_for,
+)
 from dallekit.models.clip import load_clip
 from dallekit.models.transformer import DalleTransformer, dalle_config
 from dallekit.pipeline.encode import encode
-from dallekit.config import SampleConfig
-from dallekit.sample import generate_images, load_transformer, sample, text_tokenizer_for
-from dallekit.synthetic import COLORS, SHAPES, is_right, judge, random_spec, render
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import train_bpe
-from dallekit.train import train_transformer
-from dallekit.train_clip import train_clip
+from dallekit.training.clip import train_clip
+from dallekit.training.transformer import train_transformer
 
 
 def test_pixel_judge_reads_the_generated_shapes():
@@ -87,7 +91,7 @@ def test_sample_and_evaluate_outputs(trained_chain, tmp_path):
     work, dvae_dir = trained_chain
     scorer = load_clip("dallekit-tiny-rn-clip", None, checkpoint=str(work / "clip"))
     records = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background", "a green triangle on a white background"],
-                     str(tmp_path / "samples"), SampleConfig(n=6, keep=3, seed=5), scorer)
+                     str(tmp_path / "samples"), SampleConfig(n=6, keep=3, seed=5), scorer, judge=SHAPES_JUDGE)
     assert [(r["rank"], r["prompt"][:7]) for r in records] == [(0, "a red c"), (1, "a red c"), (2, "a red c"), (0, "a green"), (1, "a green"), (2, "a green")]
     lines = [json.loads(l) for l in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
     assert lines == records and all((tmp_path / "samples" / r["file"]).exists() for r in records)
@@ -95,7 +99,12 @@ def test_sample_and_evaluate_outputs(trained_chain, tmp_path):
     assert (tmp_path / "samples" / "prompt000_grid.png").exists()
     again = sample(str(work / "model"), str(dvae_dir), ["a red circle on a blue background"], str(tmp_path / "again"), SampleConfig(n=6, keep=3, seed=5), scorer)
     assert [r["clip_score"] for r in again] == [r["clip_score"] for r in records[:3]]  # a seed makes it reproducible
-    results = evaluate(str(work / "model"), str(dvae_dir), str(work / "tokens"), str(tmp_path / "eval"), scorer, n=4, captions=4)
+    # the pixel judge is the caller's: judged with it, not judged without it
+    assert all("pixel_right" in r for r in records) and (tmp_path / "samples" / "pixel_check.json").exists()
+    assert not any("pixel_right" in r for r in again) and not (tmp_path / "again" / "pixel_check.json").exists()
+    results = evaluate(str(work / "model"), str(dvae_dir), str(work / "tokens"), str(tmp_path / "eval"), scorer,
+                       EvaluateConfig(n=4, captions=4), judge=SHAPES_JUDGE)
+    assert 0 <= results["pixel_right_random"] <= 1
     assert results["clip_score_reranked"] >= results["clip_score_random"]
     assert set(results["clip_score_best_of_n"]) == {"1", "2", "4"} and "FID skipped" in results["fid_note"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["captions"] == 4
@@ -103,7 +112,8 @@ def test_sample_and_evaluate_outputs(trained_chain, tmp_path):
 
 
 def test_pixel_check_summary_splits_seen_and_zero_shot():
-    from dallekit.synthetic import is_zero_shot, pixel_check_summary
+    from dallekit.demo.synthetic import is_zero_shot
+    from dallekit.generation.sample import pixel_check_summary
 
     assert is_zero_shot("a red triangle on a blue background") and not is_zero_shot("a red circle on a blue background")
     checks = [{"prompt": "a red circle on a blue background", "zero_shot": False, "random_right": 0.5, "reranked_right": 1.0},

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import dallekit.train as train_module
+import dallekit.training.transformer as train_module
 from dallekit.config import BadInputError, TrainConfig
 from dallekit.models.transformer import DalleTransformer, attention_masks, dalle_config
 from dallekit.tokenize.tokens import TokenBatches, token_metadata, token_table
-from dallekit.train import read_metrics, train_transformer
+from dallekit.training.loop import read_metrics
+from dallekit.training.transformer import train_transformer
 
 TEXT_VOCAB, CODES, GRID = 100, 32, 4
 META = token_metadata({"kind": "test", "codebook_size": CODES, "grid": GRID, "image_size": 16, "sha256": "x"}, {"kind": "test", "vocab_size": TEXT_VOCAB})
@@ -47,7 +48,7 @@ def test_padding_is_per_position_and_loss_weights_are_separate_means():
     assert text_logits.shape == (2, 8, TEXT_VOCAB + 8) and image_logits.shape == (2, 16, CODES)
     text_ce = -torch.log_softmax(text_logits, -1).gather(-1, text[..., None]).mean()
     image_ce = -torch.log_softmax(image_logits, -1).gather(-1, image[..., None]).mean()
-    out = model.loss(text, image)
+    out = model(text, image, return_loss=True)
     assert torch.allclose(out["text_loss"], text_ce, atol=1e-5) and torch.allclose(out["image_loss"], image_ce, atol=1e-5)
     assert torch.allclose(out["loss"], text_ce / 8 + 7 * image_ce / 8, atol=1e-5)
     # the first image token is predicted from the last text position only (causality)

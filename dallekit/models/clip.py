@@ -31,7 +31,7 @@ CONFIG_NAME = "open_clip_config.json"
 RANDOM_INIT_SEED = 0
 # a --clip-pretrained value ending so names a file, never a tag (open_clip's tags have no dots)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy")
-_CACHE: dict[tuple, "ClipScorer"] = {}  # one model per worker process, whatever the number of tasks
+_CACHE: dict[tuple, ClipScorer] = {}  # one model per worker process, whatever the number of tasks
 
 
 def register_configs() -> None:

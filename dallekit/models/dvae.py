@@ -49,7 +49,7 @@ class DVAEConfig:
         return self.image_size // 2 ** (self.n_groups - 1)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DVAEConfig":
+    def from_dict(cls, values: dict) -> DVAEConfig:
         """Build from a JSON dict, ignoring keys this version does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -62,9 +62,8 @@ DVAE_PRESETS: dict[str, dict] = {
     "small": dict(image_size=64, codebook_size=512, n_groups=3, n_hid=64, n_blk_per_group=1, n_init=64,
                   recon_loss="mse", kl_weight=0.05, kl_warmup_steps=500, temp_anneal_steps=4000,
                   lr=2e-3, lr_end=5e-5, weight_decay=0.0, batch_size=32, max_steps=5000),
-    # 32 px, 8x8 grid, 128 codes: trains in minutes on 2 CPU cores (tests and the demo). Width 64, not 32:
-    # +2.7 dB held-out PSNR on the demo shapes; 2 blocks per group, not 1: reconstructed triangles keep
-    # their apex (73% pass the pixel check against 63% after 2000 steps, 83% after 2600)
+    # 32 px, 8x8 grid, 128 codes: trains in minutes on 2 CPU cores (tests and the demo). Width 64 and
+    # 2 blocks per group: the narrower, shallower model loses the demo triangles' apex (docs/demo-notes.md)
     "tiny": dict(image_size=32, codebook_size=128, n_groups=3, n_hid=64, n_blk_per_group=2, n_init=64,
                  recon_loss="mse", kl_weight=0.05, kl_warmup_steps=300, temp_anneal_steps=1500,
                  lr=2e-3, lr_end=5e-5, weight_decay=0.0, batch_size=32, max_steps=1800),
@@ -149,11 +148,6 @@ def map_pixels(x: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
 
 
-def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of map_pixels, clamped to [0, 1]."""
-    return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
-
-
 class DVAE(nn.Module):
     """Encoder + decoder with the relaxed training objective and hard encode/decode for tokens."""
 
@@ -170,7 +164,7 @@ class DVAE(nn.Module):
         return (torch.sigmoid(stats[:, : self.config.channels]) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)
 
     def forward(self, x: torch.Tensor, temperature: float, kl_weight: float) -> dict[str, torch.Tensor]:
-        """Training step on pixels x (B, 3, S, S) in [0, 1]: losses and the soft reconstruction."""
+        """Training step on pixels x (B, 3, S, S) in [0, 1]: the loss and its two terms."""
         c = self.config
         logits = self.encoder(map_pixels(x))  # (B, K, G, G)
         z = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)  # (B, K, G, G), relaxed one-hot
@@ -184,7 +178,7 @@ class DVAE(nn.Module):
         log_q = F.log_softmax(logits.float(), dim=1)
         # KL(q || uniform) per cell, summed over the grid, normalised by the pixel count as in the paper
         kl = (log_q.exp() * (log_q + math.log(c.codebook_size))).sum(dim=1).sum(dim=(1, 2)).mean() / (c.channels * c.image_size**2)
-        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl, "logits": logits, "x_rec": self.reconstruct_pixels(stats)}
+        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,3 +208,8 @@ def logit_laplace_nll(x_mapped: torch.Tensor, mu: torch.Tensor, log_scale: torch
 def config_dict(config: DVAEConfig) -> dict:
     """The config as a JSON-ready dict (with the derived grid for readers)."""
     return asdict(config) | {"grid": config.grid}
+
+
+def save_dvae_config(config: DVAEConfig) -> dict:
+    """The config.json content of a dVAE folder."""
+    return config_dict(config) | {"model": "dallekit-dvae"}

@@ -51,7 +51,7 @@ def _renamed(state: dict, prefix: str) -> dict:
 
 def convert_openai_dvae(encoder_path: str, decoder_path: str, out_dir: str, image_size: int = 256) -> DVAEConfig:
     """Load the two pickled modules safely and save them as one dallekit dVAE folder."""
-    from dallekit.tokenize.image import save_dvae_config
+    from dallekit.models.dvae import save_dvae_config
 
     encoder, decoder = _load_module(encoder_path, "encoder"), _load_module(decoder_path, "decoder")
     if encoder.vocab_size != decoder.vocab_size or encoder.n_hid != decoder.n_hid:

@@ -61,7 +61,7 @@ class DalleConfig:
         return self.text_vocab + self.text_len
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DalleConfig":
+    def from_dict(cls, values: dict) -> DalleConfig:
         """Build from a JSON dict, ignoring keys this version does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -215,23 +215,33 @@ class DalleTransformer(nn.Module):
             parts.append(self.image_emb(image) + self.row_emb(pos // c.grid) + self.col_emb(pos % c.grid))
         return torch.cat(parts, dim=1)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for text (B, T, V_text + T) and image (B, N, V_image) targets, given full text and image tokens."""
+    def forward(self, text: torch.Tensor, image: torch.Tensor, return_loss: bool = False):
+        """Logits for text (B, T, V_text + T) and image (B, N, V_image) targets, given full text and image tokens.
+
+        With `return_loss` (training, as nanoGPT's forward with targets): the weighted text +
+        image cross-entropy and its two terms instead, each averaged over its own tokens. The
+        loss lives here so that DDP's hooks fire through one call.
+        """
         c = self.config
         x = self.drop(self.embed(text, image[:, :-1]))  # (B, T + N, C)
         for i, block in enumerate(self.blocks):
             mask = self.masks[i].to(x.device) if self.masks is not None else None
             x = block(x, mask)
         x = self.ln_f(x)
-        return self.text_head(x[:, : c.text_len]), self.image_head(x[:, c.text_len :])
-
-    def loss(self, text: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted text + image cross-entropy, each averaged over its own tokens."""
-        text_logits, image_logits = self(text, image)
+        text_logits, image_logits = self.text_head(x[:, : c.text_len]), self.image_head(x[:, c.text_len :])
+        if not return_loss:
+            return text_logits, image_logits
         text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten())
         image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
         w = self.config.text_loss_weight
         return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+    def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay on the matrices but not on embeddings, biases and norms (as nanoGPT)."""
+        decayed = [p for n, p in self.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        other = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     def drop_captions(self, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each caption by all padding with probability p_uncond (training only)."""

@@ -6,13 +6,13 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from dallekit.config import BadInputError, ClusterConfig
 
 
 @contextlib.contextmanager
-def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Iterator["distributed.Client"]:  # noqa: F821
+def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a distributed Client: --scheduler / DASK_SCHEDULER_ADDRESS if given, else a LocalCluster."""
     from distributed import Client, LocalCluster
 

@@ -53,7 +53,15 @@ import pyarrow.parquet as pq  # noqa: E402
 from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
 from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
 from dallekit.pipeline.shards import (  # noqa: E402
-    ShardResult, ShardTask, begin_stage, input_identity, list_shards, read_shard, run_stage, shard_schema, top_counts,
+    ShardResult,
+    ShardTask,
+    begin_stage,
+    input_identity,
+    list_shards,
+    read_shard,
+    run_stage,
+    shard_schema,
+    top_counts,
 )
 
 OOM_SHARD_COUNT = 5  # digits of the shard id in img2dataset's keys and file names

@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dallekit.models.dvae import DVAE, DVAEConfig, config_dict
-from dallekit.models.weights import build_model, load_model_state, load_weights, pick_device
+from dallekit.models.dvae import DVAE, DVAEConfig
+from dallekit.models.weights import (
+    build_model,
+    load_model_state,
+    load_weights,
+    pick_device,
+)
 
-_CACHE: dict[tuple, "ImageTokenizer"] = {}  # one dVAE per worker process
+_CACHE: dict[tuple, ImageTokenizer] = {}  # one dVAE per worker process
 
 
 class ImageTokenizer:
@@ -27,7 +32,7 @@ class ImageTokenizer:
         self.device = device
 
     @classmethod
-    def load(cls, model_dir: str, device: str = "auto") -> "ImageTokenizer":
+    def load(cls, model_dir: str, device: str = "auto") -> ImageTokenizer:
         """Load a dVAE folder written by train-dvae or convert-openai-dvae."""
         values, state = load_model_state(model_dir)
         model = build_model(DVAE, DVAEConfig, values, model_dir)
@@ -63,8 +68,3 @@ def cached_image_tokenizer(model_dir: str, device: str = "auto") -> ImageTokeniz
     if key not in _CACHE:
         _CACHE[key] = ImageTokenizer.load(model_dir, device)
     return _CACHE[key]
-
-
-def save_dvae_config(config: DVAEConfig) -> dict:
-    """The config.json content of a dVAE folder."""
-    return config_dict(config) | {"model": "dallekit-dvae"}

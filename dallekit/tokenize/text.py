@@ -95,7 +95,14 @@ def load_text_tokenizer(spec: str = "clip-bpe"):
 
 def train_bpe(captions, out_dir: str, vocab_size: int = 16384, min_frequency: int = 2) -> TrainedBpeTokenizer:
     """Train a lowercasing byte-level BPE on an iterable of captions and save tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])

@@ -2,15 +2,17 @@
 
 `dallekit sample --model DIR --dvae DIR --prompt TEXT...` writes, per prompt, the kept PNGs
 (rank 0 = best by CLIP), a grid, and one `samples.jsonl` line per kept image (prompt, file,
-rank, clip_score, seed). A seed makes a run reproducible. Prompts in the demo's caption form
-are also judged by the pixel check: `pixel_right` per kept image, and `pixel_check.json` with
-how often a random candidate and the reranked top-1 are right, for seen and zero-shot pairs.
+rank, clip_score, seed). A seed makes a run reproducible. With a pixel judge (the demo passes
+its shapes judge), the prompts it understands are also judged: `pixel_right` per kept image, and
+`pixel_check.json` with how often a random candidate and the reranked top-1 are right, for seen
+and zero-shot pairs.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,10 +22,22 @@ from tqdm.auto import tqdm
 from dallekit.config import BadInputError, SampleConfig
 from dallekit.images import save_image_grid
 from dallekit.models.transformer import DalleConfig, DalleTransformer
-from dallekit.models.weights import build_model, load_model_state, load_weights, pick_device
-from dallekit.synthetic import is_right, is_zero_shot, parse_caption, pixel_check_summary
+from dallekit.models.weights import (
+    build_model,
+    load_model_state,
+    load_weights,
+    pick_device,
+)
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer
+
+
+class PixelJudge(Protocol):
+    """Judges generated images by their pixels, for the captions it understands (the demo's shapes judge is one)."""
+
+    def judges(self, caption: str) -> bool: ...
+    def is_right(self, image: np.ndarray, caption: str) -> bool: ...
+    def is_zero_shot(self, caption: str) -> bool: ...
 
 
 def load_transformer(model_dir: str, device: str = "auto") -> tuple[DalleTransformer, dict]:
@@ -61,7 +75,8 @@ def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: lis
     return np.concatenate(images)
 
 
-def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleConfig, scorer=None, device: str = "auto") -> list[dict]:
+def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleConfig, scorer=None,
+           device: str = "auto", judge: PixelJudge | None = None) -> list[dict]:
     """Generate, rerank with CLIP (`scorer`, or keep generation order without one) and save; returns the jsonl records."""
     if not prompts:
         raise BadInputError("no prompts: pass --prompt TEXT or --prompts FILE")
@@ -80,8 +95,8 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
         scores = scorer.score([Image.fromarray(im) for im in images], [prompt] * len(images)) if scorer is not None else np.full(len(images), np.nan)
         order = np.argsort(-scores, kind="stable") if scorer is not None else np.arange(len(images))
         kept = [images[i] for i in order[: options.keep]]
-        # the demo's shape captions can be judged by pixels: keep every candidate's verdict
-        right = [is_right(im, prompt) for im in images] if parse_caption(prompt) else None
+        # a caption the judge reads is judged by pixels: keep every candidate's verdict
+        right = [judge.is_right(im, prompt) for im in images] if judge is not None and judge.judges(prompt) else None
         for rank, i in enumerate(order[: options.keep]):
             name = f"prompt{p:03d}_rank{rank}.png"
             Image.fromarray(images[i]).save(out / name)
@@ -89,10 +104,24 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
             records.append(record | ({"pixel_right": right[i]} if right else {}))
         save_image_grid(kept, out / f"prompt{p:03d}_grid.png")
         if right:
-            checks.append({"prompt": prompt, "zero_shot": is_zero_shot(prompt), "grid": f"prompt{p:03d}_grid.png",
+            checks.append({"prompt": prompt, "zero_shot": judge.is_zero_shot(prompt), "grid": f"prompt{p:03d}_grid.png",
                            "random_right": float(np.mean(right)), "reranked_right": float(right[order[0]])})
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     if checks:
         (out / "pixel_check.json").write_text(json.dumps(pixel_check_summary(checks), indent=2))
     return records
+
+
+def pixel_check_summary(checks: list[dict]) -> dict:
+    """Seen and zero-shot rates of a random candidate and of the reranked top-1 being right, from per-prompt checks."""
+    summary: dict = {"prompts": checks}
+    for split, zero_shot in (("seen", False), ("zero_shot", True)):
+        rows = [c for c in checks if c["zero_shot"] == zero_shot]
+        if rows:
+            summary[split] = {
+                "prompts": len(rows),
+                "random_right": float(np.mean([c["random_right"] for c in rows])),
+                "reranked_right": float(np.mean([c["reranked_right"] for c in rows])),
+            }
+    return summary

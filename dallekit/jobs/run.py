@@ -37,14 +37,18 @@ from dallekit.config import (
     TrainDVAEConfig,
     build_config,
 )
+from dallekit.io import iter_captions, list_shards
+from dallekit.jobs.report import write_report
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
 from dallekit.pipeline.encode import encode, plan_encode
 from dallekit.pipeline.filter import filter_stage, plan_filter
 from dallekit.pipeline.ingest import ingest, plan_ingest
-from dallekit.pipeline.report import write_report
-from dallekit.pipeline.shards import format_summary, iter_captions, list_shards
+from dallekit.pipeline.shards import format_summary
+
+if typing.TYPE_CHECKING:
+    from dallekit.generation.sample import PixelJudge
 
 
 @dataclass
@@ -92,7 +96,7 @@ def _checkpoint_exists(folder: str) -> bool:
     return (Path(folder) / "checkpoint" / "state.json").exists()
 
 
-def run_pipeline(p: Pipeline) -> dict:
+def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
     """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats and the final metrics."""
     steps = set(RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1])
     d = run_folders(p.run.out)
@@ -110,13 +114,13 @@ def run_pipeline(p: Pipeline) -> dict:
         if "clean" in steps:
             stages.append(clean(d["download"], d["clean"], p.clean, client))
         if p.run.train_clip and "train-clip" in steps and not (Path(d["clip"]) / "open_clip_model.safetensors").exists():
-            from dallekit.train_clip import train_clip
+            from dallekit.training.clip import train_clip
 
             result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
         if "filter" in steps:
             stages.append(filter_stage(d["clean"], d["filter"], p.filter, client, paths=plan_filter(d["clean"], p.filter)))
         if "train-dvae" in steps and p.run.dvae is None:
-            from dallekit.train_dvae import train_dvae
+            from dallekit.training.dvae import train_dvae
 
             result["dvae"] = train_dvae(d["filter"], d["dvae"], replace(p.train_dvae, resume=_checkpoint_exists(d["dvae"])))
         encode_config = p.encode
@@ -132,19 +136,19 @@ def run_pipeline(p: Pipeline) -> dict:
     for stats in stages:
         print(format_summary(stats))
     if "train" in steps:
-        result |= _train_and_sample(p, d, dvae_dir, steps)
+        result |= _train_and_sample(p, d, dvae_dir, steps, judge)
     if "report" in steps:
         report = write_report(p.run.out)
         print(f"run: report in {report}")
     return result
 
 
-def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str]) -> dict:
+def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str], judge: PixelJudge | None) -> dict:
     """The steps after the Dask stages: train, sample, evaluate (each skipped when done)."""
-    from dallekit.evaluate import evaluate, held_out_captions
+    from dallekit.generation.evaluate import evaluate, held_out_captions
+    from dallekit.generation.sample import sample
     from dallekit.models.clip import load_clip
-    from dallekit.sample import sample
-    from dallekit.train import split_shards, train_transformer
+    from dallekit.training.transformer import split_shards, train_transformer
 
     result: dict = {}
     result["train"] = train_transformer(d["tokens"], d["model"], replace(p.train, resume=_checkpoint_exists(d["model"])))
@@ -156,7 +160,7 @@ def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[
     scorer = load_clip(p.filter.clip_model, p.filter.clip_pretrained, p.filter.clip_checkpoint) if p.filter.clip else None
     if "sample" in steps and not (Path(d["samples"]) / "samples.jsonl").exists():
         prompts = p.sample.prompts or held_out_captions(val_paths, 16)
-        sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer)
+        sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer, judge=judge)
     if "evaluate" in steps:
         eval_file = Path(d["eval"]) / "eval.json"
         if scorer is None:
@@ -164,6 +168,5 @@ def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[
         elif eval_file.exists():
             result["evaluate"] = json.loads(eval_file.read_text())
         else:
-            result["evaluate"] = evaluate(d["model"], dvae_dir, None, d["eval"], scorer, n=p.evaluate.n, captions=p.evaluate.captions,
-                                          seed=p.evaluate.seed, paths=val_paths)
+            result["evaluate"] = evaluate(d["model"], dvae_dir, val_paths, d["eval"], scorer, p.evaluate, judge=judge)
     return result

@@ -2,7 +2,7 @@
 
 `dallekit demo` generates the shapes set, serves it over HTTP on loopback, writes its URL list
 and runs the packaged pipeline config `dallekit/configs/demo.toml` (with its [quick] overrides
-for `--quick`) through `dallekit.pipeline.run`, so the demo is `dallekit run` on local data.
+for `--quick`) through `dallekit.jobs.run`, so the demo is `dallekit run` on local data.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import json
 import os
 import random
 import time
-import tomllib
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+import tomllib
+
 from dallekit.config import ClusterConfig, DemoOptions
-from dallekit.pipeline.run import Pipeline, load_pipeline, run_pipeline
-from dallekit.synthetic import COLORS, SHAPES, ShapesServer, make_dataset
+from dallekit.demo.synthetic import COLORS, SHAPES, SHAPES_JUDGE, ShapesServer, make_dataset
+from dallekit.jobs.run import Pipeline, load_pipeline, run_pipeline
 
 
 def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
@@ -37,9 +38,7 @@ def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
 
 
 # Backgrounds per foreground/shape pair in the full demo's prompts: 4 gives 96 prompts, 24 of them
-# zero-shot. With 2 (12 zero-shot prompts) one prompt moved the zero-shot rate by 8 points, and two
-# CLIP misrankings (each among 15 right candidates of 16) failed a model that is right for 84% of all
-# 42 zero-shot prompts.
+# zero-shot, enough that one prompt does not swing the zero-shot rate (docs/demo-notes.md, run B).
 DEMO_BACKGROUNDS = 4
 
 
@@ -81,7 +80,7 @@ def run_demo(config: DemoOptions, cluster: ClusterConfig) -> dict:
         write_url_list(url_list, data.rows, server)
         print("demo: clean checks exact duplicates only (the shapes are near duplicates of each other by design); "
               "the CLIP that filters and reranks is trained on the demo's own cleaned pairs (no weights offline)")
-        result = run_pipeline(demo_pipeline(config, cluster, [url_list]))
+        result = run_pipeline(demo_pipeline(config, cluster, [url_list]), judge=SHAPES_JUDGE)
     print_summary(config.out, result)
     print(f"demo: done in {(time.time() - started) / 60:.1f} minutes")
     return result

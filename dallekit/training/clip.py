@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
+from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.models.weights import autocast, autocast_dtype
-from dallekit.io import check_columns, list_shards, read_shard
-from dallekit.train import MetricsLog, cosine
+from dallekit.training.loop import MetricsLog, cosine
 
 
 def pair_batches(paths: list[str], batch_size: int, seed: int):

@@ -18,7 +18,13 @@ from PIL import Image
 from dallekit.charts import bar_chart, histogram, line_chart
 from dallekit.images import labelled_grid
 from dallekit.pipeline.funnel import draw_funnel
-from dallekit.pipeline.shards import list_shards, read_shard, read_stats, shard_schema, stage_complete
+from dallekit.pipeline.shards import (
+    list_shards,
+    read_shard,
+    read_stats,
+    shard_schema,
+    stage_complete,
+)
 
 STAGES = ["ingest", "download", "clean", "filter", "encode"]
 STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "clean": "clean", "filter": "filter", "encode": "tokens"}

@@ -172,7 +172,7 @@ class ShapesServer:
             if self.requests >= self.max_requests:
                 threading.Thread(target=self.stop, daemon=True).start()
 
-    def start(self) -> "ShapesServer":
+    def start(self) -> ShapesServer:
         """Start serving in a background thread."""
         self._thread.start()
         self._timer.start()
@@ -185,7 +185,7 @@ class ShapesServer:
             self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "ShapesServer":
+    def __enter__(self) -> ShapesServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -270,15 +270,15 @@ def is_zero_shot(caption: str) -> bool:
     return want is not None and (want["foreground"], want["shape"]) in ZERO_SHOT_PAIRS
 
 
-def pixel_check_summary(checks: list[dict]) -> dict:
-    """Seen and zero-shot rates of a random candidate and of the reranked top-1 being right, from per-prompt checks."""
-    summary: dict = {"prompts": checks}
-    for split, zero_shot in (("seen", False), ("zero_shot", True)):
-        rows = [c for c in checks if c["zero_shot"] == zero_shot]
-        if rows:
-            summary[split] = {
-                "prompts": len(rows),
-                "random_right": float(np.mean([c["random_right"] for c in rows])),
-                "reranked_right": float(np.mean([c["reranked_right"] for c in rows])),
-            }
-    return summary
+class ShapesJudge:
+    """The pixel judge of the demo's shape captions, handed to sample and evaluate by the demo and the CLI."""
+
+    def judges(self, caption: str) -> bool:
+        """Whether the caption is one of the demo's, which the pixels can confirm."""
+        return parse_caption(caption) is not None
+
+    is_right = staticmethod(is_right)
+    is_zero_shot = staticmethod(is_zero_shot)
+
+
+SHAPES_JUDGE = ShapesJudge()

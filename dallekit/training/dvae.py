@@ -13,9 +13,9 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,11 +23,10 @@ from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
-from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
-from dallekit.models.weights import autocast, autocast_dtype, pick_device
 from dallekit.io import check_columns, list_shards, read_shard
-from dallekit.tokenize.image import save_dvae_config
-from dallekit.train import MetricsLog, cosine, load_checkpoint, save_checkpoint
+from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
+from dallekit.models.weights import autocast, autocast_dtype, pick_device
+from dallekit.training.loop import MetricsLog, cosine, load_checkpoint, save_checkpoint
 
 
 def is_held_out(uid: str, percent: int) -> bool:

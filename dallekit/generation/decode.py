@@ -11,7 +11,7 @@ from PIL import Image
 
 from dallekit.config import BadInputError
 from dallekit.images import save_image_grid
-from dallekit.pipeline.shards import list_shards, read_shard
+from dallekit.io import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import check_token_files
 

@@ -2,8 +2,8 @@
 
 For held-out captions it generates N candidates each and reports the mean CLIP score of a random
 candidate (N = 1) against the best of N for N = 1, 2, 4, ... (the DALL-E paper's reranking
-effect), plots it (`clip_vs_n.png`), and, for the demo's shape captions, how often a random and
-the reranked candidate are right by the pixel check. Everything goes to `eval.json`. FID is
+effect), plots it (`clip_vs_n.png`), and, with a pixel judge (the demo's), how often a random and
+the reranked candidate are right by its pixel check. Everything goes to `eval.json`. FID is
 reported as skipped, with the reason: its Inception weights exist only as a pickle.
 """
 
@@ -17,14 +17,19 @@ import numpy as np
 from PIL import Image
 
 from dallekit.charts import line_chart
+from dallekit.config import EvaluateConfig, SampleConfig
+from dallekit.generation.sample import (
+    PixelJudge,
+    check_dvae,
+    generate_images,
+    load_transformer,
+    text_tokenizer_for,
+)
+from dallekit.io import list_shards, read_shard
 from dallekit.models.weights import pick_device
-from dallekit.pipeline.shards import list_shards, read_shard
-from dallekit.config import SampleConfig
-from dallekit.sample import check_dvae, generate_images, load_transformer, text_tokenizer_for
-from dallekit.synthetic import is_right, parse_caption
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import check_token_files
-from dallekit.train import validation_loss
+from dallekit.training.transformer import validation_loss
 
 
 def held_out_captions(paths: list[str], limit: int) -> list[str]:
@@ -50,27 +55,28 @@ def fid_status() -> str:
     return f"FID skipped: torchvision's Inception v3 weights are a pickle file ({where}); dallekit loads no pickles"
 
 
-def evaluate(model_dir: str, dvae_dir: str, tokens_dir: str | None, out_dir: str, scorer, n: int = 16, captions: int = 16,
-             batch_size: int = 16, val_batches: int = 20, seed: int = 0, device: str = "auto", paths: list[str] | None = None) -> dict:
-    """Run the evaluation on held-out token shards (a folder, or `paths`); writes eval.json and clip_vs_n.png."""
+def evaluate(model_dir: str, dvae_dir: str, tokens: str | list[str], out_dir: str, scorer, options: EvaluateConfig,
+             device: str = "auto", judge: PixelJudge | None = None) -> dict:
+    """Run the evaluation on held-out token shards (a folder, or a list of shard paths); writes eval.json and clip_vs_n.png."""
     model, metadata = load_transformer(model_dir, device)
     dvae = ImageTokenizer.load(dvae_dir, device)
     check_dvae(metadata, dvae, dvae_dir)
-    paths = paths if paths is not None else list_shards(tokens_dir)
+    paths = list_shards(tokens) if isinstance(tokens, str) else tokens
     check_token_files(paths, expected=metadata)
-    options = SimpleNamespace(batch_size=batch_size, val_batches=val_batches, dtype="bf16")
-    results: dict = validation_loss(model, paths, options, model.config, pick_device(device))
+    loss_options = SimpleNamespace(batch_size=options.batch_size, val_batches=options.val_batches, dtype="bf16")
+    results: dict = validation_loss(model, paths, loss_options, model.config, pick_device(device))
+    n, batch_size, seed = options.n, options.batch_size, options.seed
     tokenizer = text_tokenizer_for(metadata)
     ns = [2**k for k in range(int(np.log2(n)) + 1)]
     best_of = {m: [] for m in ns}
     random_right, reranked_right = [], []
-    for i, caption in enumerate(held_out_captions(paths, captions)):
+    for i, caption in enumerate(held_out_captions(paths, options.captions)):
         images = generate_images(model, dvae, tokenizer.encode(caption), SampleConfig(n=n, batch_size=batch_size), seed * 100_003 + i)
         scores = scorer.score([Image.fromarray(im) for im in images], [caption] * len(images))
         for m in ns:
             best_of[m].append(float(scores[:m].max()))
-        if parse_caption(caption):
-            right = [is_right(im, caption) for im in images]
+        if judge is not None and judge.judges(caption):
+            right = [judge.is_right(im, caption) for im in images]
             random_right.append(float(np.mean(right)))
             reranked_right.append(float(right[int(np.argmax(scores))]))
     curve = {m: float(np.mean(v)) for m, v in best_of.items()}

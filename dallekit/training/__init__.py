@@ -1,0 +1,1 @@
+"""Trainers: the shared loop (schedule, metrics, checkpoints, exact resume) and one short file per model."""

@@ -1,0 +1,145 @@
+"""Training-loop helpers shared by the trainers: schedules, safetensors checkpoints with exact resume, metrics.
+
+A run folder holds the latest model as `model.safetensors` + `config.json` (what other commands
+load) and the trainer's state in `checkpoint/` (optimizer tensors and RNG state in safetensors,
+step and loader position in JSON). `checkpoint/` is replaced by renaming a complete copy, so a
+killed run resumes from the last complete checkpoint. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dallekit.config import BadInputError
+from dallekit.models.weights import save_model, write_json
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Cosine interpolation from `start` at step 0 to `end` at step `total` (and after)."""
+    frac = min(max(step, 0) / max(total, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def save_checkpoint(out_dir: str | Path, model, config: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    """Model, optimizer, RNG states, step and `extra` (e.g. loader position), replacing checkpoint/ atomically."""
+    out = Path(out_dir)
+    save_model(out, model, config)
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    opt = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    scalars: dict[str, dict] = {}
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    write_json(tmp / "state.json", {
+        "step": step, "param_groups": opt["param_groups"], "scalars": scalars,
+        "python_rng": _encode_random_state(random.getstate()), "extra": extra, "saved_at": time.time(),
+    })
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore model, optimizer and RNG states from out_dir/checkpoint; returns {step, extra} or None."""
+    out = Path(out_dir)
+    folder = next((p for p in (out / "checkpoint", out / "checkpoint.old") if (p / "state.json").is_file()), None)
+    if folder is None:
+        return None
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(_decode_random_state(meta["python_rng"]))
+    return {"step": meta["step"], "extra": meta["extra"]}
+
+
+def _encode_random_state(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _decode_random_state(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+class MetricsLog:
+    """Append-only JSONL metrics, one line per logged step; a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in lines))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        """Append one record (must carry `step`)."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics JSONL file."""
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def default_peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of a known GPU, or None (no MFU on the CPU unless --peak-flops is given)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def tensorboard_writer(out: Path, enabled: bool):
+    """A function that writes a metrics record to TensorBoard, or does nothing."""
+    if not enabled:
+        return lambda record: None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
+
+    return write
