@@ -52,7 +52,7 @@ def main() -> None:
     with dask_client(cluster, quiet=True) as client:
         downloaded = downloaded_shapes(work, args.n, client, shard_size=128)
         clean(str(downloaded), str(work / "clean"), CleanConfig(near_dup_distance=-1), client)
-        paths = plan_filter(str(work / "clean"), config)  # loads the model once, shared with the in-process worker
+        plan = plan_filter(str(work / "clean"), config)  # loads the model once, shared with the in-process worker
         scorer = cached_clip(config.clip_model, config.clip_pretrained, None, config.device)
 
         # bare: decode, preprocess and tokenize outside the clock
@@ -71,7 +71,7 @@ def main() -> None:
             bare = time.perf_counter() - start
 
         start = time.perf_counter()
-        stats = filter_stage(str(work / "clean"), str(work / "filter"), config, client, paths=paths)
+        stats = filter_stage(str(work / "clean"), str(work / "filter"), config, client, plan=plan)
         stage = time.perf_counter() - start
     shutil.rmtree(work, ignore_errors=True)
     n = len(images)

@@ -39,57 +39,28 @@ class LazyClient:
             self._context.__exit__(None, None, None)
 
 
-def _stage(args: argparse.Namespace, configs: dict, stage_fn, *inputs) -> int:
-    """Run one Dask stage on a client made from the [cluster] options, started only when a task runs."""
+# The positional arguments of each Dask stage's plan, from its command line (its config comes last).
+STAGE_INPUTS = {
+    "ingest": lambda args: [args.inputs],
+    "download": lambda args: [args.urls],
+    "clean": lambda args: [args.downloaded],
+    "filter": lambda args: [args.cleaned],
+    "encode": lambda args: [args.filtered, args.dvae],
+}
+
+
+def stage(args: argparse.Namespace, configs: dict, toml) -> int:
+    """Any Dask stage: plan it (bad input fails before a cluster starts), then run it on a client started only when a task runs."""
+    from dallekit.pipeline.stage import run_plan, stage_named
+
+    spec, plan_stage = stage_named(args.command)
+    config = configs[args.command]
+    plan = plan_stage(*STAGE_INPUTS[args.command](args), config)
     client = LazyClient(configs["cluster"])
     try:
-        return _summary(stage_fn(*inputs, args.out, configs[args.command], client))
+        return _summary(run_plan(spec, plan, args.out, client, config.overwrite))
     finally:
         client.close()
-
-
-def ingest(args, configs, toml) -> int:
-    """dallekit ingest."""
-    from dallekit.pipeline.ingest import ingest as ingest_stage
-    from dallekit.pipeline.ingest import plan_ingest
-
-    blocks = plan_ingest(args.inputs, configs["ingest"])
-    return _stage(args, configs, lambda inputs, out, config, client: ingest_stage(inputs, out, config, client, blocks=blocks), args.inputs)
-
-
-def download(args, configs, toml) -> int:
-    """dallekit download."""
-    from dallekit.pipeline.download import download as download_stage
-    from dallekit.pipeline.download import plan_download
-
-    tasks = plan_download(args.urls, configs["download"])
-    return _stage(args, configs, lambda src, out, config, client: download_stage(src, out, config, client, tasks=tasks), args.urls)
-
-
-def clean(args, configs, toml) -> int:
-    """dallekit clean."""
-    from dallekit.pipeline.clean import clean as clean_stage
-    from dallekit.pipeline.clean import plan_clean
-
-    paths = plan_clean(args.downloaded)
-    return _stage(args, configs, lambda src, out, config, client: clean_stage(src, out, config, client, paths=paths), args.downloaded)
-
-
-def filter_(args, configs, toml) -> int:
-    """dallekit filter."""
-    from dallekit.pipeline.filter import filter_stage, plan_filter
-
-    paths = plan_filter(args.cleaned, configs["filter"])
-    return _stage(args, configs, lambda src, out, config, client: filter_stage(src, out, config, client, paths=paths), args.cleaned)
-
-
-def encode(args, configs, toml) -> int:
-    """dallekit encode."""
-    from dallekit.pipeline.encode import encode as encode_stage
-    from dallekit.pipeline.encode import plan_encode
-
-    plan = plan_encode(args.filtered, args.dvae, configs["encode"])
-    return _stage(args, configs, lambda src, out, config, client: encode_stage(src, args.dvae, out, config, client, plan=plan), args.filtered)
 
 
 def _prepare(args: argparse.Namespace, *inputs: str) -> None:
@@ -239,7 +210,7 @@ def demo(args, configs, toml) -> int:
 
 
 HANDLERS = {
-    "ingest": ingest, "download": download, "clean": clean, "filter": filter_, "encode": encode, "train-dvae": train_dvae,
+    "ingest": stage, "download": stage, "clean": stage, "filter": stage, "encode": stage, "train-dvae": train_dvae,
     "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
     "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
 }

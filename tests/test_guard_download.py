@@ -136,7 +136,7 @@ def run_shard(folder: Path, urls: list[str], roots: list[str] | None = None, **o
                    folder / "part-00000.parquet")
     if roots is not None:
         (folder / "_file_roots.json").write_text(json.dumps({"roots": roots}))
-    [task] = plan_download(str(folder), DownloadConfig(**({"threads": 4} | options)))
+    [task] = plan_download(str(folder), DownloadConfig(**({"threads": 4} | options))).tasks(None, "")
     result = download_shard(task.payload)
     assert result.rows_in == n and result.kept.num_rows == n  # rows in = rows out
     rows = result.kept.to_pandas()

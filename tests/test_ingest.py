@@ -10,7 +10,7 @@ import pytest
 from dallekit.cli import main
 from dallekit.config import BadInputError, IngestConfig
 from dallekit.pipeline import ingest as ingest_module
-from dallekit.pipeline.ingest import ingest, make_uid, plan_ingest
+from dallekit.pipeline.ingest import ingest, ingest_blocks, make_uid, plan_ingest
 from tests.helpers import check_accounting, read_stage
 
 ROWS = [
@@ -142,9 +142,9 @@ def test_a_parquet_row_group_bigger_than_a_task_is_read_in_slices(tmp_path, clie
     rows = [(f"http://example.com/{i % 90}.jpg", f"caption {i}") for i in range(100)]
     pq.write_table(pa.table({"url": [u for u, _ in rows], "caption": [c for _, c in rows]}), tmp_path / "one.parquet",
                    row_group_size=1000)  # one row group of 100 rows
-    blocks = plan_ingest([str(tmp_path / "one.parquet")], IngestConfig())
+    blocks = ingest_blocks([str(tmp_path / "one.parquet")], IngestConfig())
     assert [b.rows for b in blocks] == [(0, 40), (40, 80), (80, 100)]
-    ingest([str(tmp_path / "one.parquet")], str(tmp_path / "out"), IngestConfig(shard_size=30), client, blocks=blocks)
+    ingest([str(tmp_path / "one.parquet")], str(tmp_path / "out"), IngestConfig(shard_size=30), client)
     kept, rejects = check_accounting(tmp_path / "out", 100)
     assert kept["caption"].tolist() == [f"caption {i}" for i in range(90)]  # input order, each row once
     assert len(rejects) == 10 and set(rejects["reason"]) == {"duplicate_url"}
@@ -170,11 +170,11 @@ def test_folder_blocks_hold_counts_not_file_names(tmp_path, client, monkeypatch)
     monkeypatch.setattr(ingest_module, "FOLDER_CHUNK", 4)
     layout = {".": 3, "a": 5, "a/b": 1, "c": 6, "c/d/e": 2}
     total = image_tree(tmp_path / "images", layout)
-    blocks = plan_ingest([str(tmp_path / "images")], IngestConfig())
+    blocks = ingest_blocks([str(tmp_path / "images")], IngestConfig())
     assert [b.images for b in blocks] == [4, 4, 4, 4, 1]
     for b in blocks:  # (folder, start, stop, count) slices only: the driver never lists the tree's file names
         assert all(isinstance(count, int) and 0 <= start < stop <= count for _, start, stop, count in b.folders)
-    ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client, blocks=blocks)
+    ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client)
     kept, _ = check_accounting(tmp_path / "out", total)
     expected = {f"{folder} {i}" for folder, n in layout.items() for i in range(n)}
     assert {" ".join(c.split()[:2]) for c in kept["caption"]} == expected and len(kept) == total
@@ -182,10 +182,10 @@ def test_folder_blocks_hold_counts_not_file_names(tmp_path, client, monkeypatch)
 
 def test_folder_changed_after_planning_is_bad_input(tmp_path, client):
     image_tree(tmp_path / "images", {"a": 3})
-    blocks = plan_ingest([str(tmp_path / "images")], IngestConfig())
+    plan = plan_ingest([str(tmp_path / "images")], IngestConfig())
     (tmp_path / "images" / "a" / "0.jpg").unlink()
     with pytest.raises(BadInputError, match=r"images/a: had 3 images when ingest started and 2 now"):
-        ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client, blocks=blocks)
+        ingest([str(tmp_path / "images")], str(tmp_path / "out"), IngestConfig(), client, plan=plan)
 
 
 def test_rerun_of_complete_stage_is_a_no_op(tmp_path, client):

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from dallekit.pipeline.shards import ShardResult, ShardTask, run_stage
+from dallekit.pipeline.stage import Stage
 
 CALLS = "calls.txt"
 
@@ -23,13 +24,18 @@ def split_even(payload):
     return ShardResult(rows_in=len(numbers), kept=table.filter(even), rejects=rejects, counters={"first": {str(numbers[0]): 1}})
 
 
+def toy(process) -> Stage:
+    """A stage of hand-made tasks: only its name and shard function matter to the runner."""
+    return Stage("toy", (), frozenset(), "toy tasks", process)
+
+
 def tasks(log):
     return [ShardTask(f"part-{i:05d}", ([i * 10 + k for k in range(10)], str(log))) for i in range(4)]
 
 
 def test_stage_writes_shards_rejects_marks_and_stats(tmp_path, client):
     out = tmp_path / "out"
-    stats = run_stage("toy", str(out), tasks(tmp_path / CALLS), split_even, client)
+    stats = run_stage(toy(split_even), str(out), tasks(tmp_path / CALLS), client)
     assert (stats["rows_in"], stats["rows_out"], stats["rows_rejected"]) == (40, 20, 20)
     assert stats["reasons"] == {"odd": 20} and stats["counters"]["first"] == {"0": 1, "10": 1, "20": 1, "30": 1}
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-0000{i}.parquet" for i in range(4)]
@@ -39,14 +45,14 @@ def test_stage_writes_shards_rejects_marks_and_stats(tmp_path, client):
 
 def test_resume_skips_complete_shards_and_redoes_the_rest(tmp_path, client):
     out, log = tmp_path / "out", tmp_path / CALLS
-    run_stage("toy", str(out), tasks(log), split_even, client)
+    run_stage(toy(split_even), str(out), tasks(log), client)
     # simulate a run killed after two shards: drop the marks of two, leave a torn temporary file
     for name in ("part-00001", "part-00003"):
         (out / "_progress" / f"{name}.json").unlink()
     (out / "_SUCCESS").unlink()
     (out / "_tmp-deadbeef-part-00003.parquet").write_bytes(b"torn")
     log.write_text("")
-    stats = run_stage("toy", str(out), tasks(log), split_even, client)
+    stats = run_stage(toy(split_even), str(out), tasks(log), client)
     assert sorted(log.read_text().split()) == ["10", "30"]  # only the unfinished shards ran again
     assert stats["rows_in"] == 40 and not list(out.glob("_tmp-*"))
 
@@ -56,5 +62,5 @@ def test_accounting_mismatch_is_a_bug_not_silence(tmp_path, client):
         return ShardResult(rows_in=3, kept=pa.table({"uid": ["a", "b"]}))
 
     with pytest.raises(RuntimeError, match="3 rows in but 2 kept"):
-        run_stage("toy", str(tmp_path / "out"), [ShardTask("part-00000", None)], loses_a_row, client, retries=0)
+        run_stage(toy(loses_a_row), str(tmp_path / "out"), [ShardTask("part-00000", None)], client, retries=0)
     assert not (tmp_path / "out" / "_SUCCESS").exists()

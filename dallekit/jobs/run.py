@@ -42,8 +42,8 @@ from dallekit.jobs.report import write_report
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
-from dallekit.pipeline.encode import encode, plan_encode
-from dallekit.pipeline.filter import filter_stage, plan_filter
+from dallekit.pipeline.encode import encode
+from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest, plan_ingest
 from dallekit.pipeline.shards import format_summary
 
@@ -103,12 +103,12 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
         p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
     Path(p.run.out).mkdir(parents=True, exist_ok=True)
-    blocks = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
+    ingest_plan = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
     result: dict = {"stages": []}
     stages = result["stages"]
     dvae_dir = p.run.dvae or d["dvae"]
     with dask_client(p.cluster) as client:
-        stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, blocks=blocks))
+        stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, plan=ingest_plan))
         if "download" in steps:
             stages.append(download(d["ingest"], d["download"], p.download, client))
         if "clean" in steps:
@@ -118,7 +118,7 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
 
             result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
         if "filter" in steps:
-            stages.append(filter_stage(d["clean"], d["filter"], p.filter, client, paths=plan_filter(d["clean"], p.filter)))
+            stages.append(filter_stage(d["clean"], d["filter"], p.filter, client))
         if "train-dvae" in steps and p.run.dvae is None:
             from dallekit.training.dvae import train_dvae
 
@@ -131,8 +131,7 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
 
                 train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
         if "encode" in steps:
-            plan = plan_encode(d["filter"], dvae_dir, encode_config)
-            stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client, plan=plan))
+            stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client))
     for stats in stages:
         print(format_summary(stats))
     if "train" in steps:

@@ -5,7 +5,7 @@ Three passes, like ingest:
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
    and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
    to `_work/scan/`.
-2. dedup (`dallekit.pipeline.dedup`): distributed passes over the hashes (never the images)
+2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
    thumbnail agrees within `--near-dup-color-distance`), writing the marks per shard to
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from dataclasses import asdict
 
 import fsspec
@@ -32,20 +31,10 @@ from dallekit.images import (
     UndecodableImage,
     image_signature,
 )
+from dallekit.io import read_shard, shard_stem, write_table_atomic
 from dallekit.pipeline.dedup import dedup
-from dallekit.pipeline.funnel import write_funnel
-from dallekit.pipeline.shards import (
-    ShardResult,
-    ShardTask,
-    begin_stage,
-    check_columns,
-    input_identity,
-    list_shards,
-    map_with_progress,
-    read_shard,
-    run_stage,
-    write_table_atomic,
-)
+from dallekit.pipeline.shards import ShardResult, map_with_progress
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
 
 # Reasons in the order the rules run; the funnel follows this order.
 RULES = [
@@ -117,7 +106,7 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
             "color_thumb": pa.array(thumbs, pa.binary(THUMB_BYTES)),
         }
     )
-    write_table_atomic(scan, f"{work_dir}/scan/{_stem(path)}.parquet")
+    write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
 
 
@@ -143,14 +132,10 @@ def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> N
     )
 
 
-def _stem(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
-
-
 def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     """Pass 3: one shard joined with its scan and dedup marks; kept rows get the repaired caption."""
     path, work_dir = payload
-    name = _stem(path)
+    name = shard_stem(path)
     table = read_shard(path)
     fs, root = fsspec.core.url_to_fs(work_dir)
     with fs.open(f"{root}/scan/{name}.parquet", "rb") as f:
@@ -181,36 +166,26 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 
 
-UPSTREAM = ("download",)  # the stages whose output clean reads
+STAGE = Stage("clean", ("download",), frozenset({"uid", "caption", "status", "sha256", "jpg"}), "shards from `dallekit download`",
+              write_clean_shard, rules=tuple(RULES))
 
 
-def plan_clean(input_dir: str) -> list[str]:
-    """The downloaded shards to clean; checks the folder is a finished download and has its columns."""
-    input_identity(input_dir, UPSTREAM)
-    paths = list_shards(input_dir)
-    check_columns(paths, {"uid", "caption", "status", "sha256", "jpg"}, "shards from `dallekit download`")
-    return paths
+def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
+    """The downloaded shards to clean, with the scan and dedup passes as the prepare pass; checks the input first."""
+    identity, paths, _ = STAGE.input_of(input_dir)
+    names = [shard_stem(p) for p in paths]
+
+    def prepare(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
+        scratch = work_dir(output_dir)
+        map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=scratch, config=config)
+        found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance)
+        return sum(found.values())
+
+    return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},
+                stats_config=asdict(config) | {"input": input_dir}, prepare=prepare,
+                tasks=lambda _, output_dir: shard_tasks(paths, lambda p: (p, work_dir(output_dir))))
 
 
-def clean(input_dir: str, output_dir: str, config: CleanConfig, client, paths: list[str] | None = None) -> dict:
+def clean(input_dir: str, output_dir: str, config: CleanConfig, client, plan: Plan | None = None) -> dict:
     """Run the clean stage over every downloaded shard of `input_dir`."""
-    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "options": output_options(config)}
-    done = begin_stage("clean", output_dir, fingerprint, [input_dir], config.overwrite)
-    if done is not None:
-        return done
-    started = time.time()
-    paths = paths if paths is not None else plan_clean(input_dir)
-    work_dir = output_dir.rstrip("/") + "/_work"
-    fs, work_root = fsspec.core.url_to_fs(work_dir)
-    names = [_stem(p) for p in paths]
-    if not fs.exists(f"{work_root}/dedup.done"):
-        map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=work_dir, config=config)
-        found = dedup(client, names, work_dir, config.near_dup_distance, config.near_dup_color_distance)
-        with fs.open(f"{work_root}/dedup.done", "w") as f:
-            f.write(str(sum(found.values())))
-    tasks = [ShardTask(name, (path, work_dir)) for name, path in zip(names, paths)]
-    stats = run_stage("clean", output_dir, tasks, write_clean_shard, client, config=asdict(config) | {"input": input_dir}, started=started)
-    if fs.exists(work_root):
-        fs.rm(work_root, recursive=True)
-    print(write_funnel(output_dir, "clean", stats, RULES))
-    return stats
+    return run_plan(STAGE, plan or plan_clean(input_dir, config), output_dir, client, config.overwrite)

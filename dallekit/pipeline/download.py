@@ -51,18 +51,10 @@ import pyarrow.feather as feather  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
+from dallekit.io import read_shard, shard_index  # noqa: E402
 from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
-from dallekit.pipeline.shards import (  # noqa: E402
-    ShardResult,
-    ShardTask,
-    begin_stage,
-    input_identity,
-    list_shards,
-    read_shard,
-    run_stage,
-    shard_schema,
-    top_counts,
-)
+from dallekit.pipeline.shards import ShardResult, top_counts  # noqa: E402
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks  # noqa: E402
 
 OOM_SHARD_COUNT = 5  # digits of the shard id in img2dataset's keys and file names
 # URLs and long numbers (sizes, byte counts) make each row's message unique; counted as kinds they stay few
@@ -206,38 +198,25 @@ def read_file_roots(input_dir: str) -> tuple[str, ...]:
     return tuple(roots)
 
 
-def plan_download(input_dir: str, config: DownloadConfig) -> list[ShardTask]:
+STAGE = Stage("download", ("ingest",), frozenset({"uid", "url", "caption"}), "URL shards from `dallekit ingest`", download_shard)
+
+
+def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
     """One task per URL shard; checks the shards have the columns ingest writes and reads the file:// roots."""
     for name in ("threads", "image_size"):
         if getattr(config, name) < 1:
             raise BadInputError(f"--{name.replace('_', '-')} {getattr(config, name)}: expected a positive number")
-    paths = list_shards(input_dir)
-    rows = []
-    for path in paths:
-        schema, n_rows = shard_schema(path)
-        missing = {"uid", "url", "caption"} - set(schema.names)
-        if missing:
-            raise BadInputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected URL shards from `dallekit ingest`)")
-        rows.append(n_rows)
+    identity, paths, rows = STAGE.input_of(input_dir, finished=False)  # hand-made URL shards are welcome
     key_digits = max(1, math.ceil(math.log10(max(rows + [1]))))
     roots = read_file_roots(input_dir)
-    tasks = []
-    for path in paths:
-        name = os.path.basename(path).removesuffix(".parquet")
-        shard_id = int(name.split("-")[1])
-        tasks.append(ShardTask(name, DownloadShard(path, shard_id, key_digits, config, roots)))
-    return tasks
-
-
-def download(input_dir: str, output_dir: str, config: DownloadConfig, client, tasks: list[ShardTask] | None = None) -> dict:
-    """Run the download stage over every URL shard of `input_dir`."""
     options = output_options(config) | {  # spelled-out defaults and reordered directives are the same output
         "encode_quality": config.quality,
         "disallowed_header_directives": sorted({d.strip().lower() for d in config.disallowed_header_directives}),
     }
-    fingerprint = {"input": input_identity(input_dir, ("ingest",), required=False), "options": options}
-    done = begin_stage("download", output_dir, fingerprint, [input_dir], config.overwrite)
-    if done is not None:
-        return done
-    tasks = tasks if tasks is not None else plan_download(input_dir, config)
-    return run_stage("download", output_dir, tasks, download_shard, client, config=asdict(config) | {"input": input_dir})
+    return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": options}, stats_config=asdict(config) | {"input": input_dir},
+                tasks=lambda _, __: shard_tasks(paths, lambda p: DownloadShard(p, shard_index(p), key_digits, config, roots)))
+
+
+def download(input_dir: str, output_dir: str, config: DownloadConfig, client, plan: Plan | None = None) -> dict:
+    """Run the download stage over every URL shard of `input_dir`."""
+    return run_plan(STAGE, plan or plan_download(input_dir, config), output_dir, client, config.overwrite)

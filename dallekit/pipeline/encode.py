@@ -8,7 +8,6 @@ does not decode is rejected with reason `undecodable`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,17 +15,9 @@ import pyarrow as pa
 
 from dallekit.config import BadInputError, EncodeConfig, output_options
 from dallekit.images import UndecodableImage, load_square
-from dallekit.pipeline.shards import (
-    ShardResult,
-    ShardTask,
-    begin_stage,
-    check_columns,
-    input_identity,
-    list_shards,
-    read_shard,
-    run_stage,
-    shard_schema,
-)
+from dallekit.io import read_shard, shard_schema
+from dallekit.pipeline.shards import ShardResult
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
 from dallekit.tokenize.image import cached_image_tokenizer
 from dallekit.tokenize.text import load_text_tokenizer
 from dallekit.tokenize.tokens import token_metadata, token_table
@@ -74,33 +65,26 @@ def encode_shard(task: EncodeShard) -> ShardResult:
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 
 
-UPSTREAM = ("filter", "clean")  # the stages whose output encode reads
+STAGE = Stage("encode", ("filter", "clean"), frozenset({"uid", "caption", "jpg"}), "image shards from `dallekit filter`", encode_shard,
+              parquet_kwargs={"compression": "zstd"})
 
 
-def plan_encode(input_dir: str, dvae: str, config: EncodeConfig) -> tuple[list[str], dict]:
+def plan_encode(input_dir: str, dvae: str, config: EncodeConfig) -> Plan:
     """The shards to encode and the token metadata; checks the input and loads both tokenizers first."""
-    input_identity(input_dir, UPSTREAM)
-    paths = list_shards(input_dir)
-    check_columns(paths, {"uid", "caption", "jpg"}, "image shards from `dallekit filter`")
+    identity, paths, _ = STAGE.input_of(input_dir)
     image_tokenizer = cached_image_tokenizer(dvae, config.device)
     text_tokenizer = load_text_tokenizer(config.text_tokenizer)
     for name, vocab in (("image codebook", image_tokenizer.config.codebook_size), ("text vocabulary", text_tokenizer.vocab_size)):
         if vocab > 2**16:
             raise BadInputError(f"{name} of {vocab} ids does not fit the uint16 token columns")
-    return paths, token_metadata(image_tokenizer.metadata(), text_tokenizer.metadata())
-
-
-def encode(input_dir: str, dvae: str, output_dir: str, config: EncodeConfig, client, plan=None) -> dict:
-    """Run the encode stage; token shards are zstd-compressed."""
-    started = time.time()
-    paths, metadata = plan if plan is not None else plan_encode(input_dir, dvae, config)
-    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "tokens": metadata, "options": output_options(config)}
-    done = begin_stage("encode", output_dir, fingerprint, [input_dir, dvae], config.overwrite)
-    if done is not None:
-        return done
-    tasks = [ShardTask(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet"), EncodeShard(p, dvae, config, metadata)) for p in paths]
-    return run_stage(
-        "encode", output_dir, tasks, encode_shard, client,
-        config=asdict(config) | {"input": input_dir, "dvae": dvae, "tokens": metadata},
-        parquet_kwargs={"compression": "zstd"}, started=started,
+    metadata = token_metadata(image_tokenizer.metadata(), text_tokenizer.metadata())
+    return Plan(
+        inputs=[input_dir, dvae], fingerprint={"input": identity, "tokens": metadata, "options": output_options(config)},
+        stats_config=asdict(config) | {"input": input_dir, "dvae": dvae, "tokens": metadata},
+        tasks=lambda _, __: shard_tasks(paths, lambda p: EncodeShard(p, dvae, config, metadata)),
     )
+
+
+def encode(input_dir: str, dvae: str, output_dir: str, config: EncodeConfig, client, plan: Plan | None = None) -> dict:
+    """Run the encode stage; token shards are zstd-compressed."""
+    return run_plan(STAGE, plan or plan_encode(input_dir, dvae, config), output_dir, client, config.overwrite)

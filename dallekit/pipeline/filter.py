@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import fsspec
@@ -23,25 +23,44 @@ import pyarrow.parquet as pq
 
 from dallekit.config import FilterConfig, output_options
 from dallekit.images import decode_rgb
-from dallekit.pipeline.funnel import write_funnel
-from dallekit.pipeline.shards import (
-    ShardResult,
-    ShardTask,
-    begin_stage,
-    check_columns,
-    exists,
-    input_identity,
-    list_shards,
-    map_with_progress,
-    path_digest,
-    read_shard,
-    run_stage,
-    write_table_atomic,
-)
+from dallekit.io import read_shard, write_table_atomic
+from dallekit.pipeline.shards import ShardResult, exists, map_with_progress, path_digest
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
 from dallekit.tokenize.text import default_text_tokenizer
 
-RULES = ["min_side", "aspect", "caption_words", "caption_chars", "caption_tokens", "lang", "punsafe", "pwatermark", "clip_score"]
-SCORE_COLUMNS = ["min_side", "aspect", "caption_words", "caption_chars", "caption_tokens", "lang", "lang_score"]
+
+@dataclass(frozen=True)
+class Rule:
+    """One filter rule: its reject reason, the scores it judges, and which rows fail it."""
+
+    name: str  # the reject reason and the funnel's row
+    scores: tuple[str, ...]  # the score columns it judges; the rule applies when every one is there
+    fails: Callable[[dict[str, np.ndarray], FilterConfig], np.ndarray] | None  # None: CLIP, scored in its own pass
+    from_input: bool = False  # its scores are input columns (LAION's), not ones the filter adds
+
+
+def _off_language(s: dict[str, np.ndarray], c: FilterConfig) -> np.ndarray:
+    languages = {code.lower() for code in c.languages}
+    ok = np.array([("any" in languages or lang in languages) for lang in s["lang"]], bool)
+    return ~ok | (s["lang_score"] < c.min_lang_score)
+
+
+# The rules in order: a rejected row's reason is the first it fails. Limits are "not within", so
+# that a missing size (NaN) fails too, and so does a row without image bytes; a missing LAION
+# score passes.
+FILTER_RULES = [
+    Rule("min_side", ("min_side",), lambda s, c: ~(s["min_side"] >= c.min_side) | s["no_image"]),
+    Rule("aspect", ("aspect",), lambda s, c: ~(s["aspect"] <= c.max_aspect)),
+    Rule("caption_words", ("caption_words",), lambda s, c: s["caption_words"] < c.min_caption_words),
+    Rule("caption_chars", ("caption_chars",), lambda s, c: s["caption_chars"] < c.min_caption_chars),
+    Rule("caption_tokens", ("caption_tokens",), lambda s, c: s["caption_tokens"] > c.max_caption_tokens),
+    Rule("lang", ("lang", "lang_score"), _off_language),
+    Rule("punsafe", ("punsafe",), lambda s, c: np.nan_to_num(s["punsafe"], nan=-np.inf) > c.max_punsafe, from_input=True),
+    Rule("pwatermark", ("pwatermark",), lambda s, c: np.nan_to_num(s["pwatermark"], nan=-np.inf) > c.max_pwatermark, from_input=True),
+    Rule("clip_score", ("clip_score",), None),
+]
+RULES = [r.name for r in FILTER_RULES]
+SCORE_COLUMNS = [name for r in FILTER_RULES if r.fails is not None and not r.from_input for name in r.scores]  # added by every filter
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,24 +91,12 @@ def caption_scores(captions: list[str]) -> dict[str, list]:
 
 
 def rule_failures(table: pa.Table, scores: dict[str, np.ndarray], config: FilterConfig) -> dict[str, np.ndarray]:
-    """Boolean 'fails' arrays per non-CLIP rule, in RULES order."""
-    languages = {code.lower() for code in config.languages}
-    lang_ok = np.array([("any" in languages or lang in languages) for lang in scores["lang"]])
-    no_image = pc.fill_null(pc.binary_length(table.column("jpg")), 0).to_numpy(zero_copy_only=False) == 0
-    fails = {
-        # "not within the limit", so that a missing size (NaN) fails too; so does a row without image bytes
-        "min_side": ~(scores["min_side"] >= config.min_side) | no_image,
-        "aspect": ~(scores["aspect"] <= config.max_aspect),
-        "caption_words": scores["caption_words"] < config.min_caption_words,
-        "caption_chars": scores["caption_chars"] < config.min_caption_chars,
-        "caption_tokens": scores["caption_tokens"] > config.max_caption_tokens,
-        "lang": ~lang_ok | (scores["lang_score"] < config.min_lang_score),
-    }
-    for rule, limit in (("punsafe", config.max_punsafe), ("pwatermark", config.max_pwatermark)):
-        if rule in table.column_names:  # LAION's columns; a missing value passes
-            values = table.column(rule).cast(pa.float64()).to_numpy(zero_copy_only=False)
-            fails[rule] = np.nan_to_num(values, nan=-np.inf) > limit
-    return fails
+    """Boolean 'fails' arrays per non-CLIP rule that applies, in RULES order."""
+    scores = scores | {"no_image": pc.fill_null(pc.binary_length(table.column("jpg")), 0).to_numpy(zero_copy_only=False) == 0}
+    for rule in FILTER_RULES:
+        if rule.from_input and all(n in table.column_names for n in rule.scores):
+            scores |= {n: table.column(n).cast(pa.float64()).to_numpy(zero_copy_only=False) for n in rule.scores}
+    return {r.name: r.fails(scores, config) for r in FILTER_RULES if r.fails is not None and all(n in scores for n in r.scores)}
 
 
 def first_failure(fails: dict[str, np.ndarray], n: int) -> list[str | None]:
@@ -193,7 +200,8 @@ def filter_shard(task: FilterShard) -> ShardResult:
     )
 
 
-UPSTREAM = ("clean",)  # the stages whose output filter reads
+STAGE = Stage("filter", ("clean",), frozenset({"uid", "caption", "original_width", "original_height", "jpg"}),
+              "shards from `dallekit clean`", filter_shard, rules=tuple(RULES))
 
 
 def _weights_id(config: FilterConfig) -> str | None:
@@ -201,42 +209,41 @@ def _weights_id(config: FilterConfig) -> str | None:
     return path_digest(config.clip_checkpoint) if config.clip and config.clip_checkpoint else None
 
 
-def plan_filter(input_dir: str, config: FilterConfig) -> list[str]:
-    """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs."""
-    input_identity(input_dir, UPSTREAM)
-    paths = list_shards(input_dir)
-    check_columns(paths, {"uid", "caption", "original_width", "original_height", "jpg"}, "shards from `dallekit clean`")
+def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
+    """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs.
+
+    With --clip-top-fraction the plan has a prepare pass: score every shard (resumable per
+    shard), then the global threshold, which the shard tasks apply to the saved scores.
+    """
+    identity, paths, _ = STAGE.input_of(input_dir)
     if config.clip:
         from dallekit.models.clip import cached_clip
 
         cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)  # fail fast, here
-    return paths
 
-
-def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, paths: list[str] | None = None) -> dict:
-    """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
-    fingerprint = {"input": input_identity(input_dir, UPSTREAM), "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}}
-    done = begin_stage("filter", output_dir, fingerprint, [input_dir], config.overwrite)
-    if done is not None:
-        return done
-    started = time.time()
-    paths = paths if paths is not None else plan_filter(input_dir, config)
-    work_dir = output_dir.rstrip("/") + "/_work"
-    fs, work_root = fsspec.core.url_to_fs(work_dir)
-    tasks = [FilterShard(p, config, work_dir) for p in paths]
-    if config.clip and config.clip_top_fraction is not None:
+    def prepare(client, output_dir: str) -> float:
+        tasks = [FilterShard(p, config, work_dir(output_dir)) for p in paths]
         pending = [t for t in tasks if not exists(_scores_path(t))]  # scored by an earlier, interrupted run
         map_with_progress(client, clip_pass, pending, desc="filter clip", unit="shard")
         threshold = global_threshold(client, [_scores_path(t) for t in tasks], config.clip_top_fraction)
         print(f"filter: the top {config.clip_top_fraction:.0%} of CLIP scores start at {threshold:.4f}")
-        config = replace(config, clip_threshold=threshold)
-        tasks = [FilterShard(p, config, work_dir, scores_ready=True) for p in paths]
-    shard_tasks = [ShardTask(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet"), t) for p, t in zip(paths, tasks)]
-    stats = run_stage("filter", output_dir, shard_tasks, filter_shard, client, config=asdict(config) | {"input": input_dir}, started=started)
-    if fs.exists(work_root):
-        fs.rm(work_root, recursive=True)
-    print(write_funnel(output_dir, "filter", stats, RULES))
-    return stats
+        return threshold
+
+    def tasks(threshold: float | None, output_dir: str) -> list:
+        if threshold is None:
+            return shard_tasks(paths, lambda p: FilterShard(p, config, work_dir(output_dir)))
+        chosen = replace(config, clip_threshold=threshold)
+        return shard_tasks(paths, lambda p: FilterShard(p, chosen, work_dir(output_dir), scores_ready=True))
+
+    top_fraction = config.clip and config.clip_top_fraction is not None
+    return Plan(inputs=[input_dir], stats_config=asdict(config) | {"input": input_dir}, tasks=tasks,
+                fingerprint={"input": identity, "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}},
+                prepare=prepare if top_fraction else None)
+
+
+def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:
+    """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
+    return run_plan(STAGE, plan or plan_filter(input_dir, config), output_dir, client, config.overwrite)
 
 
 # The global CLIP threshold comes from a histogram of the scores (cosines, in [-1, 1]) summed

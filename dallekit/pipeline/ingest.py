@@ -22,7 +22,6 @@ import json
 import math
 import os
 import posixpath
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,16 +34,9 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dallekit.config import BadInputError, IngestConfig, output_options
-from dallekit.pipeline.shards import (
-    ShardResult,
-    ShardTask,
-    begin_stage,
-    map_with_progress,
-    run_stage,
-    shard_name,
-    write_json_atomic,
-    write_table_atomic,
-)
+from dallekit.io import write_json_atomic, write_table_atomic
+from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name
+from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_FORMATS = ("cc3m", "csv", "tsv", "jsonl")
@@ -571,7 +563,7 @@ def write_shard(plan: ShardPlan) -> ShardResult:
 # ---------------------------------------------------------------- the stage
 
 
-def plan_ingest(inputs: list[str], config: IngestConfig) -> list[Block]:
+def ingest_blocks(inputs: list[str], config: IngestConfig) -> list[Block]:
     """Check every input (format, columns) and split it into scan blocks; runs in the driver."""
     if config.shard_size < 1:
         raise BadInputError(f"--shard-size {config.shard_size}: expected a positive number of rows")
@@ -619,39 +611,35 @@ def _content_id(path: str) -> str | None:
         return None
 
 
-def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, blocks: list[Block] | None = None) -> dict:
-    """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
-    started = time.time()
-    blocks = blocks if blocks is not None else plan_ingest(inputs, config)
+STAGE = Stage("ingest", (), frozenset(), "URL lists", write_shard)
+
+
+def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
+    """The inputs checked and cut into scan blocks, and their identity; the scan, URL dedup and regroup passes as the prepare pass."""
+    blocks = ingest_blocks(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
     images = collections.Counter()
     for b in blocks:  # one pass: inputs x blocks would be quadratic with many input files
         images[id(b.file)] += b.images
     identity = [{"path": f.path, "format": f.format, "size": f.size, "content": _content_id(f.path),
                  "images": images[id(f)]} for f in files]
-    done = begin_stage("ingest", output_dir, {"inputs": identity, "options": output_options(config)}, inputs, config.overwrite)
-    if done is not None:
-        return done
-    work_dir = output_dir.rstrip("/") + "/_work"
-    fs, work_root = _fs(work_dir)
     total_bytes = sum(f.size for f in files) + sum(b.images * 200 for b in blocks)
     n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))  # no cap: a bucket's rows, not their number, is bounded
-    scanned = f"{work_root}/scan.json"
-    if fs.exists(scanned):  # passes 1 and 2 finished in an earlier run
-        with fs.open(scanned, "r") as f:
-            block_rows = json.load(f)["block_rows"]
-    else:
-        block_rows = map_with_progress(
-            client, scan_block, blocks, desc="ingest scan", unit="block",
-            work_dir=work_dir, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls,
-        )
-        map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="ingest dedup", unit="bucket", work_dir=work_dir)
-        map_with_progress(client, regroup_dups, [b.index for b in blocks], desc="ingest regroup", unit="block", work_dir=work_dir)
-        with fs.open(scanned, "w") as f:
-            json.dump({"block_rows": block_rows}, f)
-    tasks = plan_shards(block_rows, config.shard_size, work_dir)
-    write_file_roots(output_dir, blocks)
-    stats = run_stage("ingest", output_dir, tasks, write_shard, client, config=asdict(config) | {"inputs": inputs}, started=started)
-    if fs.exists(work_root):
-        fs.rm(work_root, recursive=True)
-    return stats
+
+    def prepare(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
+        scratch = work_dir(output_dir)
+        block_rows = map_with_progress(client, scan_block, blocks, desc="ingest scan", unit="block",
+                                       work_dir=scratch, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls)
+        map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="ingest dedup", unit="bucket", work_dir=scratch)
+        map_with_progress(client, regroup_dups, [b.index for b in blocks], desc="ingest regroup", unit="block", work_dir=scratch)
+        write_file_roots(output_dir, blocks)
+        return block_rows
+
+    return Plan(inputs=list(inputs), fingerprint={"inputs": identity, "options": output_options(config)},
+                stats_config=asdict(config) | {"inputs": inputs}, prepare=prepare,
+                tasks=lambda block_rows, output_dir: plan_shards(block_rows, config.shard_size, work_dir(output_dir)))
+
+
+def ingest(inputs: list[str], output_dir: str, config: IngestConfig, client, plan: Plan | None = None) -> dict:
+    """Run the ingest stage: read every input, write URL shards, rejects and _stats.json."""
+    return run_plan(STAGE, plan or plan_ingest(inputs, config), output_dir, client, config.overwrite)

@@ -319,23 +319,15 @@ def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list
     return None
 
 
-def run_stage(
-    stage: str,
-    output_dir: str,
-    tasks: Iterable[ShardTask],
-    process: Callable[[Any], ShardResult],
-    client: Any,
-    config: dict | None = None,
-    retries: int = 2,
-    parquet_kwargs: dict | None = None,
-    started: float | None = None,
-) -> dict:
-    """Run `process` on every task not yet complete, one Dask task per shard, then write _stats.json and _SUCCESS."""
+def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: Any, config: dict | None = None,
+              retries: int = 2, started: float | None = None) -> dict:
+    """Run `stage.process` on every task not yet complete, one Dask task per shard, then write _stats.json and _SUCCESS.
+
+    `stage` is a `pipeline.stage.Stage` (its name, process and parquet_kwargs); `begin_stage` has
+    already claimed the folder, so a complete one never gets here.
+    """
     fs, root = fsspec.core.url_to_fs(output_dir)
     root = root.rstrip("/")
-    if fs.exists(f"{root}/_SUCCESS"):
-        print(f"{stage}: {output_dir} is already complete (remove it to run again)")
-        return read_stats(output_dir)
     start = started or time.time()  # a stage with earlier passes counts them too
     tasks = list(tasks)
     fs.makedirs(f"{root}/_progress", exist_ok=True)
@@ -345,22 +337,22 @@ def run_stage(
     names = {t.name for t in tasks}
     pending = [t for t in tasks if t.name not in done]
     if done:
-        print(f"{stage}: resuming, {len(names & done.keys())} of {len(tasks)} shards already complete")
+        print(f"{stage.name}: resuming, {len(names & done.keys())} of {len(tasks)} shards already complete")
     new_marks = map_with_progress(
         client,
         _run_shard,
         pending,
-        desc=stage,
+        desc=stage.name,
         unit="shard",
         already_done=len(tasks) - len(pending),
         retries=retries,
         output_dir=output_dir,
-        process=process,
-        parquet_kwargs=parquet_kwargs or {},
+        process=stage.process,
+        parquet_kwargs=stage.parquet_kwargs,
     )
     done.update((m["shard"], m) for m in new_marks)
     marks = [done[name] for name in sorted(names)]
-    stats = summarize(stage, marks, time.time() - start, config)
+    stats = summarize(stage.name, marks, time.time() - start, config)
     write_json_atomic(stats, f"{root}/_stats.json")
     with fs.open(f"{root}/_SUCCESS", "w") as f:
         f.write("")

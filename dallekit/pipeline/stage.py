@@ -1,0 +1,111 @@
+"""The stage contract: a stage declares what it is, and `run_plan` does everything around its shard function.
+
+A `Stage` is data: its name, the stages whose output it reads, the columns it needs, its reject
+reasons in funnel order and the function that computes one output shard. A stage module turns
+its inputs and options into a `Plan` before any cluster starts (so bad input fails first); the
+runner then owns the rest, the same for every stage:
+
+1. claim `--out` (`begin_stage`): an identical finished run returns its stats, a run with other
+   inputs or options is refused;
+2. the plan's prepare pass, when it has one (work over all shards, such as clean's dedup), in
+   `_work/`; its JSON result is kept in `_work/prepare.json`, so a rerun skips it;
+3. one Dask task per output shard (`run_stage`): atomic shards, rejects, progress marks,
+   `_stats.json`, `_SUCCESS`;
+4. `_work/` removed, and the funnel printed and saved for stages with rules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from dallekit.io import check_columns, list_shards, shard_stem, write_json_atomic
+from dallekit.pipeline.funnel import write_funnel
+from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, input_identity, run_stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a pipeline stage is; `run_plan` does the rest."""
+
+    name: str  # its folders' stage name, progress bars and messages
+    upstream: tuple[str, ...]  # the stages whose finished output it reads; () when it reads raw inputs
+    columns: frozenset[str]  # input columns every shard must have
+    expected: str  # the input as an error names it: "shards from `dallekit download`"
+    process: Callable[[Any], ShardResult]  # one output shard's work, run as a Dask task
+    rules: tuple[str, ...] | None = None  # its reject reasons in funnel order; None: no funnel
+    parquet_kwargs: dict = field(default_factory=dict)  # how its shards are written
+
+    def input_of(self, input_dir: str, finished: bool = True) -> tuple[dict, list[str], list[int]]:
+        """(identity, shard paths, rows per shard) of the input folder, checked: a finished upstream stage with the columns.
+
+        With `finished=False` a folder of hand-made shards is accepted too (download's URL shards).
+        """
+        identity = input_identity(input_dir, self.upstream, required=finished)
+        paths = list_shards(input_dir)
+        rows = [n for _, n in check_columns(paths, set(self.columns), self.expected)]
+        return identity, paths, rows
+
+
+@dataclass
+class Plan:
+    """One run of a stage, known before any cluster starts: what its output depends on, and how to make its shards."""
+
+    inputs: list[str]  # the folders and files it reads (`--out` may be none of them)
+    fingerprint: dict  # what the output depends on: input identities and the options that change it
+    stats_config: dict  # the options as `_stats.json` records them
+    tasks: Callable[[Any, str], list[ShardTask]]  # (the prepare pass's result or None, output_dir) -> the shard tasks
+    prepare: Callable[[Any, str], Any] | None = None  # (client, output_dir) -> a JSON-able result, once per output
+
+
+def shard_tasks(paths: list[str], payload: Callable[[str], Any]) -> list[ShardTask]:
+    """One task per input shard, named as the shard it reads."""
+    return [ShardTask(shard_stem(p), payload(p)) for p in paths]
+
+
+def work_dir(output_dir: str) -> str:
+    """The stage's scratch folder inside its output, removed once the stage is complete."""
+    return output_dir.rstrip("/") + "/_work"
+
+
+def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: bool = False) -> dict:
+    """Run a planned stage into `output_dir` (resuming what an earlier run finished); returns its stats."""
+    done = begin_stage(stage.name, output_dir, plan.fingerprint, plan.inputs, overwrite)
+    if done is not None:
+        return done
+    started = time.time()
+    scratch = work_dir(output_dir)
+    fs, root = fsspec.core.url_to_fs(scratch)
+    prepared = None
+    if plan.prepare is not None:
+        if fs.exists(f"{root}/prepare.json"):
+            with fs.open(f"{root}/prepare.json", "r") as f:
+                prepared = json.load(f)["result"]
+        else:
+            prepared = json.loads(json.dumps(plan.prepare(client, output_dir)))  # the value a rerun reads back
+            write_json_atomic({"result": prepared}, f"{scratch}/prepare.json")
+    config = plan.stats_config | ({"prepared": prepared} if plan.prepare is not None else {})
+    stats = run_stage(stage, output_dir, plan.tasks(prepared, output_dir), client, config=config, started=started)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    if stage.rules is not None:
+        print(write_funnel(output_dir, stage.name, stats, list(stage.rules)))
+    return stats
+
+
+# Every stage in pipeline order, by module: each defines STAGE and plan_<name>(...) -> Plan. The
+# CLI and `dallekit run` both read this table; modules load when used (encode imports torch).
+STAGES = {name: f"dallekit.pipeline.{name}" for name in ("ingest", "download", "clean", "filter", "encode")}
+
+
+def stage_named(name: str) -> tuple[Stage, Callable[..., Plan]]:
+    """A stage and its plan function, from STAGES."""
+    import importlib
+
+    module = importlib.import_module(STAGES[name])
+    return module.STAGE, getattr(module, f"plan_{name}")
