@@ -91,15 +91,18 @@ def test_killed_worker_is_retried(tmp_path, client, edge_server):
     while marks(out) < 1 and time.time() < deadline:
         time.sleep(0.1)
     victim = next(iter(client.scheduler_info()["workers"]))
+    finished_at_kill = marks(out)
     try:
         client.run(os._exit, 1, workers=[victim])  # the worker dies mid-shard; its nanny starts a new one
     except Exception:  # noqa: BLE001 - the dying worker may not answer
         pass
     thread.join(timeout=120)
+    assert finished_at_kill < 6, "the stage had finished before the kill: nothing was retried"
     assert "stats" in result
     kept, _ = check_accounting(out, n)
     assert sorted(kept["uid"]) == sorted(read_stage(shards)[0]["uid"])
     client.wait_for_workers(2, timeout=60)
+    assert victim not in client.scheduler_info()["workers"]  # the kill happened: a new worker took its place
 
 
 def run_download_cli(shards, out, *extra) -> subprocess.Popen:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -191,8 +193,11 @@ def test_folder_changed_after_planning_is_bad_input(tmp_path, client):
 def test_rerun_of_complete_stage_is_a_no_op(tmp_path, client):
     (tmp_path / "in.tsv").write_text("".join(f"{c}\t{u}\n" for c, u in ROWS))
     first = ingest([str(tmp_path / "in.tsv")], str(tmp_path / "out"), IngestConfig(), client)
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
     again = ingest([str(tmp_path / "in.tsv")], str(tmp_path / "out"), IngestConfig(), client)
-    assert first["rows_in"] == again["rows_in"] == len(ROWS)
+    assert first["rows_in"] == len(ROWS) and again == json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert again["seconds"] == first["seconds"]  # the first run's stats, not a second run's
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == written  # nothing rewritten
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

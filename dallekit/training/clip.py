@@ -20,7 +20,7 @@ from dallekit.images import decode_rgb
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.models.weights import autocast, autocast_dtype
-from dallekit.training.loop import MetricsLog, cosine
+from dallekit.training.loop import MetricsLog, learning_rate, set_learning_rate
 
 
 def pair_batches(paths: list[str], batch_size: int, seed: int):
@@ -70,8 +70,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     metrics: dict = {}
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in tqdm(range(options.max_steps), desc="train-clip", unit="step"):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine(step, options.max_steps, options.lr, options.lr / 10)
+        set_learning_rate(optimizer, learning_rate(step, options.max_steps, options.lr, options.lr / 10))
         data, captions = next(batches)
         pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)
         tokens = scorer.tokenizer(captions).to(device)

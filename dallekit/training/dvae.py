@@ -26,7 +26,7 @@ from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
 from dallekit.models.weights import autocast, autocast_dtype, pick_device
-from dallekit.training.loop import MetricsLog, cosine, load_checkpoint, save_checkpoint
+from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, save_checkpoint, set_learning_rate
 
 
 def is_held_out(uid: str, percent: int) -> bool:
@@ -158,9 +158,8 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     for step in range(start, config.max_steps):
         temperature = cosine(step, config.temp_anneal_steps, config.temp_start, config.temp_end)
         kl_weight = config.kl_weight * min(1.0, step / max(config.kl_warmup_steps, 1))
-        lr = cosine(step, config.max_steps, config.lr, config.lr_end)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = learning_rate(step, config.max_steps, config.lr, config.lr_end)
+        set_learning_rate(optimizer, lr)
         images, epoch, consumed = next(batches)
         with autocast(device, amp_dtype):
             out_step = model(to_tensor(images, device), temperature, kl_weight)

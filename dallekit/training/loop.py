@@ -30,6 +30,19 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def learning_rate(step: int, total: int, peak: float, end: float, warmup: int = 0) -> float:
+    """The trainers' schedule: linear warm-up over `warmup` steps to `peak`, then cosine down to `end` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, total - warmup, peak, end)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def save_checkpoint(out_dir: str | Path, model, config: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
     """Model, optimizer, RNG states, step and `extra` (e.g. loader position), replacing checkpoint/ atomically."""
     out = Path(out_dir)

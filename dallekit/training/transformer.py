@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 from dallekit.config import BadInputError
+from dallekit.models.transformer import config_dict
 from dallekit.models.weights import autocast, autocast_dtype
 from dallekit.training.loop import (
     MetricsLog,
-    cosine,
     default_peak_flops,
+    learning_rate,
     load_checkpoint,
     save_checkpoint,
+    set_learning_rate,
     tensorboard_writer,
 )
 
@@ -80,122 +82,165 @@ def validation_loss(model, paths: list[str], options, config, device) -> dict:
     return {f"val_{k}": v / max(n, 1) for k, v in totals.items()} | {"val_bits_per_image_token": totals["image_loss"] / max(n, 1) / math.log(2)}
 
 
-def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
-    """Train the DALL-E transformer on token Parquet; returns the last logged metrics."""
-    from tqdm.auto import tqdm
-
-    from dallekit.io import list_shards
-    from dallekit.models.transformer import DalleTransformer, config_dict
+def _start_processes(options) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins torchrun's process group when launched by it."""
     from dallekit.models.weights import pick_device
-    from dallekit.tokenize.tokens import TokenBatches, check_token_files, token_loader
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    distributed = world > 1
     device = pick_device(options.device)
-    if distributed:  # launched by torchrun
+    if world > 1:
         import torch.distributed as dist
 
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _check_resumable(out: Path, config) -> None:
+    """A resumed run must continue the same model: bad input if the folder's model has another shape."""
+    if not (out / "config.json").exists():
+        return
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("text_vocab", "image_vocab", "grid", "text_len", "n_layer", "n_embd"):
+        if saved.get(key) != getattr(config, key):
+            raise BadInputError(f"--resume: {out} holds a model with {key}={saved.get(key)}, these tokens and options give {getattr(config, key)}")
+
+
+class _Trainer:
+    """The transformer, its optimizer and loss scaler on one rank, resumed from `out` with --resume."""
+
+    def __init__(self, config, options, device: torch.device, out: Path, world: int):
+        from dallekit.models.transformer import DalleTransformer
+
+        self.options, self.device, self.distributed = options, device, world > 1
+        self.model = DalleTransformer(config).to(device)
+        self.optimizer = self.model.configure_optimizers(options.weight_decay, options.lr, (0.9, options.beta2), device.type)
+        self.amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # fp16 needs loss scaling
+        self.start = 0
+        if options.resume:
+            restored = load_checkpoint(out, self.model, self.optimizer)
+            if restored is None:
+                raise BadInputError(f"--resume: no checkpoint in {out}")
+            self.start = restored["step"]
+            if restored["extra"].get("scaler"):
+                self.scaler.load_state_dict(restored["extra"]["scaler"])
+        if options.compile:
+            self.model.compile()  # in place: the compiled forward computes the loss too
+        self.train_model = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def step(self, batches, caption_rng: torch.Generator) -> tuple[dict[str, float], int, float]:
+        """One optimizer step over grad_accum micro-batches: (mean losses, epoch, gradient norm)."""
+        options, parts = self.options, {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        for micro in range(options.grad_accum):
+            epoch, text, image = next(batches)
+            text = self.model.drop_captions(text, caption_rng).to(self.device, non_blocking=True)
+            image = image.to(self.device, non_blocking=True)
+            sync = not self.distributed or micro == options.grad_accum - 1
+            context = self.train_model.no_sync() if not sync else contextlib.nullcontext()
+            with context, autocast(self.device, self.amp_dtype):
+                out = self.train_model(text, image, return_loss=True)
+                self.scaler.scale(out["loss"] / options.grad_accum).backward()
+            for k in parts:
+                parts[k] += out[k].item() / options.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts, epoch, float(grad_norm)
+
+
+class _Logs:
+    """Rank 0's metrics, TensorBoard, checkpoint samples and checkpoints, at their intervals."""
+
+    def __init__(self, trainer: _Trainer, out: Path, paths: tuple[list[str], list[str]], metadata: dict, tokens_per_step: int):
+        options, resume_step = trainer.options, trainer.start if trainer.options.resume else None
+        self.trainer, self.out, self.metadata, self.tokens_per_step = trainer, out, metadata, tokens_per_step
+        self.train_paths, self.val_paths = paths
+        self.metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step)
+        self.samples = MetricsLog(out / "checkpoint_samples.jsonl", resume_step=resume_step)
+        self.captions = sample_caption_tokens(self.val_paths or self.train_paths, options.checkpoint_samples)
+        self.board = tensorboard_writer(out, options.tensorboard)
+        self.peak = options.peak_flops or default_peak_flops(trainer.device)
+        self.flops_per_token = trainer.model.flops_per_token()
+        self.last_time, self.record = time.time(), {}
+
+    def after(self, done: int, parts: dict, lr: float, grad_norm: float, epoch: int) -> dict:
+        """Log step `done` when due, then checkpoint when due; the latest record."""
+        options, model = self.trainer.options, self.trainer.model
+        if done % options.log_every == 0 or done == options.max_steps:
+            now = time.time()
+            steps = options.log_every if done % options.log_every == 0 else done % options.log_every
+            tokens_per_s = self.tokens_per_step * steps / max(now - self.last_time, 1e-9)
+            self.last_time = now
+            self.record = {"step": done, **parts, "lr": lr, "grad_norm": grad_norm, "epoch": epoch, "tokens_per_s": tokens_per_s,
+                           "mfu": self.flops_per_token * tokens_per_s / self.peak if self.peak else None}
+        if done % options.checkpoint_every == 0 or done == options.max_steps:
+            if self.val_paths:
+                base = self.record if self.record.get("step") == done else {"step": done}
+                self.record = base | validation_loss(model, self.val_paths, options, model.config, self.trainer.device)
+            self.metrics.write(self.record)  # before the checkpoint: a resume drops later lines
+            self.board(self.record)
+            for line in checkpoint_samples(model, self.captions, done, options.seed):
+                self.samples.write(line)
+            scaler = self.trainer.scaler
+            save_checkpoint(self.out, model, config_dict(model.config) | {"tokens": self.metadata}, self.trainer.optimizer, done,
+                            {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        elif self.record.get("step") == done:
+            self.metrics.write(self.record)
+            self.board(self.record)
+        return self.record
+
+
+def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
+    """Train the DALL-E transformer on token Parquet; returns the last logged metrics."""
+    from tqdm.auto import tqdm
+
+    from dallekit.io import list_shards
+    from dallekit.tokenize.tokens import TokenBatches, check_token_files, token_loader
+
+    rank, world, device = _start_processes(options)
     paths = list_shards(tokens_dir)
     metadata = check_token_files(paths + (list_shards(options.val) if options.val else []))
     train_paths, val_paths = (paths, list_shards(options.val)) if options.val else split_shards(paths, options.val_fraction, options.seed)
     config = model_config_for(metadata, options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if options.resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        for key in ("text_vocab", "image_vocab", "grid", "text_len", "n_layer", "n_embd"):
-            if saved.get(key) != getattr(config, key):
-                raise BadInputError(f"--resume: {out_dir} holds a model with {key}={saved.get(key)}, these tokens and options give {getattr(config, key)}")
+    if options.resume:
+        _check_resumable(out, config)
     torch.manual_seed(options.seed + rank)
     random.seed(options.seed)
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
-    model = DalleTransformer(config).to(device)
-    optimizer = model.configure_optimizers(options.weight_decay, options.lr, (0.9, options.beta2), device.type)
-    amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
-    start = 0
-    if options.resume:
-        restored = load_checkpoint(out, model, optimizer)
-        if restored is None:
-            raise BadInputError(f"--resume: no checkpoint in {out_dir}")
-        start = restored["step"]
-        if restored["extra"].get("scaler"):
-            scaler.load_state_dict(restored["extra"]["scaler"])
-    if options.compile:
-        model.compile()  # in place: the compiled forward computes the loss too
-    train_model = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = _Trainer(config, options, device, out, world)
+    start = trainer.start
     source = TokenBatches(train_paths, config.text_len, config.pad_base, options.batch_size, options.seed, options.shuffle_buffer, rank, world)
     batches = iter(token_loader(source, options.num_workers, start_batch=start * options.grad_accum, pin_memory=device.type == "cuda"))
     caption_rng = torch.Generator().manual_seed(options.seed * 7919 + rank)
     for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
         torch.rand(options.batch_size, generator=caption_rng)
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
-    sample_log = MetricsLog(out / "checkpoint_samples.jsonl", resume_step=start if options.resume else None) if rank == 0 else None
-    sample_captions = sample_caption_tokens(val_paths or train_paths, options.checkpoint_samples) if rank == 0 else []
-    board = tensorboard_writer(out, options.tensorboard and rank == 0)
-    peak = options.peak_flops or default_peak_flops(device)
-    flops_per_token = model.flops_per_token()
     tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
-    last, last_time, record = {}, time.time(), {}
+    logs = _Logs(trainer, out, (train_paths, val_paths), metadata, tokens_per_step) if rank == 0 else None
+    last = {}
     bar = tqdm(total=options.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start, options.max_steps):
-        lr = options.lr * (step + 1) / options.warmup_steps if step < options.warmup_steps else cosine(
-            step - options.warmup_steps, options.max_steps - options.warmup_steps, options.lr, options.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        parts = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
-        for micro in range(options.grad_accum):
-            epoch, text, image = next(batches)
-            text = model.drop_captions(text, caption_rng).to(device, non_blocking=True)
-            image = image.to(device, non_blocking=True)
-            sync = not distributed or micro == options.grad_accum - 1
-            context = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with context, autocast(device, amp_dtype):
-                out_step = train_model(text, image, return_loss=True)
-                scaler.scale(out_step["loss"] / options.grad_accum).backward()
-            for k in parts:
-                parts[k] += out_step[k].item() / options.grad_accum
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        lr = learning_rate(step, options.max_steps, options.lr, options.min_lr, options.warmup_steps)
+        set_learning_rate(trainer.optimizer, lr)
+        parts, epoch, grad_norm = trainer.step(batches, caption_rng)
         bar.update(1)
-        done = step + 1
-        if rank != 0:
-            continue
-        if done % options.log_every == 0 or done == options.max_steps:
-            now = time.time()
-            steps = options.log_every if done % options.log_every == 0 else done % options.log_every
-            tokens_per_s = tokens_per_step * steps / max(now - last_time, 1e-9)
-            last_time = now
-            record = {"step": done, **parts, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch, "tokens_per_s": tokens_per_s,
-                      "mfu": flops_per_token * tokens_per_s / peak if peak else None}
-            bar.set_postfix(loss=f"{parts['loss']:.3f}", img=f"{parts['image_loss']:.3f}")
-        if done % options.checkpoint_every == 0 or done == options.max_steps:
-            if val_paths:
-                record = (record if record.get("step") == done else {"step": done}) | validation_loss(model, val_paths, options, config, device)
-            log.write(record)  # before the checkpoint: a resume drops later lines
-            board(record)
-            for line in checkpoint_samples(model, sample_captions, done, options.seed):
-                sample_log.write(line)
-            save_checkpoint(out, model, config_dict(config) | {"tokens": metadata}, optimizer, done,
-                            {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-        elif record.get("step") == done:
-            log.write(record)
-            board(record)
-        last = record or last
+        if logs is not None:
+            last = logs.after(step + 1, parts, lr, grad_norm, epoch) or last
+            if last.get("step") == step + 1 and "loss" in last:
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", img=f"{parts['image_loss']:.3f}")
     bar.close()
-    if distributed:
+    if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
