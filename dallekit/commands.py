@@ -209,8 +209,7 @@ def demo(args, configs, toml) -> int:
     return 0
 
 
-HANDLERS = {
-    "ingest": stage, "download": stage, "clean": stage, "filter": stage, "encode": stage, "train-dvae": train_dvae,
-    "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
+HANDLERS = {name: stage for name in STAGE_INPUTS} | {
+    "train-dvae": train_dvae, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
     "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
 }

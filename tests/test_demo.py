@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 
 from dallekit.demo.synthetic import (
     COLORS,
@@ -36,6 +37,7 @@ def test_generated_set_holds_out_zero_shot_pairs():
     assert not pairs & ZERO_SHOT_PAIRS and len(pairs) == 18
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_the_pipeline_stages(quick_demo):
     out = quick_demo
     stdout = (out / "stdout.txt").read_text()

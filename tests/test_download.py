@@ -31,6 +31,7 @@ def make_url_shards(tmp_path, client, urls: list[str], shard_size: int = 100):
     return tmp_path / "urls"
 
 
+@pytest.mark.slow
 def test_edge_cases_get_img2dataset_statuses(tmp_path, client, edge_server):
     server, expected = edge_server
     urls = list(expected)
@@ -78,6 +79,7 @@ def marks(folder) -> int:
     return len(list((folder / "_progress").glob("part-*.json"))) if (folder / "_progress").exists() else 0
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried(tmp_path, client, edge_server):
     server, _ = edge_server
     shards, n = slow_shards(tmp_path, client, server, n_shards=6)
@@ -116,6 +118,7 @@ def wait_for_marks(folder, count: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_interrupted_and_killed_driver_resumes(tmp_path, client, edge_server):
     server, _ = edge_server
     shards, n = slow_shards(tmp_path, client, server, n_shards=10)

@@ -45,6 +45,7 @@ def test_logit_laplace_matches_its_density():
     assert torch.allclose(logit_laplace_nll(x, mu, log_b), -density.log().mean(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_a_kill(tmp_path, monkeypatch):
     data = shapes_stage(tmp_path / "filtered", 300, shard_rows=100)
     options = dict(preset="tiny", max_steps=24, batch_size=8, checkpoint_every=8, log_every=1, shuffle_buffer=64, val_percent=10)

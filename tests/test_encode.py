@@ -42,6 +42,7 @@ def filtered_stage(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_token_files_read_with_plain_pandas_and_pyarrow(tmp_path, client, random_dvae):
     src = filtered_stage(tmp_path / "filtered")
     stats = encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(batch_size=4), client)

@@ -160,6 +160,7 @@ def test_pickled_or_missing_checkpoints_are_refused(tmp_path):
         load_clip("no-such-model", None)
 
 
+@pytest.mark.slow
 def test_unreachable_pretrained_weights_say_what_to_do(tmp_path):
     write_stage(tmp_path / "clean", [[row("a")]])
     proc = subprocess.run(

@@ -125,6 +125,7 @@ def test_glob_and_blocks_give_exact_shards_and_global_dedup(tmp_path, client):
     assert read_stage(tmp_path / "one")[0].equals(kept)
 
 
+@pytest.mark.slow
 def test_more_buckets_than_blocks_and_shards_keep_the_global_dedup(tmp_path, client, monkeypatch):
     """Buckets follow the input size without a cap; each shard reads its repeats from its blocks' files."""
     monkeypatch.setattr(ingest_module, "BUCKET_BYTES", 150)  # 300 buckets (more than the old cap of 256)

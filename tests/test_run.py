@@ -125,6 +125,7 @@ min_side = 100
     return config
 
 
+@pytest.mark.slow
 def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, shapes_server, trained_dvae):
     from dallekit.demo.job import write_url_list
 

@@ -177,6 +177,7 @@ def loader_peak(folder: str) -> int:
     return top
 
 
+@pytest.mark.slow
 def test_loader_memory_is_bounded_by_buffer_not_shard_count(tmp_path):
     import subprocess
     import sys

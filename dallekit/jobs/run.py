@@ -20,23 +20,8 @@ import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dallekit.config import (
-    RUN_STEPS,
-    BadInputError,
-    CleanConfig,
-    ClusterConfig,
-    DownloadConfig,
-    EncodeConfig,
-    EvaluateConfig,
-    FilterConfig,
-    IngestConfig,
-    RunConfig,
-    SampleConfig,
-    TrainClipConfig,
-    TrainConfig,
-    TrainDVAEConfig,
-    build_config,
-)
+from dallekit import config
+from dallekit.config import RUN_STEPS, BadInputError, build_config
 from dallekit.io import iter_captions, list_shards
 from dallekit.jobs.report import write_report
 from dallekit.pipeline.clean import clean
@@ -55,18 +40,18 @@ if typing.TYPE_CHECKING:
 class Pipeline:
     """Every section of a pipeline config, each a stage's own config class."""
 
-    run: RunConfig
-    cluster: ClusterConfig
-    ingest: IngestConfig
-    download: DownloadConfig
-    clean: CleanConfig
-    filter: FilterConfig
-    train_dvae: TrainDVAEConfig
-    encode: EncodeConfig
-    train: TrainConfig
-    train_clip: TrainClipConfig
-    sample: SampleConfig
-    evaluate: EvaluateConfig
+    run: config.RunConfig
+    cluster: config.ClusterConfig
+    ingest: config.IngestConfig
+    download: config.DownloadConfig
+    clean: config.CleanConfig
+    filter: config.FilterConfig
+    train_dvae: config.TrainDVAEConfig
+    encode: config.EncodeConfig
+    train: config.TrainConfig
+    train_clip: config.TrainClipConfig
+    sample: config.SampleConfig
+    evaluate: config.EvaluateConfig
 
 
 SECTIONS: dict[str, type] = {name.replace("_", "-"): kind for name, kind in typing.get_type_hints(Pipeline).items()}
