@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, SampleConfig
 from dallekit.images import save_image_grid
@@ -28,6 +27,7 @@ from dallekit.models.weights import (
     load_weights,
     pick_device,
 )
+from dallekit.progress import progress
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer
 
@@ -89,7 +89,7 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, checks = [], []
-    for p, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt")):
+    for p, prompt in enumerate(progress(prompts, desc="sample", unit="prompt")):
         seed = options.seed * 100_003 + p
         images = generate_images(model, dvae, tokenizer.encode(prompt), options, seed)
         scores = scorer.score([Image.fromarray(im) for im in images], [prompt] * len(images)) if scorer is not None else np.full(len(images), np.nan)

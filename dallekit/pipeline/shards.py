@@ -28,7 +28,6 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from dallekit.errors import BadInputError, environment_error
 from dallekit.io import (  # noqa: F401 - the shard I/O stages import from here too
@@ -42,6 +41,7 @@ from dallekit.io import (  # noqa: F401 - the shard I/O stages import from here 
     write_json_atomic,
     write_table_atomic,
 )
+from dallekit.progress import progress
 
 FINGERPRINT = "_fingerprint.json"
 
@@ -392,7 +392,7 @@ def map_with_progress(
 
     keys = [f"{desc}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(items))]
     futures = client.map(functools.partial(_guarded, fn), items, key=keys, retries=retries, pure=False, **kwargs)
-    with tqdm(total=len(items) + already_done, initial=already_done, desc=desc, unit=unit) as bar:
+    with progress(total=len(items) + already_done, initial=already_done, desc=desc, unit=unit) as bar:
         try:
             for future in as_completed(futures):
                 result = future.result()  # re-raises a bug's error after its retries

@@ -13,13 +13,13 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.models.weights import autocast, autocast_dtype
+from dallekit.progress import progress
 from dallekit.training.loop import MetricsLog, learning_rate, set_learning_rate
 
 
@@ -69,7 +69,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     batches = itertools.chain([next(batches)], batches)  # too little data fails here, before the progress bar
     metrics: dict = {}
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
-    for step in tqdm(range(options.max_steps), desc="train-clip", unit="step"):
+    for step in progress(range(options.max_steps), desc="train-clip", unit="step"):
         set_learning_rate(optimizer, learning_rate(step, options.max_steps, options.lr, options.lr / 10))
         data, captions = next(batches)
         pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)

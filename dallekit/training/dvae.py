@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
 from dallekit.models.weights import autocast, autocast_dtype, pick_device
+from dallekit.progress import progress
 from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, save_checkpoint, set_learning_rate
 
 
@@ -153,7 +153,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     val = held_out_images(paths, config.image_size, options.val_percent)
     batches = stream.batches(config.batch_size, epoch, consumed)
     metrics: dict = {}
-    last_time, bar = time.time(), tqdm(total=config.max_steps, initial=start, desc="train-dvae", unit="step")
+    last_time, bar = time.time(), progress(total=config.max_steps, initial=start, desc="train-dvae", unit="step")
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in range(start, config.max_steps):
         temperature = cosine(step, config.temp_anneal_steps, config.temp_start, config.temp_end)

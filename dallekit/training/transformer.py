@@ -21,6 +21,7 @@ import torch
 from dallekit.config import BadInputError
 from dallekit.models.transformer import config_dict
 from dallekit.models.weights import autocast, autocast_dtype
+from dallekit.progress import progress
 from dallekit.training.loop import (
     MetricsLog,
     default_peak_flops,
@@ -201,8 +202,6 @@ class _Logs:
 
 def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
     """Train the DALL-E transformer on token Parquet; returns the last logged metrics."""
-    from tqdm.auto import tqdm
-
     from dallekit.io import list_shards
     from dallekit.tokenize.tokens import TokenBatches, check_token_files, token_loader
 
@@ -229,7 +228,7 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
     tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
     logs = _Logs(trainer, out, (train_paths, val_paths), metadata, tokens_per_step) if rank == 0 else None
     last = {}
-    bar = tqdm(total=options.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    bar = progress(total=options.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start, options.max_steps):
         lr = learning_rate(step, options.max_steps, options.lr, options.min_lr, options.warmup_steps)
         set_learning_rate(trainer.optimizer, lr)
