@@ -104,6 +104,8 @@ def test_clip_top_fraction_is_global(tmp_path, client):
     scored = rejected[rejected.reason == "clip_score"]["clip_score"]
     assert kept["clip_score"].min() > scored.max()
     assert np.isnan(rejected[rejected.uid == "too-small"]["clip_score"]).all()  # CLIP never ran on it
+    threshold = json.loads((tmp_path / "filter" / "_stats.json").read_text())["config"]["prepared"]  # the global threshold, recorded
+    assert scored.max() < threshold <= kept["clip_score"].min()
 
 
 @pytest.mark.parametrize("fraction", [0.001, 0.1, 0.3, 0.5, 0.9, 1.0])

@@ -89,7 +89,9 @@ def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: 
         else:
             prepared = json.loads(json.dumps(plan.prepare(client, output_dir)))  # the value a rerun reads back
             write_json_atomic({"result": prepared}, f"{scratch}/prepare.json")
-    config = plan.stats_config | ({"prepared": prepared} if plan.prepare is not None else {})
+    # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
+    scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)
+    config = plan.stats_config | ({"prepared": prepared} if scalar else {})
     stats = run_stage(stage, output_dir, plan.tasks(prepared, output_dir), client, config=config, started=started)
     if fs.exists(root):
         fs.rm(root, recursive=True)
