@@ -30,11 +30,11 @@ from common import downloaded_shapes  # noqa: E402
 
 from dallekit.config import CleanConfig, ClusterConfig, FilterConfig  # noqa: E402
 from dallekit.images import decode_rgb  # noqa: E402
+from dallekit.io import list_shards, read_shard  # noqa: E402
 from dallekit.models.clip import cached_clip  # noqa: E402
 from dallekit.pipeline.clean import clean  # noqa: E402
 from dallekit.pipeline.cluster import dask_client  # noqa: E402
 from dallekit.pipeline.filter import filter_stage, plan_filter  # noqa: E402
-from dallekit.pipeline.shards import list_shards, read_shard  # noqa: E402
 
 
 def main() -> None:

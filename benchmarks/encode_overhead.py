@@ -30,6 +30,7 @@ from common import downloaded_shapes  # noqa: E402
 
 from dallekit.config import CleanConfig, ClusterConfig, EncodeConfig  # noqa: E402
 from dallekit.images import load_square  # noqa: E402
+from dallekit.io import list_shards, read_shard  # noqa: E402
 from dallekit.models.dvae import (  # noqa: E402
     DVAE,
     dvae_config,
@@ -39,7 +40,6 @@ from dallekit.models.weights import save_model  # noqa: E402
 from dallekit.pipeline.clean import clean  # noqa: E402
 from dallekit.pipeline.cluster import dask_client  # noqa: E402
 from dallekit.pipeline.encode import encode, plan_encode  # noqa: E402
-from dallekit.pipeline.shards import list_shards, read_shard  # noqa: E402
 from dallekit.tokenize.image import cached_image_tokenizer  # noqa: E402
 
 

@@ -53,7 +53,7 @@ def trained_chain(shapes_filtered, trained_dvae, tmp_path_factory, client):
     """Tokens, a transformer and a CLIP trained on the synthetic shapes, with the session's tiny dVAE."""
     dvae_dir, _ = trained_dvae
     work = tmp_path_factory.mktemp("chain")
-    from dallekit.pipeline.shards import list_shards, read_shard
+    from dallekit.io import list_shards, read_shard
 
     captions = [c for p in list_shards(str(shapes_filtered)) for c in read_shard(p, columns=["caption"]).column("caption").to_pylist()]
     train_bpe(captions, str(work / "bpe"), vocab_size=512)

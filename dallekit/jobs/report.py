@@ -17,16 +17,12 @@ from PIL import Image
 
 from dallekit.charts import bar_chart, histogram, line_chart
 from dallekit.images import labelled_grid
+from dallekit.io import list_shards, read_shard, shard_schema
 from dallekit.pipeline.funnel import draw_funnel
-from dallekit.pipeline.shards import (
-    list_shards,
-    read_shard,
-    read_stats,
-    shard_schema,
-    stage_complete,
-)
+from dallekit.pipeline.shards import read_stats, stage_complete
+from dallekit.pipeline.stage import STAGES as STAGE_MODULES
 
-STAGES = ["ingest", "download", "clean", "filter", "encode"]
+STAGES = list(STAGE_MODULES)  # in pipeline order
 STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "clean": "clean", "filter": "filter", "encode": "tokens"}
 
 

@@ -77,11 +77,8 @@ import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig
 from dallekit.images import THUMB_BYTES, color_distance
-from dallekit.pipeline.shards import (
-    map_with_progress,
-    write_json_atomic,
-    write_table_atomic,
-)
+from dallekit.io import write_json_atomic, write_table_atomic
+from dallekit.pipeline.shards import map_with_progress
 
 # The rows (or table entries) one task holds at most; one key heavier than this (one sha256,
 # one block value, one component) stays in one task. Small enough that a worker's peak memory

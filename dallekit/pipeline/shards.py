@@ -1,8 +1,9 @@
-"""The one stage runner: shard listing, atomic writes, rejects, per-shard stats, _SUCCESS, resume.
+"""The shard engine under `pipeline/stage.py`: folder claims, fingerprints, rejects, per-shard stats, _SUCCESS, resume.
 
-A stage hands `run_stage` a list of `ShardTask`s and a function that turns one task's payload
-into a `ShardResult` (kept rows, rejected rows with a `reason`, counters). One Dask task runs
-per shard. Each finished shard leaves three things, written in this order:
+`run_plan` hands `run_stage` a list of `ShardTask`s and the stage, whose function turns one
+task's payload into a `ShardResult` (kept rows, rejected rows with a `reason`, counters). One
+Dask task runs per shard (shard I/O itself is `dallekit/io.py`). Each finished shard leaves
+three things, written in this order:
 
     part-NNNNN.parquet           kept rows (renamed into place from _tmp/)
     _rejects/part-NNNNN.parquet  rejected rows with `reason` (only when there are some)
@@ -30,17 +31,7 @@ import fsspec
 import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
-from dallekit.io import (  # noqa: F401 - the shard I/O stages import from here too
-    SHARD_GLOB,
-    check_columns,
-    list_shards,
-    read_shard,
-    shard_index,
-    shard_schema,
-    shard_stem,
-    write_json_atomic,
-    write_table_atomic,
-)
+from dallekit.io import list_shards, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.progress import progress
 
 FINGERPRINT = "_fingerprint.json"
