@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dedup_scale.py
 	$(BIN)/python benchmarks/clean_scale.py
 	$(BIN)/python benchmarks/clip_filter_overhead.py
+	$(BIN)/python benchmarks/adopt_overhead.py
 	$(BIN)/python benchmarks/encode_overhead.py
 	$(BIN)/python benchmarks/loader_vs_memmap.py
 	$(BIN)/python benchmarks/kv_cache.py

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from dallekit.config import (
     SECTION_NAMES,
+    AdoptConfig,
     CleanConfig,
     ClipOptions,
     ClusterConfig,
@@ -22,6 +23,7 @@ from dallekit.config import (
     DownloadConfig,
     EncodeConfig,
     EvaluateConfig,
+    ExportConfig,
     FilterConfig,
     IngestConfig,
     RunConfig,
@@ -55,14 +57,21 @@ class Command:
     out_help: str | None
     extra: list[tuple[tuple[str, ...], dict]] = field(default_factory=list)  # further argparse arguments
     dask: bool = False  # a Dask stage: the cluster options and a LocalCluster
+    out_required: bool = True  # False where another mode needs no --out (download --retry-failed)
 
 
 STAGE_OUT = "output folder of {} shards"
 COMMANDS = [
     Command("ingest", "URL lists (CC3M, LAION, CSV/TSV/JSONL/Parquet, image folders) -> URL shards",
             [("inputs", "+", "files, globs or folders (local paths or fsspec URLs)")], {"ingest": IngestConfig}, STAGE_OUT.format("URL"), dask=True),
-    Command("download", "URL shards -> image shards with img2dataset's downloader",
-            [("urls", "", "folder written by `dallekit ingest`")], {"download": DownloadConfig}, STAGE_OUT.format("image"), dask=True),
+    Command("download", "URL shards -> image shards with img2dataset's downloader (or --retry-failed DIR: fetch failures again)",
+            [("urls", "?", "folder written by `dallekit ingest`")], {"download": DownloadConfig}, STAGE_OUT.format("image"), dask=True,
+            out_required=False,
+            extra=[(("--retry-failed",), {"metavar": "DIR", "help": "a finished download folder: fetch again, in place, the rows that "
+                                          "failed by timeout, connection error, 5xx or 429 (give no URLS or --out)"})]),
+    Command("adopt", "an img2dataset output folder (parquet, webdataset or files) -> image shards, with no re-download",
+            [("img2dataset_output", "", "folder img2dataset wrote (00000.parquet, ...)")], {"adopt": AdoptConfig}, STAGE_OUT.format("image"),
+            dask=True),
     Command("clean", "downloaded shards -> repaired captions, no failed downloads or duplicates",
             [("downloaded", "", "folder written by `dallekit download`")], {"clean": CleanConfig}, STAGE_OUT.format("cleaned"), dask=True),
     Command("filter", "cleaned shards -> rows passing image, caption, language and CLIP rules",
@@ -96,6 +105,9 @@ COMMANDS = [
     Command("train-bpe", "train a byte-level BPE text tokenizer on captions",
             [("captions", "", "a stage folder with a caption column, or text files with one caption per line")],
             {"train-bpe": TrainBPEConfig}, "folder for tokenizer.json"),
+    Command("export", "a stage folder -> WebDataset tars (uid.jpg, uid.txt, uid.json) for WebDataset loaders",
+            [("stage_dir", "", "a finished stage folder with images (download, adopt, clean or filter)")], {"export": ExportConfig},
+            "folder for part-NNNNN.tar", dask=True),
     Command("convert-openai-dvae", "convert OpenAI's released dVAE (encoder.pkl, decoder.pkl) to safetensors, once", [], {},
             "dVAE folder to write",
             extra=[(("--encoder",), {"required": True, "help": "encoder.pkl from https://cdn.openai.com/dall-e/encoder.pkl"}),
@@ -126,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         for dest, nargs, help_text in command.positionals:
             p.add_argument(dest, metavar=dest.upper(), help=help_text, **({"nargs": nargs} if nargs else {}))
         if command.out_help:
-            p.add_argument("--out", required=True, help=command.out_help)
+            p.add_argument("--out", required=command.out_required, help=command.out_help)
         for flags, kwargs in command.extra:
             p.add_argument(*flags, **kwargs)
         for section, config_class in command.sections.items():

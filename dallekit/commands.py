@@ -43,6 +43,7 @@ class LazyClient:
 STAGE_INPUTS = {
     "ingest": lambda args: [args.inputs],
     "download": lambda args: [args.urls],
+    "adopt": lambda args: [args.img2dataset_output],
     "clean": lambda args: [args.downloaded],
     "filter": lambda args: [args.cleaned],
     "encode": lambda args: [args.filtered, args.dvae],
@@ -61,6 +62,42 @@ def stage(args: argparse.Namespace, configs: dict, toml) -> int:
         return _summary(run_plan(spec, plan, args.out, client, config.overwrite))
     finally:
         client.close()
+
+
+def download(args: argparse.Namespace, configs: dict, toml) -> int:
+    """dallekit download: the stage, or with --retry-failed DIR a retry of its failed rows in place."""
+    import dataclasses
+
+    from dallekit.config import DownloadConfig
+
+    if not args.retry_failed:
+        if not args.urls or not args.out:
+            raise BadInputError("download: give URLS and --out (or --retry-failed DIR to fetch a finished download's failures again)")
+        return stage(args, configs, toml)
+    if args.urls or args.out:
+        raise BadInputError(f"download --retry-failed {args.retry_failed}: rewrites that folder in place; give no URLS or --out")
+    from dallekit.pipeline.retry import retry_failed
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DownloadConfig) if hasattr(args, f.name)}
+    client = LazyClient(configs["cluster"])
+    try:
+        return _summary(retry_failed(args.retry_failed, client, given))
+    finally:
+        client.close()
+
+
+def export(args, configs, toml) -> int:
+    """dallekit export."""
+    from dallekit.pipeline.export import export as write_tars
+
+    client = LazyClient(configs["cluster"])
+    try:
+        result = write_tars(args.stage_dir, args.out, configs["export"], client)
+    finally:
+        client.close()
+    print(f"export: {result['samples']} samples in {result['shards']} WebDataset tars in {args.out}"
+          + (f" ({result['no_image']} rows without an image left out)" if result["no_image"] else ""))
+    return 0
 
 
 def _prepare(args: argparse.Namespace, *inputs: str) -> None:
@@ -209,7 +246,7 @@ def demo(args, configs, toml) -> int:
     return 0
 
 
-HANDLERS = {name: stage for name in STAGE_INPUTS} | {
+HANDLERS = {name: stage for name in STAGE_INPUTS} | {"download": download} | {
     "train-dvae": train_dvae, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
-    "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
+    "export": export, "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
 }

@@ -140,6 +140,7 @@ class DownloadConfig(StageOptions):
         nargs="+",
     )
     allow_file_urls: bool = option(False, "read file:// URLs anywhere (else only inside the folders `ingest --format folder` read)")
+    honour_tdm_reservation: bool = option(True, "treat a `tdm-reservation: 1` response header (W3C TDMRep) as an opt-out")
 
     def check(self) -> None:
         """The quality's range depends on the format."""
@@ -152,6 +153,22 @@ class DownloadConfig(StageOptions):
         if self.encode_quality is not None:
             return self.encode_quality
         return 3 if self.encode_format == "png" else 95
+
+
+@dataclass
+class AdoptConfig(StageOptions):
+    """Options of `dallekit adopt`."""
+
+    format: str = option("auto", "img2dataset's --output_format of the folder (auto: from the files beside each shard)",
+                         choices=["auto", "parquet", "webdataset", "files"])
+    max_image_bytes: int = option(20 * 2**20, "an image file larger than this is not read: its row is kept as failed", bounds="[1, inf)")
+
+
+@dataclass
+class ExportConfig:
+    """Options of `dallekit export`."""
+
+    format: str = option("webdataset", "what to write: WebDataset tars of key.jpg, key.txt and key.json", choices=["webdataset"])
 
 
 def _base_type(annotation: Any) -> Any:
@@ -506,5 +523,5 @@ class RunConfig:
 
 
 # The sections a --config TOML file may hold: one per step of `dallekit run`, plus [run] and [cluster].
-SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
-                 "sample", "evaluate", "decode", "train-bpe"]
+SECTION_NAMES = ["run", "cluster", "ingest", "adopt", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
+                 "sample", "evaluate", "decode", "train-bpe", "export"]

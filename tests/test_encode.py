@@ -107,3 +107,27 @@ def test_trained_bpe_tokenizer_is_recorded(tmp_path, client, random_dvae):
     assert meta["text_tokenizer"]["path"] == str((tmp_path / "bpe" / "tokenizer.json").resolve())  # found from any working directory
     df = pd.read_parquet(tmp_path / "tokens")
     assert list(df["text_tokens"].iloc[0]) == bpe.encode(df["caption"].iloc[0])
+
+
+@pytest.mark.slow
+def test_hugging_face_datasets_reads_token_and_filtered_folders(tmp_path, client, random_dvae, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    src = filtered_stage(tmp_path / "filtered")
+    encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(batch_size=4), client)
+    cache = str(tmp_path / "hf-cache")
+    tokens = datasets.load_dataset("parquet", data_files=str(tmp_path / "tokens" / "part-*.parquet"), split="train", cache_dir=cache)
+    feature = tokens.features["image_tokens"]
+    assert getattr(feature, "length", None) == 64  # a fixed-length sequence, as the Arrow fixed_size_list says
+    assert feature.feature.dtype == "uint16" and tokens.features["text_tokens"].feature.dtype == "uint16"
+    by_uid = pd.read_parquet(tmp_path / "tokens").set_index("uid")
+    assert len(tokens) == len(by_uid) == 10
+    for row in tokens:
+        assert row["image_tokens"] == by_uid.loc[row["uid"], "image_tokens"].tolist()
+    images = datasets.load_dataset("parquet", data_files=str(src / "part-*.parquet"), split="train", cache_dir=cache)
+    assert images.features["jpg"].dtype == "binary" and images.features["caption"].dtype == "string"
+    source = pd.read_parquet(src).set_index("uid")
+    assert all(row["jpg"] == source.loc[row["uid"], "jpg"] for row in images)

@@ -23,7 +23,7 @@ from dallekit.pipeline.shards import read_stats, stage_complete
 from dallekit.pipeline.stage import STAGES as STAGE_MODULES
 
 STAGES = list(STAGE_MODULES)  # in pipeline order
-STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "clean": "clean", "filter": "filter", "encode": "tokens"}
+STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "adopt": "adopt", "clean": "clean", "filter": "filter", "encode": "tokens"}
 
 
 def run_funnel(run_dir: Path) -> list[dict]:
@@ -31,6 +31,8 @@ def run_funnel(run_dir: Path) -> list[dict]:
     steps: list[dict] = []
     for stage in STAGES:
         folder = run_dir / STAGE_FOLDERS[stage]
+        if not folder.exists():  # a run has ingest and download, or adopt
+            continue
         if not stage_complete(str(folder)):
             break
         stats = read_stats(str(folder))

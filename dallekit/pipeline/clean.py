@@ -166,7 +166,7 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 
 
-STAGE = Stage("clean", ("download",), frozenset({"uid", "caption", "status", "sha256", "jpg"}), "shards from `dallekit download`",
+STAGE = Stage("clean", ("download", "adopt"), frozenset({"uid", "caption", "status", "sha256", "jpg"}), "shards from `dallekit download`",
               write_clean_shard, rules=tuple(RULES))
 
 

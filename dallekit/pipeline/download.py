@@ -60,6 +60,7 @@ OOM_SHARD_COUNT = 5  # digits of the shard id in img2dataset's keys and file nam
 # URLs and long numbers (sizes, byte counts) make each row's message unique; counted as kinds they stay few
 _ROW_DETAIL = re.compile(r"(?:https?|file|ftp)://\S+|\d{4,}")
 LOST_ROW = "row lost by the downloader"
+RETRIES = "retries"  # a column: how many times `download --retry-failed` fetched the row again
 FILE_ROOTS = "_file_roots.json"  # written by `ingest --format folder`: {"roots": ["/abs/real/path", ...]}
 TMP_PREFIX = "dallekit-download-"
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
@@ -136,16 +137,16 @@ def error_kind(message: str) -> str:
     return _ROW_DETAIL.sub("<…>", message)
 
 
-def download_shard(task: DownloadShard) -> ShardResult:
-    """Download one URL shard with img2dataset and return its rows in input order, none lost."""
-    source = read_shard(task.path)
+def fetch_rows(source: pa.Table, task: DownloadShard) -> pa.Table:
+    """Download the rows of `source` with img2dataset as shard `task.shard_id`; every row back once, in input order."""
     remove_stale_folders(tempfile.gettempdir())
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
-    policy = FetchPolicy(task.config.max_image_bytes, task.config.allow_file_urls, tuple(task.file_roots))
+    config = task.config
+    policy = FetchPolicy(config.max_image_bytes, config.allow_file_urls, tuple(task.file_roots), config.honour_tdm_reservation)
     try:
         feather_path = os.path.join(tmp, "input.arrow")
         feather.write_feather(source, feather_path, compression="uncompressed")
-        downloader = _make_downloader(task.config, tmp, source.column_names, 10**task.key_digits)
+        downloader = _make_downloader(config, tmp, source.column_names, 10**task.key_digits)
         with fetching(policy):
             ok, _ = downloader((task.shard_id, feather_path))
         if not ok:  # the downloader printed its traceback; let Dask retry the shard
@@ -153,10 +154,22 @@ def download_shard(task: DownloadShard) -> ShardResult:
         written = pq.read_table(os.path.join(tmp, f"{task.shard_id:0{OOM_SHARD_COUNT}d}.parquet"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    table = _in_input_order(written, source, task)
+    return _in_input_order(written, source, task)
+
+
+def status_counters(table: pa.Table) -> dict[str, dict[str, int]]:
+    """A download shard's counters: rows per status, and per kind of error message."""
     statuses = collections.Counter(table.column("status").to_pylist())
     errors = collections.Counter(error_kind(e) for e in table.column("error_message").to_pylist() if e is not None)
-    return ShardResult(rows_in=source.num_rows, kept=table, counters={"status": dict(statuses), "error_message": top_counts(errors)})
+    return {"status": dict(statuses), "error_message": top_counts(errors)}
+
+
+def download_shard(task: DownloadShard) -> ShardResult:
+    """Download one URL shard with img2dataset and return its rows in input order, none lost."""
+    source = read_shard(task.path)
+    table = fetch_rows(source, task)
+    table = table.append_column(RETRIES, pa.array([0] * table.num_rows, pa.int32()))
+    return ShardResult(rows_in=source.num_rows, kept=table, counters=status_counters(table))
 
 
 def _in_input_order(written: pa.Table, source: pa.Table, task: DownloadShard) -> pa.Table:

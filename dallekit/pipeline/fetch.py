@@ -14,6 +14,9 @@ another policy waits for them. The opener differs from urllib's default in three
   system resolver. A retry (`--retries`) is a new fetch with its own deadline.
 - bodies are capped at `max_bytes`: a larger Content-Length is refused before reading, and a
   body that grows past the cap is abandoned (the caller holds at most max_bytes + 1 bytes).
+- a response with the W3C TDMRep header `tdm-reservation: 1` is refused when `honour_tdm` (the
+  default), as img2dataset refuses X-Robots-Tag's noai: the row fails with a message naming the
+  header. img2dataset's downloader reads only X-Robots-Tag (its #308), so the opener checks it.
 - only http and https are fetched (proxies from the environment are used for those alone).
   file:// is read only when `allow_file_urls`, or when the file's real path (symlinks and
   `..` resolved) lies inside one of `file_roots`, and only if it is a regular file; ftp://,
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 
 DEADLINE = "dallekit_deadline"  # attribute carrying a request chain's deadline (time.monotonic())
 CHUNK = 64 * 1024  # bytes read per call while counting a body against the cap
+TDM_REFUSED = "Use of image disallowed by tdm-reservation: 1 header (W3C TDMRep: text and data mining rights reserved)"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class FetchPolicy:
     max_bytes: int
     allow_file_urls: bool = False
     file_roots: tuple[str, ...] = ()
+    honour_tdm: bool = True  # refuse responses whose publisher reserves text and data mining (TDMRep)
 
 
 class Refused(urllib.error.URLError):
@@ -200,12 +205,12 @@ class _CappedResponse:
 
 
 class _PolicyHandler(urllib.request.BaseHandler):
-    """Starts each request chain's deadline and caps the final response's body."""
+    """Starts each request chain's deadline, refuses TDM reservations and caps the final response's body."""
 
     handler_order = 1100  # responses after HTTPErrorProcessor (1000): only the end of a redirect chain is capped
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, honour_tdm: bool = True):
+        self.max_bytes, self.honour_tdm = max_bytes, honour_tdm
 
     def http_request(self, req):
         """Set the deadline when the chain's first request is opened (redirects carry it on)."""
@@ -217,6 +222,9 @@ class _PolicyHandler(urllib.request.BaseHandler):
         """Refuse a Content-Length above the cap; count the body against it while it is read."""
         if isinstance(response, _CappedResponse):
             return response
+        if self.honour_tdm and any(v.strip() == "1" for v in response.headers.get_all("tdm-reservation") or []):
+            response.close()
+            raise Refused(TDM_REFUSED)
         length = (response.headers.get("Content-Length") or "").strip()
         if length.isdigit() and int(length) > self.max_bytes:
             response.close()
@@ -281,7 +289,7 @@ def build_fetch_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
     proxies = {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https")}
     return urllib.request.build_opener(
         urllib.request.ProxyHandler(proxies), _HTTPHandler(), _HTTPSHandler(), _RedirectHandler(),
-        _PolicyHandler(policy.max_bytes), _FileHandler(policy.allow_file_urls, policy.file_roots),
+        _PolicyHandler(policy.max_bytes, policy.honour_tdm), _FileHandler(policy.allow_file_urls, policy.file_roots),
         _NoFTPHandler(), _NoDataHandler(), _NoUnknownHandler(),
     )
 

@@ -43,7 +43,7 @@ TEXT_FORMATS = ("cc3m", "csv", "tsv", "jsonl")
 # Columns later stages add; an input column with one of these names is kept as `source_<name>`.
 RESERVED = {
     "uid", "url", "caption", "reason", "duplicate_of", "key", "status", "error_message", "width", "height",
-    "original_width", "original_height", "exif", "sha256", "jpg", "png", "webp", "txt",
+    "original_width", "original_height", "exif", "sha256", "jpg", "png", "webp", "txt", "retries",
 }
 BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
 FOLDER_CHUNK = 10000  # images of a folder per scan task
@@ -325,7 +325,8 @@ def make_uid(url: str, caption: str) -> str:
     return hashlib.blake2b(f"{url}\x00{caption}".encode(), digest_size=8).hexdigest()
 
 
-def _url_bucket(urls: pa.Array, n_buckets: int) -> np.ndarray:
+def url_buckets(urls: pa.Array, n_buckets: int) -> np.ndarray:
+    """The dedup bucket of each URL: a hash of the URL alone, so repeats meet in one bucket."""
     digests = [hashlib.blake2b(u.encode(), digest_size=8).digest() for u in urls.to_pylist()]
     return np.array([int.from_bytes(d, "little") % n_buckets for d in digests], dtype=np.int64)
 
@@ -457,7 +458,7 @@ def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: boo
     table = pa.Table.from_pandas(out, preserve_index=False)
     write_table_atomic(table, f"{work_dir}/blocks/b-{block.index:06d}.parquet", row_group_size=ROW_GROUP)
     valid = table.filter(pc.is_null(table.column("_reason"))).select(["url", "uid", "_order"])
-    buckets = _url_bucket(valid.column("url"), n_buckets) if valid.num_rows else np.zeros(0, np.int64)
+    buckets = url_buckets(valid.column("url"), n_buckets) if valid.num_rows else np.zeros(0, np.int64)
     for k in range(n_buckets):
         part = valid.filter(pa.array(buckets == k))
         if part.num_rows:

@@ -95,7 +95,7 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
 MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counters", "seconds"}
 
 
-def _read_marks(output_dir: str) -> dict[str, dict]:
+def read_marks(output_dir: str) -> dict[str, dict]:
     """The progress marks of the shards already complete."""
     fs, root = fsspec.core.url_to_fs(output_dir)
     marks = {}
@@ -192,7 +192,9 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
     if fs.exists(f"{root}/{FINGERPRINT}"):
         with fs.open(f"{root}/{FINGERPRINT}", "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    return {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest}
+    identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest}
+    rounds = (read_stats(input_dir).get("retry") or {}).get("rounds")
+    return identity | ({"retry_rounds": rounds} if rounds else {})  # `download --retry-failed` changed its rows
 
 
 def path_digest(path: str) -> str | None:
@@ -324,7 +326,7 @@ def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: A
     fs.makedirs(f"{root}/_progress", exist_ok=True)
     fs.makedirs(f"{root}/_rejects", exist_ok=True)
     _remove_debris(fs, root)
-    done = _read_marks(output_dir)
+    done = read_marks(output_dir)
     names = {t.name for t in tasks}
     pending = [t for t in tasks if t.name not in done]
     if done:

@@ -102,7 +102,8 @@ def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: 
 
 # Every stage in pipeline order, by module: each defines STAGE and plan_<name>(...) -> Plan. The
 # CLI and `dallekit run` both read this table; modules load when used (encode imports torch).
-STAGES = {name: f"dallekit.pipeline.{name}" for name in ("ingest", "download", "clean", "filter", "encode")}
+# adopt stands in for ingest and download when img2dataset has already downloaded the images.
+STAGES = {name: f"dallekit.pipeline.{name}" for name in ("ingest", "download", "adopt", "clean", "filter", "encode")}
 
 
 def stage_named(name: str) -> tuple[Stage, Callable[..., Plan]]:

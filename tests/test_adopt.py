@@ -1,0 +1,314 @@
+"""adopt: real img2dataset outputs (parquet, webdataset, files) made on a loopback server become a download folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from dallekit.config import AdoptConfig, BadInputError, CleanConfig, IngestConfig
+from dallekit.demo.synthetic import ShapesServer, make_dataset
+from dallekit.pipeline.adopt import adopt, plan_adopt
+from dallekit.pipeline.clean import clean
+from dallekit.pipeline.ingest import ingest, make_uid
+from tests.helpers import check_accounting, read_stage
+
+FORMATS = ["parquet", "webdataset", "files"]
+SHARD_ROWS = 16
+
+
+def run_img2dataset(url_list: Path, output: Path, output_format: str, *extra: str) -> None:
+    """img2dataset's own CLI, as a user runs it (a LAION-style list: URL, TEXT and a similarity column)."""
+    command = [str(Path(sys.executable).parent / "img2dataset"), "--url_list", str(url_list), "--input_format", "parquet",
+               "--url_col", "URL", "--caption_col", "TEXT", "--save_additional_columns", '["similarity"]',
+               "--output_format", output_format, "--output_folder", str(output), "--processes_count", "1", "--thread_count", "8",
+               "--image_size", "64", "--resize_mode", "center_crop", "--number_sample_per_shard", str(SHARD_ROWS),
+               "--enable_wandb", "False", "--distributor", "multiprocessing", *extra]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def img2dataset_outputs(tmp_path_factory):
+    """One LAION-style URL list (with 404s, a repeated URL and a repeated row) downloaded by img2dataset in its three formats."""
+    root = tmp_path_factory.mktemp("img2dataset")
+    data = make_dataset(40, seed=5, broken_fraction=0.1)
+    with ShapesServer(data.routes, max_seconds=900) as server:
+        rows = [{"URL": server.url(r["path"]), "TEXT": r["caption"], "similarity": 0.3 + i / 100} for i, r in enumerate(data.rows)]
+        rows.append({"URL": rows[3]["URL"], "TEXT": "the same URL with another caption", "similarity": 0.5})
+        rows.append(dict(rows[5]))  # the same row twice: the same uid
+        url_list = root / "laion.parquet"
+        pd.DataFrame(rows).to_parquet(url_list)
+        for output_format in FORMATS:
+            run_img2dataset(url_list, root / output_format, output_format)
+    return root, rows
+
+
+def adopted(tmp_path, client, source, **options):
+    out = tmp_path / "adopted"
+    stats = adopt(str(source), str(out), AdoptConfig(**options), client)
+    return out, stats
+
+
+@pytest.mark.slow
+def test_three_formats_adopt_to_the_same_rows(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    tables = {}
+    for output_format in FORMATS:
+        out = tmp_path / output_format
+        stats = adopt(str(root / output_format), str(out), AdoptConfig(), client)
+        assert stats["counters"]["layout"] == {output_format: 3}
+        kept, rejects = check_accounting(out, len(rows), exact_duplicate_rows=True)
+        tables[output_format] = (kept.drop(columns=["jpg"]), kept["jpg"].tolist())
+    for output_format in ("webdataset", "files"):
+        pd.testing.assert_frame_equal(tables[output_format][0], tables["parquet"][0])
+        assert tables[output_format][1] == tables["parquet"][1]  # the very bytes img2dataset stored
+
+
+@pytest.mark.slow
+def test_adopted_rows_keep_img2dataset_columns_and_failures(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    out, stats = adopted(tmp_path, client, root / "webdataset")
+    kept, rejects = check_accounting(out, len(rows), exact_duplicate_rows=True)
+    assert list(kept.columns[:3]) == ["uid", "url", "caption"] and kept.columns[-1] == "jpg"
+    assert {"similarity", "key", "status", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256"} <= set(kept.columns)
+    meta = pd.concat([pq.read_table(p).to_pandas() for p in sorted((root / "webdataset").glob("0*.parquet"))])
+    assert kept["key"].tolist() == sorted(kept["key"])  # key order, not img2dataset's completion order
+    failed = kept[kept.status != "success"]
+    assert len(failed) >= 2 and failed["jpg"].isna().all()  # the 404s are kept with img2dataset's own message
+    assert set(failed["error_message"]) == {"HTTP Error 404: Not Found"}
+    ok = kept[kept.status == "success"]
+    by_key = meta.set_index("key")
+    assert (ok["sha256"] == by_key.loc[ok["key"], "sha256"].to_numpy()).all()  # img2dataset's own hash is kept
+    assert all(hashlib.sha256(b).hexdigest() for b in ok["jpg"])
+    for row in kept.itertuples():
+        assert row.uid == make_uid(row.url, row.caption)
+    # the URL downloaded twice: the later key is rejected as a repeat of the first, like ingest does
+    assert rejects["reason"].tolist() == ["duplicate_url", "duplicate_url"]
+    assert set(rejects["duplicate_of"]) <= set(kept["uid"]) and "jpg" not in rejects.columns
+    assert json.loads((out / "_funnel.json").read_text())["steps"][-1]["remaining"] == len(kept)
+
+
+@pytest.mark.slow
+def test_uids_match_what_ingest_assigns(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    out, _ = adopted(tmp_path, client, root / "parquet")
+    ingested = tmp_path / "ingested"
+    ingest([str(root / "laion.parquet")], str(ingested), IngestConfig(format="laion"), client)
+    assert set(read_stage(out)[0]["uid"]) == set(read_stage(ingested)[0]["uid"])
+
+
+@pytest.mark.slow
+def test_sha256_is_computed_when_img2dataset_kept_none(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = tmp_path / "nohash"
+    source.mkdir()
+    for p in sorted((root / "parquet").glob("0*.parquet")):
+        pq.write_table(pq.read_table(p).drop_columns(["sha256"]), source / p.name)
+    out, _ = adopted(tmp_path, client, source)
+    kept = read_stage(out)[0]
+    ok = kept[kept.status == "success"]
+    assert ok["sha256"].tolist() == [hashlib.sha256(b).hexdigest() for b in ok["jpg"]]
+    assert kept[kept.status != "success"]["sha256"].isna().all()
+
+
+@pytest.mark.slow
+def test_an_input_column_named_uid_is_kept_as_source_uid(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = tmp_path / "withuid"
+    source.mkdir()
+    for p in sorted((root / "parquet").glob("0*.parquet")):
+        table = pq.read_table(p)
+        pq.write_table(table.append_column("uid", table.column("key")), source / p.name)  # --save_additional_columns '["uid"]'
+    out, _ = adopted(tmp_path, client, source)
+    kept = read_stage(out)[0]
+    assert (kept["source_uid"] == kept["key"]).all()
+    assert all(u == make_uid(url, c) for u, url, c in zip(kept["uid"], kept["url"], kept["caption"]))
+
+
+@pytest.mark.slow
+def test_clean_accepts_an_adopted_folder(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    out, stats = adopted(tmp_path, client, root / "files")
+    cleaned = tmp_path / "clean"
+    clean(str(out), str(cleaned), CleanConfig(), client)
+    kept, rejects = check_accounting(cleaned, stats["rows_out"])
+    assert rejects["reason"].value_counts()["failed_to_download"] == stats["counters"]["status"]["failed_to_download"]
+
+
+@pytest.mark.slow
+def test_adopt_resumes_and_refuses_other_options(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    out, _ = adopted(tmp_path, client, root / "webdataset")
+    before = pq.read_table(out / "part-00001.parquet")
+    for p in (out / "part-00001.parquet", out / "_progress" / "part-00001.json", out / "_SUCCESS"):
+        p.unlink()  # as a run killed while writing that shard leaves it
+    adopt(str(root / "webdataset"), str(out), AdoptConfig(), client)
+    assert pq.read_table(out / "part-00001.parquet").equals(before)
+    check_accounting(out, len(rows), exact_duplicate_rows=True)
+    with pytest.raises(BadInputError, match="max_image_bytes"):
+        adopt(str(root / "webdataset"), str(out), AdoptConfig(max_image_bytes=1000), client)
+
+
+def copy_output(root: Path, output_format: str, tmp_path: Path) -> Path:
+    target = tmp_path / f"copy-{output_format}"
+    shutil.copytree(root / output_format, target)
+    return target
+
+
+def rewrite_tar(path: Path, edit) -> None:
+    """Rebuild a tar with `edit(members) -> [(TarInfo, bytes or None)]`."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isreg() else None) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for info, data in edit(members):
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+@pytest.mark.slow
+def test_hostile_tar_members_are_never_followed_or_read_whole(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "webdataset", tmp_path)
+    meta = pq.read_table(source / "00000.parquet").to_pandas()
+    ok_keys = sorted(meta[meta.status == "success"]["key"])
+    link_key, big_key, escape_key = ok_keys[:3]
+
+    def edit(members):
+        out = []
+        for info, data in members:
+            if info.name == f"{link_key}.jpg":  # a symlink to a file of this machine
+                info = tarfile.TarInfo(info.name)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                data = None
+            elif info.name == f"{big_key}.jpg":
+                data = data + b"\0" * 5000
+                info.size = len(data)
+            elif info.name == f"{escape_key}.jpg":
+                info.name = f"../{escape_key}.jpg"  # a path out of the folder: not img2dataset's member, never matched
+            out.append((info, data))
+        return out
+
+    rewrite_tar(source / "00000.tar", edit)
+    out, stats = adopted(tmp_path, client, source, max_image_bytes=4000)
+    kept = read_stage(out)[0].set_index("key")
+    assert kept.loc[link_key, "status"] == "failed_to_download" and "not a regular file" in kept.loc[link_key, "error_message"]
+    assert "more than --max-image-bytes 4000" in kept.loc[big_key, "error_message"]
+    assert "no image for key" in kept.loc[escape_key, "error_message"]
+    assert kept.loc[[link_key, big_key, escape_key], "jpg"].isna().all()
+    assert not (tmp_path / f"{escape_key}.jpg").exists()
+    check_accounting(out, len(rows), exact_duplicate_rows=True)
+
+
+@pytest.mark.slow
+def test_files_layout_skips_symlinked_images(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "files", tmp_path)
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"not yours")
+    image = sorted((source / "00001").glob("*.jpg"))[0]
+    image.unlink()
+    image.symlink_to(outside)
+    out, _ = adopted(tmp_path, client, source)
+    kept = read_stage(out)[0].set_index("key")
+    assert kept.loc[image.stem, "status"] == "failed_to_download" and kept.loc[image.stem, "jpg"] is None
+    assert b"not yours" not in b"".join(b for b in kept["jpg"] if b is not None)
+
+
+@pytest.mark.slow
+def test_bad_img2dataset_folders_are_refused_with_the_file_named(tmp_path, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BadInputError, match="no img2dataset shards"):
+        plan_adopt(str(empty), AdoptConfig())
+    missing_tar = copy_output(root, "webdataset", tmp_path)
+    (missing_tar / "00001.tar").unlink()
+    with pytest.raises(BadInputError, match=r"00001\.tar: missing"):
+        plan_adopt(str(missing_tar), AdoptConfig(format="webdataset"))
+    no_caption = tmp_path / "nocaption"
+    no_caption.mkdir()
+    pq.write_table(pq.read_table(root / "parquet" / "00000.parquet").drop_columns(["caption"]), no_caption / "00000.parquet")
+    with pytest.raises(BadInputError, match=r"00000\.parquet: no caption column"):
+        plan_adopt(str(no_caption), AdoptConfig())
+    no_images = tmp_path / "noimages"
+    no_images.mkdir()
+    shutil.copy(root / "webdataset" / "00000.parquet", no_images / "00000.parquet")
+    with pytest.raises(BadInputError, match="no image column"):
+        plan_adopt(str(no_images), AdoptConfig())
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    shutil.copy(root / "parquet" / "00001.parquet", twice / "00001.parquet")
+    shutil.copy(root / "parquet" / "00001.parquet", twice / "1.parquet")
+    with pytest.raises(BadInputError, match="two shards are numbered 1"):
+        plan_adopt(str(twice), AdoptConfig())
+    int_keys = tmp_path / "intkeys"
+    int_keys.mkdir()
+    table = pq.read_table(root / "parquet" / "00000.parquet")
+    pq.write_table(table.set_column(table.column_names.index("key"), "key", table.column("key").cast("int64")), int_keys / "00000.parquet")
+    with pytest.raises(BadInputError, match="column key holds int64, expected string"):
+        plan_adopt(str(int_keys), AdoptConfig())
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    (escaping / "00000.parquet").symlink_to(root / "parquet" / "00000.parquet")
+    with pytest.raises(BadInputError, match="outside"):
+        plan_adopt(str(escaping), AdoptConfig())
+
+
+@pytest.mark.slow
+def test_a_corrupt_tar_is_one_line_naming_it(tmp_path, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "webdataset", tmp_path)
+    data = (source / "00002.tar").read_bytes()
+    (source / "00002.tar").write_bytes(data[:700] + b"\xff" * 600)
+    proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "adopt", str(source), "--out", str(tmp_path / "out"), "--workers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "00002.tar: not a readable tar" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_laion_style_webdataset_goes_through_the_chain_without_redownload(tmp_path, client, img2dataset_outputs):
+    """adopt -> clean -> filter -> train-dvae -> encode -> train, then export the filtered set and read it with webdataset."""
+    import webdataset as wds
+
+    from dallekit.config import EncodeConfig, ExportConfig, FilterConfig, TrainConfig, TrainDVAEConfig
+    from dallekit.pipeline.encode import encode
+    from dallekit.pipeline.export import export
+    from dallekit.pipeline.filter import filter_stage
+    from dallekit.training.dvae import train_dvae
+    from dallekit.training.transformer import train_transformer
+
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "webdataset", tmp_path)
+    server_gone = [r["URL"] for r in rows]  # the loopback server is stopped: nothing can be downloaded again
+    out, _ = adopted(tmp_path, client, source)
+    clean(str(out), str(tmp_path / "clean"), CleanConfig(), client)
+    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, max_aspect=4.0, languages=["any"]), client)
+    filtered, _ = check_accounting(tmp_path / "filter", read_stage(tmp_path / "clean")[2]["rows_out"])
+    assert len(filtered) >= 20 and set(filtered["url"]) <= set(server_gone)
+    train_dvae(str(tmp_path / "filter"), str(tmp_path / "dvae"), TrainDVAEConfig(preset="tiny", max_steps=4, batch_size=8, checkpoint_every=4,
+                                                                                             val_percent=25))  # 37 images: 5% can hold none
+    encode(str(tmp_path / "filter"), str(tmp_path / "dvae"), str(tmp_path / "tokens"), EncodeConfig(device="cpu"), client)
+    tokens = read_stage(tmp_path / "tokens")[0]
+    assert set(tokens["uid"]) == set(filtered["uid"])
+    metrics = train_transformer(str(tmp_path / "tokens"), str(tmp_path / "model"),
+                                TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, text_len=8, val_fraction=0, num_workers=0))
+    assert metrics["loss"] > 0 and (tmp_path / "model" / "model.safetensors").is_file()
+    result = export(str(tmp_path / "filter"), str(tmp_path / "wds"), ExportConfig(), client)
+    assert result["samples"] == len(filtered)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "wds").glob("*.tar")), shardshuffle=False))
+    by_uid = filtered.set_index("uid")
+    assert sorted(s["__key__"] for s in samples) == sorted(filtered["uid"])
+    for s in samples:
+        assert s["jpg"] == by_uid.loc[s["__key__"], "jpg"] and s["txt"].decode() == by_uid.loc[s["__key__"], "caption"]
+        assert json.loads(s["json"])["url"] == by_uid.loc[s["__key__"], "url"]

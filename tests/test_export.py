@@ -1,0 +1,92 @@
+"""export --format webdataset: tars the webdataset package reads back with the same images and captions; resume; hostile uids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from dallekit.config import BadInputError, ExportConfig
+from dallekit.pipeline.export import export
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+
+
+def stage_with_images(folder, uids=None):
+    rows = [downloaded_row(u, f"a shape number {i}", shape_jpeg(i, size=48), clip_score=0.3 + i / 100)
+            for i, u in enumerate(uids or [f"{i:016x}" for i in range(9)])]
+    rows[-1] |= {"status": "failed_to_download", "jpg": None}  # a download's failure: no image to export
+    rows[0]["clip_score"] = float("nan")
+    write_stage(folder, [rows[:5], rows[5:]], stage="filter")
+    return folder, rows
+
+
+def read_webdataset(folder):
+    import webdataset as wds
+
+    return list(wds.WebDataset(sorted(str(p) for p in folder.glob("part-*.tar")), shardshuffle=False))
+
+
+def test_webdataset_reads_back_the_same_images_and_captions(tmp_path, client):
+    src, rows = stage_with_images(tmp_path / "filter")
+    result = export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    assert (result["samples"], result["no_image"], result["shards"]) == (8, 1, 2)
+    samples = read_webdataset(tmp_path / "wds")
+    assert [s["__key__"] for s in samples] == [r["uid"] for r in rows[:-1]]  # shard and row order
+    for s, row in zip(samples, rows):
+        assert s["jpg"] == row["jpg"] and s["txt"].decode() == row["caption"]
+        meta = json.loads(s["json"])
+        assert meta["uid"] == row["uid"] and meta["url"] == row["url"] and "jpg" not in meta
+        assert meta["clip_score"] == (None if row is rows[0] else pytest.approx(row["clip_score"]))  # NaN is not JSON
+    assert (tmp_path / "wds" / "_SUCCESS").exists()
+
+
+def test_export_resumes_and_is_byte_identical(tmp_path, client):
+    src, _ = stage_with_images(tmp_path / "filter")
+    out = tmp_path / "wds"
+    export(str(src), str(out), ExportConfig(), client)
+    first = {p.name: p.read_bytes() for p in out.glob("part-*.tar")}
+    (out / "part-00001.tar").unlink()
+    (out / "_progress" / "part-00001.json").unlink()
+    (out / "_SUCCESS").unlink()
+    (out / "_tmp-dead-part-00001.tar").write_bytes(b"partial")  # an interrupted write
+    result = export(str(src), str(out), ExportConfig(), client)
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.tar")} == first
+    assert not list(out.glob("_tmp-*")) and result["samples"] == 8
+
+
+def test_export_refuses_other_folders_and_unsafe_uids(tmp_path, client):
+    src, _ = stage_with_images(tmp_path / "filter")
+    with pytest.raises(BadInputError, match="is the input"):
+        export(str(src), str(src), ExportConfig(), client)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="not a dallekit export"):
+        export(str(src), str(busy), ExportConfig(), client)
+    other, _ = stage_with_images(tmp_path / "other-filter", uids=[f"{i:016x}" for i in range(10, 19)])
+    export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    with pytest.raises(BadInputError, match="another input"):
+        export(str(other), str(tmp_path / "wds"), ExportConfig(), client)
+    hostile, _ = stage_with_images(tmp_path / "hostile-filter", uids=["../../evil", "a.b"] + [f"{i:016x}" for i in range(7)])
+    with pytest.raises(BadInputError, match=r"uid '\.\./\.\./evil' cannot name a WebDataset sample"):
+        export(str(hostile), str(tmp_path / "hostile"), ExportConfig(), client)
+    assert not (tmp_path / "evil.jpg").exists() and not list(tmp_path.rglob("evil*"))
+    assert not (tmp_path / "hostile" / "part-00000.tar").exists() and not (tmp_path / "hostile" / "_SUCCESS").exists()
+
+
+def test_tar_members_are_plain_files_named_by_uid(tmp_path, client):
+    src, rows = stage_with_images(tmp_path / "filter")
+    export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    with tarfile.open(tmp_path / "wds" / "part-00000.tar") as tar:
+        members = tar.getmembers()
+    assert all(m.isreg() and m.mtime == 0 for m in members)
+    assert [m.name for m in members[:3]] == [f"{rows[0]['uid']}.jpg", f"{rows[0]['uid']}.txt", f"{rows[0]['uid']}.json"]
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing: no such folder" in proc.stderr and "Traceback" not in proc.stderr
