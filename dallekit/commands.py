@@ -73,6 +73,9 @@ def download(args: argparse.Namespace, configs: dict, toml) -> int:
     if not args.retry_failed:
         if not args.urls or not args.out:
             raise BadInputError("download: give URLS and --out (or --retry-failed DIR to fetch a finished download's failures again)")
+        from dallekit.pipeline.download import refuse_during_retry
+
+        refuse_during_retry(args.out)
         return stage(args, configs, toml)
     if args.urls or args.out:
         raise BadInputError(f"download --retry-failed {args.retry_failed}: rewrites that folder in place; give no URLS or --out")

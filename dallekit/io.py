@@ -68,7 +68,11 @@ def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
     fs, p = fsspec.core.url_to_fs(path)
     try:
         if _is_local(fs, p):  # Arrow's own file reads: through a Python file object they take twice as long in a busy Dask worker
-            return pq.ParquetFile(p).read(columns=columns)
+            pf = pq.ParquetFile(p)
+            missing = sorted(set(columns or []) - set(pf.schema_arrow.names))
+            if missing:  # ParquetFile.read would leave them out where read_table refuses
+                raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
+            return pf.read(columns=columns)
         with fs.open(p, "rb") as f:
             return pq.read_table(f, columns=columns)
     except (pa.ArrowException, FileNotFoundError, IsADirectoryError) as err:  # a disk error is not the file's fault: it propagates

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -210,6 +211,54 @@ def test_hostile_tar_members_are_never_followed_or_read_whole(tmp_path, client, 
 
 
 @pytest.mark.slow
+def test_a_linked_image_folder_is_refused_also_as_a_file_url(tmp_path, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "files", tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.move(source / "00001", outside)
+    (source / "00001").symlink_to(outside)
+    for given in (str(source), f"file://{source}"):
+        with pytest.raises(BadInputError, match=r"00001: a symlink"):
+            plan_adopt(given, AdoptConfig())
+
+
+@pytest.mark.slow
+def test_rows_without_url_are_rejected_and_oversized_stored_images_fail(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = tmp_path / "edited"
+    source.mkdir()
+    table = pq.read_table(root / "parquet" / "00000.parquet")
+    urls = table.column("url").to_pylist()
+    urls[0] = urls[1] = ""  # two rows with no URL and the same caption would share a uid
+    captions = table.column("caption").to_pylist()
+    captions[1] = captions[0]
+    table = table.set_column(table.column_names.index("url"), "url", pa.array(urls)).set_column(
+        table.column_names.index("caption"), "caption", pa.array(captions))
+    pq.write_table(table, source / "00000.parquet")
+    sizes = [len(b) for b, s in zip(table.column("jpg").to_pylist(), table.column("status").to_pylist()) if s == "success"]
+    limit = sorted(sizes)[len(sizes) // 2]
+    out, stats = adopted(tmp_path, client, source, max_image_bytes=limit)
+    kept, rejects = check_accounting(out, table.num_rows, exact_duplicate_rows=True)  # the two URL-less rows: one uid, both rejected
+    assert stats["reasons"]["empty_url"] == 2 and kept["uid"].is_unique
+    big = kept[kept.error_message.fillna("").str.contains(f"more than --max-image-bytes {limit}")]
+    expected = sum(bool(s == "success" and u and len(b) > limit)
+                   for b, s, u in zip(table.column("jpg").to_pylist(), table.column("status").to_pylist(), urls))
+    assert len(big) == expected > 0
+    assert big["jpg"].isna().all() and (big["status"] == "failed_to_download").all()
+
+
+@pytest.mark.slow
+def test_webdataset_images_come_from_the_tar_even_if_the_metadata_has_a_jpg_column(tmp_path, client, img2dataset_outputs):
+    root, rows = img2dataset_outputs
+    source = copy_output(root, "webdataset", tmp_path)
+    table = pq.read_table(source / "00000.parquet")
+    pq.write_table(table.append_column("jpg", pa.array([b"not-from-tar"] * table.num_rows)), source / "00000.parquet")
+    out, _ = adopted(tmp_path, client, source, format="webdataset")
+    kept = read_stage(out)[0]
+    assert b"not-from-tar" not in set(kept["jpg"].dropna()) and (kept["source_jpg"].dropna() == b"not-from-tar").all()
+
+
+@pytest.mark.slow
 def test_files_layout_skips_symlinked_images(tmp_path, client, img2dataset_outputs):
     root, rows = img2dataset_outputs
     source = copy_output(root, "files", tmp_path)
@@ -257,6 +306,13 @@ def test_bad_img2dataset_folders_are_refused_with_the_file_named(tmp_path, img2d
     pq.write_table(table.set_column(table.column_names.index("key"), "key", table.column("key").cast("int64")), int_keys / "00000.parquet")
     with pytest.raises(BadInputError, match="column key holds int64, expected string"):
         plan_adopt(str(int_keys), AdoptConfig())
+    for column, value in (("url", pa.nulls(SHARD_ROWS)), ("sha256", pa.array(range(SHARD_ROWS)))):
+        bad = tmp_path / f"bad-{column}"
+        bad.mkdir()
+        table = pq.read_table(root / "parquet" / "00000.parquet")
+        pq.write_table(table.set_column(table.column_names.index(column), column, value), bad / "00000.parquet")
+        with pytest.raises(BadInputError, match=f"00000.parquet: column {column} holds"):
+            plan_adopt(str(bad), AdoptConfig())
     escaping = tmp_path / "escaping"
     escaping.mkdir()
     (escaping / "00000.parquet").symlink_to(root / "parquet" / "00000.parquet")

@@ -52,6 +52,7 @@ def test_export_resumes_and_is_byte_identical(tmp_path, client):
     (out / "_progress" / "part-00001.json").unlink()
     (out / "_SUCCESS").unlink()
     (out / "_tmp-dead-part-00001.tar").write_bytes(b"partial")  # an interrupted write
+    (out / "_progress" / "part-00000.json").write_text("{damaged")  # by hand: that tar is written again
     result = export(str(src), str(out), ExportConfig(), client)
     assert {p.name: p.read_bytes() for p in out.glob("part-*.tar")} == first
     assert not list(out.glob("_tmp-*")) and result["samples"] == 8
@@ -75,6 +76,13 @@ def test_export_refuses_other_folders_and_unsafe_uids(tmp_path, client):
         export(str(hostile), str(tmp_path / "hostile"), ExportConfig(), client)
     assert not (tmp_path / "evil.jpg").exists() and not list(tmp_path.rglob("evil*"))
     assert not (tmp_path / "hostile" / "part-00000.tar").exists() and not (tmp_path / "hostile" / "_SUCCESS").exists()
+
+
+def test_nested_nan_is_null_in_the_json(tmp_path, client):
+    rows = [downloaded_row(f"{i:016x}", f"caption {i}", shape_jpeg(i, size=32), scores=[0.5, float("nan")]) for i in range(2)]
+    write_stage(tmp_path / "filter", [rows], stage="filter")
+    export(str(tmp_path / "filter"), str(tmp_path / "wds"), ExportConfig(), client)
+    assert [json.loads(s["json"])["scores"] for s in read_webdataset(tmp_path / "wds")] == [[0.5, None], [0.5, None]]
 
 
 def test_tar_members_are_plain_files_named_by_uid(tmp_path, client):

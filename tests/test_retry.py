@@ -67,7 +67,11 @@ def test_only_transient_failures_are_retryable():
     assert is_retryable("failed_to_download", "timed out")
     assert is_retryable("failed_to_download", "<urlopen error [Errno 111] Connection refused>")
     assert is_retryable("failed_to_download", "Remote end closed connection without response")
+    assert is_retryable("failed_to_download", "[Errno 104] Connection reset by peer")
+    assert is_retryable("failed_to_download", "<urlopen error [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol (_ssl.c:1006)>")
     assert not is_retryable("failed_to_download", "HTTP Error 404: Not Found")
+    assert not is_retryable("failed_to_download", "HTTP Error 403: Connection refused")  # the server's own reason phrase
+    assert not is_retryable("failed_to_download", "URL scheme not allowed: ftp: in ftp://h/timed out (only http and https are fetched)")
     assert not is_retryable("failed_to_download", "HTTP Error 4290: made up")
     assert not is_retryable("failed_to_download", "Use of image disallowed by X-Robots-Tag directive")
     assert not is_retryable("failed_to_download", TDM_REFUSED)
@@ -103,6 +107,9 @@ def test_retry_fetches_only_retryable_rows_in_place(tmp_path, client):
     assert sum(m["counters"]["status"].get("success", 0) for m in marks) == 6
     with pytest.raises(BadInputError, match="--image-size 64: a retry keeps the download's own options"):
         retry_failed(str(images), client, {"image_size": 64})
+    (images / "_progress" / "part-00001.json").unlink()
+    with pytest.raises(BadInputError, match=r"_progress/part-00001.json: missing or damaged"):
+        retry_failed(str(images), client)
 
 
 @pytest.mark.slow
@@ -137,6 +144,8 @@ def test_killed_retry_resumes_with_every_row_once(tmp_path, client):
         assert not (images / "_SUCCESS").exists()  # later stages refuse a half-retried folder
         with pytest.raises(BadInputError, match="not a finished stage"):
             clean(str(images), str(tmp_path / "clean"), CleanConfig(), client)
+        with pytest.raises(BadInputError, match="a --retry-failed round is under way"):
+            download(str(tmp_path / "urls"), str(images), DownloadConfig(threads=4, timeout=5), client)  # would end the round half done
         proc = retry_cli(images)
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]

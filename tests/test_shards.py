@@ -64,3 +64,17 @@ def test_accounting_mismatch_is_a_bug_not_silence(tmp_path, client):
     with pytest.raises(RuntimeError, match="3 rows in but 2 kept"):
         run_stage(toy(loses_a_row), str(tmp_path / "out"), [ShardTask("part-00000", None)], client, retries=0)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_read_shard_refuses_columns_the_file_lacks(tmp_path):
+    import pyarrow.parquet as pq
+
+    from dallekit.errors import BadInputError
+    from dallekit.io import read_shard
+
+    pq.write_table(pa.table({"uid": ["a"]}), tmp_path / "part-00000.parquet")
+    with pytest.raises(BadInputError, match=r"part-00000.parquet: missing column\(s\) caption"):
+        read_shard(str(tmp_path / "part-00000.parquet"), ["uid", "caption"])
+    (tmp_path / "part-00001.parquet").mkdir()
+    with pytest.raises(BadInputError, match="a folder where a Parquet shard was expected"):
+        read_shard(str(tmp_path / "part-00001.parquet"))

@@ -16,7 +16,7 @@ completion order). `sha256` is computed from the stored bytes when the folder ha
 Adopt drops nothing it was given: failed rows keep img2dataset's status and message, and an
 image that is missing, not a regular file or larger than `--max-image-bytes` turns its row into
 `failed_to_download` with an `adopt: ...` message. Only a URL repeated across the folder is
-rejected (`duplicate_url`, like ingest), found by the same bucketed passes as ingest's, in
+rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`), found by ingest's bucketed passes, in
 `_work/`, so no task holds more than a bucket of URLs. Images are never decoded here (clean
 does that, reading each header first); tar members are read into memory only when they are
 regular files of at most `--max-image-bytes`, and nothing is extracted to disk.
@@ -106,11 +106,13 @@ def detect_layout(input_dir: str, paths: list[str], layout: str) -> str:
         layout = "webdataset" if fs.exists(first) else ("files" if fs.isdir(_companion(paths[0], "files")) else "parquet")
     for p in paths:
         companion = _companion(p, layout)
+        local = _fs(companion)[1]  # without file://, so the link checks see the real path
         if layout == "webdataset" and not fs.isfile(companion):
             raise BadInputError(f"{companion}: missing (expected img2dataset's webdataset tar beside {p})")
         if layout == "files" and not fs.isdir(companion):
             raise BadInputError(f"{companion}: missing (expected img2dataset's image folder beside {p})")
-        if _is_local(fs) and layout != "parquet" and os.path.islink(companion):
+        beside = os.path.dirname(os.path.realpath(_fs(p)[1]))
+        if _is_local(fs) and layout != "parquet" and (os.path.islink(local) or os.path.dirname(os.path.realpath(local)) != beside):
             raise BadInputError(f"{companion}: a symlink; expected img2dataset's own {'tar' if layout == 'webdataset' else 'folder'}")
     return layout
 
@@ -121,10 +123,13 @@ def check_metadata(paths: list[str], layout: str) -> list[int]:
     for path, (schema, n) in zip(paths, check_columns(paths, {"url", "key", "status"}, "an img2dataset output shard")):
         if "caption" not in schema.names:
             raise BadInputError(f"{path}: {NO_CAPTION}")
-        for name, kind, fits in (("caption", "string", pa.types.is_string), ("key", "string", pa.types.is_string),
-                                 ("error_message", "string", pa.types.is_string)):
-            if name in schema.names and not (fits(schema.field(name).type) or pa.types.is_null(schema.field(name).type)):
-                raise BadInputError(f"{path}: column {name} holds {schema.field(name).type}, expected {kind} (img2dataset's own column)")
+        for name in ("url", "key", "status"):  # img2dataset always fills these
+            if pa.types.is_null(schema.field(name).type):
+                raise BadInputError(f"{path}: column {name} holds only nulls, expected strings (img2dataset's own column)")
+        for name in ("caption", "key", "error_message", "sha256"):
+            field = schema.field(name) if name in schema.names else None
+            if field is not None and not (pa.types.is_string(field.type) or pa.types.is_null(field.type)):
+                raise BadInputError(f"{path}: column {name} holds {field.type}, expected string (img2dataset's own column)")
         images = [c for c in IMAGE_COLUMNS if c in schema.names]
         if layout == "parquet" and not images:
             raise BadInputError(f"{path}: no image column ({', '.join(IMAGE_COLUMNS)}); expected img2dataset's parquet output, "
@@ -135,12 +140,21 @@ def check_metadata(paths: list[str], layout: str) -> list[int]:
     return rows
 
 
+TAKE_ROWS = 64  # image rows gathered per chunk while sorting: at 20 MiB an image, a chunk stays under Arrow's 2 GiB
+
+
 def _metadata(path: str, columns: list[str] | None = None) -> pa.Table:
     """A shard's rows in key order (img2dataset writes them as downloads complete), url stripped as ingest does."""
     table = read_shard(path, columns=columns)
-    table = table.combine_chunks().take(pc.sort_indices(table, [("key", "ascending")]))  # one chunk: a chunked take is 10x slower
-    url = pc.utf8_trim_whitespace(table.column("url"))
-    return table.set_column(table.column_names.index("url"), "url", url)
+    order = pc.sort_indices(table, [("key", "ascending")])
+    images = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    small = table.drop_columns(images).combine_chunks().take(order)  # one chunk: a chunked take is 10x slower
+    for name in images:  # gathered in slices: one combined binary column of a big shard would pass 2 GiB
+        column = table.column(name)
+        small = small.append_column(name, pa.chunked_array([column.take(order[i : i + TAKE_ROWS]) for i in range(0, len(order), TAKE_ROWS)],
+                                                           column.type))
+    url = pc.utf8_trim_whitespace(small.column("url"))
+    return small.set_column(small.column_names.index("url"), "url", url)
 
 
 def scan_shards(group: list[AdoptShard], work_dir: str, n_buckets: int) -> int:
@@ -243,13 +257,17 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     keys = table.column("key").to_pylist()
     statuses = table.column("status").to_pylist()
     messages = table.column("error_message").to_pylist() if "error_message" in table.column_names else [None] * len(keys)
-    column = _image_column(table)
-    if column is not None:  # parquet layout: the bytes are in the rows, and stay in Arrow (no per-image copies)
-        jpg = table.column(column).combine_chunks().cast(pa.binary())
+    limit = task.config.max_image_bytes
+    if task.layout == "parquet":  # the bytes are in the rows, and stay in Arrow (no per-image copies)
+        column = _image_column(table)
+        jpg = table.column(column).cast(pa.binary())
         table = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names])
-        missing = pc.and_(pc.equal(table.column("status"), "success"), pc.is_null(jpg)).to_pylist()
-        for i in (i for i, m in enumerate(missing) if m):
-            statuses[i], messages[i] = "failed_to_download", f"adopt: no image bytes for key {str(keys[i])[:40]} in its {column} column"
+        sizes = pc.binary_length(jpg).to_pylist()
+        for i, (status, size) in enumerate(zip(statuses, sizes)):
+            if status == "success" and size is None:
+                statuses[i], messages[i] = "failed_to_download", f"adopt: no image bytes for key {str(keys[i])[:40]} in its {column} column"
+            elif status == "success" and size > limit:
+                statuses[i], messages[i] = "failed_to_download", f"adopt: image of key {str(keys[i])[:40]} is {size} bytes, more than --max-image-bytes {limit}"
         jpg = pc.if_else(pc.equal(pa.array(statuses, pa.string()), "success"), jpg, pa.scalar(None, pa.binary()))
     else:
         wanted = {k for k, s in zip(keys, statuses) if s == "success" and isinstance(k, str) and KEY.fullmatch(k)}
@@ -273,8 +291,12 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     replaced = {"status": pa.array(statuses, pa.string()), "error_message": pa.array(messages, pa.string())}
     extras = [c for c in table.column_names if c not in IMG2DATASET_COLUMNS + ("url", "caption", "sha256")]
     # an input column named like one dallekit writes is kept as source_<name>, as ingest keeps it
+    renamed = {c: (f"source_{c}" if c in RESERVED else c) for c in extras}
+    if len(set(renamed.values())) < len(renamed):
+        clash = next(c for c in extras if renamed[c] != c and renamed[c] in extras)
+        raise BadInputError(f"{task.path}: columns {clash} and {renamed[clash]} would both be kept as {renamed[clash]}; rename one")
     out = pa.table({"uid": pa.array(uids, pa.string()), "url": table.column("url"), "caption": table.column("caption"),
-                    **{(f"source_{c}" if c in RESERVED else c): table.column(c) for c in extras},
+                    **{renamed[c]: table.column(c) for c in extras},
                     **{c: replaced.get(c, table.column(c) if c in table.column_names else None) for c in IMG2DATASET_COLUMNS
                        if c in table.column_names or c in replaced},
                     "sha256": pa.array(sha, pa.string()), "jpg": jpg})
@@ -284,16 +306,18 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     duplicate_of = dict(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
     base = task.index << 32
     dup_col = pa.array([duplicate_of.get(base + i) for i in range(out.num_rows)], pa.string())
-    rejected = pc.is_valid(dup_col)
-    kept = out.filter(pc.invert(rejected)) if dup_col.null_count < out.num_rows else out  # no copy of the images when none repeat
-    rejects = (out.drop_columns(["jpg"]).append_column("reason", pa.array(["duplicate_url"] * out.num_rows, pa.string()))
-               .append_column("duplicate_of", dup_col).filter(rejected))
+    # no URL: no row ingest would have made (and its uid, of an empty URL, could repeat another's)
+    reasons = ["empty_url" if not u else ("duplicate_url" if d is not None else None) for u, d in zip(urls, dup_col.to_pylist())]
+    reason_col = pa.array(reasons, pa.string())
+    rejected = pc.is_valid(reason_col)
+    kept = out.filter(pc.invert(rejected)) if reason_col.null_count < out.num_rows else out  # no copy of the images when none is rejected
+    rejects = out.drop_columns(["jpg"]).append_column("reason", reason_col).append_column("duplicate_of", dup_col).filter(rejected)
     counts = pc.value_counts(kept.column("status")).to_pylist()
     return ShardResult(rows_in=out.num_rows, kept=kept, rejects=rejects,
                        counters={"status": {c["values"]: c["counts"] for c in counts}, "layout": {task.layout: 1}})
 
 
-STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("duplicate_url",))
+STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("empty_url", "duplicate_url"))
 
 
 def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:

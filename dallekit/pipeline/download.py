@@ -230,6 +230,15 @@ def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
                 tasks=lambda _, __: shard_tasks(paths, lambda p: DownloadShard(p, shard_index(p), key_digits, config, roots)))
 
 
+def refuse_during_retry(output_dir: str) -> None:
+    """A download folder in the middle of a `--retry-failed` round is finished by the retry, not by a rerun of the download."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    if fs.exists(f"{root.rstrip('/')}/_retry/round.json"):
+        raise BadInputError(f"--out {output_dir}: a --retry-failed round is under way there; "
+                            f"finish it with `dallekit download --retry-failed {output_dir}`")
+
+
 def download(input_dir: str, output_dir: str, config: DownloadConfig, client, plan: Plan | None = None) -> dict:
     """Run the download stage over every URL shard of `input_dir`."""
+    refuse_during_retry(output_dir)
     return run_plan(STAGE, plan or plan_download(input_dir, config), output_dir, client, config.overwrite)

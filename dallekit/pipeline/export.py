@@ -32,9 +32,13 @@ CLAIM = "_export.json"
 
 
 def _json_value(value):
-    """A column value as JSON: NaN and infinities become null (JSON has neither)."""
+    """A column value as JSON: NaN and infinities become null (JSON has neither), inside lists and structs too."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
     return value
 
 
@@ -56,18 +60,22 @@ def export_shard(path: str, output_dir: str) -> dict:
     name = shard_stem(path)
     buffer = io.BytesIO()
     written = skipped = 0
+    seen: set[str] = set()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for i, image in enumerate(images):
             uid = meta["uid"][i]
             if not isinstance(uid, str) or not KEY.fullmatch(uid):
                 raise BadInputError(f"{path}: uid {str(uid)[:40]!r} cannot name a WebDataset sample (expected letters, digits, _ or -)")
+            if uid in seen:  # two samples of one key would merge in a WebDataset reader
+                raise BadInputError(f"{path}: uid {uid} appears twice; expected the unique uids of a dallekit stage")
+            seen.add(uid)
             if image is None:
                 skipped += 1
                 continue
             record = {c: _json_value(meta[c][i]) for c in meta_columns}
             _add(tar, f"{uid}.jpg", image)
             _add(tar, f"{uid}.txt", (meta["caption"][i] or "").encode("utf-8"))
-            _add(tar, f"{uid}.json", json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8"))
+            _add(tar, f"{uid}.json", json.dumps(record, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False).encode("utf-8"))
             written += 1
     tmp = f"{root}/_tmp-{uuid.uuid4().hex}-{name}.tar"
     with fs.open(tmp, "wb") as f:
@@ -105,15 +113,20 @@ def export(stage_dir: str, output_dir: str, config: ExportConfig, client) -> dic
     for p in fs.glob(f"{root}/_tmp-*"):
         fs.rm(p)  # an interrupted run's partial tars
     fs.makedirs(f"{root}/_progress", exist_ok=True)
-    pending = [p for p in paths if not fs.exists(f"{root}/_progress/{shard_stem(p)}.json")]
+    marks = {}
+    for p in paths:
+        try:
+            with fs.open(f"{root}/_progress/{shard_stem(p)}.json", "r") as f:
+                marks[p] = json.load(f)
+        except (FileNotFoundError, ValueError):  # not written yet, or damaged by hand: write that tar again
+            pass
+    pending = [p for p in paths if not (isinstance(marks.get(p), dict) and {"rows", "samples", "no_image"} <= set(marks[p]))]
     if len(pending) < len(paths):
         print(f"export: resuming, {len(paths) - len(pending)} of {len(paths)} tars already written")
-    map_with_progress(client, export_shard, pending, desc="export", unit="shard", already_done=len(paths) - len(pending), output_dir=output_dir)
-    marks = []
-    for p in paths:
-        with fs.open(f"{root}/_progress/{shard_stem(p)}.json", "r") as f:
-            marks.append(json.load(f))
-    result = claim | {key: sum(m[key] for m in marks) for key in ("rows", "samples", "no_image")} | {"shards": len(paths)}
+    written = map_with_progress(client, export_shard, pending, desc="export", unit="shard", already_done=len(paths) - len(pending),
+                                output_dir=output_dir)
+    marks.update(zip(pending, written))
+    result = claim | {key: sum(marks[p][key] for p in paths) for key in ("rows", "samples", "no_image")} | {"shards": len(paths)}
     write_json_atomic(result, f"{root}/{CLAIM}")
     with fs.open(f"{root}/_SUCCESS", "w") as f:
         f.write("")

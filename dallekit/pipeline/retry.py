@@ -31,14 +31,17 @@ import pyarrow.compute as pc
 
 from dallekit.config import BadInputError, DownloadConfig, build_config
 from dallekit.io import list_shards, read_shard, shard_index, shard_stem, write_json_atomic, write_table_atomic
-from dallekit.pipeline.download import RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
+from dallekit.pipeline.download import LOST_ROW, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
 from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, summarize
 
 # img2dataset stores str(err): "HTTP Error 503: ...", "<urlopen error [Errno 111] Connection refused>", "timed out", ...
+# Anchored at the start: a server's reason phrase ("HTTP Error 403: Connection refused") or a URL in a
+# refusal must not make a permanent failure look transient.
 RETRYABLE = re.compile(
-    r"timed out|HTTP Error (5\d\d|429)\b|Connection (refused|reset|aborted)|Remote end closed connection|IncompleteRead"
-    r"|Temporary failure in name resolution|EOF occurred in violation of protocol|row lost by the downloader",
-    re.IGNORECASE,
+    r"^(?:HTTP Error (?:5\d\d|429):"
+    r"|(?:<urlopen error )?(?:\[Errno -?\d+\] |\[SSL: [A-Z_]+\] )?(?:timed out|The read operation timed out|"
+    r"Connection (?:refused|reset by peer|aborted)|Temporary failure in name resolution|EOF occurred in violation of protocol)"
+    r"|Remote end closed connection without response|IncompleteRead\(|" + re.escape(LOST_ROW) + "$)"
 )
 ROUND = "_retry/round.json"
 
@@ -101,6 +104,16 @@ def _retry_config(stored: dict, given: dict, where: str) -> DownloadConfig:
     return build_config(DownloadConfig, argparse.Namespace(**given), section, where=where)  # a hand-edited value is checked too
 
 
+def _file_roots(fs, root: str) -> tuple[str, ...]:
+    """The folders the URL shards' ingest read (file:// URLs stay allowed there), found through the resolved input path."""
+    try:
+        with fs.open(f"{root}/_fingerprint.json", "r") as f:
+            source = json.load(f)["input"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+    return read_file_roots(source) if isinstance(source, str) and fs.exists(source) else ()
+
+
 def retry_failed(download_dir: str, client, given: dict | None = None) -> dict:
     """Fetch again the retryable rows of a finished download folder, shard by shard in place; returns its new stats."""
     fs, root = fsspec.core.url_to_fs(download_dir)
@@ -125,8 +138,12 @@ def retry_failed(download_dir: str, client, given: dict | None = None) -> dict:
         write_json_atomic({"round": number}, f"{root}/{ROUND}")
         fs.rm(f"{root}/_SUCCESS")  # later stages must not read the folder while its shards change
     done = {p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(f"{root}/_retry/done/part-*.json")}
-    roots = read_file_roots(stats["config"]["input"]) if stats.get("config", {}).get("input") and fs.exists(stats["config"]["input"]) else ()
     paths = list_shards(download_dir)
+    marks = read_marks(download_dir)
+    lost = [shard_stem(p) for p in paths if shard_stem(p) not in marks]
+    if lost:
+        raise BadInputError(f"{download_dir}/_progress/{lost[0]}.json: missing or damaged; rerun the download to finish that shard first")
+    roots = _file_roots(fs, root)
     pending = [RetryShard(p, download_dir, config, roots) for p in paths if shard_stem(p) not in done]
     map_with_progress(client, retry_shard, pending, desc="retry", unit="shard", already_done=len(paths) - len(pending))
     results = []
