@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from dallekit.config import AdoptConfig, BadInputError, output_options
 from dallekit.io import check_columns, read_shard, shard_schema, write_table_atomic
+from dallekit.pipeline.download import status_counters
 from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
 from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name
 from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
@@ -246,10 +247,6 @@ def _read_images(task: AdoptShard, keys: set[str]) -> tuple[dict[str, bytes], di
     return images, problems
 
 
-def _image_column(table: pa.Table) -> str | None:
-    return next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
-
-
 def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     """One img2dataset shard as download's layout, its repeated URLs (found by the prepare pass) rejected."""
     task, scratch = payload
@@ -259,7 +256,7 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     messages = table.column("error_message").to_pylist() if "error_message" in table.column_names else [None] * len(keys)
     limit = task.config.max_image_bytes
     if task.layout == "parquet":  # the bytes are in the rows, and stay in Arrow (no per-image copies)
-        column = _image_column(table)
+        column = next(c for c in IMAGE_COLUMNS if c in table.column_names)  # check_metadata made sure of one
         jpg = table.column(column).cast(pa.binary())
         table = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names])
         sizes = pc.binary_length(jpg).to_pylist()
@@ -297,7 +294,7 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
         raise BadInputError(f"{task.path}: columns {clash} and {renamed[clash]} would both be kept as {renamed[clash]}; rename one")
     out = pa.table({"uid": pa.array(uids, pa.string()), "url": table.column("url"), "caption": table.column("caption"),
                     **{renamed[c]: table.column(c) for c in extras},
-                    **{c: replaced.get(c, table.column(c) if c in table.column_names else None) for c in IMG2DATASET_COLUMNS
+                    **{c: replaced[c] if c in replaced else table.column(c) for c in IMG2DATASET_COLUMNS
                        if c in table.column_names or c in replaced},
                     "sha256": pa.array(sha, pa.string()), "jpg": jpg})
     fs, root = _fs(f"{scratch}/block_dups/b-{task.index:06d}.parquet")
@@ -312,9 +309,7 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     rejected = pc.is_valid(reason_col)
     kept = out.filter(pc.invert(rejected)) if reason_col.null_count < out.num_rows else out  # no copy of the images when none is rejected
     rejects = out.drop_columns(["jpg"]).append_column("reason", reason_col).append_column("duplicate_of", dup_col).filter(rejected)
-    counts = pc.value_counts(kept.column("status")).to_pylist()
-    return ShardResult(rows_in=out.num_rows, kept=kept, rejects=rejects,
-                       counters={"status": {c["values"]: c["counts"] for c in counts}, "layout": {task.layout: 1}})
+    return ShardResult(rows_in=out.num_rows, kept=kept, rejects=rejects, counters=status_counters(kept) | {"layout": {task.layout: 1}})
 
 
 STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("empty_url", "duplicate_url"))

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dallekit.config import BadInputError, DownloadConfig, build_config
-from dallekit.io import list_shards, read_shard, shard_index, shard_stem, write_json_atomic, write_table_atomic
+from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
 from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, summarize
 
@@ -48,7 +48,7 @@ ROUND = "_retry/round.json"
 
 def is_retryable(status: str | None, message: str | None) -> bool:
     """Whether a row's failure may pass on a second try (a timeout, a dropped connection, a 5xx or 429)."""
-    return status == "failed_to_download" and bool(message) and RETRYABLE.search(message) is not None
+    return status == "failed_to_download" and bool(message) and RETRYABLE.match(message) is not None
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,16 @@ class RetryShard:
 
 def retry_shard(task: RetryShard) -> dict:
     """Fetch one shard's retryable rows again and rewrite it in place; returns what it retried and recovered."""
-    table = read_shard(task.path)
-    old_layout = RETRIES not in table.column_names
-    if old_layout:  # a folder from before the column: every shard gets it, so their schemas agree
-        table = table.append_column(RETRIES, pa.array([0] * table.num_rows, pa.int32()))
-    flags = [is_retryable(s, m) for s, m in zip(table.column("status").to_pylist(), table.column("error_message").to_pylist())]
-    rows = [i for i, f in enumerate(flags) if f]
     name = shard_stem(task.path)
+    failures = read_shard(task.path, columns=["status", "error_message"])  # most shards have nothing to retry: no images read
+    flags = [is_retryable(s, m) for s, m in zip(failures.column("status").to_pylist(), failures.column("error_message").to_pylist())]
+    rows = [i for i, f in enumerate(flags) if f]
+    old_layout = RETRIES not in shard_schema(task.path)[0].names  # a folder from before the column: every shard gets it
     result = {"shard": name, "retried": len(rows), "recovered": 0}
     if rows or old_layout:
+        table = read_shard(task.path)
+        if old_layout:
+            table = table.append_column(RETRIES, pa.array([0] * table.num_rows, pa.int32()))
         if rows:
             source = table.select(table.column_names[: table.column_names.index("key")]).take(rows)  # the URL shard's columns
             download = DownloadShard(task.path, shard_index(task.path), max(1, math.ceil(math.log10(len(rows) + 1))), task.config, task.file_roots)
@@ -81,8 +82,8 @@ def retry_shard(task: RetryShard) -> dict:
             fetched = fetched.select(table.column_names).cast(table.schema)
             result["recovered"] = sum(s == "success" for s in fetched.column("status").to_pylist())
             untouched = table.filter(pa.array([not f for f in flags]))
-            positions = [i for i, f in enumerate(flags) if not f] + rows
-            table = pa.concat_tables([untouched, fetched]).take(pa.array(sorted(range(len(positions)), key=positions.__getitem__)))
+            positions = pa.array([i for i, f in enumerate(flags) if not f] + rows)  # each row's place in the shard
+            table = pa.concat_tables([untouched, fetched]).take(pc.sort_indices(positions))
         write_table_atomic(table, task.path)
         fs, root = fsspec.core.url_to_fs(task.folder)
         mark_path = f"{root.rstrip('/')}/_progress/{name}.json"

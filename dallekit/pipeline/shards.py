@@ -183,9 +183,10 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
     if not fs.exists(f"{root}/_SUCCESS") or not fs.exists(f"{root}/_stats.json"):
         raise BadInputError(f"{input_dir}: not a finished stage folder (no _SUCCESS); expected the output of {kinds}")
     try:
-        stage = read_stats(input_dir).get("stage")
+        stats = read_stats(input_dir)
     except (ValueError, OSError) as err:
         raise BadInputError(f"{input_dir}/_stats.json: not readable ({err})") from None
+    stage = stats.get("stage")
     if stage not in upstream:
         raise BadInputError(f"{input_dir}: holds a `{stage}` stage; expected the output of {kinds}")
     digest = None
@@ -193,7 +194,7 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         with fs.open(f"{root}/{FINGERPRINT}", "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
     identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest}
-    rounds = (read_stats(input_dir).get("retry") or {}).get("rounds")
+    rounds = (stats.get("retry") or {}).get("rounds")
     return identity | ({"retry_rounds": rounds} if rounds else {})  # `download --retry-failed` changed its rows
 
 
