@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/download_vs_img2dataset.py
+	$(BIN)/python benchmarks/download_web_sized.py
 	$(BIN)/python benchmarks/clean_throughput.py --n 10000
 	$(BIN)/python benchmarks/dedup_scale.py
 	$(BIN)/python benchmarks/clean_scale.py

@@ -2,10 +2,12 @@
 
 Serves N generated JPEGs on 127.0.0.1, ingests them, then times `download`, `clean` and
 `filter --no-clip` as stage functions on one local Dask cluster whose workers have already
-imported the stages' libraries (cluster start-up and imports are not timed for any of them). Prints each stage's rows/s and, as its last line,
-ratio=<(clean + filter) rows/s / download rows/s>. Target: >= 20.
+imported the stages' libraries (cluster start-up and imports are not timed for any of them).
+Alternates in rounds (ABAB...): A downloads into a fresh folder, B cleans and filters that
+download into fresh folders. Prints each round's rows/s and, as its last line,
+ratio=<median over rounds of (clean + filter) rows/s / download rows/s>. Target: >= 20.
 
-    python benchmarks/clean_throughput.py [--n 5000] [--workers 2]
+    python benchmarks/clean_throughput.py [--n 5000] [--workers 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from common import alternate, print_rounds
 
 from dallekit.config import (
     CleanConfig,
@@ -36,6 +40,8 @@ from dallekit.pipeline.ingest import ingest
 
 
 def timed(fn, *args) -> float:
+    """Seconds of fn(*args), its output folder (the second argument) removed first."""
+    shutil.rmtree(args[1], ignore_errors=True)
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
@@ -62,6 +68,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16, help="download threads per shard task")
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of download then clean + filter")
     args = parser.parse_args()
 
     data = make_dataset(args.n, seed=0, broken_fraction=0.0, png_fraction=0.0)
@@ -71,19 +78,22 @@ def main() -> None:
         pd.DataFrame({"url": [server.url(r["path"]) for r in data.rows], "caption": [r["caption"] for r in data.rows]}).to_parquet(urls)
         ingest([str(urls)], str(work / "ingest"), IngestConfig(shard_size=args.shard_size), client)
         client.run(warm_up)  # one-off imports and model loads per worker are not per-row throughput
-        t_download = timed(download, str(work / "ingest"), str(work / "download"), DownloadConfig(threads=args.threads), client)
-        t_clean = timed(clean, str(work / "download"), str(work / "clean"), CleanConfig(), client)
-        t_filter = timed(filter_stage, str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client)
+        seconds: dict[str, list[float]] = {"clean": [], "filter": []}
+
+        def download_rate() -> float:
+            return args.n / timed(download, str(work / "ingest"), str(work / "download"), DownloadConfig(threads=args.threads), client)
+
+        def clean_filter_rate() -> float:
+            seconds["clean"].append(timed(clean, str(work / "download"), str(work / "clean"), CleanConfig(), client))
+            seconds["filter"].append(timed(filter_stage, str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client))
+            return args.n / (seconds["clean"][-1] + seconds["filter"][-1])
+
+        results = alternate(args.rounds, download_rate, clean_filter_rate)
     shutil.rmtree(work, ignore_errors=True)
-    rate_download = args.n / t_download
-    rate_clean_filter = args.n / (t_clean + t_filter)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.n} rows, {args.workers} workers, {args.shard_size}-row shards")
-    print(f"{'stage':<22}{'seconds':>10}{'rows/s':>12}")
-    print(f"{'download':<22}{t_download:>10.2f}{rate_download:>12.1f}")
-    print(f"{'clean':<22}{t_clean:>10.2f}{args.n / t_clean:>12.1f}")
-    print(f"{'filter --no-clip':<22}{t_filter:>10.2f}{args.n / t_filter:>12.1f}")
-    print(f"{'clean + filter':<22}{t_clean + t_filter:>10.2f}{rate_clean_filter:>12.1f}")
-    print(f"ratio={rate_clean_filter / rate_download:.2f}")
+    print(f"clean {args.n / statistics.median(seconds['clean']):.1f} rows/s, "
+          f"filter --no-clip {args.n / statistics.median(seconds['filter']):.1f} rows/s (median over rounds)")
+    print_rounds(results, "download", "clean + filter", "rows/s")
 
 
 if __name__ == "__main__":

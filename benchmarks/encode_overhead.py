@@ -4,10 +4,11 @@ Downloads and cleans N generated 256 px JPEGs on loopback, then, with the same r
 (preset `small` by default), batch size and torch threads, in one process:
   bare:  model.encode on uint8 images already decoded, resized and cropped, as float tensors;
   stage: `encode` on an in-process Dask worker: JPEG decode, resize, crop, caption BPE, Parquet.
-Also reports bytes per image token on disk (zstd): the image_tokens column alone and whole files.
-Last line: ratio=<stage images/s / bare images/s>. Target >= 0.8.
+The two alternate in rounds (ABAB...: bare, then the stage into a fresh folder). Also reports
+bytes per image token on disk (zstd): the image_tokens column alone and whole files.
+Last line: ratio=<median over rounds of stage images/s / bare images/s>. Target >= 0.8.
 
-    python benchmarks/encode_overhead.py [--n 1024] [--preset small] [--batch-size 64]
+    python benchmarks/encode_overhead.py [--n 1024] [--preset small] [--batch-size 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import downloaded_shapes  # noqa: E402
+from common import alternate, downloaded_shapes, print_rounds  # noqa: E402
 
 from dallekit.config import CleanConfig, ClusterConfig, EncodeConfig  # noqa: E402
 from dallekit.images import load_square  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of bare then stage")
     parser.add_argument("--dvae", help="a trained dVAE folder instead of random weights (its codes compress like real ones)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dallekit-bench-"))
@@ -84,26 +86,31 @@ def main() -> None:
         images = np.stack([load_square(b, config.image_size) for p in list_shards(str(downloaded)) for b in read_shard(p, columns=["jpg"]).column("jpg").to_pylist()])
         tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # decoded before the clock
         tokenizer.model.encode(tensors[: args.batch_size])  # warm-up
-        start = time.perf_counter()
-        for i in range(0, len(tensors), args.batch_size):
-            tokenizer.model.encode(tensors[i : i + args.batch_size])
-        bare = time.perf_counter() - start
+        n = len(images)
 
-        start = time.perf_counter()
-        stats = encode(str(downloaded), str(work / "dvae"), str(work / "tokens"), options, client, plan=plan)
-        stage = time.perf_counter() - start
+        def bare() -> float:
+            start = time.perf_counter()
+            for i in range(0, n, args.batch_size):
+                tokenizer.model.encode(tensors[i : i + args.batch_size])
+            return n / (time.perf_counter() - start)
+
+        def stage() -> float:
+            shutil.rmtree(work / "tokens", ignore_errors=True)
+            start = time.perf_counter()
+            stats = encode(str(downloaded), str(work / "dvae"), str(work / "tokens"), options, client, plan=plan)
+            seconds = time.perf_counter() - start
+            assert stats["rows_out"] == n, stats
+            return n / seconds
+
+        results = alternate(args.rounds, bare, stage)
         per_column, per_file, n_tokens = token_bytes(work / "tokens")
     shutil.rmtree(work, ignore_errors=True)
-    n = len(images)
-    assert stats["rows_out"] == n, stats
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     weights = f"trained weights from {args.dvae}" if args.dvae else f"preset {args.preset}, random weights"
     print(f"dVAE {config.image_size} px, {config.grid}x{config.grid} grid, {config.codebook_size} codes ({weights}), {n} images, batch {args.batch_size}")
-    print(f"{'path':<40}{'seconds':>10}{'images/s':>12}")
-    print(f"{'bare dvae.encode on decoded tensors':<40}{bare:>10.2f}{n / bare:>12.1f}")
-    print(f"{'encode stage (decode, resize, Parquet)':<40}{stage:>10.2f}{n / stage:>12.1f}")
+    print("bare: dvae.encode on decoded tensors; stage: encode (decode, resize, Parquet)")
     print(f"bytes per image token on disk (zstd): image_tokens column {per_column:.3f}, whole files {per_file:.3f} ({n_tokens} tokens)")
-    print(f"ratio={bare / stage:.3f}")
+    print_rounds(results, "bare", "stage", "images/s")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ codes, so its VAE never runs), AdamW, batch size and torch threads. Run it in th
 venv (benchmarks/setup_dalle_pytorch_venv.sh builds .bench/dalle-pytorch); dallekit's model
 file needs only torch and is imported from this checkout.
 
-    .bench/dalle-pytorch/bin/python benchmarks/train_vs_dalle_pytorch.py [--steps 30] [--batch-size 16]
+    .bench/dalle-pytorch/bin/python benchmarks/train_vs_dalle_pytorch.py [--steps 30] [--batch-size 16] [--rounds 3]
 
 Feature differences that affect the comparison: dalle_pytorch by default adds token shifting
 and rotary embeddings and uses GEGLU feed-forwards (its defaults are kept); dallekit uses
 learned text positions, row + column image embeddings, GELU MLPs and scaled_dot_product_attention.
-Last line: ratio=<dallekit steps/s / dalle_pytorch steps/s>. Target >= 1.5 on CPU.
+The two alternate in rounds (ABAB...: dalle_pytorch, then dallekit; each run with its own
+warm-up steps). Prints steps/s of both per round and, as its last line, ratio=<median over
+rounds of dallekit steps/s / dalle_pytorch steps/s>. Target >= 1.5 on CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate, print_rounds  # noqa: E402
+
 from dallekit.models.transformer import DalleTransformer, dalle_config  # noqa: E402
 
 
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=8)
     parser.add_argument("--text-vocab", type=int, default=49408)
     parser.add_argument("--image-vocab", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of dalle_pytorch then dallekit")
     args = parser.parse_args()
     from dalle_pytorch import DALLE, DiscreteVAE
 
@@ -79,17 +85,12 @@ def main() -> None:
         loss.backward()
         peer_opt.step()
 
-    rates = {}
-    for name, step in (("dallekit", ours_step), ("dalle_pytorch", peer_step), ("dallekit ", ours_step), ("dalle_pytorch ", peer_step)):
-        rates.setdefault(name.strip(), []).append(steps_per_second(step, args.steps))
-    best = {k: max(v) for k, v in rates.items()}
+    results = alternate(args.rounds, lambda: steps_per_second(peer_step, args.steps), lambda: steps_per_second(ours_step, args.steps))
     count = lambda m: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("vae."))  # noqa: E731
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"depth {args.depth}, dim {args.dim}, heads {args.heads}, text {T} of {args.text_vocab}, image {args.grid}x{args.grid} of {args.image_vocab}, batch {B}")
-    print(f"{'model':<16}{'parameters':>12}{'steps/s (best of 2)':>22}")
-    print(f"{'dallekit':<16}{count(ours):>12}{best['dallekit']:>22.2f}")
-    print(f"{'dalle_pytorch':<16}{count(peer):>12}{best['dalle_pytorch']:>22.2f}")
-    print(f"ratio={best['dallekit'] / best['dalle_pytorch']:.3f}")
+    print(f"parameters: dallekit {count(ours)}, dalle_pytorch {count(peer)}")
+    print_rounds(results, "dalle_pytorch", "dallekit", "steps/s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ albumentations transforms do, and the encoder and quality are the same. The diff
 - Alpha is matted in row blocks with img2dataset's arithmetic: the same pixels without its
   whole-image float64 copies, so a decode holds one image of at most max_image_area pixels
   (and its 8-bit or rotated copy while converting).
+- A JPEG larger than the target is decoded at reduced scale in the DCT domain (1/2, 1/4 or
+  1/8: libjpeg's scaled IDCT), the largest reduction whose shorter side still covers
+  `image_size`, then resized as before. A 2048x1536 photo decodes at 512x384 for a 256 px
+  output, for a fraction of the cost, and the result differs from a full decode by less than
+  JPEG re-encoding does (PSNR >= 38 dB, tests/test_resize_reduced.py). `original_width` and
+  `original_height` come from the header, so they are the full size either way. PNG, WebP,
+  GIF and the rest decode in full.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ import io
 import os
 import re
 import threading
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from dallekit.config import DownloadConfig
+from dallekit.images import jpeg_reduction
 
 ORIENTATION_TAG = 0x0112
 MATTE_BLOCK_PIXELS = 1 << 20  # pixels matted at once: float64 temporaries of ~24 MB
@@ -87,8 +96,23 @@ def quiet_native_output():
                     os.close(saved)
 
 
-def read_header(data: bytes) -> tuple[int, int, int]:
-    """(width, height, EXIF orientation) of image bytes from their header alone; raises on bytes PIL can not identify."""
+class Header(NamedTuple):
+    """What an image's header says: stored size, EXIF orientation, and whether a DCT-domain reduced decode applies."""
+
+    width: int
+    height: int
+    orientation: int
+    jpeg_mode: str | None  # "L" or "RGB" (OpenCV's reduced decode flag family) for 8-bit JPEGs, None for anything else
+
+
+_REDUCED_FLAGS = {  # the reduced decodes, told not to apply EXIF orientation: decode() applies it itself
+    ("RGB", 2): cv2.IMREAD_REDUCED_COLOR_2, ("RGB", 4): cv2.IMREAD_REDUCED_COLOR_4, ("RGB", 8): cv2.IMREAD_REDUCED_COLOR_8,
+    ("L", 2): cv2.IMREAD_REDUCED_GRAYSCALE_2, ("L", 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, ("L", 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def read_header(data: bytes) -> Header:
+    """The image's Header from its bytes' header alone; raises on bytes PIL can not identify."""
     with Image.open(io.BytesIO(data)) as image:
         orientation = 1
         # only EXIF already parsed from the header: PNG's getexif() would decode the image to look for a late eXIf chunk
@@ -97,7 +121,10 @@ def read_header(data: bytes) -> tuple[int, int, int]:
                 orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
             except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the image
                 orientation = 1
-        return image.width, image.height, orientation if orientation in _ORIENT else 1
+        jpeg_mode = None
+        if image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK"):  # OpenCV decodes CMYK JPEGs to BGR in full too
+            jpeg_mode = "L" if image.mode == "L" else "RGB"
+        return Header(image.width, image.height, orientation if orientation in _ORIENT else 1, jpeg_mode)
 
 
 def to_8bit(img: np.ndarray) -> np.ndarray:
@@ -122,10 +149,11 @@ def matte_on_white(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode(data: bytes, orientation: int = 1) -> np.ndarray:
-    """Decode with OpenCV as img2dataset does, then to 8 bits, alpha matted on white, shown upright."""
+def decode(data: bytes, orientation: int = 1, reduced: tuple[str, int] | None = None) -> np.ndarray:
+    """Decode with OpenCV as img2dataset does (or a JPEG at 1/factor scale, `reduced` = (mode, factor)), then to 8 bits, alpha matted on white, shown upright."""
+    flags = _REDUCED_FLAGS[reduced] | cv2.IMREAD_IGNORE_ORIENTATION if reduced else cv2.IMREAD_UNCHANGED
     with quiet_native_output():
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise ValueError("Image decoding error")
     img = to_8bit(img)
@@ -159,26 +187,49 @@ class Resizer:
         img_stream.seek(0)
         data = img_stream.read()
         try:
-            width, height, orientation = read_header(data)
+            header = read_header(data)
         except Image.DecompressionBombError as err:
             return _failure(self._bomb_message(err))
         except Exception:  # noqa: BLE001 - not an image PIL knows: its size can not be checked before decoding
             return _failure("Image decoding error")
-        refusal = self.check_size(width, height)
+        refusal = self.check_size(header.width, header.height)
         if refusal:
             return _failure(refusal)
         if blurring_bbox_list is not None:
             return _failure("blurrer not defined")
-        img = decode(data, orientation)
-        refusal = self.check_size(img.shape[1], img.shape[0])  # the header may have understated it
+        img, original_width, original_height = self.decode_for_target(data, header)
+        refusal = self.check_size(original_width, original_height)  # the header may have understated it
         if refusal:
             return _failure(refusal)
-        original_height, original_width = img.shape[:2]
         img = self.resize(img)
         ok, encoded = cv2.imencode(self.encode_ext, img, params=self.encode_params)
         if not ok:
             return _failure("Image encoding error")
         return encoded.tobytes(), img.shape[1], img.shape[0], original_width, original_height, None
+
+    def reduction(self, header: Header) -> int:
+        """The DCT-domain reduction (1, 2, 4 or 8) to decode this image at: the largest whose shorter side still covers image_size.
+
+        One rule for every mode: center_crop and keep_ratio scale the shorter side to image_size,
+        border and keep_ratio_largest the longer one, and with both sides covering image_size
+        the final resize still only shrinks, from at least as many pixels as it writes.
+        """
+        if header.jpeg_mode is None or self.resize_mode == "no":
+            return 1
+        return jpeg_reduction(header.width, header.height, min_side=self.image_size)
+
+    def decode_for_target(self, data: bytes, header: Header) -> tuple[np.ndarray, int, int]:
+        """(pixels shown upright, original width, original height), decoded at the reduction the target allows."""
+        factor = self.reduction(header)
+        if factor > 1:
+            img = decode(data, header.orientation, (header.jpeg_mode, factor))
+            stored = (-(-header.height // factor), -(-header.width // factor))  # libjpeg rounds reduced sides up
+            if (img.shape[:2] if header.orientation < 5 else img.shape[1::-1]) == stored:
+                width, height = (header.width, header.height) if header.orientation < 5 else (header.height, header.width)
+                return img, width, height
+            # the header and the decoder disagree on the size: trust only a full decode
+        img = decode(data, header.orientation)
+        return img, img.shape[1], img.shape[0]
 
     def check_size(self, width: int, height: int) -> str | None:
         """img2dataset's size refusals, in its order, with the area one naming size and limit; None when fine."""

@@ -415,3 +415,54 @@ def test_stale_download_folders_of_dead_workers_are_removed(tmp_path, monkeypatc
     finally:
         live.kill()
         live.wait()
+
+
+def test_in_memory_writer_gives_img2dataset_parquet_writers_rows(tmp_path):
+    """ShardTableWriter replaces ParquetSampleWriter: through the same Downloader, the same table (columns, types, values)."""
+    import functools
+
+    import pyarrow.feather as feather
+    from img2dataset.writer import ParquetSampleWriter
+
+    from dallekit.pipeline.fetch import FetchPolicy, fetching
+    from dallekit.pipeline.img2dataset_glue import ShardTableWriter, downloader_class
+    from dallekit.resize import Resizer
+
+    good, other = tmp_path / "a.jpg", tmp_path / "b.png"
+    good.write_bytes(image_bytes())
+    other.write_bytes(image_bytes(fmt="PNG"))
+    urls = [good.as_uri(), (tmp_path / "missing.jpg").as_uri(), other.as_uri(), "http://127.0.0.1:9/none.jpg"]
+    source = pa.table({"url": urls, "caption": ["one", None, "three", "four"], "extra": [1, 2, 3, 4]})
+    tables = {}
+    for name, writer in (("img2dataset", ParquetSampleWriter), ("dallekit", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        feather.write_feather(source, folder / "input.arrow")
+        delivered = []
+        downloader = downloader_class()(
+            sample_writer_class=writer or functools.partial(ShardTableWriter, delivered.append), resizer=Resizer(DownloadConfig()),
+            thread_count=2, save_caption=True, extract_exif=True, output_folder=str(folder), column_list=source.column_names,
+            timeout=2, number_sample_per_shard=10, oom_shard_count=5, compute_hash="sha256", verify_hash_type=None,
+            encode_format="jpg", retries=0, user_agent_token=None, disallowed_header_directives=None)
+        with fetching(FetchPolicy(1 << 20, True, (), True)):
+            ok, _ = downloader((0, str(folder / "input.arrow")))
+        assert ok
+        tables[name] = pq.read_table(folder / "00000.parquet") if writer else delivered[0]
+    mine, theirs = (tables[k].sort_by("key") for k in ("dallekit", "img2dataset"))
+    assert mine.schema.equals(theirs.schema) and mine.num_rows == 4
+    assert mine.to_pylist() == theirs.to_pylist()
+    assert sorted(mine.column("status").to_pylist()) == ["failed_to_download", "failed_to_download", "success", "success"]
+
+
+def test_downloader_is_imported_without_img2dataset_cli_and_its_names_still_resolve():
+    probe = (
+        "import sys\n"
+        "from dallekit.pipeline.img2dataset_glue import downloader_class\n"
+        "assert downloader_class().__name__ == 'Downloader'\n"
+        "print(sorted(m for m in ('torch', 'albumentations', 'webdataset', 'img2dataset.main') if m in sys.modules))\n"
+        "import img2dataset\n"
+        "print(img2dataset.download.__module__, type(img2dataset.main).__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "img2dataset.main function"]

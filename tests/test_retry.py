@@ -168,3 +168,17 @@ def test_retry_refuses_what_is_not_a_finished_download(tmp_path, client):
     proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "download"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "give URLS and --out" in proc.stderr
     assert pq.read_table(tmp_path / "clean" / "part-00000.parquet").num_rows == 1
+
+
+def test_retry_refuses_a_folder_an_older_resizer_wrote(tmp_path, client):
+    import json
+
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, _ = downloaded(tmp_path, client, server)
+        fingerprint = json.loads((images / "_fingerprint.json").read_text())
+        del fingerprint["options"]["resizer"]  # as a download before reduced-scale JPEG decoding wrote it
+        (images / "_fingerprint.json").write_text(json.dumps(fingerprint))
+        before = {p.name: p.read_bytes() for p in images.glob("part-*.parquet")}
+        with pytest.raises(BadInputError, match="another version of dallekit's resizer .*rerun the download with --overwrite"):
+            retry_failed(str(images), client, {"threads": 2})
+    assert {p.name: p.read_bytes() for p in images.glob("part-*.parquet")} == before

@@ -76,6 +76,42 @@ def test_quick_demo_report_references_existing_images(quick_demo):
     assert "zero-shot" in page and "random candidate right" in page
 
 
+def _burn_cpu(seconds: float) -> int:
+    end, spins = time.process_time() + seconds, 0
+    while time.process_time() < end:
+        spins += 1
+    return spins
+
+
+def test_step_timer_counts_the_dask_workers_cpu(client, tmp_path):
+    from dallekit.jobs.timing import StepTimer, load_timings
+
+    timer = StepTimer()
+    with timer.step("on-workers", client):
+        client.gather(client.map(_burn_cpu, [1.0, 1.0], pure=False))  # 2 CPU seconds on the workers, ~none here
+    with timer.step("here"):
+        _burn_cpu(0.5)
+    timer.save(str(tmp_path))
+    rows = {r["step"]: r for r in load_timings(tmp_path)}
+    assert rows["on-workers"]["cpu_s"] >= 1.9, rows  # the workers' seconds, not the driver's idle wait
+    assert 0.45 <= rows["here"]["cpu_s"] < 1.0 and rows["here"]["wall_s"] >= 0.45, rows
+
+
+@pytest.mark.slow
+def test_quick_demo_times_every_step_in_summary_and_report(quick_demo):
+    rows = json.loads((quick_demo / "timings.json").read_text())
+    steps = [r["step"] for r in rows]
+    assert steps == ["generate", "ingest", "download", "clean", "train-clip", "filter", "train-dvae", "train-bpe", "encode",
+                     "train", "sample", "evaluate"]
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows), rows
+    by_step = {r["step"]: r for r in rows}
+    assert by_step["train-dvae"]["cpu_s"] > 0.5 * by_step["train-dvae"]["wall_s"], by_step  # the trainer runs in this process
+    stdout = (quick_demo / "stdout.txt").read_text()
+    assert "demo: time per step" in stdout and re.search(r"demo:\s+train-dvae\s+[\d.]+\s+[\d.]+", stdout)
+    page = (quick_demo / "report.html").read_text()
+    assert "<h2>Time per step" in page and "<td>train-dvae</td>" in page
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebooks_execute_on_the_quick_demo(quick_demo, notebook, monkeypatch):

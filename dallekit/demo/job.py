@@ -21,6 +21,7 @@ import tomllib
 from dallekit.config import ClusterConfig, DemoOptions
 from dallekit.demo.synthetic import COLORS, SHAPES, SHAPES_JUDGE, ShapesServer, make_dataset
 from dallekit.jobs.run import Pipeline, load_pipeline, run_pipeline
+from dallekit.jobs.timing import StepTimer, format_timings, process_cpu_seconds
 
 
 def write_url_list(path: str, rows: list[dict], server: ShapesServer) -> None:
@@ -69,7 +70,9 @@ def run_demo(config: DemoOptions, cluster: ClusterConfig) -> dict:
     started = time.time()
     samples = config.samples or (300 if config.quick else 6000)
     os.makedirs(config.out, exist_ok=True)
+    timer, cpu = StepTimer(), process_cpu_seconds()
     data = make_dataset(samples, seed=config.seed)
+    timer.add("generate", time.time() - started, process_cpu_seconds() - cpu)
     server_file = os.path.join(config.out, "server.json")
     port = json.load(open(server_file))["port"] if os.path.exists(server_file) else 0  # reuse: URLs name the port
     with ShapesServer(data.routes, port=port, max_seconds=3 * 3600) as server:
@@ -80,9 +83,10 @@ def run_demo(config: DemoOptions, cluster: ClusterConfig) -> dict:
         write_url_list(url_list, data.rows, server)
         print("demo: clean checks exact duplicates only (the shapes are near duplicates of each other by design); "
               "the CLIP that filters and reranks is trained on the demo's own cleaned pairs (no weights offline)")
-        result = run_pipeline(demo_pipeline(config, cluster, [url_list]), judge=SHAPES_JUDGE)
+        result = run_pipeline(demo_pipeline(config, cluster, [url_list]), judge=SHAPES_JUDGE, timer=timer)
     print_summary(config.out, result)
-    print(f"demo: done in {(time.time() - started) / 60:.1f} minutes")
+    print(f"demo: done in {(time.time() - started) / 60:.1f} minutes, {process_cpu_seconds() - cpu:.0f} CPU seconds "
+          "(user + system of this process and its children)")
     return result
 
 
@@ -108,4 +112,8 @@ def print_summary(out: str, result: dict) -> None:
                 s = check[split]
                 print(f"demo: pixel check, {split.replace('_', '-')} pairs ({s['prompts']} prompts): "
                       f"random candidate right {s['random_right']:.0%}, reranked top-1 right {s['reranked_right']:.0%}")
+    if result.get("timings"):
+        print("demo: time per step (CPU s: user + system of dallekit and its Dask workers)")
+        for line in format_timings(result["timings"]):
+            print(f"demo:   {line}")
     print(f"demo: report in {os.path.join(out, 'report.html')}, sample grids in {os.path.join(out, 'samples')}/")

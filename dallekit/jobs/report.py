@@ -18,6 +18,7 @@ from PIL import Image
 from dallekit.charts import bar_chart, histogram, line_chart
 from dallekit.images import labelled_grid
 from dallekit.io import list_shards, read_shard, shard_schema
+from dallekit.jobs.timing import load_timings
 from dallekit.pipeline.funnel import draw_funnel
 from dallekit.pipeline.shards import read_stats, stage_complete
 from dallekit.pipeline.stage import STAGES as STAGE_MODULES
@@ -202,6 +203,19 @@ figure{display:inline-block;margin:8px;vertical-align:top}figcaption{font-size:1
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}"""
 
 
+def _timing_section(page: _Page) -> None:
+    rows = load_timings(page.run_dir)
+    if not rows:
+        return
+    page.heading("Time per step")
+    page.text("Wall and CPU seconds (user + system, of dallekit and its Dask workers) of each step in the run's last "
+              "invocation; a step already done when it resumed shows the time it took to find that out.")
+    total = sum(r["cpu_s"] for r in rows) or 1e-9
+    page.table(["step", "wall s", "CPU s", "CPU %"],
+               [[r["step"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{100 * r['cpu_s'] / total:.1f}"] for r in rows]
+               + [["total", f"{sum(r['wall_s'] for r in rows):.1f}", f"{sum(r['cpu_s'] for r in rows):.1f}", "100.0"]])
+
+
 def write_report(run_dir: str, max_shards: int = 20) -> str:
     """Write `report.html` (and its figures in `report/`) for a run folder; returns its path."""
     page = _Page(Path(run_dir))
@@ -209,6 +223,7 @@ def write_report(run_dir: str, max_shards: int = 20) -> str:
     _dvae_section(page, max_shards)
     _training_section(page)
     _samples_section(page)
+    _timing_section(page)
     title = f"dallekit run: {html.escape(str(run_dir))}"
     body = "\n".join(page.parts)
     path = Path(run_dir) / "report.html"

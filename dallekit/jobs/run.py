@@ -15,15 +15,17 @@ kept, the trainers continue from their last checkpoint, and steps with a finishe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dallekit import config
-from dallekit.config import RUN_STEPS, BadInputError, build_config
+from dallekit.config import RUN_STEPS, BadInputError, ClusterConfig, build_config
 from dallekit.io import iter_captions, list_shards
 from dallekit.jobs.report import write_report
+from dallekit.jobs.timing import StepTimer
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
@@ -77,12 +79,40 @@ def run_folders(out: str) -> dict[str, str]:
     return {name: f"{out.rstrip('/')}/{name}" for name in names}
 
 
+class _Cluster:
+    """The run's Dask client, started when a stage needs one and stopped while a trainer runs.
+
+    The trainers run in this process; idle workers would take about 5% of a core each from them
+    (heartbeats, memory and system monitors), and keep the memory of the stages before.
+    """
+
+    def __init__(self, config: ClusterConfig):
+        self.config, self._stack, self._client = config, contextlib.ExitStack(), None
+
+    def client(self):
+        """The running client, started now if there is none."""
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(self.config))
+        return self._client
+
+    def stop(self) -> None:
+        """Stop the cluster (a later client() starts a new one)."""
+        self._stack.close()
+        self._client = None
+
+    def __enter__(self) -> _Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _checkpoint_exists(folder: str) -> bool:
     return (Path(folder) / "checkpoint" / "state.json").exists()
 
 
-def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
-    """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats and the final metrics."""
+def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer | None = None) -> dict:
+    """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats, the final metrics and the step timings."""
     steps = set(RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1])
     d = run_folders(p.run.out)
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
@@ -92,42 +122,55 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None) -> dict:
     result: dict = {"stages": []}
     stages = result["stages"]
     dvae_dir = p.run.dvae or d["dvae"]
-    with dask_client(p.cluster) as client:
-        stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, plan=ingest_plan))
+    timer = timer or StepTimer()
+    with _Cluster(p.cluster) as cluster:
+        with timer.step("ingest", cluster.client()):
+            stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, cluster.client(), plan=ingest_plan))
         if "download" in steps:
-            stages.append(download(d["ingest"], d["download"], p.download, client))
+            with timer.step("download", cluster.client()):
+                stages.append(download(d["ingest"], d["download"], p.download, cluster.client()))
         if "clean" in steps:
-            stages.append(clean(d["download"], d["clean"], p.clean, client))
+            with timer.step("clean", cluster.client()):
+                stages.append(clean(d["download"], d["clean"], p.clean, cluster.client()))
         if p.run.train_clip and "train-clip" in steps and not (Path(d["clip"]) / "open_clip_model.safetensors").exists():
             from dallekit.training.clip import train_clip
 
-            result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
+            cluster.stop()
+            with timer.step("train-clip"):
+                result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
         if "filter" in steps:
-            stages.append(filter_stage(d["clean"], d["filter"], p.filter, client))
+            with timer.step("filter", cluster.client()):
+                stages.append(filter_stage(d["clean"], d["filter"], p.filter, cluster.client()))
         if "train-dvae" in steps and p.run.dvae is None:
             from dallekit.training.dvae import train_dvae
 
-            result["dvae"] = train_dvae(d["filter"], d["dvae"], replace(p.train_dvae, resume=_checkpoint_exists(d["dvae"])))
+            cluster.stop()
+            with timer.step("train-dvae"):
+                result["dvae"] = train_dvae(d["filter"], d["dvae"], replace(p.train_dvae, resume=_checkpoint_exists(d["dvae"])))
         encode_config = p.encode
         if p.run.bpe_vocab_size and "train-bpe" in steps:
             encode_config = replace(p.encode, text_tokenizer=d["bpe"])
             if not (Path(d["bpe"]) / "tokenizer.json").exists():
                 from dallekit.tokenize.text import train_bpe
 
-                train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
+                with timer.step("train-bpe"):
+                    train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
         if "encode" in steps:
-            stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client))
+            with timer.step("encode", cluster.client()):
+                stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, cluster.client()))
     for stats in stages:
         print(format_summary(stats))
     if "train" in steps:
-        result |= _train_and_sample(p, d, dvae_dir, steps, judge)
+        result |= _train_and_sample(p, d, dvae_dir, steps, judge, timer)
+    result["timings"] = timer.rows
+    timer.save(p.run.out)
     if "report" in steps:
         report = write_report(p.run.out)
         print(f"run: report in {report}")
     return result
 
 
-def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str], judge: PixelJudge | None) -> dict:
+def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str], judge: PixelJudge | None, timer: StepTimer) -> dict:
     """The steps after the Dask stages: train, sample, evaluate (each skipped when done)."""
     from dallekit.generation.evaluate import evaluate, held_out_captions
     from dallekit.generation.sample import sample
@@ -135,7 +178,8 @@ def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[
     from dallekit.training.transformer import split_shards, train_transformer
 
     result: dict = {}
-    result["train"] = train_transformer(d["tokens"], d["model"], replace(p.train, resume=_checkpoint_exists(d["model"])))
+    with timer.step("train"):
+        result["train"] = train_transformer(d["tokens"], d["model"], replace(p.train, resume=_checkpoint_exists(d["model"])))
     if p.train.val:
         val_paths = list_shards(p.train.val)
     else:  # the shards the trainer held out
@@ -144,7 +188,8 @@ def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[
     scorer = load_clip(p.filter.clip_model, p.filter.clip_pretrained, p.filter.clip_checkpoint) if p.filter.clip else None
     if "sample" in steps and not (Path(d["samples"]) / "samples.jsonl").exists():
         prompts = p.sample.prompts or held_out_captions(val_paths, 16)
-        sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer, judge=judge)
+        with timer.step("sample"):
+            sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer, judge=judge)
     if "evaluate" in steps:
         eval_file = Path(d["eval"]) / "eval.json"
         if scorer is None:
@@ -152,5 +197,6 @@ def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[
         elif eval_file.exists():
             result["evaluate"] = json.loads(eval_file.read_text())
         else:
-            result["evaluate"] = evaluate(d["model"], dvae_dir, val_paths, d["eval"], scorer, p.evaluate, judge=judge)
+            with timer.step("evaluate"):
+                result["evaluate"] = evaluate(d["model"], dvae_dir, val_paths, d["eval"], scorer, p.evaluate, judge=judge)
     return result

@@ -241,7 +241,9 @@ class DalleTransformer(nn.Module):
         decayed = [p for n, p in self.named_parameters() if p.dim() >= 2 and "emb" not in n]
         other = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
         groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        from dallekit.models.weights import adamw  # here: the model file itself needs only torch
+
+        return adamw(groups, torch.device(device_type), lr=lr, betas=betas)
 
     def drop_captions(self, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each caption by all padding with probability p_uncond (training only)."""

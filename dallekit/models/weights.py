@@ -87,6 +87,16 @@ def autocast_dtype(device: torch.device, dtype: str = "bf16") -> torch.dtype | N
     return torch.bfloat16 if device.type == "cpu" and dtype == "bf16" and cpu_has_native_bf16() else None
 
 
+def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on the CPU and CUDA (the trainers' one optimizer).
+
+    The default per-tensor (foreach) update costs the demo's CLIP 108 CPU ms a step against 22
+    fused: its 49408-token embedding alone is 3.2M parameters. Same update rule and state, so
+    checkpoints resume across both.
+    """
+    return torch.optim.AdamW(params, fused=device.type in ("cpu", "cuda"), **options)
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """The autocast context for autocast_dtype's answer: a disabled one for None (fp32)."""
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)

@@ -1,8 +1,9 @@
 """download: URL shards -> image shards, one Dask task per shard driving img2dataset's own pieces.
 
-Each task hands img2dataset's `Downloader` (its thread pool, statuses, hashing, EXIF and
-`ParquetSampleWriter`) a temporary Arrow copy of the shard, because the downloader deletes the
-file it reads and writes its Parquet in place. The result is then put back in input order, every
+Each task hands img2dataset's `Downloader` (its thread pool, statuses, hashing and EXIF) a
+temporary Arrow copy of the shard, because the downloader deletes the file it reads; its rows
+come back through `img2dataset_glue.ShardTableWriter` (ParquetSampleWriter's rows, kept in
+memory). The result is then put back in input order, every
 input row is checked to be there exactly once (a row the downloader lost is kept as failed,
 never dropped), and the stage runner renames the shard into place. Download drops nothing:
 failed rows keep their status and error message with a null image, and the clean stage
@@ -17,6 +18,8 @@ What is dallekit's own, around img2dataset's Downloader:
   are capped at `max_image_bytes`, and only http(s) URLs are fetched, file:// ones only with
   `allow_file_urls` or inside the folders `ingest --format folder` read (`_file_roots.json`
   next to the URL shards);
+- the imports: `img2dataset_glue.downloader_class` imports the downloader without the
+  package's CLI (albumentations, webdataset and so torch: ~7 s of CPU a worker);
 - temporary folders are named `dallekit-download-<pid>-<random>`, and each task first removes
   those whose process is gone (a killed worker's).
 
@@ -26,18 +29,20 @@ for the resizer, each at most `max_image_bytes` (+1 byte) by the fetch cap: 2 x 
 image, since the resizer runs on one thread and refuses from the header any image of more than
 `max_image_area` pixels: at the default 64 Mpx, at most 256 MB for 8-bit RGBA (512 MB for a
 16-bit source), with one converted copy alive while converting, matting or rotating. Plus the
-resized output, which img2dataset's writer flushes every 100 rows.
+resized output, which the writer turns into Arrow every 100 rows.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 # img2dataset imports albumentations, which otherwise asks PyPI for updates, and wandb.
@@ -48,7 +53,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.feather as feather  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
 from dallekit.io import read_shard, shard_index  # noqa: E402
@@ -77,16 +81,15 @@ class DownloadShard:
     file_roots: tuple[str, ...] = ()  # the folders `ingest --format folder` read (from FILE_ROOTS)
 
 
-def _make_downloader(config: DownloadConfig, output_folder: str, column_list: list[str], samples_per_shard: int):
-    """img2dataset's Downloader with dallekit's Resizer and img2dataset's Parquet writer, configured from our options."""
-    from img2dataset.downloader import Downloader
-    from img2dataset.writer import ParquetSampleWriter
-
+def _make_downloader(config: DownloadConfig, output_folder: str, column_list: list[str], samples_per_shard: int,
+                     deliver: Callable[[pa.Table], None]):
+    """img2dataset's Downloader with dallekit's Resizer, handing the shard's rows to `deliver`, configured from our options."""
+    from dallekit.pipeline.img2dataset_glue import ShardTableWriter, downloader_class
     from dallekit.resize import Resizer
 
     directives = [d for d in config.disallowed_header_directives if d.lower() != "none"]
-    return Downloader(
-        sample_writer_class=ParquetSampleWriter,
+    return downloader_class()(
+        sample_writer_class=functools.partial(ShardTableWriter, deliver),
         resizer=Resizer(config),
         thread_count=config.threads,
         save_caption=True,
@@ -146,12 +149,13 @@ def fetch_rows(source: pa.Table, task: DownloadShard) -> pa.Table:
     try:
         feather_path = os.path.join(tmp, "input.arrow")
         feather.write_feather(source, feather_path, compression="uncompressed")
-        downloader = _make_downloader(config, tmp, source.column_names, 10**task.key_digits)
+        tables: list[pa.Table] = []
+        downloader = _make_downloader(config, tmp, source.column_names, 10**task.key_digits, tables.append)
         with fetching(policy):
             ok, _ = downloader((task.shard_id, feather_path))
-        if not ok:  # the downloader printed its traceback; let Dask retry the shard
+        if not ok or len(tables) != 1:  # the downloader printed its traceback; let Dask retry the shard
             raise RuntimeError(f"{task.path}: img2dataset's downloader failed on this shard")
-        written = pq.read_table(os.path.join(tmp, f"{task.shard_id:0{OOM_SHARD_COUNT}d}.parquet"))
+        written = tables[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _in_input_order(written, source, task)
@@ -213,6 +217,10 @@ def read_file_roots(input_dir: str) -> tuple[str, ...]:
 
 STAGE = Stage("download", ("ingest",), frozenset({"uid", "url", "caption"}), "URL shards from `dallekit ingest`", download_shard)
 
+# what dallekit.resize computes, in the fingerprint: a folder written by an older resizer (full
+# decodes of large JPEGs) is not resumed with shards of another; bump it when the pixels change
+RESIZER_VERSION = "reduced-jpeg-decode"
+
 
 def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
     """One task per URL shard; checks the shards have the columns ingest writes and reads the file:// roots."""
@@ -225,6 +233,7 @@ def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
     options = output_options(config) | {  # spelled-out defaults and reordered directives are the same output
         "encode_quality": config.quality,
         "disallowed_header_directives": sorted({d.strip().lower() for d in config.disallowed_header_directives}),
+        "resizer": RESIZER_VERSION,
     }
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": options}, stats_config=asdict(config) | {"input": input_dir},
                 tasks=lambda _, __: shard_tasks(paths, lambda p: DownloadShard(p, shard_index(p), key_digits, config, roots)))

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from dallekit.config import BadInputError, DownloadConfig, build_config
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
-from dallekit.pipeline.download import LOST_ROW, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
+from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
 from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, summarize
 
 # img2dataset stores str(err): "HTTP Error 503: ...", "<urlopen error [Errno 111] Connection refused>", "timed out", ...
@@ -105,6 +105,18 @@ def _retry_config(stored: dict, given: dict, where: str) -> DownloadConfig:
     return build_config(DownloadConfig, argparse.Namespace(**given), section, where=where)  # a hand-edited value is checked too
 
 
+def _check_resizer(fs, root: str, download_dir: str) -> None:
+    """A folder another version of the resizer wrote would get rows of this one mixed in: refused."""
+    try:
+        with fs.open(f"{root}/_fingerprint.json", "r") as f:
+            written_by = json.load(f)["options"].get("resizer")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        written_by = None
+    if written_by != RESIZER_VERSION:
+        raise BadInputError(f"{download_dir}: written by another version of dallekit's resizer ({written_by or 'full JPEG decodes'}, "
+                            f"not {RESIZER_VERSION}); its rows would not match the retried ones: rerun the download with --overwrite")
+
+
 def _file_roots(fs, root: str) -> tuple[str, ...]:
     """The folders the URL shards' ingest read (file:// URLs stay allowed there), found through the resolved input path."""
     try:
@@ -128,6 +140,7 @@ def retry_failed(download_dir: str, client, given: dict | None = None) -> dict:
     if stats.get("stage") != "download":
         raise BadInputError(f"{download_dir}: holds a `{stats.get('stage')}` stage; --retry-failed takes the output of `dallekit download`")
     config = _retry_config(stats.get("config", {}), given or {}, f"{download_dir}/_stats.json config")
+    _check_resizer(fs, root, download_dir)
     started = time.time()
     if resuming:
         with fs.open(f"{root}/{ROUND}", "r") as f:

@@ -18,7 +18,7 @@ from dallekit.config import BadInputError, TrainClipConfig
 from dallekit.images import decode_rgb
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip
-from dallekit.models.weights import autocast, autocast_dtype
+from dallekit.models.weights import adamw, autocast, autocast_dtype
 from dallekit.progress import progress
 from dallekit.training.loop import MetricsLog, learning_rate, set_learning_rate
 
@@ -58,7 +58,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     torch.manual_seed(options.seed)
     scorer = load_clip(options.model, None, device=options.device)  # random weights, the same code path as pretrained
     model, device = scorer.model.train(), scorer.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = adamw(model.parameters(), device, lr=options.lr, weight_decay=options.weight_decay)
     loss_fn = open_clip.loss.ClipLoss()
     size = model.visual.image_size
     draft = 2 * (size[0] if isinstance(size, (tuple, list)) else size)

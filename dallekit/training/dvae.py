@@ -24,7 +24,7 @@ from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.images import UndecodableImage, load_square, save_image_grid
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
-from dallekit.models.weights import autocast, autocast_dtype, pick_device
+from dallekit.models.weights import adamw, autocast, autocast_dtype, pick_device
 from dallekit.progress import progress
 from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, save_checkpoint, set_learning_rate
 
@@ -139,7 +139,7 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     torch.manual_seed(options.seed)
     random.seed(options.seed)
     model = DVAE(config).to(device, memory_format=torch.channels_last)  # channels-last convolutions run ~1.5x faster on CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    optimizer = adamw(model.parameters(), device, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     start, epoch, consumed = 0, 0, 0
     if options.resume:
         restored = load_checkpoint(out, model, optimizer)

@@ -91,11 +91,25 @@ def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _match_param_layouts(optimizer)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     random.setstate(_decode_random_state(meta["python_rng"]))
     return {"step": meta["step"], "extra": meta["extra"]}
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored moment its parameter's memory layout (channels-last convolutions).
+
+    The checkpoint stores them contiguous; fused AdamW walks param, grad and moments as flat
+    memory, so a moment in another layout than its parameter would update the wrong elements.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _encode_random_state(state: tuple) -> list:
