@@ -201,7 +201,7 @@ class Resizer:
         refusal = self.check_size(original_width, original_height)  # the header may have understated it
         if refusal:
             return _failure(refusal)
-        img = self.resize(img)
+        img = self.resize(img, (original_width, original_height))
         ok, encoded = cv2.imencode(self.encode_ext, img, params=self.encode_params)
         if not ok:
             return _failure("Image encoding error")
@@ -248,18 +248,22 @@ class Resizer:
         limit = f"max_image_area {self.max_image_area:.0f}" if self.max_image_area < pil_limit else f"PIL's decompression-bomb limit {pil_limit}"
         return f"image_too_large: {size} is more than {limit}"
 
-    def resize(self, img: np.ndarray) -> np.ndarray:
-        """Resize, crop or pad as img2dataset's albumentations transforms do (same sizes, rounding and interpolation)."""
+    def resize(self, img: np.ndarray, original: tuple[int, int] | None = None) -> np.ndarray:
+        """Resize, crop or pad as img2dataset's albumentations transforms do (same sizes, rounding and interpolation).
+
+        `original` is the (width, height) of an image decoded at reduced scale: the output size
+        is computed from it, so that it is the size a full decode gives.
+        """
         if self.resize_mode == "no":
             return img
-        height, width = img.shape[:2]
+        width, height = original or (img.shape[1], img.shape[0])
         side = min(height, width) if self.resize_mode in ("keep_ratio", "center_crop") else max(height, width)
         downscale = side > self.image_size
         if self.resize_only_if_bigger and not downscale:
             return img
         scale = self.image_size / side
         new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-        if (new_height, new_width) != (height, width):
+        if (new_height, new_width) != img.shape[:2]:
             interpolation = cv2.INTER_AREA if downscale else cv2.INTER_LANCZOS4
             img = cv2.resize(img, (new_width, new_height), interpolation=interpolation)
         size = self.image_size
