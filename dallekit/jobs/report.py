@@ -18,7 +18,7 @@ from PIL import Image
 from dallekit.charts import bar_chart, histogram, line_chart
 from dallekit.images import labelled_grid
 from dallekit.io import list_shards, read_shard, shard_schema
-from dallekit.jobs.timing import load_timings
+from dallekit.jobs.timing import TIMING_HEADER, load_timings, timing_table
 from dallekit.pipeline.funnel import draw_funnel
 from dallekit.pipeline.shards import read_stats, stage_complete
 from dallekit.pipeline.stage import STAGES as STAGE_MODULES
@@ -210,10 +210,7 @@ def _timing_section(page: _Page) -> None:
     page.heading("Time per step")
     page.text("Wall and CPU seconds (user + system, of dallekit and its Dask workers) of each step in the run's last "
               "invocation; a step already done when it resumed shows the time it took to find that out.")
-    total = sum(r["cpu_s"] for r in rows) or 1e-9
-    page.table(["step", "wall s", "CPU s", "CPU %"],
-               [[r["step"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{100 * r['cpu_s'] / total:.1f}"] for r in rows]
-               + [["total", f"{sum(r['wall_s'] for r in rows):.1f}", f"{sum(r['cpu_s'] for r in rows):.1f}", "100.0"]])
+    page.table(TIMING_HEADER, timing_table(rows))
 
 
 def write_report(run_dir: str, max_shards: int = 20) -> str:

@@ -75,11 +75,16 @@ def load_timings(run_dir: str | Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def format_timings(rows: list[dict]) -> list[str]:
-    """The rows as aligned text lines, with a total and each step's share of the CPU seconds."""
+TIMING_HEADER = ["step", "wall s", "CPU s", "CPU %"]
+
+
+def timing_table(rows: list[dict]) -> list[list[str]]:
+    """The rows as table cells (TIMING_HEADER's columns), with each step's share of the CPU seconds and a total row."""
     total_wall, total_cpu = sum(r["wall_s"] for r in rows), sum(r["cpu_s"] for r in rows)
-    lines = [f"{'step':<12}{'wall s':>9}{'CPU s':>9}{'CPU %':>7}"]
-    for r in rows:
-        lines.append(f"{r['step']:<12}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{100 * r['cpu_s'] / max(total_cpu, 1e-9):>7.1f}")
-    lines.append(f"{'total':<12}{total_wall:>9.1f}{total_cpu:>9.1f}{100.0:>7.1f}")
-    return lines
+    cells = [[r["step"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{100 * r['cpu_s'] / max(total_cpu, 1e-9):.1f}"] for r in rows]
+    return cells + [["total", f"{total_wall:.1f}", f"{total_cpu:.1f}", "100.0"]]
+
+
+def format_timings(rows: list[dict]) -> list[str]:
+    """The timing table as aligned text lines."""
+    return [f"{step:<12}{wall:>9}{cpu:>9}{share:>7}" for step, wall, cpu, share in [TIMING_HEADER, *timing_table(rows)]]
