@@ -118,8 +118,27 @@ def check_columns(paths: list[str], required: set[str], expected: str) -> list[t
     return schemas
 
 
+def parquet_options(schema: pa.Schema, **given: Any) -> dict:
+    """pq.write_table's options for a table: the caller's, with binary columns (encoded images) stored plain.
+
+    JPEG, PNG and WebP bytes are compressed already: snappy finds nothing to shrink in them but
+    costs a writer about as much as the write itself, a dictionary of whole images never pays
+    off, and min/max statistics of images would copy two of them into the footer per row group.
+    The other columns keep the caller's codec (snappy unless given), dictionaries and statistics.
+    """
+    blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    if not blobs:
+        return given
+    others = [name for name in schema.names if name not in blobs]
+    codec = given.get("compression", "snappy")
+    if not isinstance(codec, dict):
+        codec = {name: codec for name in others} | {name: "none" for name in blobs}
+    return {"use_dictionary": others, "write_statistics": others} | given | {"compression": codec}
+
+
 def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
     """Write a Parquet file under a temporary name beside the target and rename it into place."""
+    parquet_kwargs = parquet_options(table.schema, **parquet_kwargs)
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)

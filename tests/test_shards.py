@@ -78,3 +78,21 @@ def test_read_shard_refuses_columns_the_file_lacks(tmp_path):
     (tmp_path / "part-00001.parquet").mkdir()
     with pytest.raises(BadInputError, match="a folder where a Parquet shard was expected"):
         read_shard(str(tmp_path / "part-00001.parquet"))
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_image_bytes_are_written_plain_and_other_columns_with_the_codec(tmp_path, codec):
+    import pyarrow.parquet as pq
+
+    from dallekit.io import read_shard, write_table_atomic
+
+    images = [bytes([i]) * 5000 for i in range(40)]  # compressible, so a codec would show
+    table = pa.table({"uid": [f"u{i % 3}" for i in range(40)], "jpg": pa.array(images, pa.binary())})
+    path = tmp_path / "part-00000.parquet"
+    write_table_atomic(table, str(path), **({"compression": codec} if codec else {}))
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    uid, jpg = group.column(0), group.column(1)
+    assert jpg.compression == "UNCOMPRESSED" and not jpg.is_stats_set
+    assert not any("DICTIONARY" in e for e in jpg.encodings) and jpg.total_compressed_size >= sum(map(len, images))
+    assert uid.compression == (codec or "snappy").upper() and uid.is_stats_set and any("DICTIONARY" in e for e in uid.encodings)
+    assert read_shard(str(path)).equals(table)
