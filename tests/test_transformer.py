@@ -116,6 +116,36 @@ def test_dropout_option_reaches_the_model_and_acts_only_in_training():
         assert not torch.equal(model(text, image)[0], model(text, image)[0])
 
 
+def test_cpu_dropout_drops_p_of_the_elements_and_rescales_the_rest():
+    from dallekit.models.transformer import DROP_LEVELS, dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(300_001, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.003, dropped  # 0.1 is 6554 / 65536 here
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, DROP_LEVELS / (DROP_LEVELS - 6554)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, scaled alike
+    assert not torch.equal(dropout(x, 0.1, True), y) and dropout(x, 0.1, False) is x
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_attention_with_dropout_on_the_cpu_is_sdpa_when_nothing_is_dropped(window):
+    torch.manual_seed(0)
+    config = dalle_config("tiny", text_vocab=TEXT_VOCAB, image_vocab=CODES, grid=GRID, text_len=8, attention_window=window,
+                          dropout=1e-9)  # the manual path (p > 0) with no element dropped (p rounds to 0 of 65536)
+    model = DalleTransformer(config).train()
+    text, image = model.pad_text([[1, 2, 3], [4]]), torch.randint(0, CODES, (2, GRID * GRID))
+    with torch.no_grad():
+        manual = model(text, image)
+        for block in model.blocks:
+            block.attn.dropout = 0.0  # scaled_dot_product_attention itself
+        sdpa = model(text, image)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(manual, sdpa))
+
+
 def test_autocast_dtype_follows_the_option_and_the_device(monkeypatch):
     import dallekit.models.weights as weights
 
