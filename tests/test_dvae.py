@@ -10,7 +10,7 @@ import torch
 
 import dallekit.training.dvae as train_module
 from dallekit.config import BadInputError, TrainDVAEConfig
-from dallekit.models.dvae import DVAE, dvae_config, logit_laplace_nll, map_pixels
+from dallekit.models.dvae import DVAE, BottleneckBlock, dvae_config, gumbel_softmax, logit_laplace_nll, map_pixels
 from dallekit.training.dvae import train_dvae
 from dallekit.training.loop import read_metrics
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
@@ -43,6 +43,26 @@ def test_logit_laplace_matches_its_density():
     logit = torch.log(x / (1 - x))
     density = torch.exp(-(logit - 0.2).abs() / b) / (2 * b * x * (1 - x))
     assert torch.allclose(logit_laplace_nll(x, mu, log_b), -density.log().mean(), atol=1e-5)
+
+
+def test_bottleneck_block_adds_its_residual_scaled_by_post_gain():
+    torch.manual_seed(0)
+    block = BottleneckBlock(8, 16, n_layers=6, kernels=(3, 3, 3, 1))
+    x = torch.randn(2, 8, 5, 5)
+    x_before, residual = x.clone(), x
+    for layer in block.res_path:  # the residual path unscaled, relu_1 out of place so that x survives
+        residual = torch.relu(residual) if isinstance(layer, torch.nn.ReLU) else layer(residual)
+    assert torch.allclose(block(x), block.id_path(x) + residual / 36, atol=1e-6)
+    assert torch.equal(x, x_before)  # the in-place ReLUs left the block's input alone
+
+
+def test_gumbel_softmax_samples_the_softmax_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0]).log_softmax(0)
+    samples = gumbel_softmax(logits.view(1, 4, 1, 1).expand(20_000, 4, 1, 1), temperature=0.01)  # near one-hot
+    assert torch.allclose(samples.sum(1), torch.ones(20_000, 1, 1))
+    frequencies = torch.bincount(samples.argmax(1).flatten(), minlength=4) / 20_000
+    assert torch.allclose(frequencies, logits.exp(), atol=0.015)
 
 
 @pytest.mark.slow

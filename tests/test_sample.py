@@ -48,6 +48,18 @@ def test_kv_cache_generates_the_same_image_tokens_as_full_recompute():
     assert torch.equal(cached, full)  # the speed-up is measured in benchmarks/kv_cache.py
 
 
+def test_prompts_generated_together_get_the_candidates_each_gets_alone():
+    torch.manual_seed(0)
+    model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
+    text = model.pad_text([[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [6], [6]])
+    together = model.generate(text, cond_scale=2.0, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    alone = [model.generate(text[2 * i : 2 * i + 2], cond_scale=2.0, generator=torch.Generator().manual_seed(s)) for i, s in enumerate((7, 8, 9))]
+    assert torch.equal(together, torch.cat(alone))
+    assert not torch.equal(alone[0], model.generate(text[:2], cond_scale=2.0, generator=torch.Generator().manual_seed(8)))
+    with pytest.raises(ValueError, match="6 rows do not split into 4 equal groups"):
+        model.generate(text, generator=[torch.Generator() for _ in range(4)])
+
+
 @pytest.fixture(scope="module")
 def trained_chain(shapes_filtered, trained_dvae, tmp_path_factory, client):
     """Tokens, a transformer and a CLIP trained on the synthetic shapes, with the session's tiny dVAE."""
@@ -75,7 +87,7 @@ def test_reranking_with_the_trained_clip_beats_a_random_candidate(trained_chain)
     for fg in COLORS:
         for shape in SHAPES:
             prompt = f"a {fg} {shape} on a {rng.choice([c for c in COLORS if c != fg])} background"
-            images = generate_images(model, dvae, tokenizer.encode(prompt), SampleConfig(n=16), seed=len(top1))
+            images = next(generate_images(model, dvae, [tokenizer.encode(prompt)], SampleConfig(n=16), seeds=[len(top1)]))
             right = [is_right(im, prompt) for im in images]
             from PIL import Image
 

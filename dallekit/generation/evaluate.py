@@ -70,8 +70,10 @@ def evaluate(model_dir: str, dvae_dir: str, tokens: str | list[str], out_dir: st
     ns = [2**k for k in range(int(np.log2(n)) + 1)]
     best_of = {m: [] for m in ns}
     random_right, reranked_right = [], []
-    for i, caption in enumerate(held_out_captions(paths, options.captions)):
-        images = generate_images(model, dvae, tokenizer.encode(caption), SampleConfig(n=n, batch_size=batch_size), seed * 100_003 + i)
+    captions = held_out_captions(paths, options.captions)
+    generated = generate_images(model, dvae, [tokenizer.encode(c) for c in captions], SampleConfig(n=n, batch_size=batch_size),
+                                [seed * 100_003 + i for i in range(len(captions))])
+    for caption, images in zip(captions, generated):
         scores = scorer.score([Image.fromarray(im) for im in images], [caption] * len(images))
         for m in ns:
             best_of[m].append(float(scores[:m].max()))

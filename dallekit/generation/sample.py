@@ -11,6 +11,7 @@ and zero-shot pairs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -63,16 +64,30 @@ def check_dvae(metadata: dict, dvae: ImageTokenizer, dvae_dir: str) -> None:
 
 
 @torch.no_grad()
-def generate_images(model: DalleTransformer, dvae: ImageTokenizer, text_ids: list[int], options: SampleConfig, seed: int) -> np.ndarray:
-    """options.n images (n, S, S, 3) uint8 for one caption's BPE ids."""
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, options.n, options.batch_size):
-        count = min(options.batch_size, options.n - start)
-        text = model.pad_text([text_ids] * count).to(next(model.parameters()).device)
-        codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generator)
-        images.append(dvae.decode(codes.cpu().numpy()))
-    return np.concatenate(images)
+def generate_images(model: DalleTransformer, dvae: ImageTokenizer, prompt_ids: list[list[int]], options: SampleConfig,
+                    seeds: list[int]) -> Iterator[np.ndarray]:
+    """options.n images (n, S, S, 3) uint8 per caption's BPE ids, in order; prompt i's candidates come from seeds[i] alone.
+
+    Prompts whose candidates fit in options.batch_size together share one generation (small
+    batches leave the CPU mostly idle between kernels); a prompt with more candidates than that
+    is generated in batches of options.batch_size.
+    """
+    device = next(model.parameters()).device
+    per_call = max(1, options.batch_size // options.n)  # prompts generated together
+    for first in range(0, len(prompt_ids), per_call):
+        group = list(zip(prompt_ids[first : first + per_call], seeds[first : first + per_call]))
+        generators = [torch.Generator().manual_seed(seed) for _, seed in group]
+        if options.n <= options.batch_size:
+            text = model.pad_text([ids for ids, _ in group for _ in range(options.n)]).to(device)
+            codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generators)
+            yield from np.split(dvae.decode(codes.cpu().numpy()), len(group))
+            continue
+        (ids, _), images = group[0], []
+        for start in range(0, options.n, options.batch_size):
+            text = model.pad_text([ids] * min(options.batch_size, options.n - start)).to(device)
+            codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generators[0])
+            images.append(dvae.decode(codes.cpu().numpy()))
+        yield np.concatenate(images)
 
 
 def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleConfig, scorer=None,
@@ -89,9 +104,10 @@ def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, opti
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, checks = [], []
-    for p, prompt in enumerate(progress(prompts, desc="sample", unit="prompt")):
-        seed = options.seed * 100_003 + p
-        images = generate_images(model, dvae, tokenizer.encode(prompt), options, seed)
+    seeds = [options.seed * 100_003 + p for p in range(len(prompts))]
+    generated = generate_images(model, dvae, [tokenizer.encode(prompt) for prompt in prompts], options, seeds)
+    for p, (prompt, images) in enumerate(progress(zip(prompts, generated), total=len(prompts), desc="sample", unit="prompt")):
+        seed = seeds[p]
         scores = scorer.score([Image.fromarray(im) for im in images], [prompt] * len(images)) if scorer is not None else np.full(len(images), np.nan)
         order = np.argsort(-scores, kind="stable") if scorer is not None else np.arange(len(images))
         kept = [images[i] for i in order[: options.keep]]

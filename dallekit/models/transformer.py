@@ -87,7 +87,7 @@ DROP_LEVELS = 1 << 16  # dropout's probability is a multiple of 1/65536 on the C
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout; on the CPU its mask comes from 16-bit fields of 48-bit random draws.
+    """Inverted dropout; on the CPU its mask comes from the four 16-bit fields of 64-bit random draws.
 
     torch's CPU bernoulli_ draws one number per element, in one thread, on non-Intel CPUs (its
     MKL path is Intel-only): it took 30% of the demo transformer's step, which fell from 0.30-0.32
@@ -98,8 +98,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True)
     n, dropped = x.numel(), round(p * DROP_LEVELS)
-    draws = torch.randint(0, 1 << 48, (-(-n // 3),), device=x.device)  # 3 uniform int16 fields each, the top one unused
-    fields16 = draws.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n].view(x.shape)
+    # all 64 bits of each draw (ATen's full-range case) as four uniform int16 fields: a quarter of the draws, and a view, not a copy
+    draws = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    fields16 = draws.view(torch.int16)[:n].view(x.shape)
     keep = fields16 >= dropped - DROP_LEVELS // 2  # int16 spans [-32768, 32767]: P(drop) = dropped / 65536
     return x * (keep.to(x.dtype) * (DROP_LEVELS / (DROP_LEVELS - dropped)))
 
@@ -116,7 +117,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, c: DalleConfig):
         super().__init__()
-        self.n_head, self.dropout = c.n_head, c.dropout
+        self.n_head, self.dropout, self.max_len = c.n_head, c.dropout, c.seq_len
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
         self.resid_dropout = Dropout(c.dropout)
@@ -126,9 +127,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = append_to_cache(cache, k, v, self.max_len)
         p = self.dropout if self.training else 0.0
         if p and x.device.type == "cpu" and cache is None:  # SDPA's math path, with `dropout`'s mask on the attention weights
             allowed = mask if mask is not None else torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
@@ -140,6 +139,21 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, L, C)))
+
+
+def append_to_cache(cache: dict, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write new keys and values (B, H, L, D) into the cache's preallocated (B, H, max_len, D) buffers; views of all so far.
+
+    Concatenating each step instead would copy the whole cache every token: 46% of the demo's
+    generation time.
+    """
+    if "k" not in cache:
+        B, H, _, D = k.shape
+        cache["k"], cache["v"], cache["n"] = k.new_empty(B, H, max_len, D), v.new_empty(B, H, max_len, D), 0
+    n, L = cache["n"], k.shape[2]
+    cache["k"][:, :, n : n + L], cache["v"][:, :, n : n + L] = k, v
+    cache["n"] = n + L
+    return cache["k"][:, :, : n + L], cache["v"][:, :, : n + L]
 
 
 class Block(nn.Module):
@@ -297,9 +311,14 @@ class DalleTransformer(nn.Module):
     @torch.no_grad()
     def generate(
         self, text: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-        cond_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+        cond_scale: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None, use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample image tokens (B, N) for padded text (B, T); cond_scale > 1 adds classifier-free guidance."""
+        """Sample image tokens (B, N) for padded text (B, T); cond_scale > 1 adds classifier-free guidance.
+
+        A list of generators splits the rows into that many equal groups, each drawn from its
+        own generator: several prompts share the forward passes, yet each gets the draws it
+        would get alone.
+        """
         c = self.config
         guided = cond_scale != 1.0
         if guided:  # the unconditional half is the same batch with empty captions
@@ -333,7 +352,10 @@ class DalleTransformer(nn.Module):
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
-    """One token per row from logits (B, V) with temperature, top-k and nucleus (top-p) filtering."""
+    """One token per row from logits (B, V) with temperature, top-k and nucleus (top-p) filtering.
+
+    `generator` is one generator, or a list of them for equal groups of rows (see `generate`).
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -346,8 +368,13 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
         remove = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+    probs = logits.softmax(dim=-1).cpu()
+    if isinstance(generator, list):
+        if len(probs) % len(generator):
+            raise ValueError(f"{len(probs)} rows do not split into {len(generator)} equal groups, one per generator")
+        groups = probs.split(len(probs) // len(generator))
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(groups, generator)]).squeeze(1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
 def config_dict(config: DalleConfig) -> dict:

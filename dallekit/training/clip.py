@@ -58,6 +58,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     torch.manual_seed(options.seed)
     scorer = load_clip(options.model, None, device=options.device)  # random weights, the same code path as pretrained
     model, device = scorer.model.train(), scorer.device
+    model.visual.to(memory_format=torch.channels_last)  # a ResNet tower's step is ~10% cheaper on the CPU (weights are saved contiguous)
     optimizer = adamw(model.parameters(), device, lr=options.lr, weight_decay=options.weight_decay)
     loss_fn = open_clip.loss.ClipLoss()
     size = model.visual.image_size
@@ -72,7 +73,7 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     for step in progress(range(options.max_steps), desc="train-clip", unit="step"):
         set_learning_rate(optimizer, learning_rate(step, options.max_steps, options.lr, options.lr / 10))
         data, captions = next(batches)
-        pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device)
+        pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device, memory_format=torch.channels_last)
         tokens = scorer.tokenizer(captions).to(device)
         with autocast(device, amp_dtype):
             image_features, text_features, logit_scale = model(pixels, tokens)
