@@ -60,6 +60,21 @@ def test_prompts_generated_together_get_the_candidates_each_gets_alone():
         model.generate(text, generator=[torch.Generator() for _ in range(4)])
 
 
+def test_generate_images_gives_each_prompt_n_candidates_whatever_the_batch_size():
+    from dallekit.models.dvae import DVAE, dvae_config
+
+    torch.manual_seed(0)
+    model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
+    dvae = ImageTokenizer(DVAE(dvae_config("tiny")), "random", torch.device("cpu"))
+    prompts, seeds = [[1, 2, 3], [4, 5], [6]], [7, 8, 9]
+    alone = list(generate_images(model, dvae, prompts, SampleConfig(n=3, batch_size=3), seeds))  # one prompt per generation
+    together = list(generate_images(model, dvae, prompts, SampleConfig(n=3, batch_size=8), seeds))  # two, then one
+    assert [im.shape for im in together] == [(3, 32, 32, 3)] * 3
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+    chunked = list(generate_images(model, dvae, prompts[:1], SampleConfig(n=5, batch_size=2), seeds[:1]))  # 2 + 2 + 1 candidates
+    assert [im.shape for im in chunked] == [(5, 32, 32, 3)]
+
+
 @pytest.fixture(scope="module")
 def trained_chain(shapes_filtered, trained_dvae, tmp_path_factory, client):
     """Tokens, a transformer and a CLIP trained on the synthetic shapes, with the session's tiny dVAE."""

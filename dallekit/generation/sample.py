@@ -72,22 +72,23 @@ def generate_images(model: DalleTransformer, dvae: ImageTokenizer, prompt_ids: l
     batches leave the CPU mostly idle between kernels); a prompt with more candidates than that
     is generated in batches of options.batch_size.
     """
-    device = next(model.parameters()).device
-    per_call = max(1, options.batch_size // options.n)  # prompts generated together
+    n, batch_size = options.n, options.batch_size
+    per_call = max(1, batch_size // n)  # prompts generated together
     for first in range(0, len(prompt_ids), per_call):
-        group = list(zip(prompt_ids[first : first + per_call], seeds[first : first + per_call]))
-        generators = [torch.Generator().manual_seed(seed) for _, seed in group]
-        if options.n <= options.batch_size:
-            text = model.pad_text([ids for ids, _ in group for _ in range(options.n)]).to(device)
-            codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generators)
-            yield from np.split(dvae.decode(codes.cpu().numpy()), len(group))
-            continue
-        (ids, _), images = group[0], []
-        for start in range(0, options.n, options.batch_size):
-            text = model.pad_text([ids] * min(options.batch_size, options.n - start)).to(device)
-            codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generators[0])
-            images.append(dvae.decode(codes.cpu().numpy()))
-        yield np.concatenate(images)
+        group = prompt_ids[first : first + per_call]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[first : first + per_call]]
+        if n <= batch_size:
+            yield from np.split(_decoded_candidates(model, dvae, [ids for ids in group for _ in range(n)], options, generators), len(group))
+        else:  # one prompt, its candidates in batches drawn one after another from its generator
+            yield np.concatenate([_decoded_candidates(model, dvae, [group[0]] * min(batch_size, n - start), options, generators[0])
+                                  for start in range(0, n, batch_size)])
+
+
+def _decoded_candidates(model: DalleTransformer, dvae: ImageTokenizer, rows: list[list[int]], options: SampleConfig, generator) -> np.ndarray:
+    """One generation of image tokens for these rows of BPE ids, decoded to (rows, S, S, 3) uint8."""
+    text = model.pad_text(rows).to(next(model.parameters()).device)
+    codes = model.generate(text, options.temperature, options.top_k, options.top_p, options.cond_scale, generator)
+    return dvae.decode(codes.cpu().numpy())
 
 
 def sample(model_dir: str, dvae_dir: str, prompts: list[str], out_dir: str, options: SampleConfig, scorer=None,
