@@ -39,6 +39,37 @@ class UndecodableImage(ValueError):
     """The bytes are not a complete image."""
 
 
+class ImageTooLarge(UndecodableImage):
+    """The image's header gives it more pixels than a stage decodes."""
+
+
+MAX_DECODE_PIXELS = 64_000_000  # download's default max_image_area: no stage decodes more than download would keep
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header alone, no pixel decoded; raises UndecodableImage (ImageTooLarge for PIL's bomb limit)."""
+    if data is None:
+        raise UndecodableImage("no image bytes")
+    size = jpeg_size(data)  # a JPEG's start-of-frame is found without PIL's lazy open
+    if size and min(size) > 0:
+        return size
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError as err:  # PIL refuses over 2 x MAX_IMAGE_PIXELS from the header alone
+        raise ImageTooLarge(f"image_too_large: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UndecodableImage(f"not an image PIL can identify: {err}") from None
+
+
+def check_decode_size(data: bytes, max_pixels: float = MAX_DECODE_PIXELS) -> tuple[int, int]:
+    """The header's (width, height) when it is at most `max_pixels`, before any decode; raises ImageTooLarge or UndecodableImage."""
+    width, height = header_size(data)
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image_too_large: {width}x{height} pixels ({width * height}) is more than {max_pixels:.0f}")
+    return width, height
+
+
 MIN_HASH_SOURCE = 2 * HASH_SIDE  # decode at least twice the pHash input, so the 32x32 image is an average, not a sample
 THUMB_SIDE = 8  # the colour signature: an 8x8 RGB thumbnail, 192 bytes
 THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
