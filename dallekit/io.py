@@ -6,6 +6,8 @@ misnamed shard is bad input naming the file, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -136,29 +138,52 @@ def parquet_options(schema: pa.Schema, **given: Any) -> dict:
     return {"use_dictionary": others, "write_statistics": others} | given | {"compression": codec}
 
 
+@contextlib.contextmanager
+def naming_file(path: str):
+    """Re-raise an OSError that names no file (pyarrow's and a full disk's do not) with `path` as its file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename or err.errno is None:
+            raise
+        raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+
 def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
     """Write a Parquet file under a temporary name beside the target and rename it into place."""
     parquet_kwargs = parquet_options(table.schema, **parquet_kwargs)
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
-    if isinstance(fs, LocalFileSystem):
-        pq.write_table(table, tmp, **parquet_kwargs)
-        os.replace(tmp, p)
-        return
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, **parquet_kwargs)
-    fs.mv(tmp, p)
+    with naming_file(path):
+        fs.makedirs(parent, exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            pq.write_table(table, tmp, **parquet_kwargs)
+            os.replace(tmp, p)
+            return
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, **parquet_kwargs)
+        fs.mv(tmp, p)
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
     """Write JSON to a temporary name and rename it into place."""
     fs, p = fsspec.core.url_to_fs(path)
     tmp = f"{p}.{uuid.uuid4().hex}.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, p)
+    with naming_file(path):
+        with fs.open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        fs.mv(tmp, p)
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 (hex) of a local file or fsspec URL, read in 1 MiB blocks."""
+    fs, p = fsspec.core.url_to_fs(path)
+    digest = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_stage(path, rejects: bool = False, columns: list[str] | None = None):

@@ -174,6 +174,7 @@ def test_full_and_read_only_disks_are_one_line_errors(tmp_path, capsys):
     with tmpfs(tmp_path / "full", "size=48k") as full:  # room for the fingerprint, not for the shards
         code, err = run_cli(["clean", src, "--out", full / "clean", "--workers", "1"], capsys)
         one_line(code, err, "No space left on device", after_progress=True)
+        assert f"{full / 'clean'}/_work/" in err, err  # names the file it could not write, not a function
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         code, err = run_cli(["clean", src, "--out", ro / "clean"], capsys)
         one_line(code, err, "--out", "Read-only file system")
@@ -298,3 +299,25 @@ def test_train_clip_with_fewer_pairs_than_a_batch_is_one_line(tmp_path, capsys):
     src = downloaded(tmp_path, n=4)
     code, err = run_cli(["train-clip", src, "--out", tmp_path / "clip", "--batch-size", "8", "--max-steps", "1"], capsys)
     one_line(code, err, "4 image-caption pairs, fewer than --batch-size 8")
+
+
+def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_path, client):
+    import shutil
+
+    src = downloaded(tmp_path / "run")
+    clean(str(src), str(tmp_path / "run" / "clean"), CleanConfig(), client)
+    filter_stage(str(tmp_path / "run" / "clean"), str(tmp_path / "run" / "filter"), FilterConfig(clip=False, min_side=1), client)
+    interrupt(tmp_path / "run" / "filter")
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # another disk: every absolute path changes
+    moved = tmp_path / "moved"
+    clean(str(moved / "download"), str(moved / "clean"), CleanConfig(), client)  # complete: not refused, not redone
+    filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)  # resumes
+    check_accounting(moved / "filter", 12)
+    assert json.loads((moved / "filter" / "_fingerprint.json").read_text())["input"]["path"] == str(moved / "clean")
+    interrupt(moved / "filter")
+    shard = moved / "clean" / "part-00000.parquet"
+    table = pd.read_parquet(shard)
+    table.loc[0, "caption"] = table.loc[0, "caption"].upper()  # same rows, one caption edited by hand
+    table.to_parquet(shard)
+    with pytest.raises(BadInputError, match=r"input.shards"):
+        filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)

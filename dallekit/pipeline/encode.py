@@ -79,7 +79,9 @@ def plan_encode(input_dir: str, dvae: str, config: EncodeConfig) -> Plan:
             raise BadInputError(f"{name} of {vocab} ids does not fit the uint16 token columns")
     metadata = token_metadata(image_tokenizer.metadata(), text_tokenizer.metadata())
     return Plan(
-        inputs=[input_dir, dvae], fingerprint={"input": identity, "tokens": metadata, "options": output_options(config)},
+        inputs=[input_dir, dvae], fingerprint={"input": identity, "tokens": metadata,
+                                              # the tokenizer by content: its folder's path is where it is, not what it is
+                                              "options": output_options(config) | {"text_tokenizer": text_tokenizer.metadata()}},
         stats_config=asdict(config) | {"input": input_dir, "dvae": dvae, "tokens": metadata},
         tasks=lambda _, __: shard_tasks(paths, lambda p: EncodeShard(p, dvae, config, metadata)),
     )

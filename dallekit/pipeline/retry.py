@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from dallekit.config import BadInputError, DownloadConfig, build_config
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
-from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, summarize
+from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, shard_checksum, summarize
 
 # img2dataset stores str(err): "HTTP Error 503: ...", "<urlopen error [Errno 111] Connection refused>", "timed out", ...
 # Anchored at the start: a server's reason phrase ("HTTP Error 403: Connection refused") or a URL in a
@@ -89,7 +89,7 @@ def retry_shard(task: RetryShard) -> dict:
         mark_path = f"{root.rstrip('/')}/_progress/{name}.json"
         with fs.open(mark_path, "r") as f:
             mark = json.load(f)
-        write_json_atomic(mark | {"counters": status_counters(table)}, mark_path)
+        write_json_atomic(mark | {"counters": status_counters(table)} | shard_checksum(task.path), mark_path)
     write_json_atomic(result, f"{task.folder.rstrip('/')}/_retry/done/{name}.json")
     return result
 

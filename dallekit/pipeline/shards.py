@@ -31,7 +31,7 @@ import fsspec
 import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
-from dallekit.io import list_shards, shard_stem, write_json_atomic, write_table_atomic
+from dallekit.io import file_sha256, list_shards, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.progress import progress
 
 FINGERPRINT = "_fingerprint.json"
@@ -69,7 +69,8 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
     if result.rows_in != n_kept + n_rejected:  # a bug in the stage, never bad input
         raise RuntimeError(f"{task.name}: {result.rows_in} rows in but {n_kept} kept + {n_rejected} rejected")
     root = output_dir.rstrip("/")
-    write_table_atomic(result.kept, f"{root}/{task.name}.parquet", **parquet_kwargs)
+    shard_path = f"{root}/{task.name}.parquet"
+    write_table_atomic(result.kept, shard_path, **parquet_kwargs)
     reject_path = f"{root}/_rejects/{task.name}.parquet"
     reasons: dict[str, int] = {}
     if n_rejected:
@@ -87,7 +88,7 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
         "reasons": reasons,
         "counters": result.counters,
         "seconds": round(time.time() - start, 3),
-    }
+    } | shard_checksum(shard_path)
     write_json_atomic(mark, f"{root}/_progress/{task.name}.json")
     return mark
 
@@ -95,8 +96,14 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
 MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counters", "seconds"}
 
 
-def read_marks(output_dir: str) -> dict[str, dict]:
-    """The progress marks of the shards already complete."""
+def shard_checksum(path: str) -> dict:
+    """A written shard's size and sha256, as its progress mark records them: what identifies the stage's output by content."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return {"bytes": fs.size(p), "sha256": file_sha256(path)}
+
+
+def read_marks(output_dir: str, remove_damaged: bool = True) -> dict[str, dict]:
+    """The progress marks of the shards already complete; a damaged one is removed (its shard redone) unless reading an input."""
     fs, root = fsspec.core.url_to_fs(output_dir)
     marks = {}
     for p in fs.glob(f"{root.rstrip('/')}/_progress/part-*.json"):
@@ -106,7 +113,8 @@ def read_marks(output_dir: str) -> dict[str, dict]:
         except ValueError:
             mark = None
         if not isinstance(mark, dict) or not MARK_KEYS <= set(mark) or mark["shard"] != p.rsplit("/", 1)[-1].removesuffix(".json"):
-            fs.rm(p)  # marks are written atomically, so this one was damaged by hand: redo its shard
+            if remove_damaged:
+                fs.rm(p)  # marks are written atomically, so this one was damaged by hand: redo its shard
             continue
         marks[mark["shard"]] = mark
     return marks
@@ -166,11 +174,13 @@ def _check_not_input(output_dir: str, input_dirs: list[str]) -> None:
 
 
 def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = True) -> dict:
-    """What a stage's fingerprint records of a stage folder it reads: its path, stage and fingerprint digest.
+    """What a stage's fingerprint records of a stage folder it reads: its stage, fingerprint digest and shards by content.
 
     The folder must hold a finished stage of one of the `upstream` kinds (its `_SUCCESS` and
     `_stats.json`); bad input otherwise. With `required=False` a folder of hand-made shards is
-    accepted too, recorded by its shard names and sizes.
+    accepted too. Each shard is recorded by name, size and sha256 (from its progress mark when
+    the size still matches, else read), so a moved folder is the same input and an edited one
+    is not; `path` says where it was read and is not compared (see `fingerprint_content`).
     """
     fs, root = fsspec.core.url_to_fs(input_dir)
     root = root.rstrip("/")
@@ -178,8 +188,7 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         raise BadInputError(f"{input_dir}: no such folder")
     kinds = " or ".join(f"`dallekit {u}`" for u in upstream)
     if not required and not fs.exists(f"{root}/_SUCCESS"):
-        shards = [(shard_stem(p), fs.size(p)) for p in list_shards(input_dir)]
-        return {"path": _local_real(input_dir) or input_dir, "stage": None, "shards": shards}
+        return {"path": _local_real(input_dir) or input_dir, "stage": None, "shards": shard_identities(input_dir, {})}
     if not fs.exists(f"{root}/_SUCCESS") or not fs.exists(f"{root}/_stats.json"):
         raise BadInputError(f"{input_dir}: not a finished stage folder (no _SUCCESS); expected the output of {kinds}")
     try:
@@ -191,11 +200,36 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         raise BadInputError(f"{input_dir}: holds a `{stage}` stage; expected the output of {kinds}")
     digest = None
     if fs.exists(f"{root}/{FINGERPRINT}"):
-        with fs.open(f"{root}/{FINGERPRINT}", "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest}
+        stored = _read_fingerprint(fs, root, input_dir)
+        digest = hashlib.sha256(json.dumps(fingerprint_content(stored), sort_keys=True).encode()).hexdigest()[:16]
+    identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest,
+                "shards": shard_identities(input_dir, read_marks(input_dir, remove_damaged=False))}
     rounds = (stats.get("retry") or {}).get("rounds")
     return identity | ({"retry_rounds": rounds} if rounds else {})  # `download --retry-failed` changed its rows
+
+
+def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
+    """[name, bytes, sha256] of each shard of a folder: the mark's checksum when its size matches the file, else the file's."""
+    fs, _ = fsspec.core.url_to_fs(input_dir)
+    found = []
+    for path in list_shards(input_dir):
+        name, size = shard_stem(path), fs.size(fsspec.core.url_to_fs(path)[1])
+        mark = marks.get(name, {})
+        sha = mark.get("sha256") if mark.get("bytes") == size else None
+        found.append([name, size, sha or file_sha256(path)])
+    return found
+
+
+LOCATION_KEYS = frozenset({"path"})  # where an input was read: recorded in a fingerprint, never compared
+
+
+def fingerprint_content(fingerprint: Any) -> Any:
+    """A fingerprint without its location keys, so that a moved run folder (or input) is the same run."""
+    if isinstance(fingerprint, dict):
+        return {k: fingerprint_content(v) for k, v in fingerprint.items() if k not in LOCATION_KEYS}
+    if isinstance(fingerprint, list):
+        return [fingerprint_content(v) for v in fingerprint]
+    return fingerprint
 
 
 def path_digest(path: str) -> str | None:
@@ -294,17 +328,20 @@ def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list
     if stored is None and entries and not (other == stage and overwrite):
         what = f"a `{other}` stage with no fingerprint (pass --overwrite)" if other else "files that are not a dallekit stage"
         raise BadInputError(f"--out {output_dir}: holds {what}; give an empty or new folder")
-    if stored is not None and stored != current:
+    changed = stored is not None and fingerprint_content(stored) != fingerprint_content(current)
+    if changed:
         if not overwrite:
-            changes = "; ".join(_differences(stored, current)[:6])
+            changes = "; ".join(_differences(fingerprint_content(stored), fingerprint_content(current))[:6])
             raise BadInputError(f"--out {output_dir}: holds a {stage} run with other inputs or options ({changes}); "
                                 "rerun with the same ones to resume, or pass --overwrite to start afresh")
-    if (stored is not None and stored != current) or (stored is None and entries):
+    if changed or (stored is None and entries):
         print(f"{stage}: --overwrite: removing the earlier run in {output_dir}")
         fs.rm(root, recursive=True)
         fs.makedirs(root, exist_ok=True)
     elif stored is not None and fs.exists(f"{root}/_SUCCESS"):
         print(f"{stage}: {output_dir} is already complete with these inputs and options")
+        if stored != current:  # moved: record where its inputs are now
+            write_json_atomic(current, f"{root}/{FINGERPRINT}")
         return read_stats(output_dir)
     try:
         write_json_atomic(current, f"{root}/{FINGERPRINT}")
@@ -360,14 +397,14 @@ class _Refused:
     message: str
 
 
-def _guarded(fn: Callable, item: Any, **kwargs: Any) -> Any:
-    """Run one task; bad input and environment errors (a full disk) come back as a _Refused value."""
+def _guarded(fn: Callable, item: Any, desc: str = "", **kwargs: Any) -> Any:
+    """Run one task; bad input and environment errors (a full disk, naming its file) come back as a _Refused value."""
     try:
         return fn(item, **kwargs)
     except BadInputError as err:
         return _Refused(str(err))
     except OSError as err:
-        converted = environment_error(err, getattr(item, "name", None) or fn.__name__)
+        converted = environment_error(err, desc or fn.__name__)
         if converted is None:
             raise
         return _Refused(str(converted))
@@ -385,7 +422,7 @@ def map_with_progress(
     from distributed import as_completed
 
     keys = [f"{desc}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(items))]
-    futures = client.map(functools.partial(_guarded, fn), items, key=keys, retries=retries, pure=False, **kwargs)
+    futures = client.map(functools.partial(_guarded, fn, desc=desc), items, key=keys, retries=retries, pure=False, **kwargs)
     with progress(total=len(items) + already_done, initial=already_done, desc=desc, unit=unit) as bar:
         try:
             for future in as_completed(futures):
