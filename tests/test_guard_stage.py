@@ -321,3 +321,35 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
     table.to_parquet(shard)
     with pytest.raises(BadInputError, match=r"input.shards"):
         filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
+
+
+def test_a_resume_under_other_package_versions_is_refused_and_stats_record_them(tmp_path, client):
+    from dallekit.pipeline.stage import package_versions
+
+    src = downloaded(tmp_path)
+    clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
+    stats = json.loads((tmp_path / "clean" / "_stats.json").read_text())
+    assert stats["config"]["versions"] == package_versions(("ftfy", "pillow", "opencv-python-headless"))
+    interrupt(tmp_path / "clean")
+    fingerprint_path = tmp_path / "clean" / "_fingerprint.json"
+    fingerprint = json.loads(fingerprint_path.read_text())
+    fingerprint["versions"]["pillow"] = "9.0.0"  # the run was started under another Pillow
+    fingerprint_path.write_text(json.dumps(fingerprint))
+    with pytest.raises(BadInputError, match=r"other package versions \(versions.pillow \"9.0.0\" -> "):
+        clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
+    clean(str(src), str(tmp_path / "clean"), CleanConfig(overwrite=True), client)
+    check_accounting(tmp_path / "clean", 12)
+
+
+def test_a_worker_with_other_package_versions_is_refused():
+    from dallekit.pipeline.stage import check_worker_versions
+
+    class Workers:  # what Client.run returns: each worker's answer
+        def run(self, fn, names):
+            return {"tcp://127.0.0.1:1": fn(names), "tcp://127.0.0.1:2": fn(names) | {"pillow": "9.0.0"}}
+
+    from dallekit.pipeline.stage import package_versions
+
+    mine = package_versions(("pillow",))
+    with pytest.raises(BadInputError, match=r"tcp://127.0.0.1:2 has pillow 9.0.0 \(driver"):
+        check_worker_versions(Workers(), "clean", mine)

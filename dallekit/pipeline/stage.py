@@ -24,6 +24,7 @@ from typing import Any
 
 import fsspec
 
+from dallekit.errors import BadInputError
 from dallekit.io import check_columns, list_shards, shard_stem, write_json_atomic
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, input_identity, run_stage
@@ -73,11 +74,50 @@ def work_dir(output_dir: str) -> str:
     return output_dir.rstrip("/") + "/_work"
 
 
+# The installed distributions whose upgrades can change a stage's output rows (decoders, resizers,
+# caption repair, language ID, CLIP, torch kernels). Their versions are part of the fingerprint and
+# of _stats.json: a resume under other versions is refused like an option change.
+OUTPUT_PACKAGES = {
+    "ingest": (),
+    "download": ("img2dataset", "pillow", "opencv-python-headless"),
+    "adopt": ("pillow",),
+    "clean": ("ftfy", "pillow", "opencv-python-headless"),
+    "filter": ("py3langid", "ftfy", "pillow", "opencv-python-headless", "open_clip_torch", "torch"),
+    "encode": ("pillow", "torch", "tokenizers"),
+}
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution (None when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def check_worker_versions(client: Any, stage: str, versions: dict[str, str | None]) -> None:
+    """Bad input when a Dask worker has other versions of the output's packages than the driver recorded."""
+    if client is None or not versions:
+        return
+    for worker, theirs in client.run(package_versions, tuple(versions)).items():
+        differing = [f"{name} {theirs.get(name)} (driver {mine})" for name, mine in versions.items() if theirs.get(name) != mine]
+        if differing:
+            raise BadInputError(f"{stage}: Dask worker {worker} has {', '.join(differing)}; "
+                                "install the driver's versions on every worker, so the output does not depend on where a shard ran")
+
+
 def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: bool = False) -> dict:
     """Run a planned stage into `output_dir` (resuming what an earlier run finished); returns its stats."""
-    done = begin_stage(stage.name, output_dir, plan.fingerprint, plan.inputs, overwrite)
+    versions = package_versions(OUTPUT_PACKAGES.get(stage.name, ()))
+    done = begin_stage(stage.name, output_dir, plan.fingerprint | {"versions": versions}, plan.inputs, overwrite)
     if done is not None:
         return done
+    check_worker_versions(client, stage.name, versions)
     started = time.time()
     scratch = work_dir(output_dir)
     fs, root = fsspec.core.url_to_fs(scratch)
@@ -91,7 +131,7 @@ def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: 
             write_json_atomic({"result": prepared}, f"{scratch}/prepare.json")
     # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
     scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)
-    config = plan.stats_config | ({"prepared": prepared} if scalar else {})
+    config = plan.stats_config | ({"prepared": prepared} if scalar else {}) | {"versions": versions}
     stats = run_stage(stage, output_dir, plan.tasks(prepared, output_dir), client, config=config, started=started)
     if fs.exists(root):
         fs.rm(root, recursive=True)
