@@ -98,3 +98,13 @@ def test_export_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "missing: no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_long_uid_is_exported_and_a_too_long_one_is_refused_by_its_length(tmp_path, client):
+    long_uids = ["a" * 200] + [f"{i:016x}" for i in range(8)]
+    src, _ = stage_with_images(tmp_path / "filter", uids=long_uids)
+    export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    assert [s["__key__"] for s in read_webdataset(tmp_path / "wds")][0] == "a" * 200
+    src, _ = stage_with_images(tmp_path / "other-filter", uids=["b" * 300] + [f"{i:016x}" for i in range(8)])
+    with pytest.raises(BadInputError, match="has 300 characters; a WebDataset sample's name takes at most 240"):
+        export(str(src), str(tmp_path / "too-long"), ExportConfig(), client)

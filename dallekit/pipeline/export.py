@@ -27,7 +27,8 @@ from dallekit.io import check_columns, list_shards, read_shard, shard_stem, writ
 from dallekit.pipeline.shards import input_identity, map_with_progress, prepare_output
 from dallekit.pipeline.stage import STAGES
 
-KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a uid that can name tar members: no dots, slashes or `..`
+KEY = re.compile(r"[A-Za-z0-9_-]+")  # a uid that can name tar members: no dots, slashes or `..`
+MAX_KEY_CHARS = 240  # a member's name is the uid and an extension; file systems allow 255 bytes a name
 CLAIM = "_export.json"
 
 
@@ -48,6 +49,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _check_key(path: str, uid) -> None:
+    """Bad input unless the uid can name a WebDataset sample's tar members, saying which rule it breaks."""
+    if not isinstance(uid, str) or not uid:
+        raise BadInputError(f"{path}: uid {uid!r} cannot name a WebDataset sample (expected a non-empty string)")
+    if not KEY.fullmatch(uid):
+        raise BadInputError(f"{path}: uid {uid[:40]!r} cannot name a WebDataset sample (expected letters, digits, _ or -)")
+    if len(uid) > MAX_KEY_CHARS:
+        raise BadInputError(f"{path}: uid {uid[:40]!r}... has {len(uid)} characters; a WebDataset sample's name takes at most {MAX_KEY_CHARS}")
+
+
 def export_shard(path: str, output_dir: str) -> dict:
     """Write one shard's rows with an image as a WebDataset tar; returns the samples written and left out."""
     table = read_shard(path)
@@ -64,8 +75,7 @@ def export_shard(path: str, output_dir: str) -> dict:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for i, image in enumerate(images):
             uid = meta["uid"][i]
-            if not isinstance(uid, str) or not KEY.fullmatch(uid):
-                raise BadInputError(f"{path}: uid {str(uid)[:40]!r} cannot name a WebDataset sample (expected letters, digits, _ or -)")
+            _check_key(path, uid)
             if uid in seen:  # two samples of one key would merge in a WebDataset reader
                 raise BadInputError(f"{path}: uid {uid} appears twice; expected the unique uids of a dallekit stage")
             seen.add(uid)
