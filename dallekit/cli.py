@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from dallekit.config import (
+    RUN_SECTION_NAMES,
     SECTION_NAMES,
     AdoptConfig,
     CleanConfig,
@@ -150,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_sections(toml: dict, where: str) -> None:
-    """Every section of a --config file must be one dallekit knows, and a table."""
+def check_sections(toml: dict, where: str, allowed: list[str] = SECTION_NAMES) -> None:
+    """Every section of a --config file must be one the command accepts, and a table."""
     for name, value in toml.items():
-        if name not in SECTION_NAMES:
-            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(SECTION_NAMES)})")
+        if name not in allowed:
+            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(allowed)})")
         if not isinstance(value, dict):
             raise BadInputError(f"{where}: {name} must be a [{name}] table")
 
@@ -166,7 +167,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     where = getattr(args, "config", None)
     toml = load_toml(where)
-    check_sections(toml, where or "options")
+    check_sections(toml, where or "options", RUN_SECTION_NAMES if args.command == "run" else SECTION_NAMES)
     command = next(c for c in COMMANDS if c.name == args.command)
     configs = {
         section: build_config(config_class, args, toml.get(section), where=f"{where or 'options'} [{section}]")

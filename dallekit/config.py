@@ -522,6 +522,8 @@ class RunConfig:
     stop_after: str = option("report", "last step to run", choices=RUN_STEPS)
 
 
-# The sections a --config TOML file may hold: one per step of `dallekit run`, plus [run] and [cluster].
-SECTION_NAMES = ["run", "cluster", "ingest", "adopt", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
-                 "sample", "evaluate", "decode", "train-bpe", "export"]
+# The sections `dallekit run` reads: one per step, plus [run] and [cluster].
+RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
+                     "sample", "evaluate"]
+# The sections a --config TOML file of a single command may hold: the run's and the other commands'.
+SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export"]

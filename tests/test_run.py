@@ -234,3 +234,46 @@ def test_example_configs_load():
         toml.pop("quick", None)
         toml.setdefault("run", {}).setdefault("inputs", ["urls.csv"])
         load_pipeline(toml, str(path))
+
+
+def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):
+    from dallekit.config import RUN_SECTION_NAMES
+    from dallekit.jobs.run import SECTIONS
+
+    assert sorted(SECTIONS) == sorted(RUN_SECTION_NAMES)  # what the CLI checks is what the Pipeline reads
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    config = tmp_path / "p.toml"
+    config.write_text(f'[run]\ninputs = ["{tmp_path / "urls.csv"}"]\n[trian]\nmax_steps = 3\n')
+    proc = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(tmp_path / "o")), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown section [trian]" in proc.stderr, proc.stderr
+    offered = proc.stderr.split("(expected: ", 1)[1].rstrip(")\n").split(", ")
+    assert sorted(offered) == sorted(RUN_SECTION_NAMES) and "export" not in offered  # every section offered is one `run` reads
+
+
+def run_folder_config(tmp_path: Path, **run) -> Path:
+    """A pipeline config over a one-row URL list, with extra [run] keys."""
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    extra = "".join(f'{k} = "{v}"\n' for k, v in run.items())
+    config = tmp_path / "p.toml"
+    config.write_text(f'[run]\ninputs = ["{tmp_path / "urls.csv"}"]\n{extra}')
+    return config
+
+
+def test_a_bad_run_dvae_is_refused_before_any_stage_runs(tmp_path):
+    (tmp_path / "not-a-dvae").mkdir()
+    config = run_folder_config(tmp_path, dvae=tmp_path / "not-a-dvae")
+    proc = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(tmp_path / "o")), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not-a-dvae: expected a model folder" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "o" / "ingest").exists()
+
+
+def test_run_out_in_a_stage_folder_is_refused(tmp_path):
+    from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+
+    write_stage(tmp_path / "download", [[downloaded_row("a" * 16, "a cat", shape_jpeg(0, size=32))]])
+    before = sorted(p.name for p in (tmp_path / "download").iterdir())
+    config = run_folder_config(tmp_path)
+    for out in (tmp_path / "download", tmp_path / "download" / "run"):
+        proc = subprocess.run(dallekit_cli("run", "--config", str(config), "--out", str(out)), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "a dallekit stage folder (_stats.json)" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "download").iterdir()) == before  # nothing written inside the stage

@@ -107,6 +107,36 @@ class _Cluster:
         self.stop()
 
 
+STAGE_MARKERS = ("_fingerprint.json", "_stats.json", "_SUCCESS", "_export.json")
+
+
+def check_run_folder(out: str) -> None:
+    """Bad input when the run folder is, or lies inside, a stage folder: its step folders would become part of that stage."""
+    folder = Path(out).absolute()
+    for place in (folder, *folder.parents):
+        marker = next((m for m in STAGE_MARKERS if (place / m).is_file()), None)
+        if marker is not None:
+            where = "is" if place == folder else f"lies inside {place}, which is"
+            raise BadInputError(f"[run] out {out}: {where} a dallekit stage folder ({marker}); give a run folder of its own")
+        if place == folder and any(folder.glob("part-*.parquet")):
+            raise BadInputError(f"[run] out {out}: holds Parquet shards (part-*.parquet); give a run folder of its own")
+
+
+def check_run_models(p: Pipeline) -> None:
+    """The models a run reads rather than trains ([run] dvae, [encode] text_tokenizer, a CLIP checkpoint), checked before any stage runs."""
+    if p.run.dvae is not None and "encode" in RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1]:
+        from dallekit.models.weights import load_model_state
+
+        load_model_state(p.run.dvae)  # bad input naming the folder, not after four stages
+    if not p.run.bpe_vocab_size and p.encode.text_tokenizer != "clip-bpe":
+        from dallekit.tokenize.text import load_text_tokenizer
+
+        load_text_tokenizer(p.encode.text_tokenizer)
+    checkpoint = p.filter.clip_checkpoint
+    if p.filter.clip and not p.run.train_clip and checkpoint and not Path(checkpoint).exists():
+        raise BadInputError(f"[filter] clip_checkpoint {checkpoint}: no such file or folder")
+
+
 def _checkpoint_exists(folder: str) -> bool:
     return (Path(folder) / "checkpoint" / "state.json").exists()
 
@@ -117,6 +147,8 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
     d = run_folders(p.run.out)
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
         p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
+    check_run_folder(p.run.out)
+    check_run_models(p)
     Path(p.run.out).mkdir(parents=True, exist_ok=True)
     ingest_plan = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
     result: dict = {"stages": []}
