@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator
 
 from dallekit.config import BadInputError, ClusterConfig
+
+
+def _unguarded_script() -> str | None:
+    """The script a local cluster's worker processes import, when it was run as a file (they re-run its unguarded code)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path if path and getattr(main, "__spec__", None) is None and not hasattr(sys, "ps1") else None
+
+
+def _guard_message(script: str) -> str:
+    return (f"{script}: starts a local Dask cluster when imported; Dask's worker processes import the script, "
+            'so start the cluster under `if __name__ == "__main__":`')
 
 
 @contextlib.contextmanager
@@ -28,6 +41,8 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
                 print(f"dask: scheduler {address}, dashboard {client.dashboard_link}", file=sys.stderr)
             yield client
         return
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # a worker process importing the script
+        raise SystemExit(f"dallekit: error: {_guard_message(sys.argv[0] or 'the script')}")
     workers = config.workers or os.cpu_count() or 1
     http = f"{config.host}:0"  # a free port; distributed parses no IPv6 literal here
     if config.processes:
@@ -47,6 +62,9 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
             **bind,
         )
     except (OSError, RuntimeError, ValueError) as err:  # most often a --host this machine has no interface for
+        script = _unguarded_script()
+        if config.processes and script and "Nanny failed to start" in str(err):
+            raise BadInputError(_guard_message(script)) from None
         raise BadInputError(f"--host {config.host}: cannot start a local Dask cluster there ({str(err).splitlines()[0][:160]})") from None
     with cluster, Client(cluster) as client:
         if not quiet:
