@@ -337,8 +337,12 @@ class FilterConfig(StageOptions):
     min_caption_words: int = option(3, "caption words at least this (DataComp: more than 2)", bounds="[0, inf)")
     min_caption_chars: int = option(5, "caption characters at least this (DataComp: more than 5)", bounds="[0, inf)")
     max_caption_tokens: int = option(256, "CLIP BPE tokens of the caption at most this (DALL-E's text length)", bounds="[1, inf)")
-    languages: list[str] = option(["en"], "caption languages to keep (ISO 639-1 codes, or 'any')", nargs="+")
-    min_lang_score: float = option(0.0, "language-ID probability at least this", bounds="[0, 1]")
+    languages: list[str] = option(["en"], "caption languages to keep (py3langid's ISO 639 codes, or 'any'); a caption is rejected only when it is identified, as another language, with at least --min-lang-score", nargs="+")
+    # 0.5: short English names (emoji names) keep 99.4% of rows, 12-word non-English UDHR text is
+    # still 93% rejected; at 0 (every guess decides) only 43% of those names were kept (benchmarks/language_rule.py)
+    min_lang_score: float = option(0.5, "reject another language only when the identifier's probability for it is at least this; unsurer guesses keep the row (counted as lang_kept.uncertain)", bounds="[0, 1]")
+    # below 10 letters py3langid named English emoji names right 4-23% of the time, Latin-script CLDR names of other languages 18-49%
+    min_lang_letters: int = option(10, "captions with fewer letters are not identified: kept, with lang 'unknown' (counted as lang_kept.unknown)", bounds="[0, inf)")
     max_punsafe: float = option(0.5, "LAION punsafe at most this, when the column is present", bounds="[0, 1]")
     max_pwatermark: float = option(0.8, "LAION pwatermark at most this, when the column is present", bounds="[0, 1]")
     clip: bool = option(True, "score image-caption pairs with CLIP (--no-clip skips it)")

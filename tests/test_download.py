@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +168,42 @@ def test_download_of_a_non_stage_folder_is_bad_input(tmp_path, capsys):
         main(["download", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no part-*.parquet shards" in err and err.count("\n") == 1
+
+
+def test_exifread_per_row_warnings_are_counted_not_printed(tmp_path, client):
+    """img2dataset's EXIF read logs `File format not recognized.` per PNG: the stage counts it once, stderr stays quiet."""
+    from dallekit.demo.synthetic import Route, ShapesServer
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (300, 300), (40 * i, 90, 200)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    routes = {f"/{i}.png": Route(png(i), headers={"Content-Type": "image/png"}) for i in range(5)}
+    with ShapesServer(routes, max_seconds=300) as server:
+        shards = make_url_shards(tmp_path, client, [server.url(p) for p in routes])
+        proc = run_download_cli(shards, tmp_path / "images")
+        stdout, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert "File format not recognized" not in err  # was one line per PNG, from each worker's stderr
+    assert stdout.count("exifread: File format not recognized.") == 1  # one line of the summary, with the count
+    stats = json.loads((tmp_path / "images" / "_stats.json").read_text())
+    assert stats["counters"]["status"] == {"success": 5}
+    assert stats["counters"]["logs"] == {"exifread: File format not recognized.": 5}
+
+
+def test_counting_row_logs_counts_only_its_own_thread(caplog):
+    import logging
+
+    from dallekit.pipeline.row_logs import counting_row_logs
+
+    logger = logging.getLogger("exifread")
+    with counting_row_logs() as counts:
+        for offset in (1234, 5678):
+            logger.warning("Possibly corrupted field at offset %d", offset)
+        other = threading.Thread(target=logger.warning, args=("from another thread",))
+        other.start()
+        other.join()
+    logger.warning("after the block")
+    assert counts == {"exifread: Possibly corrupted field at offset <…>": 2}
+    assert [r.getMessage() for r in caplog.records if r.name == "exifread"] == ["from another thread", "after the block"]

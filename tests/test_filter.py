@@ -72,6 +72,32 @@ def test_language_rule(tmp_path, client):
     assert len(kept) == 3
 
 
+def test_language_rule_decides_only_on_sure_guesses(tmp_path, client):
+    """Short English names that py3langid guesses as other languages, unsure, are kept and counted; sure guesses reject."""
+    rows = [
+        row("unsure", caption="google emoji: rabbit face"),  # py3langid: la at 0.08
+        row("unsure-2", caption="woman dancing emoji"),
+        row("short", caption="red heart emoji"),  # 13 letters: identified (below 10 it would not be)
+        row("tiny", caption="pile of poo"),  # 9 letters: too short to identify
+        row("de", caption="Alle Menschen sind frei und gleich an Würde und Rechten geboren"),
+        row("early", caption="rabbit face", original=(100, 100)),  # rejected by min_side before the rule
+    ]
+    kept, reasons, stats = run_filter(tmp_path / "new", client, [rows], NO_CLIP)
+    assert reasons == {"de": "lang", "early": "min_side"}
+    by_uid = kept.set_index("uid")
+    assert by_uid.loc["tiny", "lang"] == "unknown" and np.isnan(by_uid.loc["tiny", "lang_score"])
+    assert by_uid.loc["unsure", "lang"] != "en" and by_uid.loc["unsure", "lang_score"] < 0.5
+    rejected = read_stage(tmp_path / "new" / "filter")[1].set_index("uid")
+    assert rejected.loc["de", "lang"] == "de" and rejected.loc["de", "lang_score"] >= 0.5  # the guess and its score
+    unsure = sum(by_uid.loc[u, "lang"] != "en" for u in ("unsure", "unsure-2", "short"))
+    assert stats["counters"]["lang_kept"] == {"unknown": 1, "uncertain": unsure}  # "early" never reached the rule
+    assert stats["counters"]["lang_rejected"] == {"de": 1}
+    # the previous rule (every guess decides, however short the caption): the unsure English names are rejected
+    old = FilterConfig(clip=False, min_lang_score=0.0, min_lang_letters=0)
+    _, old_reasons, _ = run_filter(tmp_path / "old", client, [rows], old)
+    assert {"unsure", "unsure-2", "de"} <= {u for u, r in old_reasons.items() if r == "lang"}
+
+
 def test_laion_safety_and_watermark_columns(tmp_path, client):
     rows = [
         row("ok", punsafe=0.5, pwatermark=0.8), row("unsafe", punsafe=0.51, pwatermark=0.1),

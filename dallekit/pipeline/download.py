@@ -57,6 +57,7 @@ import pyarrow.feather as feather  # noqa: E402
 from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
 from dallekit.io import read_shard, shard_index  # noqa: E402
 from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
+from dallekit.pipeline.row_logs import counting_row_logs  # noqa: E402
 from dallekit.pipeline.shards import ShardResult, top_counts  # noqa: E402
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks  # noqa: E402
 
@@ -140,8 +141,11 @@ def error_kind(message: str) -> str:
     return _ROW_DETAIL.sub("<…>", message)
 
 
-def fetch_rows(source: pa.Table, task: DownloadShard) -> pa.Table:
-    """Download the rows of `source` with img2dataset as shard `task.shard_id`; every row back once, in input order."""
+def fetch_rows(source: pa.Table, task: DownloadShard, logs: collections.Counter | None = None) -> pa.Table:
+    """Download the rows of `source` with img2dataset as shard `task.shard_id`; every row back once, in input order.
+
+    Dependency log records written once per row (exifread's) are counted into `logs`, not printed.
+    """
     remove_stale_folders(tempfile.gettempdir())
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
     config = task.config
@@ -151,8 +155,10 @@ def fetch_rows(source: pa.Table, task: DownloadShard) -> pa.Table:
         feather.write_feather(source, feather_path, compression="uncompressed")
         tables: list[pa.Table] = []
         downloader = _make_downloader(config, tmp, source.column_names, 10**task.key_digits, tables.append)
-        with fetching(policy):
+        with fetching(policy), counting_row_logs() as counted:
             ok, _ = downloader((task.shard_id, feather_path))
+        if logs is not None:
+            logs.update(counted)
         if not ok or len(tables) != 1:  # the downloader printed its traceback; let Dask retry the shard
             raise RuntimeError(f"{task.path}: img2dataset's downloader failed on this shard")
         written = tables[0]
@@ -171,9 +177,10 @@ def status_counters(table: pa.Table) -> dict[str, dict[str, int]]:
 def download_shard(task: DownloadShard) -> ShardResult:
     """Download one URL shard with img2dataset and return its rows in input order, none lost."""
     source = read_shard(task.path)
-    table = fetch_rows(source, task)
+    logs: collections.Counter = collections.Counter()
+    table = fetch_rows(source, task, logs)
     table = table.append_column(RETRIES, pa.array([0] * table.num_rows, pa.int32()))
-    return ShardResult(rows_in=source.num_rows, kept=table, counters=status_counters(table))
+    return ShardResult(rows_in=source.num_rows, kept=table, counters=status_counters(table) | ({"logs": top_counts(logs)} if logs else {}))
 
 
 def _in_input_order(written: pa.Table, source: pa.Table, task: DownloadShard) -> pa.Table:

@@ -10,6 +10,7 @@ pass applies it without scoring again.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable
@@ -39,10 +40,21 @@ class Rule:
     from_input: bool = False  # its scores are input columns (LAION's), not ones the filter adds
 
 
-def _off_language(s: dict[str, np.ndarray], c: FilterConfig) -> np.ndarray:
+LANG_UNKNOWN = "unknown"  # the `lang` of a caption with too few letters to identify (its lang_score is null)
+
+
+def guessed_off_language(s: dict[str, np.ndarray], c: FilterConfig) -> np.ndarray:
+    """Rows whose caption was identified as a language not in --languages, however sure the guess."""
     languages = {code.lower() for code in c.languages}
-    ok = np.array([("any" in languages or lang in languages) for lang in s["lang"]], bool)
-    return ~ok | (s["lang_score"] < c.min_lang_score)
+    if "any" in languages:
+        return np.zeros(len(s["lang"]), bool)
+    return np.array([lang != LANG_UNKNOWN and lang not in languages for lang in s["lang"]], bool)
+
+
+def _off_language(s: dict[str, np.ndarray], c: FilterConfig) -> np.ndarray:
+    # only a sure guess rejects: on short captions py3langid's guesses are mostly wrong and unsure
+    # (English emoji names come out as pcm, st or la at 0.05-0.4), so an unsure one keeps the row
+    return guessed_off_language(s, c) & (np.nan_to_num(s["lang_score"], nan=-np.inf) >= c.min_lang_score)
 
 
 # The rules in order: a rejected row's reason is the first it fails. Limits are "not within", so
@@ -71,16 +83,18 @@ def _language_identifier():
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
-def identify_language(text: str) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) of a caption."""
+def identify_language(text: str, min_letters: int = 0) -> tuple[str, float]:
+    """(language code, probability) of a caption; (LANG_UNKNOWN, nan) when it has fewer than `min_letters` letters."""
+    if sum(ch.isalpha() for ch in text) < min_letters:
+        return LANG_UNKNOWN, math.nan
     lang, score = _language_identifier().classify(text)
     return lang, float(score)
 
 
-def caption_scores(captions: list[str]) -> dict[str, list]:
+def caption_scores(captions: list[str], min_lang_letters: int = 0) -> dict[str, list]:
     """Word, character and BPE-token counts, language and its probability, per caption."""
     tokenizer = default_text_tokenizer()
-    langs = [identify_language(c) for c in captions]
+    langs = [identify_language(c, min_lang_letters) for c in captions]
     return {
         "caption_words": [len(c.split()) for c in captions],
         "caption_chars": [len(c) for c in captions],
@@ -129,7 +143,7 @@ def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], lis
     captions = [c or "" for c in table.column("caption").to_pylist()]
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN-propagating: a row with a missing side has no size
         scores = {"min_side": np.minimum(width, height), "aspect": np.maximum(width, height) / np.minimum(width, height)}
-    scores |= {k: np.array(v) for k, v in caption_scores(captions).items()}
+    scores |= {k: np.array(v) for k, v in caption_scores(captions, task.config.min_lang_letters).items()}
     reasons = first_failure(rule_failures(table, scores, task.config), table.num_rows)
     return table, scores, reasons
 
@@ -197,7 +211,23 @@ def filter_shard(task: FilterShard) -> ShardResult:
         rows_in=table.num_rows,
         kept=table.filter(pc.invert(rejected)),
         rejects=table.append_column("reason", reason_col).filter(rejected),
+        counters=language_counters(scores, reasons, config),
     )
+
+
+def language_counters(scores: dict[str, np.ndarray], reasons: list[str | None], config: FilterConfig) -> dict[str, dict[str, int]]:
+    """What the language rule let through unjudged, and the languages it rejected.
+
+    `lang_kept`: rows that reached the rule (passed the rules before it) whose caption was too
+    short to identify (`unknown`) or identified as another language with a probability below
+    --min-lang-score (`uncertain`); `lang_rejected`: the guessed language of each row it rejected.
+    """
+    reached = np.array([r is None or RULES.index(r) >= RULES.index("lang") for r in reasons], bool)
+    unsure = guessed_off_language(scores, config) & ~(np.nan_to_num(scores["lang_score"], nan=-np.inf) >= config.min_lang_score)
+    guesses = collections.Counter(str(scores["lang"][i]) for i, r in enumerate(reasons) if r == "lang")
+    unknown = np.array([lang == LANG_UNKNOWN for lang in scores["lang"]], bool)
+    kept = {"unknown": int((reached & unknown).sum()), "uncertain": int((reached & unsure).sum())}
+    return {"lang_kept": kept, "lang_rejected": dict(guesses)}
 
 
 STAGE = Stage("filter", ("clean",), frozenset({"uid", "caption", "original_width", "original_height", "jpg"}),

@@ -89,7 +89,7 @@ def retry_shard(task: RetryShard) -> dict:
         mark_path = f"{root.rstrip('/')}/_progress/{name}.json"
         with fs.open(mark_path, "r") as f:
             mark = json.load(f)
-        write_json_atomic(mark | {"counters": status_counters(table)} | shard_checksum(task.path), mark_path)
+        write_json_atomic(mark | {"counters": mark["counters"] | status_counters(table)} | shard_checksum(task.path), mark_path)  # keeps the download's `logs`
     write_json_atomic(result, f"{task.folder.rstrip('/')}/_retry/done/{name}.json")
     return result
 
