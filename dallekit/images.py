@@ -21,20 +21,6 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT8 = _dct_matrix(HASH_SIDE)[:8]  # (8, 32): only the lowest frequencies are needed
 
 
-def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs decode at reduced scale when `draft_size` allows. Raises on bad bytes."""
-    if data is None:
-        raise ValueError("no image bytes")
-    image = Image.open(io.BytesIO(data))
-    if draft_size:
-        image.draft("RGB", (draft_size, draft_size))
-    if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, as img2dataset does
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
 class UndecodableImage(ValueError):
     """The bytes are not a complete image."""
 
@@ -68,6 +54,31 @@ def check_decode_size(data: bytes, max_pixels: float = MAX_DECODE_PIXELS) -> tup
     if width * height > max_pixels:
         raise ImageTooLarge(f"image_too_large: {width}x{height} pixels ({width * height}) is more than {max_pixels:.0f}")
     return width, height
+
+
+def undecodable_reason(err: UndecodableImage) -> str:
+    """The reason a stage gives for an image it did not decode: image_too_large (by its header) or undecodable."""
+    return "image_too_large" if isinstance(err, ImageTooLarge) else "undecodable"
+
+
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to RGB once the header allows it; JPEGs decode at reduced scale when `draft_size` allows.
+
+    Raises ImageTooLarge (more than MAX_DECODE_PIXELS by the header: nothing decoded) or
+    UndecodableImage (no readable header, or bad pixel data).
+    """
+    check_decode_size(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
+        if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, as img2dataset does
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UndecodableImage(str(err)) from None
 
 
 MIN_HASH_SOURCE = 2 * HASH_SIDE  # decode at least twice the pHash input, so the 32x32 image is an average, not a sample
@@ -125,12 +136,15 @@ def decode_reduced(data: bytes) -> np.ndarray:
     """BGR pixels (H, W, 3) of image bytes, JPEGs reduced in the DCT domain to a shorter side of no less than 64; raises UndecodableImage.
 
     A fixed 1/8 reduction left 8x8 pixels of a 64 px image, too few to tell pictures apart, so
-    the reduction follows the size in the header. Non-JPEGs decode in full.
+    the reduction follows the size in the header. Non-JPEGs decode in full. Nothing decodes
+    before the header's size is checked (ImageTooLarge above MAX_DECODE_PIXELS): a JPEG's
+    reduced decode still reads every coefficient, and a PNG's decodes in full.
     """
     import cv2
 
+    width, height = check_decode_size(data)
     size = _jpeg_size_checked(data)
-    factor = jpeg_reduction(*size) if size and min(size) > 0 else 1
+    factor = jpeg_reduction(width, height) if size and min(size) > 0 else 1
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, _COLOR_FLAGS[factor]))
     if pixels is None or pixels.size == 0:
         raise UndecodableImage("not a decodable image")
@@ -192,11 +206,8 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def load_square(data: bytes, size: int) -> np.ndarray:
-    """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects."""
-    try:
-        image = decode_rgb(data, draft_size=size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UndecodableImage(str(err)) from None
+    """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects; raises UndecodableImage (ImageTooLarge before decoding)."""
+    image = decode_rgb(data, draft_size=size)
     w, h = image.size
     scale = size / min(w, h)
     resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
