@@ -7,6 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
+ORIENTATION_TAG = 0x0112  # EXIF
 HASH_SIDE = 32  # pHash works on a 32x32 grayscale image and keeps the 8x8 lowest DCT frequencies
 
 
@@ -132,23 +133,69 @@ def _jpeg_size_checked(data: bytes) -> tuple[int, int] | None:
     return jpeg_size(data) or (0, 0)
 
 
+def show_upright(img: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels as a viewer shows them for an EXIF orientation (PIL's exif_transpose, in OpenCV); 1 or unknown: as stored."""
+    import cv2
+
+    if orientation in (5, 6, 7, 8):  # a quarter turn: transposed, then flipped
+        img = cv2.transpose(img)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)  # 1: about the vertical axis, 0: the horizontal, -1: both
+    return img if flip is None else cv2.flip(img, flip)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) in a JPEG's header, 1 when it has none or a broken one; no pixel is decoded."""
+    if b"Exif" not in data[:65536]:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: shown as stored
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def resize_reduced(img: np.ndarray, factor: int, stored_size: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    """Area-resize a 1/factor decode of a (width, height) JPEG, as stored, to `target` (width, height) in register with a full decode.
+
+    libjpeg rounds reduced sides up: when a side is not a multiple of the factor, its last
+    reduced pixel averages the partial edge block with the encoder's padding, so the reduced
+    image spans ceil(side / factor) * factor source pixels, not side. The scale is therefore
+    taken from the full size (source pixel x sits at x / factor) and the output that falls
+    past the image's edge is cropped off; the padding is on the right and bottom as stored.
+    """
+    import cv2
+
+    (width, height), (new_width, new_height) = stored_size, target
+    scaled = cv2.resize(img, None, fx=new_width * factor / width, fy=new_height * factor / height, interpolation=cv2.INTER_AREA)
+    return scaled[:new_height, :new_width]  # ceil(side / factor) >= side / factor: the scaled image covers the target
+
+
 def decode_reduced(data: bytes) -> np.ndarray:
     """BGR pixels (H, W, 3) of image bytes, JPEGs reduced in the DCT domain to a shorter side of no less than 64; raises UndecodableImage.
 
     A fixed 1/8 reduction left 8x8 pixels of a 64 px image, too few to tell pictures apart, so
     the reduction follows the size in the header. Non-JPEGs decode in full. Nothing decodes
     before the header's size is checked (ImageTooLarge above MAX_DECODE_PIXELS): a JPEG's
-    reduced decode still reads every coefficient, and a PNG's decodes in full.
+    reduced decode still reads every coefficient, and a PNG's decodes in full. A reduced
+    decode keeps its rounded-up size but is resampled to register with the full image (its
+    last pixel covered a partial block), then turned upright as OpenCV's full decode would be.
     """
     import cv2
 
     width, height = check_decode_size(data)
     size = _jpeg_size_checked(data)
     factor = jpeg_reduction(width, height) if size and min(size) > 0 else 1
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, _COLOR_FLAGS[factor]))
+    flags = getattr(cv2, _COLOR_FLAGS[factor]) | (cv2.IMREAD_IGNORE_ORIENTATION if factor > 1 else 0)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if pixels is None or pixels.size == 0:
         raise UndecodableImage("not a decodable image")
-    return pixels
+    if factor == 1:
+        return pixels  # OpenCV applied the EXIF orientation
+    rows, columns = pixels.shape[:2]
+    if (rows, columns) == (-(-height // factor), -(-width // factor)):  # libjpeg rounds reduced sides up: register with the full image
+        pixels = resize_reduced(pixels, factor, (width, height), (columns, rows))
+    return show_upright(pixels, jpeg_orientation(data))
 
 
 def _area_resize(pixels: np.ndarray, side: int) -> np.ndarray:

@@ -50,21 +50,10 @@ import numpy as np
 from PIL import Image
 
 from dallekit.config import DownloadConfig
-from dallekit.images import jpeg_reduction
+from dallekit.images import ORIENTATION_TAG, jpeg_reduction, resize_reduced, show_upright
 
-ORIENTATION_TAG = 0x0112
 MATTE_BLOCK_PIXELS = 1 << 20  # pixels matted at once: float64 temporaries of ~24 MB
 _ENCODE_FLAGS = {"jpg": cv2.IMWRITE_JPEG_QUALITY, "png": cv2.IMWRITE_PNG_COMPRESSION, "webp": cv2.IMWRITE_WEBP_QUALITY}
-# EXIF orientation -> the transform that shows the stored pixels upright (PIL's exif_transpose, in OpenCV)
-_ORIENT = {
-    2: lambda img: cv2.flip(img, 1),
-    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
-    4: lambda img: cv2.flip(img, 0),
-    5: cv2.transpose,
-    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda img: cv2.flip(cv2.transpose(img), -1),
-    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
 
 
 def _failure(message: str) -> tuple:
@@ -129,7 +118,7 @@ def read_header(data: bytes) -> Header:
         jpeg_mode = None
         if image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK"):  # OpenCV decodes CMYK JPEGs to BGR in full too
             jpeg_mode = "L" if image.mode == "L" else "RGB"
-        return Header(image.width, image.height, orientation if orientation in _ORIENT else 1, jpeg_mode)
+        return Header(image.width, image.height, orientation if 1 <= orientation <= 8 else 1, jpeg_mode)
 
 
 def to_8bit(img: np.ndarray) -> np.ndarray:
@@ -154,11 +143,6 @@ def matte_on_white(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def show_upright(img: np.ndarray, orientation: int) -> np.ndarray:
-    """The stored pixels as a viewer shows them, for an EXIF orientation (1 or unknown: as stored)."""
-    return _ORIENT[orientation](img) if orientation in _ORIENT else img
-
-
 def decode(data: bytes, orientation: int = 1, reduced: tuple[str, int] | None = None) -> np.ndarray:
     """Decode with OpenCV as img2dataset does (or a JPEG at 1/factor scale, `reduced` = (mode, factor)), then to 8 bits, alpha matted on white, shown upright."""
     flags = _REDUCED_FLAGS[reduced] | cv2.IMREAD_IGNORE_ORIENTATION if reduced else cv2.IMREAD_UNCHANGED
@@ -170,20 +154,6 @@ def decode(data: bytes, orientation: int = 1, reduced: tuple[str, int] | None = 
     if img.ndim == 3 and img.shape[2] == 4:
         img = matte_on_white(img)
     return show_upright(img, orientation)
-
-
-def resize_reduced(img: np.ndarray, factor: int, stored_size: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
-    """Area-resize a 1/factor decode of a (width, height) JPEG, as stored, to `target` (width, height) in register with a full decode.
-
-    libjpeg rounds reduced sides up: when a side is not a multiple of the factor, its last
-    reduced pixel averages the partial edge block with the encoder's padding, so the reduced
-    image spans ceil(side / factor) * factor source pixels, not side. The scale is therefore
-    taken from the full size (source pixel x sits at x / factor) and the output that falls
-    past the image's edge is cropped off; the padding is on the right and bottom as stored.
-    """
-    (width, height), (new_width, new_height) = stored_size, target
-    scaled = cv2.resize(img, None, fx=new_width * factor / width, fy=new_height * factor / height, interpolation=cv2.INTER_AREA)
-    return scaled[:new_height, :new_width]  # ceil(side / factor) >= side / factor: the scaled image covers the target
 
 
 class Resizer:
