@@ -34,7 +34,7 @@ from dallekit.demo.synthetic import photo_like
 from dallekit.resize import Resizer, decode, read_header
 
 MODES = ["center_crop", "keep_ratio", "keep_ratio_largest", "border"]
-IMAGE_SETS = {"colour": {}, "colour+edges": {"decay": 0.4, "grain": 0.5, "edges": 10}}
+IMAGE_SETS = {"photo": {}, "photo+edges": {"decay": 0.4, "grain": 0.5, "edges": 10}}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
