@@ -7,6 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
+ORIENTATION_TAG = 0x0112  # EXIF
 HASH_SIDE = 32  # pHash works on a 32x32 grayscale image and keeps the 8x8 lowest DCT frequencies
 
 
@@ -19,20 +20,6 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT8 = _dct_matrix(HASH_SIDE)[:8]  # (8, 32): only the lowest frequencies are needed
-
-
-def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs decode at reduced scale when `draft_size` allows. Raises on bad bytes."""
-    if data is None:
-        raise ValueError("no image bytes")
-    image = Image.open(io.BytesIO(data))
-    if draft_size:
-        image.draft("RGB", (draft_size, draft_size))
-    if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, as img2dataset does
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
 
 
 class UndecodableImage(ValueError):
@@ -68,6 +55,31 @@ def check_decode_size(data: bytes, max_pixels: float = MAX_DECODE_PIXELS) -> tup
     if width * height > max_pixels:
         raise ImageTooLarge(f"image_too_large: {width}x{height} pixels ({width * height}) is more than {max_pixels:.0f}")
     return width, height
+
+
+def undecodable_reason(err: UndecodableImage) -> str:
+    """The reason a stage gives for an image it did not decode: image_too_large (by its header) or undecodable."""
+    return "image_too_large" if isinstance(err, ImageTooLarge) else "undecodable"
+
+
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to RGB once the header allows it; JPEGs decode at reduced scale when `draft_size` allows.
+
+    Raises ImageTooLarge (more than MAX_DECODE_PIXELS by the header: nothing decoded) or
+    UndecodableImage (no readable header, or bad pixel data).
+    """
+    check_decode_size(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
+        if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, as img2dataset does
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UndecodableImage(str(err)) from None
 
 
 MIN_HASH_SOURCE = 2 * HASH_SIDE  # decode at least twice the pHash input, so the 32x32 image is an average, not a sample
@@ -121,20 +133,69 @@ def _jpeg_size_checked(data: bytes) -> tuple[int, int] | None:
     return jpeg_size(data) or (0, 0)
 
 
+def show_upright(img: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels as a viewer shows them for an EXIF orientation (PIL's exif_transpose, in OpenCV); 1 or unknown: as stored."""
+    import cv2
+
+    if orientation in (5, 6, 7, 8):  # a quarter turn: transposed, then flipped
+        img = cv2.transpose(img)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)  # 1: about the vertical axis, 0: the horizontal, -1: both
+    return img if flip is None else cv2.flip(img, flip)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) in a JPEG's header, 1 when it has none or a broken one; no pixel is decoded."""
+    if b"Exif" not in data[:65536]:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: shown as stored
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def resize_reduced(img: np.ndarray, factor: int, stored_size: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    """Area-resize a 1/factor decode of a (width, height) JPEG, as stored, to `target` (width, height) in register with a full decode.
+
+    libjpeg rounds reduced sides up: when a side is not a multiple of the factor, its last
+    reduced pixel averages the partial edge block with the encoder's padding, so the reduced
+    image spans ceil(side / factor) * factor source pixels, not side. The scale is therefore
+    taken from the full size (source pixel x sits at x / factor) and the output that falls
+    past the image's edge is cropped off; the padding is on the right and bottom as stored.
+    """
+    import cv2
+
+    (width, height), (new_width, new_height) = stored_size, target
+    scaled = cv2.resize(img, None, fx=new_width * factor / width, fy=new_height * factor / height, interpolation=cv2.INTER_AREA)
+    return scaled[:new_height, :new_width]  # ceil(side / factor) >= side / factor: the scaled image covers the target
+
+
 def decode_reduced(data: bytes) -> np.ndarray:
     """BGR pixels (H, W, 3) of image bytes, JPEGs reduced in the DCT domain to a shorter side of no less than 64; raises UndecodableImage.
 
     A fixed 1/8 reduction left 8x8 pixels of a 64 px image, too few to tell pictures apart, so
-    the reduction follows the size in the header. Non-JPEGs decode in full.
+    the reduction follows the size in the header. Non-JPEGs decode in full. Nothing decodes
+    before the header's size is checked (ImageTooLarge above MAX_DECODE_PIXELS): a JPEG's
+    reduced decode still reads every coefficient, and a PNG's decodes in full. A reduced
+    decode keeps its rounded-up size but is resampled to register with the full image (its
+    last pixel covered a partial block), then turned upright as OpenCV's full decode would be.
     """
     import cv2
 
+    width, height = check_decode_size(data)
     size = _jpeg_size_checked(data)
-    factor = jpeg_reduction(*size) if size and min(size) > 0 else 1
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, _COLOR_FLAGS[factor]))
+    factor = jpeg_reduction(width, height) if size and min(size) > 0 else 1
+    flags = getattr(cv2, _COLOR_FLAGS[factor]) | (cv2.IMREAD_IGNORE_ORIENTATION if factor > 1 else 0)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if pixels is None or pixels.size == 0:
         raise UndecodableImage("not a decodable image")
-    return pixels
+    if factor == 1:
+        return pixels  # OpenCV applied the EXIF orientation
+    rows, columns = pixels.shape[:2]
+    if (rows, columns) == (-(-height // factor), -(-width // factor)):  # libjpeg rounds reduced sides up: register with the full image
+        pixels = resize_reduced(pixels, factor, (width, height), (columns, rows))
+    return show_upright(pixels, jpeg_orientation(data))
 
 
 def _area_resize(pixels: np.ndarray, side: int) -> np.ndarray:
@@ -192,11 +253,8 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def load_square(data: bytes, size: int) -> np.ndarray:
-    """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects."""
-    try:
-        image = decode_rgb(data, draft_size=size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UndecodableImage(str(err)) from None
+    """Decode, resize the shorter side to `size` and centre-crop: (size, size, 3) uint8, as the dVAE expects; raises UndecodableImage (ImageTooLarge before decoding)."""
+    image = decode_rgb(data, draft_size=size)
     w, h = image.size
     scale = size / min(w, h)
     resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)

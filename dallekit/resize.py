@@ -24,9 +24,14 @@ albumentations transforms do, and the encoder and quality are the same. The diff
   (and its 8-bit or rotated copy while converting).
 - A JPEG larger than the target is decoded at reduced scale in the DCT domain (1/2, 1/4 or
   1/8: libjpeg's scaled IDCT), the largest reduction whose shorter side still covers
-  `image_size`, then resized as before. A 2048x1536 photo decodes at 512x384 for a 256 px
-  output, for a fraction of the cost, and the result differs from a full decode by less than
-  JPEG re-encoding does (PSNR >= 38 dB, tests/test_resize_reduced.py). `original_width` and
+  `image_size`, then resized with INTER_AREA. A 2048x1536 photo decodes at 512x384 for a 256 px
+  output, for a fraction of the cost. libjpeg rounds reduced sides up (a 1001 px side decodes
+  to 126 px at 1/8, the last pixel averaging one source column and the encoder's padding), so
+  the resize maps the full size, not the reduced one, onto the output (`resize_reduced`) and
+  does so before the EXIF rotation, while the padding is still right and bottom: the result
+  registers with a full decode at any size and differs from it by less than a quality-95 JPEG
+  re-encode does on colour photos (tests/test_resize_reduced.py,
+  benchmarks/resize_reduced_quality.py). `original_width` and
   `original_height` come from the header, so they are the full size either way. PNG, WebP,
   GIF and the rest decode in full.
 """
@@ -45,21 +50,10 @@ import numpy as np
 from PIL import Image
 
 from dallekit.config import DownloadConfig
-from dallekit.images import jpeg_reduction
+from dallekit.images import ORIENTATION_TAG, jpeg_reduction, resize_reduced, show_upright
 
-ORIENTATION_TAG = 0x0112
 MATTE_BLOCK_PIXELS = 1 << 20  # pixels matted at once: float64 temporaries of ~24 MB
 _ENCODE_FLAGS = {"jpg": cv2.IMWRITE_JPEG_QUALITY, "png": cv2.IMWRITE_PNG_COMPRESSION, "webp": cv2.IMWRITE_WEBP_QUALITY}
-# EXIF orientation -> the transform that shows the stored pixels upright (PIL's exif_transpose, in OpenCV)
-_ORIENT = {
-    2: lambda img: cv2.flip(img, 1),
-    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
-    4: lambda img: cv2.flip(img, 0),
-    5: cv2.transpose,
-    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda img: cv2.flip(cv2.transpose(img), -1),
-    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
 
 
 def _failure(message: str) -> tuple:
@@ -124,7 +118,7 @@ def read_header(data: bytes) -> Header:
         jpeg_mode = None
         if image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK"):  # OpenCV decodes CMYK JPEGs to BGR in full too
             jpeg_mode = "L" if image.mode == "L" else "RGB"
-        return Header(image.width, image.height, orientation if orientation in _ORIENT else 1, jpeg_mode)
+        return Header(image.width, image.height, orientation if 1 <= orientation <= 8 else 1, jpeg_mode)
 
 
 def to_8bit(img: np.ndarray) -> np.ndarray:
@@ -159,7 +153,7 @@ def decode(data: bytes, orientation: int = 1, reduced: tuple[str, int] | None = 
     img = to_8bit(img)
     if img.ndim == 3 and img.shape[2] == 4:
         img = matte_on_white(img)
-    return _ORIENT[orientation](img) if orientation in _ORIENT else img
+    return show_upright(img, orientation)
 
 
 class Resizer:
@@ -214,19 +208,21 @@ class Resizer:
         border and keep_ratio_largest the longer one, and with both sides covering image_size
         the final resize still only shrinks, from at least as many pixels as it writes.
         """
-        if header.jpeg_mode is None or self.resize_mode == "no":
+        if header.jpeg_mode is None or self.scaled_size(header.width, header.height) is None:
             return 1
         return jpeg_reduction(header.width, header.height, min_side=self.image_size)
 
     def decode_for_target(self, data: bytes, header: Header) -> tuple[np.ndarray, int, int]:
-        """(pixels shown upright, original width, original height), decoded at the reduction the target allows."""
+        """(pixels shown upright, original width, original height): decoded at the reduction the target allows, and then already scaled."""
         factor = self.reduction(header)
         if factor > 1:
-            img = decode(data, header.orientation, (header.jpeg_mode, factor))
-            stored = (-(-header.height // factor), -(-header.width // factor))  # libjpeg rounds reduced sides up
-            if (img.shape[:2] if header.orientation < 5 else img.shape[1::-1]) == stored:
-                width, height = (header.width, header.height) if header.orientation < 5 else (header.height, header.width)
-                return img, width, height
+            img = decode(data, 1, (header.jpeg_mode, factor))  # as stored: the partial edge blocks are right and bottom
+            if img.shape[:2] == (-(-header.height // factor), -(-header.width // factor)):  # libjpeg rounds reduced sides up
+                upright = (header.width, header.height) if header.orientation < 5 else (header.height, header.width)
+                target = self.scaled_size(*upright)
+                stored_target = target if header.orientation < 5 else target[::-1]
+                img = resize_reduced(img, factor, (header.width, header.height), stored_target)
+                return show_upright(img, header.orientation), upright[0], upright[1]
             # the header and the decoder disagree on the size: trust only a full decode
         img = decode(data, header.orientation)
         return img, img.shape[1], img.shape[0]
@@ -248,24 +244,35 @@ class Resizer:
         limit = f"max_image_area {self.max_image_area:.0f}" if self.max_image_area < pil_limit else f"PIL's decompression-bomb limit {pil_limit}"
         return f"image_too_large: {size} is more than {limit}"
 
+    def _fitted_side(self, width: int, height: int) -> int:
+        """The side the mode scales to image_size: the shorter for keep_ratio and center_crop, the longer for the others."""
+        return min(height, width) if self.resize_mode in ("keep_ratio", "center_crop") else max(height, width)
+
+    def scaled_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The (width, height) a width x height image is resized to before cropping or padding; None when it is not resized."""
+        if self.resize_mode == "no":
+            return None
+        side = self._fitted_side(width, height)
+        if self.resize_only_if_bigger and side <= self.image_size:
+            return None
+        scale = self.image_size / side
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
     def resize(self, img: np.ndarray, original: tuple[int, int] | None = None) -> np.ndarray:
         """Resize, crop or pad as img2dataset's albumentations transforms do (same sizes, rounding and interpolation).
 
         `original` is the (width, height) of an image decoded at reduced scale: the output size
-        is computed from it, so that it is the size a full decode gives.
+        is computed from it, so that it is the size a full decode gives (decode_for_target has
+        then already scaled it, and only the crop or padding is left).
         """
-        if self.resize_mode == "no":
-            return img
         width, height = original or (img.shape[1], img.shape[0])
-        side = min(height, width) if self.resize_mode in ("keep_ratio", "center_crop") else max(height, width)
-        downscale = side > self.image_size
-        if self.resize_only_if_bigger and not downscale:
+        scaled = self.scaled_size(width, height)
+        if scaled is None:
             return img
-        scale = self.image_size / side
-        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        new_width, new_height = scaled
         if (new_height, new_width) != img.shape[:2]:
-            interpolation = cv2.INTER_AREA if downscale else cv2.INTER_LANCZOS4
-            img = cv2.resize(img, (new_width, new_height), interpolation=interpolation)
+            downscale = self._fitted_side(width, height) > self.image_size
+            img = cv2.resize(img, (new_width, new_height), interpolation=cv2.INTER_AREA if downscale else cv2.INTER_LANCZOS4)
         size = self.image_size
         if self.resize_mode == "center_crop":
             top, left = (new_height - size) // 2, (new_width - size) // 2

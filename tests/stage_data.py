@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import struct
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,3 +65,51 @@ def write_stage(folder, shards: list[list[dict]], stage: str | None = None) -> N
              "rows_out": rows_in, "rows_rejected": 0, "reasons": {}, "counters": {}, "seconds": 0.0, "config": {}}
     (folder / "_stats.json").write_text(json.dumps(stats))
     (folder / "_SUCCESS").write_text("")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, with one row of data: a few bytes, whatever size it claims."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = zlib.compress(bytes(1 + 3 * width))  # filter byte + one row of zeros
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+HUGE_IMAGES = {"huge": (20000, 20000), "large": (9000, 9000)}  # over PIL's bomb limit; over 64 Mpx but under PIL's limit
+
+
+def forbid_large_decodes(monkeypatch) -> list[tuple[int, int]]:
+    """Make PIL's and OpenCV's pixel decoding fail the test for an image over MAX_DECODE_PIXELS; returns the attempts seen.
+
+    The decoders raise AssertionError, which no stage takes for a bad image: a stage that decodes
+    before it reads the header fails the test instead of rejecting the row.
+    """
+    import cv2
+    from PIL import ImageFile
+
+    from dallekit.images import MAX_DECODE_PIXELS, UndecodableImage, header_size
+
+    attempts: list[tuple[int, int]] = []
+    pil_load, cv2_imdecode = ImageFile.ImageFile.load, cv2.imdecode
+
+    def load(image):
+        if image.width * image.height > MAX_DECODE_PIXELS:
+            attempts.append(image.size)
+            raise AssertionError(f"PIL decoded a {image.width}x{image.height} image")
+        return pil_load(image)
+
+    def imdecode(buffer, flags):
+        try:
+            width, height = header_size(bytes(buffer))
+        except UndecodableImage:
+            return cv2_imdecode(buffer, flags)
+        if width * height > MAX_DECODE_PIXELS:
+            attempts.append((width, height))
+            raise AssertionError(f"OpenCV decoded a {width}x{height} image")
+        return cv2_imdecode(buffer, flags)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    return attempts

@@ -13,6 +13,7 @@ import sys
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -32,9 +33,18 @@ from dallekit.pipeline.clean import (
     check_unique_uids,
     clean,
     repair_caption,
+    scan_shard,
 )
 from tests.helpers import check_accounting, hamming
-from tests.stage_data import downloaded_row, noise_jpeg, shape_jpeg, write_stage
+from tests.stage_data import (
+    HUGE_IMAGES,
+    downloaded_row,
+    forbid_large_decodes,
+    noise_jpeg,
+    png_header_only,
+    shape_jpeg,
+    write_stage,
+)
 
 
 @pytest.mark.parametrize(
@@ -149,6 +159,38 @@ def test_hash_decode_keeps_at_least_64_px(side):
         shorter = min(decode_reduced(data).shape[:2])
         assert shorter == side if side < 127 else 64 <= shorter < 128  # the largest reduction that keeps 64 px
     assert jpeg_size(encode(image, "PNG")) is None and min(decode_reduced(encode(image, "PNG")).shape[:2]) == side
+
+
+def _edge_column(img: np.ndarray) -> float:
+    """Where a vertical edge is, in pixels from the left: the centroid of the column profile's steps."""
+    steps = np.abs(np.diff(img.reshape(img.shape[0], img.shape[1], -1).mean(axis=(0, 2))))
+    return float((np.arange(1, len(steps) + 1) * steps).sum() / steps.sum())
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_hash_decode_registers_with_a_full_decode(orientation):
+    """An edge at 80% of the stored side sits where a full decode puts it, for 30 sizes that are not multiples of the reduction.
+
+    libjpeg rounds a reduced side up; taken as is, the reduced image was stretched, by 0.4 of a
+    reduced pixel at the median.
+    """
+    rng = np.random.default_rng(orientation)
+    errors = []
+    for _ in range(30):
+        width, height = (int(side) for side in rng.integers(130, 1200, 2))
+        width, height = width + (width % 8 == 0), height + (height % 8 == 0)
+        stored = np.full((height, width, 3), 40, np.uint8)
+        if orientation < 5:
+            stored[:, int(width * 0.8) :] = 220
+        else:  # shown turned a quarter: the stored rows become the shown columns
+            stored[int(height * 0.8) :, :] = 220
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = jpeg(Image.fromarray(stored), exif=exif.tobytes())
+        reduced, full = decode_reduced(data), cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert reduced.shape[1] < full.shape[1] and (reduced.shape[1] > reduced.shape[0]) == (full.shape[1] > full.shape[0])
+        errors.append(abs(_edge_column(reduced) - _edge_column(full) * reduced.shape[1] / full.shape[1]))  # in reduced pixels
+    assert max(errors) <= 0.3 and np.median(errors) <= 0.05, (max(errors), np.median(errors))
 
 
 def test_color_distance_is_vectorised_over_pairs():
@@ -270,3 +312,31 @@ def test_check_unique_uids_names_the_uid_and_its_shards():
     shards = pa.chunked_array([["part-00002.parquet", "part-00001.parquet", "part-00002.parquet", "part-00001.parquet", "part-00001.parquet"]])
     with pytest.raises(BadInputError, match=r"^part-00001\.parquet and part-00002\.parquet: uid x appears 3 times \(uids must be unique"):
         check_unique_uids(pa.chunked_array([["x", "x", "y", "x", "y"]]), shards)
+
+
+def huge_image_rows() -> list[dict]:
+    """Rows whose PNG header says 20000x20000 (over PIL's bomb limit) and 9000x9000 (81 Mpx, under it): a few hundred bytes each."""
+    return [downloaded_row(uid, f"a {uid} red circle", png_header_only(*size), size=size, original=size) for uid, size in HUGE_IMAGES.items()]
+
+
+def test_images_over_64_mpx_are_rejected_from_the_header_without_a_decode(tmp_path, monkeypatch):
+    attempts = forbid_large_decodes(monkeypatch)  # the scan runs in this process: a decode of a huge row fails the test
+    write_stage(tmp_path / "download", [[downloaded_row("ok", "a red circle", shape_jpeg(1)), *huge_image_rows()]])
+    scan_shard(str(tmp_path / "download" / "part-00000.parquet"), str(tmp_path / "work"), CleanConfig())
+    scan = pq.read_table(tmp_path / "work" / "scan" / "part-00000.parquet").to_pydict()
+    assert dict(zip(scan["uid"], scan["reason"])) == {"ok": None, "huge": "image_too_large", "large": "image_too_large"}
+    assert attempts == []
+
+
+def test_image_too_large_is_its_own_reason_before_undecodable(tmp_path, client):
+    rows = [downloaded_row("ok", "a red circle", shape_jpeg(1)), downloaded_row("broken", "a red square", b"\x89PNG not really"),
+            *huge_image_rows()]
+    write_stage(tmp_path / "download", [rows])
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "clean", 4)
+    by_uid = rejects.set_index("uid")
+    assert kept["uid"].tolist() == ["ok"] and by_uid.loc["broken", "reason"] == "undecodable"
+    assert by_uid.loc["huge", "reason"] == by_uid.loc["large", "reason"] == "image_too_large"
+    assert (by_uid.loc["large", "original_width"], by_uid.loc["large", "original_height"]) == (9000, 9000)  # the reject keeps its sizes
+    funnel = [s["rule"] for s in json.loads((tmp_path / "clean" / "_funnel.json").read_text())["steps"]]
+    assert funnel.index("failed_to_resize") < funnel.index("image_too_large") < funnel.index("undecodable")

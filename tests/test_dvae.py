@@ -13,7 +13,7 @@ from dallekit.config import BadInputError, TrainDVAEConfig
 from dallekit.models.dvae import DVAE, BottleneckBlock, dvae_config, gumbel_softmax, logit_laplace_nll, map_pixels
 from dallekit.training.dvae import train_dvae
 from dallekit.training.loop import read_metrics
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
 
 def shapes_stage(folder, n: int, shard_rows: int = 500):
@@ -114,3 +114,18 @@ def test_fewer_steps_keep_the_schedule_shares():
     short = build_config(TrainDVAEConfig(preset="tiny", max_steps=preset.max_steps // 2))
     assert short.max_steps == preset.max_steps // 2
     assert short.temp_anneal_steps == round(preset.temp_anneal_steps / 2) and short.kl_warmup_steps == round(preset.kl_warmup_steps / 2)
+
+
+def test_training_images_over_64_mpx_are_skipped_and_counted_without_a_decode(tmp_path, monkeypatch):
+    attempts = forbid_large_decodes(monkeypatch)  # the loader runs in this process: a decode of a huge row fails the test
+    rows = [downloaded_row(f"{i:016x}", "a shape", shape_jpeg(i, size=48)) for i in range(6)]
+    rows += [downloaded_row(f"{uid:0>16}", "a huge picture", png_header_only(*size), size=size, original=size) for uid, size in HUGE_IMAGES.items()]
+    write_stage(tmp_path / "filtered", [rows])
+    paths = [str(tmp_path / "filtered" / "part-00000.parquet")]
+    stream = train_module.ImageStream(paths, 32, seed=0, buffer=4, val_percent=0)
+    batches = stream.batches(6)
+    first, second = next(batches), next(batches)  # one epoch of 6 images each: the first epoch was read to its end
+    assert first[0].shape == second[0].shape == (6, 32, 32, 3) and first[1] == 0 and second[1] == 1
+    assert set(stream.skipped) == {"image_too_large"} and stream.skipped["image_too_large"] >= 2
+    assert len(train_module.held_out_images(paths, 32, percent=100)) == 6
+    assert attempts == []

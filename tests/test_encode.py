@@ -16,12 +16,12 @@ from dallekit.generation.decode import decode_tokens
 from dallekit.images import load_square
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
 from dallekit.models.weights import save_model
-from dallekit.pipeline.encode import encode
+from dallekit.pipeline.encode import encode, encode_shard, plan_encode
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer, train_bpe
 from dallekit.tokenize.tokens import check_token_files
 from tests.helpers import check_accounting
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,15 @@ def test_hugging_face_datasets_reads_token_and_filtered_folders(tmp_path, client
     assert images.features["jpg"].dtype == "binary" and images.features["caption"].dtype == "string"
     source = pd.read_parquet(src).set_index("uid")
     assert all(row["jpg"] == source.loc[row["uid"], "jpg"] for row in images)
+
+
+def test_images_over_64_mpx_are_rejected_without_a_decode(tmp_path, monkeypatch, random_dvae):
+    attempts = forbid_large_decodes(monkeypatch)  # the shard task runs in this process: a decode of a huge row fails the test
+    huge = [downloaded_row(uid, "a huge picture", png_header_only(*size), size=size, original=size) for uid, size in HUGE_IMAGES.items()]
+    write_stage(tmp_path / "filtered", [[downloaded_row("ok", "a shape", shape_jpeg(1, size=80)), *huge]])
+    (task,) = plan_encode(str(tmp_path / "filtered"), str(random_dvae), EncodeConfig()).tasks(None, str(tmp_path / "tokens"))
+    result = encode_shard(task.payload)
+    assert result.kept.column("uid").to_pylist() == ["ok"]
+    reasons = dict(zip(result.rejects.column("uid").to_pylist(), result.rejects.column("reason").to_pylist()))
+    assert reasons == {"huge": "image_too_large", "large": "image_too_large"} and attempts == []
+    assert "9000x9000" in result.rejects.column("error_message").to_pylist()[1]

@@ -17,7 +17,7 @@ from dallekit.models.clip import load_clip, save_clip
 from dallekit.pipeline import filter as filter_module
 from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold
 from tests.helpers import check_accounting, read_stage
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
 NO_CLIP = FilterConfig(clip=False)
 TINY = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None)
@@ -221,3 +221,17 @@ def test_rows_without_a_size_or_image_bytes_fail_min_side(tmp_path, client):
     assert reasons == {"no-size": "min_side", "no-width": "min_side", "no-bytes": "min_side", "empty-bytes": "min_side"}
     rejected = read_stage(tmp_path / "filter")[1].set_index("uid")
     assert np.isnan(rejected.loc["no-width", "min_side"])  # a missing side is no size, not the other side
+
+
+def test_clip_never_decodes_an_image_over_64_mpx(tmp_path, monkeypatch):
+    """CLIP is the filter's one decode: rows whose header says 20000x20000 or 9000x9000 are rejected before it, undecoded."""
+    attempts = forbid_large_decodes(monkeypatch)  # the shard task runs in this process: a decode of a huge row fails the test
+    huge = [downloaded_row(uid, GOOD, png_header_only(*size), size=size, original=size) for uid, size in HUGE_IMAGES.items()]
+    write_stage(tmp_path / "clean", [[row("ok"), *huge]])
+    task = filter_module.FilterShard(str(tmp_path / "clean" / "part-00000.parquet"), FilterConfig(**TINY, clip_threshold=-1.0), str(tmp_path / "work"))
+    result = filter_module.filter_shard(task)
+    assert result.kept.column("uid").to_pylist() == ["ok"]
+    assert dict(zip(*(result.rejects.column(c).to_pylist() for c in ("uid", "reason")))) == {"huge": "image_too_large", "large": "image_too_large"}
+    assert attempts == [] and "image_too_large" in filter_module.RULES
+    no_clip = filter_module.filter_shard(filter_module.FilterShard(task.path, NO_CLIP, task.work_dir))
+    assert no_clip.kept.num_rows == 3  # without CLIP the filter decodes nothing, so it has no reason to look

@@ -17,7 +17,7 @@ from dallekit.pipeline.clean import clean
 from dallekit.pipeline.filter import filter_stage
 from dallekit.pipeline.ingest import ingest
 from tests.helpers import check_accounting, read_stage
-from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -353,3 +353,19 @@ def test_a_worker_with_other_package_versions_is_refused():
     mine = package_versions(("pillow",))
     with pytest.raises(BadInputError, match=r"tcp://127.0.0.1:2 has pillow 9.0.0 \(driver"):
         check_worker_versions(Workers(), "clean", mine)
+
+
+def test_train_clip_skips_and_counts_images_over_64_mpx_without_a_decode(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from dallekit.training.clip import pair_batches
+
+    attempts = forbid_large_decodes(monkeypatch)  # the loader runs in this process: a decode of a huge row fails the test
+    rows = [downloaded_row(f"u{i}", f"a shape number {i}", shape_jpeg(i, size=48)) for i in range(4)]
+    rows += [downloaded_row(uid, "a huge picture", png_header_only(*size), size=size, original=size) for uid, size in HUGE_IMAGES.items()]
+    write_stage(tmp_path / "filtered", [rows])
+    skipped: Counter = Counter()
+    batches = pair_batches([str(tmp_path / "filtered" / "part-00000.parquet")], 4, seed=0, draft=64, skipped=skipped)
+    (images, captions), _ = next(batches), next(batches)  # an epoch's 4 decodable pairs each: the first epoch was read to its end
+    assert [image.size for image in images] == [(48, 48)] * 4 and sorted(captions) == [f"a shape number {i}" for i in range(4)]
+    assert set(skipped) == {"image_too_large"} and skipped["image_too_large"] >= 2 and attempts == []

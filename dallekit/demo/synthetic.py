@@ -100,14 +100,16 @@ def encode(image: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def photo_like(seed: int, size: tuple[int, int] = (512, 384)) -> Image.Image:
+def photo_like(seed: int, size: tuple[int, int] = (512, 384), decay: float = 0.7, grain: float = 3.0, edges: int = 0) -> Image.Image:
     """A photo-like RGB image (width, height): detail at every scale, as photographs have, plus a little grain.
 
-    Octaves of random colour fields from 4 cells across up to half the image width, each 0.7
+    Octaves of random colour fields from 4 cells across up to half the image width, each `decay`
     times the amplitude of the one before (smooth gradients below, texture above), so it
     compresses and decodes like a photograph (JPEG at quality 90: ~300 KB at 1280x960) and still
     has detail when shrunk to 256 px, where the shapes' flat colours have none. The benchmarks
-    and the reduced-decode tests use it.
+    and the reduced-decode tests use it. `edges` adds that many hard-edged rectangles and disks
+    (objects' outlines); with a faster `decay` and less `grain` the image is smooth between them,
+    so JPEG at quality 95 keeps it well and a misplaced edge shows.
     """
     import cv2
 
@@ -118,8 +120,17 @@ def photo_like(seed: int, size: tuple[int, int] = (512, 384)) -> Image.Image:
     while cells <= max(size) // 2:
         grid = rng.normal(0, 1, (max(2, cells * height // max(size)), max(2, cells * width // max(size)), 3)).astype(np.float32)
         pixels += amplitude * cv2.resize(grid, size, interpolation=cv2.INTER_CUBIC)
-        amplitude, cells = amplitude * 0.7, cells * 2
-    pixels += rng.normal(0, 3, (height, width, 1)).astype(np.float32)  # grain, the same in every channel
+        amplitude, cells = amplitude * decay, cells * 2
+    for _ in range(edges):
+        layer = np.zeros_like(pixels)
+        colour = [float(c) for c in rng.uniform(-60, 60, 3)]
+        x, y, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(min(size) // 10, min(size) // 3 + 1))
+        if rng.random() < 0.5:
+            cv2.circle(layer, (x, y), r, colour, -1, lineType=cv2.LINE_AA)
+        else:
+            cv2.rectangle(layer, (x - r, y - r // 2), (x + r, y + r // 2), colour, -1)
+        pixels += layer
+    pixels += rng.normal(0, grain, (height, width, 1)).astype(np.float32)  # grain, the same in every channel
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 

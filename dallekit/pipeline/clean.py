@@ -2,7 +2,8 @@
 
 Three passes, like ingest:
 
-1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
+1. scan: one task per shard drops failed downloads, images over 64 Mpx by their header (never
+   decoded) and undecodable images, repairs captions
    and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
    to `_work/scan/`.
 2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
@@ -30,6 +31,7 @@ from dallekit.images import (
     THUMB_BYTES,
     UndecodableImage,
     image_signature,
+    undecodable_reason,
 )
 from dallekit.io import read_shard, shard_stem, write_table_atomic
 from dallekit.pipeline.dedup import dedup
@@ -38,7 +40,7 @@ from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
 
 # Reasons in the order the rules run; the funnel follows this order.
 RULES = [
-    "failed_to_download", "failed_to_resize", "undecodable", "empty_caption", "caption_too_long",
+    "failed_to_download", "failed_to_resize", "image_too_large", "undecodable", "empty_caption", "caption_too_long",
     "boilerplate_caption", "duplicate_image", "near_duplicate_image",
 ]
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -89,9 +91,9 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
             reason = status if status in RULES else "failed_to_download"
         else:
             try:
-                hashed, thumb = image_signature(image)
-            except UndecodableImage:
-                reason = "undecodable"
+                hashed, thumb = image_signature(image)  # reads the header first: an image over 64 Mpx is never decoded
+            except UndecodableImage as err:
+                reason = undecodable_reason(err)
         reasons.append(reason or caption_reason(fixed, config))
         captions.append(fixed)
         hashes.append(hashed)

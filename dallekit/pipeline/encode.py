@@ -2,8 +2,9 @@
 
 Each task decodes its shard's images, resizes the shorter side and centre-crops to the dVAE's
 size, encodes them in batches (argmax codes), tokenizes captions and writes the token format
-of `dallekit/tokenize/tokens.py`. The dVAE and tokenizer load once per worker. An image that
-does not decode is rejected with reason `undecodable`.
+of `dallekit/tokenize/tokens.py`. The dVAE and tokenizer load once per worker. An image whose
+header gives it more than 64 Mpx is rejected with reason `image_too_large`, before any decode;
+one that does not decode, with reason `undecodable`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from dallekit.config import BadInputError, EncodeConfig, output_options
-from dallekit.images import UndecodableImage, load_square
+from dallekit.images import UndecodableImage, load_square, undecodable_reason
 from dallekit.io import read_shard, shard_schema
 from dallekit.pipeline.shards import ShardResult
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
@@ -46,8 +47,8 @@ def encode_shard(task: EncodeShard) -> ShardResult:
         try:
             pixels.append(load_square(data, size))
             good.append(i)
-        except UndecodableImage as err:
-            errors.append((i, str(err)))
+        except UndecodableImage as err:  # load_square reads the header before it decodes
+            errors.append((i, undecodable_reason(err), str(err)))
     codes = np.zeros((0, image_tokenizer.config.grid ** 2), np.uint16)
     if pixels:
         batch = task.config.batch_size
@@ -58,9 +59,9 @@ def encode_shard(task: EncodeShard) -> ShardResult:
         kept_rows.column("uid"), captions, [text_tokenizer.encode(c or "") for c in captions], codes, task.metadata,
         extra={c: kept_rows.column(c) for c in keep},
     )
-    bad = table.take(pa.array([i for i, _ in errors], pa.int64())).drop_columns(["jpg"])
-    rejects = bad.append_column("reason", pa.array(["undecodable"] * len(errors), pa.string())).append_column(
-        "error_message", pa.array([e for _, e in errors], pa.string())
+    bad = table.take(pa.array([i for i, _, _ in errors], pa.int64())).drop_columns(["jpg"])
+    rejects = bad.append_column("reason", pa.array([r for _, r, _ in errors], pa.string())).append_column(
+        "error_message", pa.array([e for _, _, e in errors], pa.string())
     )
     return ShardResult(rows_in=table.num_rows, kept=kept, rejects=rejects)
 

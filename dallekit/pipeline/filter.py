@@ -2,7 +2,8 @@
 
 Rules run in `RULES` order and a rejected row's `reason` is the first rule it failed. Image and
 caption rules are cheap and run on every row; CLIP runs only on rows that passed them (its
-`clip_score` is null for the others). With `--clip-top-fraction` the CLIP threshold is global:
+`clip_score` is null for the others), and only after their headers: an image of more than
+64 Mpx is rejected as `image_too_large` without being decoded. With `--clip-top-fraction` the CLIP threshold is global:
 a first pass scores every shard and stores the scores in `_work/`, tasks sum a fine histogram
 of them from which the driver takes the quantile (within `SCORE_BIN_WIDTH`), and the second
 pass applies it without scoring again.
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import FilterConfig, output_options
-from dallekit.images import decode_rgb
+from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size, decode_rgb
 from dallekit.io import read_shard, write_table_atomic
 from dallekit.pipeline.shards import ShardResult, exists, map_with_progress, path_digest
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
@@ -36,7 +37,7 @@ class Rule:
 
     name: str  # the reject reason and the funnel's row
     scores: tuple[str, ...]  # the score columns it judges; the rule applies when every one is there
-    fails: Callable[[dict[str, np.ndarray], FilterConfig], np.ndarray] | None  # None: CLIP, scored in its own pass
+    fails: Callable[[dict[str, np.ndarray], FilterConfig], np.ndarray] | None  # None: judged where CLIP decodes (see score_shard)
     from_input: bool = False  # its scores are input columns (LAION's), not ones the filter adds
 
 
@@ -69,6 +70,7 @@ FILTER_RULES = [
     Rule("lang", ("lang", "lang_score"), _off_language),
     Rule("punsafe", ("punsafe",), lambda s, c: np.nan_to_num(s["punsafe"], nan=-np.inf) > c.max_punsafe, from_input=True),
     Rule("pwatermark", ("pwatermark",), lambda s, c: np.nan_to_num(s["pwatermark"], nan=-np.inf) > c.max_pwatermark, from_input=True),
+    Rule("image_too_large", (), None),  # with CLIP only, the one rule that decodes: the header is read first
     Rule("clip_score", ("clip_score",), None),
 ]
 RULES = [r.name for r in FILTER_RULES]
@@ -145,7 +147,23 @@ def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], lis
         scores = {"min_side": np.minimum(width, height), "aspect": np.maximum(width, height) / np.minimum(width, height)}
     scores |= {k: np.array(v) for k, v in caption_scores(captions, task.config.min_lang_letters).items()}
     reasons = first_failure(rule_failures(table, scores, task.config), table.num_rows)
+    if task.config.clip:  # CLIP will decode the rows still in: none over MAX_DECODE_PIXELS by its header
+        images = table.column("jpg")
+        for i in [i for i, reason in enumerate(reasons) if reason is None]:
+            if too_large_to_decode(images[i].as_py()):
+                reasons[i] = "image_too_large"
     return table, scores, reasons
+
+
+def too_large_to_decode(data: bytes) -> bool:
+    """Whether the image's header gives it more than MAX_DECODE_PIXELS (PIL's bomb refusal included); no pixel is decoded."""
+    try:
+        check_decode_size(data)
+    except ImageTooLarge:
+        return True
+    except UndecodableImage:  # no readable header: CLIP's decode reports it, as before
+        return False
+    return False
 
 
 def clip_scores(table: pa.Table, rows: list[int], config: FilterConfig) -> np.ndarray:

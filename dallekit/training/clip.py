@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from dallekit.config import BadInputError, TrainClipConfig
-from dallekit.images import decode_rgb
+from dallekit.images import UndecodableImage, decode_rgb, undecodable_reason
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.models.weights import adamw, autocast, autocast_dtype
@@ -23,8 +24,12 @@ from dallekit.progress import progress
 from dallekit.training.loop import MetricsLog, learning_rate, set_learning_rate
 
 
-def pair_batches(paths: list[str], batch_size: int, seed: int):
-    """Endless (images, captions) batches: shard order and rows shuffled per epoch, seeded."""
+def pair_batches(paths: list[str], batch_size: int, seed: int, draft: int, skipped: Counter):
+    """Endless (RGB images, captions) batches: shard order and rows shuffled per epoch, seeded.
+
+    JPEGs decode at reduced scale down to `draft` px. An image over 64 Mpx by its header, or one
+    that does not decode, is skipped and counted in `skipped` by reason.
+    """
     epoch = 0
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
@@ -38,7 +43,11 @@ def pair_batches(paths: list[str], batch_size: int, seed: int):
             for data, caption in rows:
                 if data is None or not caption:
                     continue
-                images.append(data)
+                try:
+                    images.append(decode_rgb(data, draft_size=draft))  # reads the header before it decodes
+                except UndecodableImage as err:
+                    skipped[undecodable_reason(err)] += 1
+                    continue
                 captions.append(caption)
                 if len(images) == batch_size:
                     batches += 1
@@ -50,7 +59,7 @@ def pair_batches(paths: list[str], batch_size: int, seed: int):
 
 
 def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dict:
-    """Train a CLIP on the filtered pairs and save it in open_clip's local-dir layout; returns the last metrics."""
+    """Train a CLIP on the filtered pairs and save it in open_clip's local-dir layout; returns the last metrics (and images_skipped_<reason> counts)."""
     import open_clip
 
     paths = list_shards(filtered_dir)
@@ -66,14 +75,15 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl")
-    batches = pair_batches(paths, options.batch_size, options.seed)
+    skipped: Counter[str] = Counter()
+    batches = pair_batches(paths, options.batch_size, options.seed, draft, skipped)
     batches = itertools.chain([next(batches)], batches)  # too little data fails here, before the progress bar
     metrics: dict = {}
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
     for step in progress(range(options.max_steps), desc="train-clip", unit="step"):
         set_learning_rate(optimizer, learning_rate(step, options.max_steps, options.lr, options.lr / 10))
-        data, captions = next(batches)
-        pixels = torch.stack([scorer.preprocess(decode_rgb(d, draft_size=draft)) for d in data]).to(device, memory_format=torch.channels_last)
+        pictures, captions = next(batches)
+        pixels = torch.stack([scorer.preprocess(p) for p in pictures]).to(device, memory_format=torch.channels_last)
         tokens = scorer.tokenizer(captions).to(device)
         with autocast(device, amp_dtype):
             image_features, text_features, logit_scale = model(pixels, tokens)
@@ -90,4 +100,4 @@ def train_clip(filtered_dir: str, out_dir: str, options: TrainClipConfig) -> dic
     if not metrics:
         raise BadInputError("--max-steps must be at least 1")
     save_clip(model.eval(), options.model, out_dir)
-    return metrics
+    return metrics | {f"images_skipped_{reason}": n for reason, n in skipped.items()}

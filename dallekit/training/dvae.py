@@ -13,6 +13,7 @@ import hashlib
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from dallekit.config import BadInputError, TrainDVAEConfig
-from dallekit.images import UndecodableImage, load_square, save_image_grid
+from dallekit.images import UndecodableImage, load_square, save_image_grid, undecodable_reason
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
 from dallekit.models.weights import adamw, autocast, autocast_dtype, pick_device
@@ -39,6 +40,7 @@ class ImageStream:
 
     def __init__(self, paths: list[str], size: int, seed: int, buffer: int, val_percent: int):
         self.paths, self.size, self.seed, self.buffer, self.val_percent = paths, size, seed, buffer, val_percent
+        self.skipped: Counter[str] = Counter()  # images this process did not decode, by reason (image_too_large, undecodable)
 
     def _raw(self, epoch: int) -> Iterator[bytes]:
         """Image bytes of one epoch in a deterministic order; decoding happens later, only for what is used."""
@@ -68,7 +70,8 @@ class ImageStream:
                     continue
                 try:
                     batch.append(load_square(data, self.size))
-                except UndecodableImage:
+                except UndecodableImage as err:  # load_square reads the header first: over 64 Mpx is skipped undecoded
+                    self.skipped[undecodable_reason(err)] += 1
                     continue
                 if len(batch) == batch_size:
                     yield np.stack(batch), epoch, seen
@@ -129,7 +132,7 @@ def build_config(options: TrainDVAEConfig) -> DVAEConfig:
 
 
 def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
-    """Train a dVAE; returns the last evaluation metrics."""
+    """Train a dVAE; returns the last evaluation metrics, and images_skipped_<reason> counts when images were not decoded."""
     paths = list_shards(input_dir)
     check_columns(paths, {"uid", "jpg"}, "image shards from `dallekit filter`")
     config = build_config(options)
@@ -186,4 +189,4 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
         elif record:
             log.write(record)
     bar.close()
-    return metrics
+    return metrics | {f"images_skipped_{reason}": n for reason, n in stream.skipped.items()}
