@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import threading
@@ -210,7 +211,9 @@ class Resizer:
         """
         if header.jpeg_mode is None or self.scaled_size(header.width, header.height) is None:
             return 1
-        return jpeg_reduction(header.width, header.height, min_side=self.image_size)
+        # a gray JPEG loses no chroma to its re-encode, so the bar is higher: keep half again the target
+        margin = 1.5 if header.jpeg_mode == "L" else 1.0
+        return jpeg_reduction(header.width, header.height, min_side=math.ceil(self.image_size * margin))
 
     def decode_for_target(self, data: bytes, header: Header) -> tuple[np.ndarray, int, int]:
         """(pixels shown upright, original width, original height): decoded at the reduction the target allows, and then already scaled."""
