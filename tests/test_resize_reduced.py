@@ -149,8 +149,16 @@ def test_reduced_decode_puts_an_edge_where_a_full_decode_does(orientation):
             stored[: height - int(upright_width * 0.8), :] = 220
         exif = Image.Exif()
         exif[0x0112] = orientation
-        data = jpeg(Image.fromarray(stored), exif=exif.tobytes())
+        data = jpeg(Image.fromarray(np.stack([stored] * 3, axis=-1)), exif=exif.tobytes())  # colour: a gray JPEG keeps a margin
         resizer = Resizer(DownloadConfig(image_size=64, resize_mode="keep_ratio_largest"))
         assert resizer.reduction(read_header(data)) > 1
         reduced, full = reduced_and_full(resizer, data)
         assert abs(edge_column(reduced) - edge_column(full)) <= 0.05, (width, height)
+
+
+def test_a_gray_jpeg_is_reduced_only_with_half_again_the_target():
+    """A gray JPEG's q95 re-encode keeps 7-10 dB more than a colour one's, so its reduced decode needs a margin to stay above it."""
+    resizer = Resizer(DownloadConfig(image_size=64, resize_mode="center_crop"))
+    for mode, expected in (("L", 1), ("RGB", 2)):  # a 149 px short side: 75 px at 1/2 covers 64, but not 96
+        image = Image.new(mode, (149, 212), 128)
+        assert resizer.reduction(read_header(jpeg(image))) == expected, mode
