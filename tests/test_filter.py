@@ -235,3 +235,15 @@ def test_clip_never_decodes_an_image_over_64_mpx(tmp_path, monkeypatch):
     assert attempts == [] and "image_too_large" in filter_module.RULES
     no_clip = filter_module.filter_shard(filter_module.FilterShard(task.path, NO_CLIP, task.work_dir))
     assert no_clip.kept.num_rows == 3  # without CLIP the filter decodes nothing, so it has no reason to look
+
+
+def test_clip_rejects_images_that_do_not_decode_instead_of_failing(tmp_path):
+    """A row with no readable header and one whose JPEG body is cut short are `undecodable`, and the rest of the shard is scored."""
+    good = row("ok")
+    cut = downloaded_row("cut", GOOD, good["jpg"][:200], original=(300, 300))  # the header is whole, the scan is not
+    garbage = downloaded_row("garbage", GOOD, b"not an image at all", original=(300, 300))
+    write_stage(tmp_path / "clean", [[good, cut, garbage]])
+    task = filter_module.FilterShard(str(tmp_path / "clean" / "part-00000.parquet"), FilterConfig(**TINY, clip_threshold=-1.0), str(tmp_path / "work"))
+    result = filter_module.filter_shard(task)
+    assert result.kept.column("uid").to_pylist() == ["ok"]
+    assert dict(zip(*(result.rejects.column(c).to_pylist() for c in ("uid", "reason")))) == {"cut": "undecodable", "garbage": "undecodable"}

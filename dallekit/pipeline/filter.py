@@ -71,6 +71,7 @@ FILTER_RULES = [
     Rule("punsafe", ("punsafe",), lambda s, c: np.nan_to_num(s["punsafe"], nan=-np.inf) > c.max_punsafe, from_input=True),
     Rule("pwatermark", ("pwatermark",), lambda s, c: np.nan_to_num(s["pwatermark"], nan=-np.inf) > c.max_pwatermark, from_input=True),
     Rule("image_too_large", (), None),  # with CLIP only, the one rule that decodes: the header is read first
+    Rule("undecodable", (), None),  # with CLIP only: no readable header, or bytes CLIP's decode refused
     Rule("clip_score", ("clip_score",), None),
 ]
 RULES = [r.name for r in FILTER_RULES]
@@ -150,33 +151,38 @@ def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], lis
     if task.config.clip:  # CLIP will decode the rows still in: none over MAX_DECODE_PIXELS by its header
         images = table.column("jpg")
         for i in [i for i, reason in enumerate(reasons) if reason is None]:
-            if too_large_to_decode(images[i].as_py()):
-                reasons[i] = "image_too_large"
+            reasons[i] = header_reason(images[i].as_py())
     return table, scores, reasons
 
 
-def too_large_to_decode(data: bytes) -> bool:
-    """Whether the image's header gives it more than MAX_DECODE_PIXELS (PIL's bomb refusal included); no pixel is decoded."""
+def header_reason(data: bytes) -> str | None:
+    """`image_too_large` over MAX_DECODE_PIXELS by the header (PIL's bomb refusal included), `undecodable` with no readable header."""
     try:
         check_decode_size(data)
     except ImageTooLarge:
-        return True
-    except UndecodableImage:  # no readable header: CLIP's decode reports it, as before
-        return False
-    return False
+        return "image_too_large"
+    except UndecodableImage:
+        return "undecodable"
+    return None
 
 
 def clip_scores(table: pa.Table, rows: list[int], config: FilterConfig) -> np.ndarray:
-    """CLIP cosine similarity of the given rows' image and caption, in batches."""
+    """CLIP cosine similarity of the given rows' image and caption, in batches; NaN for an image that does not decode."""
     from dallekit.models.clip import cached_clip
 
     scorer = cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)
     images, captions = table.column("jpg"), table.column("caption")
-    out = np.empty(len(rows), dtype=np.float32)
+    out = np.full(len(rows), np.nan, dtype=np.float32)
     for start in range(0, len(rows), config.clip_batch_size):
-        batch = rows[start : start + config.clip_batch_size]
-        pictures = [decode_rgb(images[i].as_py(), draft_size=scorer_input_size(scorer)) for i in batch]
-        out[start : start + len(batch)] = scorer.score(pictures, [captions[i].as_py() for i in batch])
+        pictures, scored = [], []
+        for j in range(start, min(start + config.clip_batch_size, len(rows))):
+            try:
+                pictures.append(decode_rgb(images[rows[j]].as_py(), draft_size=scorer_input_size(scorer)))
+                scored.append(j)
+            except UndecodableImage:  # a truncated body behind a good header: the row is rejected as undecodable
+                continue
+        if scored:
+            out[scored] = scorer.score(pictures, [captions[rows[j]].as_py() for j in scored])
     return out
 
 
@@ -220,7 +226,9 @@ def filter_shard(task: FilterShard) -> ShardResult:
         elif rows:
             clip[rows] = clip_scores(table, rows, config)
         for i in rows:
-            if clip[i] < config.clip_threshold:
+            if np.isnan(clip[i]):
+                reasons[i] = "undecodable"
+            elif clip[i] < config.clip_threshold:
                 reasons[i] = "clip_score"
         table = table.append_column("clip_score", pa.array(clip, pa.float32(), mask=np.isnan(clip)))
     reason_col = pa.array(reasons, pa.string())
@@ -310,6 +318,7 @@ def score_histogram(score_paths: list[str]) -> np.ndarray:
         fs, p = fsspec.core.url_to_fs(path)
         with fs.open(p, "rb") as f:
             scores = pq.read_table(f, columns=["clip_score"]).column("clip_score").to_numpy().astype(np.float64)
+        scores = scores[~np.isnan(scores)]  # undecodable images have no score
         # (s + 1) / 2^-15 is exact for float32 scores, so a score's bin never rounds across an edge
         bins = np.clip(np.floor((scores + 1) / SCORE_BIN_WIDTH), 0, SCORE_BINS - 1).astype(np.int64)
         counts += np.bincount(bins, minlength=SCORE_BINS)
