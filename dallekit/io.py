@@ -10,6 +10,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -93,6 +94,23 @@ def shard_schema(path: str) -> tuple[pa.Schema, int]:
         raise _unreadable(path, err) from None
 
 
+def open_shard(path: str) -> pq.ParquetFile:
+    """A shard as a ParquetFile, to read a row group at a time (see `read_row_group`); a file that is not Parquet is bad input."""
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        return pq.ParquetFile(p) if _is_local(fs, p) else pq.ParquetFile(fs.open(p, "rb"))
+    except (pa.ArrowException, FileNotFoundError, IsADirectoryError) as err:
+        raise _unreadable(path, err) from None
+
+
+def read_row_group(shard: pq.ParquetFile, path: str, group: int, columns: list[str]) -> pa.Table:
+    """One row group of an open shard; a corrupt one is bad input naming the file."""
+    try:
+        return shard.read_row_group(group, columns=columns)
+    except pa.ArrowException as err:
+        raise _unreadable(path, err) from None
+
+
 # What a stage's columns must hold, by name: a wrong type is bad input, not a traceback in a task.
 COLUMN_KINDS = {
     "uid": ("string", pa.types.is_string), "url": ("string", pa.types.is_string), "caption": ("string", pa.types.is_string),
@@ -138,18 +156,46 @@ def parquet_options(schema: pa.Schema, **given: Any) -> dict:
 
 def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
     """Write a Parquet file under a temporary name beside the target and rename it into place."""
-    parquet_kwargs = parquet_options(table.schema, **parquet_kwargs)
+    write_tables_atomic([table], path, **parquet_kwargs)
+
+
+def write_tables_atomic(tables: Iterable[pa.Table], path: str, **parquet_kwargs: Any) -> int:
+    """Write tables of one schema into one Parquet file as they come (the first gives the schema), atomically; returns the rows.
+
+    A caller that produces its rows in batches holds one batch at a time, not the file's rows.
+    """
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
-    if isinstance(fs, LocalFileSystem):
-        pq.write_table(table, tmp, **parquet_kwargs)
+    local = isinstance(fs, LocalFileSystem)
+    rows, writer, sink = 0, None, None
+    try:
+        for table in tables:
+            if writer is None:
+                options = parquet_options(table.schema, **parquet_kwargs)
+                row_group_size = options.pop("row_group_size", None)
+                sink = tmp if local else fs.open(tmp, "wb")
+                writer = pq.ParquetWriter(sink, table.schema, **options)
+            writer.write_table(table, row_group_size=row_group_size)
+            rows += table.num_rows
+        if writer is None:
+            raise ValueError(f"{path}: no table to write (a writer needs at least one, empty or not, for the schema)")
+        writer.close()
+        if not local:
+            sink.close()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            if not local:
+                sink.close()
+            fs.rm(tmp)
+        raise
+    if local:
         os.replace(tmp, p)
-        return
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, **parquet_kwargs)
-    fs.mv(tmp, p)
+    else:
+        fs.mv(tmp, p)
+    return rows
 
 
 def write_json_atomic(obj: Any, path: str) -> None:

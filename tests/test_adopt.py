@@ -368,3 +368,115 @@ def test_laion_style_webdataset_goes_through_the_chain_without_redownload(tmp_pa
     for s in samples:
         assert s["jpg"] == by_uid.loc[s["__key__"], "jpg"] and s["txt"].decode() == by_uid.loc[s["__key__"], "caption"]
         assert json.loads(s["json"])["url"] == by_uid.loc[s["__key__"], "url"]
+
+
+# ---------------------------------------------------------------- hand-made img2dataset folders (fast, no download)
+
+
+def small_jpeg(seed: int, side: int = 16) -> bytes:
+    """A small JPEG whose pixels depend on seed."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def handmade(folder: Path, layout: str, rows: list[dict], shard: int = 0, row_group_size: int | None = None) -> Path:
+    """One img2dataset shard written as img2dataset lays it out: rows of url, caption, key, status and `image` (bytes or None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(rows)
+    table = pa.table({"url": pa.array([r["url"] for r in rows], pa.string()), "caption": pa.array([r["caption"] for r in rows], pa.string()),
+                      "key": pa.array([r["key"] for r in rows], pa.string()), "status": pa.array([r.get("status", "success") for r in rows], pa.string()),
+                      "error_message": pa.array([None] * n, pa.string()), "width": pa.array([16] * n, pa.int64()),
+                      "height": pa.array([16] * n, pa.int64()), "sha256": pa.array([None] * n, pa.string())})
+    if layout == "parquet":
+        table = table.append_column("jpg", pa.array([r.get("image") for r in rows], pa.binary()))
+    pq.write_table(table, folder / f"{shard:05d}.parquet", row_group_size=row_group_size)
+    members = [(f"{r['key']}.jpg", r["image"]) for r in rows if r.get("image") is not None] + [
+        (f"{r['key']}.txt", r["caption"].encode()) for r in rows]
+    if layout == "webdataset":
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    elif layout == "files":
+        (folder / f"{shard:05d}").mkdir()
+        for name, data in members:
+            (folder / f"{shard:05d}" / name).write_bytes(data)
+    return folder
+
+
+def handmade_rows(n: int, shard: int = 0) -> list[dict]:
+    """n successful rows with distinct URLs, captions and images, listed out of key order as img2dataset writes them."""
+    rows = [{"url": f"http://example.com/{shard}/{i}.jpg", "caption": f"picture {i}", "key": f"{shard:05d}{i:04d}", "image": small_jpeg(i)}
+            for i in range(n)]
+    return rows[1::2] + rows[::2]
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_handmade_shard_is_adopted_in_key_order_with_its_own_images(tmp_path, client, layout):
+    rows = handmade_rows(9)
+    source = handmade(tmp_path / "in", layout, rows, row_group_size=2)
+    out, stats = adopted(tmp_path, client, source)
+    kept, _ = check_accounting(out, len(rows))
+    by_key = {r["key"]: r for r in rows}
+    assert kept["key"].tolist() == sorted(by_key)
+    assert all(by_key[k]["image"] == jpg and by_key[k]["caption"] == c for k, jpg, c in zip(kept["key"], kept["jpg"], kept["caption"]))
+
+
+def run_one_task(source: Path, layout: str, out: Path, config: AdoptConfig | None = None) -> dict:
+    """adopt_shard for shard 0 through the shard engine, in this process (no repeated URLs), as a Dask worker runs it."""
+    from dallekit.io import write_table_atomic
+    from dallekit.pipeline.adopt import AdoptShard, adopt_shard
+    from dallekit.pipeline.shards import ShardTask, _run_shard
+
+    scratch = out / "_work"
+    write_table_atomic(pa.table({"_order": pa.array([], pa.int64()), "duplicate_of": pa.array([], pa.string())}),
+                       str(scratch / "block_dups" / "b-000000.parquet"))
+    (out / "_progress").mkdir()
+    task = ShardTask("part-00000", (AdoptShard(str(source / "00000.parquet"), layout, 0, config or AdoptConfig()), str(scratch)))
+    return _run_shard(task, str(out), adopt_shard, {})
+
+
+ONE_TASK = """
+import json, sys, tracemalloc
+from pathlib import Path
+import pyarrow as pa
+import dallekit.pipeline.adopt as adopt_module
+from dallekit.config import AdoptConfig
+from tests.test_adopt import run_one_task
+adopt_module.SLICE_BYTES = int(sys.argv[3])
+tracemalloc.start()
+mark = run_one_task(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[4]))
+print(json.dumps({"rows_out": mark["rows_out"], "arrow_peak": pa.default_memory_pool().max_memory(),
+                  "python_peak": tracemalloc.get_traced_memory()[1]}))
+"""
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_one_task_holds_a_slice_of_a_shard_not_the_shard(tmp_path, layout):
+    """Arrow's and Python's peak allocations (in a fresh process) stay a fraction of a shard forty times the slice budget."""
+    import numpy as np
+    from PIL import Image
+
+    def noise(seed: int) -> bytes:  # about 11 KB each, all different: noise does not compress
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    rows = [{"url": f"http://example.com/{i}.jpg", "caption": f"picture {i}", "key": f"00000{i:04d}", "image": noise(i)} for i in range(1200)]
+    source = handmade(tmp_path / "in", layout, rows[::-1], row_group_size=10)
+    shard_bytes = sum(len(r["image"]) for r in rows)
+    budget = shard_bytes // 40
+    proc = subprocess.run([sys.executable, "-c", ONE_TASK, str(source), layout, str(budget), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.splitlines()[-1])
+    assert peaks["rows_out"] == len(rows)
+    kept = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert kept.column("jpg").to_pylist() == [r["image"] for r in rows]
+    # a few slices and the fixed costs (metadata, imports), where holding the shard would take it whole, several times over
+    assert peaks["arrow_peak"] < shard_bytes / 4 and peaks["python_peak"] < shard_bytes / 4, (peaks, budget, shard_bytes)
+

@@ -18,12 +18,19 @@ image that is missing, not a regular file or larger than `--max-image-bytes` tur
 `failed_to_download` with an `adopt: ...` message. Only a URL repeated across the folder is
 rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`), found by ingest's bucketed passes, in
 `_work/`, so no task holds more than a bucket of URLs. Images are never decoded here (clean
-does that, reading each header first); tar members are read into memory only when they are
-regular files of at most `--max-image-bytes`, and nothing is extracted to disk.
+does that, reading each header first); tar members are read only when they are regular files
+of at most `--max-image-bytes`, and nothing is extracted to disk.
+
+A task holds a shard's metadata (no binary column) and one slice of its images at a time: the
+rows in key order are cut into slices of about SLICE_BYTES image bytes (sizes from the Parquet
+row groups, the tar headers or the folder listing), each slice's images are gathered (a row
+group, a tar member or a file at a time), checked and written as row groups of the output
+shard (`io.write_tables_atomic`), so a task's memory does not grow with its shard.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import os
@@ -32,15 +39,16 @@ import tarfile
 from dataclasses import asdict, dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import AdoptConfig, BadInputError, output_options
-from dallekit.io import check_columns, read_shard, shard_schema, write_table_atomic
+from dallekit.io import check_columns, open_shard, read_row_group, read_shard, shard_schema, write_table_atomic
 from dallekit.pipeline.download import status_counters
 from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
-from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name
+from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name, top_counts
 from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
 
 SHARD = re.compile(r"(\d{1,9})\.parquet")  # img2dataset's shard names: 00000.parquet
@@ -141,21 +149,84 @@ def check_metadata(paths: list[str], layout: str) -> list[int]:
     return rows
 
 
-TAKE_ROWS = 64  # image rows gathered per chunk while sorting: at 20 MiB an image, a chunk stays under Arrow's 2 GiB
+SLICE_BYTES = 32 * 2**20  # image bytes one task gathers, checks and writes at a time (held about 5 times): memory does not grow with the shard
 
 
-def _metadata(path: str, columns: list[str] | None = None) -> pa.Table:
-    """A shard's rows in key order (img2dataset writes them as downloads complete), url stripped as ingest does."""
-    table = read_shard(path, columns=columns)
-    order = pc.sort_indices(table, [("key", "ascending")])
-    images = [c for c in IMAGE_COLUMNS if c in table.column_names]
-    small = table.drop_columns(images).combine_chunks().take(order)  # one chunk: a chunked take is 10x slower
-    for name in images:  # gathered in slices: one combined binary column of a big shard would pass 2 GiB
-        column = table.column(name)
-        small = small.append_column(name, pa.chunked_array([column.take(order[i : i + TAKE_ROWS]) for i in range(0, len(order), TAKE_ROWS)],
-                                                           column.type))
-    url = pc.utf8_trim_whitespace(small.column("url"))
-    return small.set_column(small.column_names.index("url"), "url", url)
+def _string_columns(table: pa.Table) -> pa.Table:
+    """img2dataset's string columns as strings even when a writer left them all null (a 0-row shard from pandas)."""
+    for name in ("url", "caption", "key", "status", "error_message", "sha256"):
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
+    return table
+
+
+def _big_columns(schema: pa.Schema) -> list[str]:
+    """The binary columns (images, in any layout): read a slice at a time, never as a whole shard."""
+    return [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+
+
+def _metadata(path: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """A shard's rows without their binary columns in key order (img2dataset writes them as downloads complete), url
+    stripped as ingest does, and each row's position in the file."""
+    schema = shard_schema(path)[0]
+    big = _big_columns(schema)
+    table = _string_columns(read_shard(path, columns=[c for c in (columns or schema.names) if c not in big]))
+    order = pc.sort_indices(table, [("key", "ascending")])  # stable: scan and adopt number the rows alike
+    table = table.combine_chunks().take(order)  # one chunk: a chunked take is 10x slower
+    url = pc.utf8_trim_whitespace(table.column("url"))
+    return table.set_column(table.column_names.index("url"), "url", url), order.to_numpy()
+
+
+class BinaryColumns:
+    """A shard's binary columns, read a row group at a time: a task holds the rows of one slice and one row group, never the shard's."""
+
+    def __init__(self, path: str, names: list[str]):
+        self.path, self.names = path, names
+        self.file = open_shard(path)
+        meta = self.file.metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.starts = np.cumsum([0, *rows])
+        where = {meta.row_group(0).column(j).path_in_schema: j for j in range(meta.num_columns)} if rows else {}
+        # bytes per row in each row group (Parquet's own sizes), to cut slices before anything is read
+        self.per_row = np.array([sum(meta.row_group(g).column(where[n]).total_uncompressed_size for n in names) / max(1, rows[g])
+                                 for g in range(len(rows))], dtype=np.float64)
+
+    def row_bytes(self, positions: np.ndarray) -> np.ndarray:
+        """The estimated bytes of each row, from its row group's sizes."""
+        if not len(positions):
+            return np.zeros(0)
+        return self.per_row[np.searchsorted(self.starts, positions, side="right") - 1]
+
+    def take(self, positions: np.ndarray) -> dict[str, pa.Array]:
+        """The binary columns' values at `positions` (input row numbers), in that order."""
+        schema = self.file.schema_arrow
+        if not len(positions):
+            return {n: pa.array([], schema.field(n).type) for n in self.names}
+        groups = np.searchsorted(self.starts, positions, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        pieces: dict[str, list] = {n: [] for n in self.names}
+        for g in np.unique(groups):
+            table = read_row_group(self.file, self.path, int(g), self.names)
+            rows = pa.array(positions[groups == g] - self.starts[g], pa.int64())
+            for n in self.names:
+                pieces[n].append(table.column(n).take(rows).combine_chunks())
+        joined = {n: pa.concat_arrays(pieces[n]) for n in self.names}
+        if np.all(order[1:] > order[:-1]):  # already in the slice's order (no row precedes one of an earlier group): no copy
+            return joined
+        back = pa.array(np.argsort(order, kind="stable"), pa.int64())  # from group order back to the slice's order
+        return {n: joined[n].take(back) for n in self.names}
+
+
+def _cut(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive (start, end) ranges of rows whose sizes sum to at most `budget`, one row at least."""
+    ranges, start, total = [], 0, 0.0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and total + size > budget:
+            ranges.append((start, i))
+            start, total = i, 0.0
+        total += size
+    ranges.append((start, len(sizes)))
+    return ranges
 
 
 def scan_shards(group: list[AdoptShard], work_dir: str, n_buckets: int) -> int:
@@ -183,7 +254,7 @@ def _groups(tasks: list[AdoptShard], rows: list[int]) -> list[list[AdoptShard]]:
 
 def scan_shard(task: AdoptShard, work_dir: str, n_buckets: int) -> int:
     """Prepare pass 1: bucket one shard's URLs (with uid and position) for the repeated-URL check; returns its rows."""
-    table = _metadata(task.path, ["key", "url", "caption"])
+    table = _metadata(task.path, ["key", "url", "caption"])[0]
     urls = table.column("url").to_pylist()
     valid = [i for i, u in enumerate(urls) if u]
     order = pa.array([(task.index << 32) + i for i in valid], pa.int64())
@@ -207,109 +278,203 @@ def _regular_files(fs, folder: str) -> dict[str, int]:
     return {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(folder, detail=True) if p.get("type") == "file"}
 
 
-def _read_images(task: AdoptShard, keys: set[str]) -> tuple[dict[str, bytes], dict[str, str]]:
-    """The images of a webdataset or files shard by key, and why a key's image could not be taken."""
+@dataclass
+class StoredImages:
+    """Where the images of a webdataset or files shard are, by key, read a slice at a time."""
+
+    task: AdoptShard
+    found: dict[str, tuple[str, int, int]]  # key -> (file, offset, size): the tar's member data or the image file
+    problems: dict[str, str]  # key -> why its image cannot be taken
+
+    def row_bytes(self, keys: list) -> np.ndarray:
+        """The stored size of each key's image (0 where none)."""
+        return np.array([self.found[k][2] if k in self.found else 0 for k in keys], dtype=np.float64)
+
+    def read(self, keys: list) -> list[bytes | None]:
+        """The images of `keys`, in that order (None where a key has none)."""
+        fs, _ = _fs(self.task.path)
+        out: list[bytes | None] = [None] * len(keys)
+        wanted = sorted((self.found[k], i) for i, k in enumerate(keys) if k in self.found)  # in file order: one forward pass
+        if self.task.layout == "webdataset" and wanted:
+            with fs.open(wanted[0][0][0], "rb") as f:
+                for (name, offset, size), i in wanted:
+                    f.seek(offset)
+                    out[i] = f.read(size)
+                    if len(out[i]) < size:  # cut short since it was indexed
+                        raise BadInputError(f"{name}: the tar ends inside a member; expected img2dataset's webdataset shard")
+            return out
+        for (name, _, size), i in wanted:
+            with fs.open(name, "rb") as f:
+                data = f.read(size + 1)  # its listed size: a read of the limit would allocate the limit for every image
+            if len(data) != size:  # it changed since it was listed
+                self.problems[keys[i]] = f"adopt: {name.rsplit('/', 1)[-1]} changed size while adopt read it"
+            else:
+                out[i] = data
+        return out
+
+
+def _regular_files(fs, folder: str) -> dict[str, int]:
+    """name -> size of the regular files in one image folder (links and anything else left out)."""
+    if _is_local(fs):
+        with os.scandir(folder) as entries:
+            return {e.name: e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)}
+    return {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(folder, detail=True) if p.get("type") == "file"}
+
+
+def _index_files(task: AdoptShard, keys: set[str]) -> StoredImages:
+    """The images of a files shard: its folder listed once, nothing read."""
+    fs, _ = _fs(task.path)
+    _, folder = _fs(_companion(task.path, task.layout))
+    limit = task.config.max_image_bytes
+    found, problems = {}, {}
+    for name, size in sorted(_regular_files(fs, folder).items()):
+        member = MEMBER.fullmatch(name)
+        if not member or member.group(1) not in keys or member.group(1) in found or member.group(1) in problems:
+            continue
+        if size > limit:
+            problems[member.group(1)] = f"adopt: {name} is {size} bytes, more than --max-image-bytes {limit}"
+        else:
+            found[member.group(1)] = (f"{folder}/{name}", 0, size)
+    return StoredImages(task, found, problems)
+
+
+def _index_tar(task: AdoptShard, keys: set[str]) -> StoredImages:
+    """Where each key's image lies in a webdataset tar: its headers read once (data skipped), nothing extracted."""
     fs, _ = _fs(task.path)
     limit = task.config.max_image_bytes
-    images, problems = {}, {}
     companion = _companion(task.path, task.layout)
-    if task.layout == "files":
-        _, folder = _fs(companion)
-        sizes = _regular_files(fs, folder)
-        for name, size in sorted(sizes.items()):
-            found = MEMBER.fullmatch(name)
-            if not found or found.group(1) not in keys or found.group(1) in images:
-                continue
-            if size > limit:
-                problems[found.group(1)] = f"adopt: {name} is {size} bytes, more than --max-image-bytes {limit}"
-                continue
-            with fs.open(f"{folder}/{name}", "rb") as f:
-                data = f.read(limit + 1)
-            if len(data) > limit:  # it grew since it was listed
-                problems[found.group(1)] = f"adopt: {name} is more than --max-image-bytes {limit} bytes"
-            else:
-                images[found.group(1)] = data
-        return images, problems
+    found, problems = {}, {}
     try:
-        with fs.open(companion, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:  # streamed: members are never extracted, links and devices never followed
-                found = MEMBER.fullmatch(member.name)
-                if not found or found.group(1) not in keys or found.group(1) in images:
+        with fs.open(companion, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            while (member := tar.next()) is not None:  # links and devices are never followed
+                tar.members.clear()  # headers one at a time: a big tar's member list is not kept
+                image = MEMBER.fullmatch(member.name)
+                if not image or image.group(1) not in keys or image.group(1) in found or image.group(1) in problems:
                     continue
-                if not member.isreg():
-                    problems[found.group(1)] = f"adopt: {member.name} in the tar is not a regular file"
+                if not member.isreg() or member.issparse():
+                    problems[image.group(1)] = f"adopt: {member.name} in the tar is not a regular file"
                 elif member.size > limit:
-                    problems[found.group(1)] = f"adopt: {member.name} is {member.size} bytes, more than --max-image-bytes {limit}"
+                    problems[image.group(1)] = f"adopt: {member.name} is {member.size} bytes, more than --max-image-bytes {limit}"
                 else:
-                    images[found.group(1)] = tar.extractfile(member).read()
+                    found[image.group(1)] = (companion, member.offset_data, member.size)
     except (tarfile.TarError, EOFError) as err:  # a disk error is not the file's fault: it propagates
         raise BadInputError(f"{companion}: not a readable tar ({str(err) or type(err).__name__}); expected img2dataset's webdataset shard") from None
-    return images, problems
+    return StoredImages(task, found, problems)
 
 
-def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
-    """One img2dataset shard as download's layout, its repeated URLs (found by the prepare pass) rejected."""
-    task, scratch = payload
-    table = _metadata(task.path)
-    keys = table.column("key").to_pylist()
-    statuses = table.column("status").to_pylist()
-    messages = table.column("error_message").to_pylist() if "error_message" in table.column_names else [None] * len(keys)
+def _image_problem(task: AdoptShard, key, image, stored: StoredImages | None) -> tuple[str, str] | None:
+    """(status, message) for a success row whose image cannot be kept (its row then fails), or None."""
     limit = task.config.max_image_bytes
-    if task.layout == "parquet":  # the bytes are in the rows, and stay in Arrow (no per-image copies)
-        column = next(c for c in IMAGE_COLUMNS if c in table.column_names)  # check_metadata made sure of one
-        jpg = table.column(column).cast(pa.binary())
-        table = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names])
-        sizes = pc.binary_length(jpg).to_pylist()
-        for i, (status, size) in enumerate(zip(statuses, sizes)):
-            if status == "success" and size is None:
-                statuses[i], messages[i] = "failed_to_download", f"adopt: no image bytes for key {str(keys[i])[:40]} in its {column} column"
-            elif status == "success" and size > limit:
-                statuses[i], messages[i] = "failed_to_download", f"adopt: image of key {str(keys[i])[:40]} is {size} bytes, more than --max-image-bytes {limit}"
+    if stored is None:  # parquet: the bytes were in the row
+        if image is None:
+            return "failed_to_download", f"adopt: no image bytes for key {str(key)[:40]} in its image column"
+        if len(image) > limit:
+            return "failed_to_download", f"adopt: image of key {str(key)[:40]} is {len(image)} bytes, more than --max-image-bytes {limit}"
+    elif not (isinstance(key, str) and KEY.fullmatch(key)):
+        return "failed_to_download", f"adopt: key {str(key)[:40]!r} is not img2dataset's numeric key"
+    elif image is None:
+        return "failed_to_download", stored.problems.get(key, f"adopt: no image for key {key} in {os.path.basename(_companion(task.path, task.layout))}")
+    return None
+
+
+def _adopt_slice(task: AdoptShard, part: pa.Table, jpg: pa.Array, stored: StoredImages | None) -> pa.Table:
+    """A slice of a shard's rows (metadata and binary columns) in download's layout, before the URL rejects."""
+    keys = part.column("key").to_pylist()
+    statuses = part.column("status").to_pylist()
+    messages = part.column("error_message").to_pylist() if "error_message" in part.column_names else [None] * len(keys)
+    jpg = jpg.cast(pa.binary())
+    images = [memoryview(v.as_buffer()) if v.is_valid else None for v in jpg]  # views of Arrow's bytes: no copy
+    changed = False
+    for i, (key, status, image) in enumerate(zip(keys, statuses, images)):
+        problem = _image_problem(task, key, image, stored) if status == "success" else None
+        if problem:
+            statuses[i], messages[i] = problem
+            changed = True
+    if changed:
         jpg = pc.if_else(pc.equal(pa.array(statuses, pa.string()), "success"), jpg, pa.scalar(None, pa.binary()))
-    else:
-        wanted = {k for k, s in zip(keys, statuses) if s == "success" and isinstance(k, str) and KEY.fullmatch(k)}
-        images, problems = _read_images(task, wanted)
-        where = os.path.basename(_companion(task.path, task.layout))
-        for i, (key, status) in enumerate(zip(keys, statuses)):
-            if status == "success" and key not in images:
-                bad_key = not (isinstance(key, str) and KEY.fullmatch(key))
-                statuses[i] = "failed_to_download"
-                messages[i] = (f"adopt: key {str(key)[:40]!r} is not img2dataset's numeric key" if bad_key
-                               else problems.get(key, f"adopt: no image for key {key} in {where}"))
-        jpg = pa.array([images.get(k) if s == "success" else None for k, s in zip(keys, statuses)], pa.binary())
-    old = table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * len(keys)
+    old = part.column("sha256").to_pylist() if "sha256" in part.column_names else [None] * len(keys)
     # img2dataset's hash (of the downloaded bytes) is kept; only a missing one is computed, from the stored bytes
-    todo = [i for i, (h, s) in enumerate(zip(old, statuses)) if h is None and s == "success"]
-    for i, image in zip(todo, jpg.take(pa.array(todo, pa.int64())).to_pylist()):
-        old[i] = hashlib.sha256(image).hexdigest()
-    sha = [h if s == "success" else None for h, s in zip(old, statuses)]
-    urls = table.column("url").to_pylist()
-    uids = [make_uid(u or "", c or "") for u, c in zip(urls, table.column("caption").to_pylist())]
+    sha = [(h or hashlib.sha256(image).hexdigest()) if s == "success" else None for h, s, image in zip(old, statuses, images)]
+    uids = [make_uid(u or "", c or "") for u, c in zip(part.column("url").to_pylist(), part.column("caption").to_pylist())]
     replaced = {"status": pa.array(statuses, pa.string()), "error_message": pa.array(messages, pa.string())}
-    extras = [c for c in table.column_names if c not in IMG2DATASET_COLUMNS + ("url", "caption", "sha256")]
+    extras = [c for c in part.column_names if c not in IMG2DATASET_COLUMNS + ("url", "caption", "sha256")]
     # an input column named like one dallekit writes is kept as source_<name>, as ingest keeps it
     renamed = {c: (f"source_{c}" if c in RESERVED else c) for c in extras}
     if len(set(renamed.values())) < len(renamed):
         clash = next(c for c in extras if renamed[c] != c and renamed[c] in extras)
         raise BadInputError(f"{task.path}: columns {clash} and {renamed[clash]} would both be kept as {renamed[clash]}; rename one")
-    out = pa.table({"uid": pa.array(uids, pa.string()), "url": table.column("url"), "caption": table.column("caption"),
-                    **{renamed[c]: table.column(c) for c in extras},
-                    **{c: replaced[c] if c in replaced else table.column(c) for c in IMG2DATASET_COLUMNS
-                       if c in table.column_names or c in replaced},
-                    "sha256": pa.array(sha, pa.string()), "jpg": jpg})
+    return pa.table({"uid": pa.array(uids, pa.string()), "url": part.column("url"), "caption": part.column("caption"),
+                     **{renamed[c]: part.column(c) for c in extras},
+                     **{c: replaced[c] if c in replaced else part.column(c) for c in IMG2DATASET_COLUMNS
+                        if c in part.column_names or c in replaced},
+                     "sha256": pa.array(sha, pa.string()), "jpg": jpg})
+
+
+def _url_rejects(table: pa.Table, first: int, duplicate_of: dict[int, str], base: int) -> tuple[pa.Table, pa.Table]:
+    """(kept, rejected) rows of an adopted slice whose first row is the shard's row `first` (in key order)."""
+    dup_col = pa.array([duplicate_of.get(base + first + i) for i in range(table.num_rows)], pa.string())
+    # no URL: no row ingest would have made (and its uid, of an empty URL, could repeat another's)
+    reasons = ["empty_url" if not u else ("duplicate_url" if d is not None else None)
+               for u, d in zip(table.column("url").to_pylist(), dup_col.to_pylist())]
+    reason_col = pa.array(reasons, pa.string())
+    rejected = pc.is_valid(reason_col)
+    kept = table.filter(pc.invert(rejected)) if reason_col.null_count < table.num_rows else table  # no copy of the images when none is rejected
+    rejects = table.drop_columns(["jpg"]).append_column("reason", reason_col).append_column("duplicate_of", dup_col).filter(rejected)
+    return kept, rejects
+
+
+def _image_sources(task: AdoptShard, meta: pa.Table, positions: np.ndarray) -> tuple[BinaryColumns | None, StoredImages | None, np.ndarray]:
+    """Where a shard's images and other binary columns come from, and each row's bytes (to cut slices)."""
+    big = _big_columns(shard_schema(task.path)[0])
+    columns = BinaryColumns(task.path, big) if big else None
+    sizes = columns.row_bytes(positions) if columns else np.zeros(meta.num_rows)
+    if task.layout == "parquet":
+        return columns, None, sizes
+    keys = meta.column("key").to_pylist()
+    wanted = {k for k, s in zip(keys, meta.column("status").to_pylist()) if s == "success" and isinstance(k, str) and KEY.fullmatch(k)}
+    stored = _index_tar(task, wanted) if task.layout == "webdataset" else _index_files(task, wanted)
+    return columns, stored, sizes + stored.row_bytes(keys)
+
+
+def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, duplicate_of: dict[int, str], result: ShardResult):
+    """The shard's kept rows a slice of at most SLICE_BYTES image bytes at a time; fills in the result's rejects and counters."""
+    columns, stored, sizes = _image_sources(task, meta, positions)
+    order = shard_schema(task.path)[0].names  # the input's column order
+    image_column = next((c for c in IMAGE_COLUMNS if columns and c in columns.names), None) if stored is None else None
+    rejects, statuses, errors = [], collections.Counter(), collections.Counter()
+    for start, end in _cut(sizes, SLICE_BYTES):
+        part = meta.slice(start, end - start)
+        binary = columns.take(positions[start:end]) if columns else {}
+        if stored is None:  # parquet: the bytes are in the rows, and stay in Arrow
+            jpg = binary.pop(image_column)
+            binary = {c: v for c, v in binary.items() if c not in IMAGE_COLUMNS}  # img2dataset's other encodings: not images of these rows
+        else:
+            jpg = pa.array(stored.read(part.column("key").to_pylist()), pa.binary())
+        for name, values in binary.items():
+            part = part.append_column(name, values)
+        part = part.select([c for c in order if c in part.column_names])
+        kept, rejected = _url_rejects(_adopt_slice(task, part, jpg, stored), start, duplicate_of, task.index << 32)
+        rejects.append(rejected)
+        counts = status_counters(kept)
+        statuses.update(counts["status"])
+        errors.update(counts["error_message"])
+        yield kept
+        pa.default_memory_pool().release_unused()
+    result.rejects = pa.concat_tables(rejects)
+    result.counters = {"status": dict(statuses), "error_message": top_counts(errors), "layout": {task.layout: 1}}
+
+
+def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
+    """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the prepare pass) rejected."""
+    task, scratch = payload
+    meta, positions = _metadata(task.path)
     fs, root = _fs(f"{scratch}/block_dups/b-{task.index:06d}.parquet")
     with fs.open(root, "rb") as f:
         dups = pq.read_table(f)
     duplicate_of = dict(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
-    base = task.index << 32
-    dup_col = pa.array([duplicate_of.get(base + i) for i in range(out.num_rows)], pa.string())
-    # no URL: no row ingest would have made (and its uid, of an empty URL, could repeat another's)
-    reasons = ["empty_url" if not u else ("duplicate_url" if d is not None else None) for u, d in zip(urls, dup_col.to_pylist())]
-    reason_col = pa.array(reasons, pa.string())
-    rejected = pc.is_valid(reason_col)
-    kept = out.filter(pc.invert(rejected)) if reason_col.null_count < out.num_rows else out  # no copy of the images when none is rejected
-    rejects = out.drop_columns(["jpg"]).append_column("reason", reason_col).append_column("duplicate_of", dup_col).filter(rejected)
-    return ShardResult(rows_in=out.num_rows, kept=kept, rejects=rejects, counters=status_counters(kept) | {"layout": {task.layout: 1}})
+    result = ShardResult(rows_in=meta.num_rows, kept=[])
+    result.kept = _adopted_slices(task, meta, positions, duplicate_of, result)
+    return result
 
 
 STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("empty_url", "duplicate_url"))
