@@ -480,3 +480,32 @@ def test_one_task_holds_a_slice_of_a_shard_not_the_shard(tmp_path, layout):
     # a few slices and the fixed costs (metadata, imports), where holding the shard would take it whole, several times over
     assert peaks["arrow_peak"] < shard_bytes / 4 and peaks["python_peak"] < shard_bytes / 4, (peaks, budget, shard_bytes)
 
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: signature, IHDR, one tiny IDAT and IEND (no big allocation)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_images_over_the_area_limit_are_failed_from_their_header(tmp_path, client, layout):
+    rows = handmade_rows(4)
+    rows[0]["image"] = png_header_only(20000, 20000)  # over PIL's own bomb limit
+    rows[1]["image"] = png_header_only(9000, 9000)  # 81 Mpx: over adopt's 64 Mpx, under PIL's limit
+    source = handmade(tmp_path / "in", layout, rows)
+    out, stats = adopted(tmp_path, client, source)
+    kept = check_accounting(out, len(rows))[0].set_index("key")
+    big = kept.loc[[rows[0]["key"], rows[1]["key"]]]
+    assert (big["status"] == "failed_to_resize").all() and big["jpg"].isna().all() and big["sha256"].isna().all()
+    assert big["error_message"].str.startswith("image_too_large: ").all()
+    assert big.loc[rows[1]["key"], "error_message"].startswith("image_too_large: 9000x9000 pixels")
+    assert (kept.loc[[rows[2]["key"], rows[3]["key"]], "status"] == "success").all()
+    assert stats["counters"]["status"] == {"success": 2, "failed_to_resize": 2}
+    out_area, _ = adopted(tmp_path / "area", client, source, max_image_area=1e9)
+    assert check_accounting(out_area, len(rows))[0].set_index("key").loc[rows[1]["key"], "status"] == "success"

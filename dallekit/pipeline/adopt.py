@@ -18,7 +18,8 @@ image that is missing, not a regular file or larger than `--max-image-bytes` tur
 `failed_to_download` with an `adopt: ...` message. Only a URL repeated across the folder is
 rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`), found by ingest's bucketed passes, in
 `_work/`, so no task holds more than a bucket of URLs. Images are never decoded here (clean
-does that, reading each header first); tar members are read only when they are regular files
+does that), but each header is read: an image of more than `--max-image-area` pixels keeps its
+row as `failed_to_resize` with download's `image_too_large: WxH ...` message; tar members are read only when they are regular files
 of at most `--max-image-bytes`, and nothing is extracted to disk.
 
 A task holds a shard's metadata (no binary column) and one slice of its images at a time: the
@@ -45,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import AdoptConfig, BadInputError, output_options
+from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
 from dallekit.io import check_columns, open_shard, read_row_group, read_shard, shard_schema, write_table_atomic
 from dallekit.pipeline.download import status_counters
 from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
@@ -374,6 +376,12 @@ def _image_problem(task: AdoptShard, key, image, stored: StoredImages | None) ->
         return "failed_to_download", f"adopt: key {str(key)[:40]!r} is not img2dataset's numeric key"
     elif image is None:
         return "failed_to_download", stored.problems.get(key, f"adopt: no image for key {key} in {os.path.basename(_companion(task.path, task.layout))}")
+    try:  # the header only, as download's resizer does before it decodes: clean would decode the image whole
+        check_decode_size(image, task.config.max_image_area)
+    except ImageTooLarge as err:
+        return "failed_to_resize", str(err)
+    except UndecodableImage:  # not an image at all: clean finds it and rejects it as undecodable
+        pass
     return None
 
 
