@@ -509,3 +509,32 @@ def test_images_over_the_area_limit_are_failed_from_their_header(tmp_path, clien
     assert stats["counters"]["status"] == {"success": 2, "failed_to_resize": 2}
     out_area, _ = adopted(tmp_path / "area", client, source, max_image_area=1e9)
     assert check_accounting(out_area, len(rows))[0].set_index("key").loc[rows[1]["key"], "status"] == "success"
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_a_key_repeated_in_a_shard_never_pairs_a_caption_with_another_rows_image(tmp_path, client, layout):
+    rows = handmade_rows(5)
+    twin = {"url": "http://example.com/other.jpg", "caption": "another picture", "key": rows[0]["key"], "image": small_jpeg(99)}
+    source = handmade(tmp_path / "in", layout, [*rows, twin])
+    if layout != "parquet":  # one more key with two images: 1.jpg and 1.png
+        folder_or_tar = source / "00000.tar" if layout == "webdataset" else source / "00000"
+        extra = f"{rows[1]['key']}.png"
+        if layout == "webdataset":
+            with tarfile.open(folder_or_tar, "a") as tar:
+                info = tarfile.TarInfo(extra)
+                info.size = len(small_jpeg(98))
+                tar.addfile(info, io.BytesIO(small_jpeg(98)))
+        else:
+            (folder_or_tar / extra).write_bytes(small_jpeg(98))
+    out, stats = adopted(tmp_path, client, source)
+    kept, rejects = check_accounting(out, len(rows) + 1)
+    images = {r["url"]: r["image"] for r in [*rows, twin]}
+    ok = kept[kept.status == "success"]
+    assert all(images[u] == jpg for u, jpg in zip(ok["url"], ok["jpg"]))  # every kept image is its own row's
+    if layout == "parquet":  # the bytes are in the rows: no ambiguity
+        assert len(ok) == 6 and rejects.empty
+    else:
+        assert sorted(rejects["url"]) == sorted([rows[0]["url"], twin["url"]]) and set(rejects["reason"]) == {"duplicate_key"}
+        assert stats["reasons"] == {"duplicate_key": 2}
+        two = kept.set_index("key").loc[rows[1]["key"]]
+        assert two["status"] == "failed_to_download" and "more than one image" in two["error_message"] and two["jpg"] is None

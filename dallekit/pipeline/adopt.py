@@ -16,7 +16,8 @@ completion order). `sha256` is computed from the stored bytes when the folder ha
 Adopt drops nothing it was given: failed rows keep img2dataset's status and message, and an
 image that is missing, not a regular file or larger than `--max-image-bytes` turns its row into
 `failed_to_download` with an `adopt: ...` message. Only a URL repeated across the folder is
-rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`), found by ingest's bucketed passes, in
+rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`; in the webdataset and
+files layouts, rows sharing a key in a shard are `duplicate_key`, since images are found by key), found by ingest's bucketed passes, in
 `_work/`, so no task holds more than a bucket of URLs. Images are never decoded here (clean
 does that), but each header is read: an image of more than `--max-image-area` pixels keeps its
 row as `failed_to_resize` with download's `image_too_large: WxH ...` message; tar members are read only when they are regular files
@@ -258,7 +259,9 @@ def scan_shard(task: AdoptShard, work_dir: str, n_buckets: int) -> int:
     """Prepare pass 1: bucket one shard's URLs (with uid and position) for the repeated-URL check; returns its rows."""
     table = _metadata(task.path, ["key", "url", "caption"])[0]
     urls = table.column("url").to_pylist()
-    valid = [i for i, u in enumerate(urls) if u]
+    repeated = repeated_keys(table.column("key").to_pylist(), task.layout)
+    # rows rejected as empty_url or duplicate_key take no part: the first of a URL kept is one that can be kept
+    valid = [i for i, (u, k) in enumerate(zip(urls, table.column("key").to_pylist())) if u and k not in repeated]
     order = pa.array([(task.index << 32) + i for i in valid], pa.int64())
     part = pa.table({"url": pa.array([urls[i] for i in valid], pa.string()),
                      "uid": pa.array([make_uid(urls[i], c or "") for i, c in zip(valid, table.column("caption").take(valid).to_pylist())],
@@ -331,13 +334,21 @@ def _index_files(task: AdoptShard, keys: set[str]) -> StoredImages:
     found, problems = {}, {}
     for name, size in sorted(_regular_files(fs, folder).items()):
         member = MEMBER.fullmatch(name)
-        if not member or member.group(1) not in keys or member.group(1) in found or member.group(1) in problems:
-            continue
-        if size > limit:
-            problems[member.group(1)] = f"adopt: {name} is {size} bytes, more than --max-image-bytes {limit}"
-        else:
-            found[member.group(1)] = (f"{folder}/{name}", 0, size)
+        if member and member.group(1) in keys:
+            problem = f"adopt: {name} is {size} bytes, more than --max-image-bytes {limit}" if size > limit else None
+            _note_image(found, problems, member.group(1), name, (f"{folder}/{name}", 0, size), problem)
     return StoredImages(task, found, problems)
+
+
+def _note_image(found: dict, problems: dict, key: str, name: str, place: tuple[str, int, int], problem: str | None) -> None:
+    """Record where a wanted key's image is, or why it cannot be taken; a second image of one key makes both unusable."""
+    if key in found or key in problems:  # 1.jpg and 1.png, or one member twice: which is the row's picture is unknown
+        found.pop(key, None)
+        problems[key] = f"adopt: key {key} has more than one image ({name} and another); which one is its row's is unknown"
+    elif problem:
+        problems[key] = problem
+    else:
+        found[key] = place
 
 
 def _index_tar(task: AdoptShard, keys: set[str]) -> StoredImages:
@@ -351,14 +362,11 @@ def _index_tar(task: AdoptShard, keys: set[str]) -> StoredImages:
             while (member := tar.next()) is not None:  # links and devices are never followed
                 tar.members.clear()  # headers one at a time: a big tar's member list is not kept
                 image = MEMBER.fullmatch(member.name)
-                if not image or image.group(1) not in keys or image.group(1) in found or image.group(1) in problems:
+                if not image or image.group(1) not in keys:
                     continue
-                if not member.isreg() or member.issparse():
-                    problems[image.group(1)] = f"adopt: {member.name} in the tar is not a regular file"
-                elif member.size > limit:
-                    problems[image.group(1)] = f"adopt: {member.name} is {member.size} bytes, more than --max-image-bytes {limit}"
-                else:
-                    found[image.group(1)] = (companion, member.offset_data, member.size)
+                problem = (f"adopt: {member.name} in the tar is not a regular file" if not member.isreg() or member.issparse() else
+                           f"adopt: {member.name} is {member.size} bytes, more than --max-image-bytes {limit}" if member.size > limit else None)
+                _note_image(found, problems, image.group(1), member.name, (companion, member.offset_data, member.size), problem)
     except (tarfile.TarError, EOFError) as err:  # a disk error is not the file's fault: it propagates
         raise BadInputError(f"{companion}: not a readable tar ({str(err) or type(err).__name__}); expected img2dataset's webdataset shard") from None
     return StoredImages(task, found, problems)
@@ -418,12 +426,19 @@ def _adopt_slice(task: AdoptShard, part: pa.Table, jpg: pa.Array, stored: Stored
                      "sha256": pa.array(sha, pa.string()), "jpg": jpg})
 
 
-def _url_rejects(table: pa.Table, first: int, duplicate_of: dict[int, str], base: int) -> tuple[pa.Table, pa.Table]:
+def repeated_keys(keys: list, layout: str) -> set:
+    """The keys more than one row of a webdataset or files shard has: their images are found by key, so no row can be given one."""
+    if layout == "parquet":  # the bytes are in the row itself
+        return set()
+    return {k for k, n in collections.Counter(keys).items() if n > 1}
+
+
+def _url_rejects(table: pa.Table, first: int, duplicate_of: dict[int, str], base: int, repeated: set) -> tuple[pa.Table, pa.Table]:
     """(kept, rejected) rows of an adopted slice whose first row is the shard's row `first` (in key order)."""
     dup_col = pa.array([duplicate_of.get(base + first + i) for i in range(table.num_rows)], pa.string())
     # no URL: no row ingest would have made (and its uid, of an empty URL, could repeat another's)
-    reasons = ["empty_url" if not u else ("duplicate_url" if d is not None else None)
-               for u, d in zip(table.column("url").to_pylist(), dup_col.to_pylist())]
+    reasons = ["empty_url" if not u else "duplicate_key" if k in repeated else "duplicate_url" if d is not None else None
+               for u, k, d in zip(table.column("url").to_pylist(), table.column("key").to_pylist(), dup_col.to_pylist())]
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
     kept = table.filter(pc.invert(rejected)) if reason_col.null_count < table.num_rows else table  # no copy of the images when none is rejected
@@ -439,7 +454,9 @@ def _image_sources(task: AdoptShard, meta: pa.Table, positions: np.ndarray) -> t
     if task.layout == "parquet":
         return columns, None, sizes
     keys = meta.column("key").to_pylist()
-    wanted = {k for k, s in zip(keys, meta.column("status").to_pylist()) if s == "success" and isinstance(k, str) and KEY.fullmatch(k)}
+    repeated = repeated_keys(keys, task.layout)  # rejected as duplicate_key: their images are not read
+    wanted = {k for k, s in zip(keys, meta.column("status").to_pylist())
+              if s == "success" and isinstance(k, str) and KEY.fullmatch(k) and k not in repeated}
     stored = _index_tar(task, wanted) if task.layout == "webdataset" else _index_files(task, wanted)
     return columns, stored, sizes + stored.row_bytes(keys)
 
@@ -448,6 +465,7 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
     """The shard's kept rows a slice of at most SLICE_BYTES image bytes at a time; fills in the result's rejects and counters."""
     columns, stored, sizes = _image_sources(task, meta, positions)
     order = shard_schema(task.path)[0].names  # the input's column order
+    repeated = repeated_keys(meta.column("key").to_pylist(), task.layout)
     image_column = next((c for c in IMAGE_COLUMNS if columns and c in columns.names), None) if stored is None else None
     rejects, statuses, errors = [], collections.Counter(), collections.Counter()
     for start, end in _cut(sizes, SLICE_BYTES):
@@ -461,7 +479,7 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
         for name, values in binary.items():
             part = part.append_column(name, values)
         part = part.select([c for c in order if c in part.column_names])
-        kept, rejected = _url_rejects(_adopt_slice(task, part, jpg, stored), start, duplicate_of, task.index << 32)
+        kept, rejected = _url_rejects(_adopt_slice(task, part, jpg, stored), start, duplicate_of, task.index << 32, repeated)
         rejects.append(rejected)
         counts = status_counters(kept)
         statuses.update(counts["status"])
@@ -485,7 +503,7 @@ def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     return result
 
 
-STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("empty_url", "duplicate_url"))
+STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_shard, rules=("empty_url", "duplicate_key", "duplicate_url"))
 
 
 def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
