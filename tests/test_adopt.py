@@ -538,3 +538,38 @@ def test_a_key_repeated_in_a_shard_never_pairs_a_caption_with_another_rows_image
         assert stats["reasons"] == {"duplicate_key": 2}
         two = kept.set_index("key").loc[rows[1]["key"]]
         assert two["status"] == "failed_to_download" and "more than one image" in two["error_message"] and two["jpg"] is None
+
+
+def test_empty_urls_empty_shards_and_bad_utf8_captions_are_adopted_through_the_cli(tmp_path):
+    source = tmp_path / "in"
+    no_urls = handmade_rows(3, shard=0)
+    for row in no_urls:
+        row["url"] = ""
+    handmade(source, "parquet", no_urls, shard=0)  # every URL empty: every row rejected as empty_url
+    handmade(source, "parquet", [], shard=1)  # no rows at all
+    handmade(source, "parquet", handmade_rows(2, shard=2), shard=2)
+    handmade(source, "parquet", handmade_rows(2, shard=3), shard=3)
+    latin1 = pa.array(["café au lait".encode("latin-1"), b"plain"], pa.binary())
+    table = pq.read_table(source / "00002.parquet")  # a string column holding latin-1 bytes, as a writer that never checks leaves it
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", latin1.view(pa.string())), source / "00002.parquet")
+    table = pq.read_table(source / "00003.parquet")  # captions stored as bytes
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", latin1), source / "00003.parquet")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "adopt", str(source), "--out", str(out), "--workers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    kept, rejects = check_accounting(out, 7)
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["reasons"] == {"empty_url": 3} and stats["counters"]["utf8_repaired"] == {"caption": 2}
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 0
+    assert sorted(kept["caption"]) == sorted(["caf\ufffd au lait", "plain"] * 2)
+    assert all(u == make_uid(url, c) for u, url, c in zip(kept["uid"], kept["url"], kept["caption"]))
+
+
+def test_a_shard_with_no_rows_and_untyped_columns_is_not_bad_input(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    pd.DataFrame({c: pd.Series([], dtype=object) for c in ["url", "caption", "key", "status", "error_message"]}).to_parquet(source / "00000.parquet")
+    with tarfile.open(source / "00000.tar", "w"):
+        pass
+    assert plan_adopt(str(source), AdoptConfig()).stats_config["layout"] == "webdataset"

@@ -135,12 +135,13 @@ def check_metadata(paths: list[str], layout: str) -> list[int]:
     for path, (schema, n) in zip(paths, check_columns(paths, {"url", "key", "status"}, "an img2dataset output shard")):
         if "caption" not in schema.names:
             raise BadInputError(f"{path}: {NO_CAPTION}")
-        for name in ("url", "key", "status"):  # img2dataset always fills these
-            if pa.types.is_null(schema.field(name).type):
+        for name in ("url", "key", "status"):  # img2dataset always fills these (a shard with no rows has nothing to fill)
+            if pa.types.is_null(schema.field(name).type) and n:
                 raise BadInputError(f"{path}: column {name} holds only nulls, expected strings (img2dataset's own column)")
         for name in ("caption", "key", "error_message", "sha256"):
             field = schema.field(name) if name in schema.names else None
-            if field is not None and not (pa.types.is_string(field.type) or pa.types.is_null(field.type)):
+            text = (pa.types.is_string, pa.types.is_null) + ((pa.types.is_binary, pa.types.is_large_binary) if name == "caption" else ())
+            if field is not None and not any(is_text(field.type) for is_text in text):  # caption bytes are decoded as UTF-8
                 raise BadInputError(f"{path}: column {name} holds {field.type}, expected string (img2dataset's own column)")
         images = [c for c in IMAGE_COLUMNS if c in schema.names]
         if layout == "parquet" and not images:
@@ -164,20 +165,41 @@ def _string_columns(table: pa.Table) -> pa.Table:
 
 
 def _big_columns(schema: pa.Schema) -> list[str]:
-    """The binary columns (images, in any layout): read a slice at a time, never as a whole shard."""
-    return [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    """The binary columns (images, in any layout; not a caption kept as bytes): read a slice at a time, never as a whole shard."""
+    return [f.name for f in schema if (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)) and f.name != "caption"]
 
 
-def _metadata(path: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+def _repair_utf8(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """Text columns as valid UTF-8: bytes that are not (a caption stored as bytes, a writer that did not check) decoded with
+    U+FFFD in place of each bad sequence, as a reader expects (clean repairs captions further); returns the values repaired per column."""
+    repaired = {}
+    for i, field in enumerate(table.schema):
+        column = table.column(i)
+        if pa.types.is_string(field.type):
+            try:
+                column.validate(full=True)
+                continue
+            except pa.ArrowInvalid:  # invalid UTF-8 somewhere
+                column = column.cast(pa.binary())
+        elif not (field.name == "caption" and (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type))):
+            continue
+        raw = column.to_pylist()
+        text = [None if b is None else b.decode("utf-8", "replace") for b in raw]
+        repaired[field.name] = sum(t is not None and t.encode() != b for t, b in zip(text, raw))
+        table = table.set_column(i, field.name, pa.array(text, pa.string()))
+    return table, {k: v for k, v in repaired.items() if v}
+
+
+def _metadata(path: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray, dict[str, int]]:
     """A shard's rows without their binary columns in key order (img2dataset writes them as downloads complete), url
-    stripped as ingest does, and each row's position in the file."""
+    stripped as ingest does, text repaired to UTF-8; each row's position in the file; the values repaired per column."""
     schema = shard_schema(path)[0]
     big = _big_columns(schema)
-    table = _string_columns(read_shard(path, columns=[c for c in (columns or schema.names) if c not in big]))
+    table, repaired = _repair_utf8(_string_columns(read_shard(path, columns=[c for c in (columns or schema.names) if c not in big])))
     order = pc.sort_indices(table, [("key", "ascending")])  # stable: scan and adopt number the rows alike
     table = table.combine_chunks().take(order)  # one chunk: a chunked take is 10x slower
     url = pc.utf8_trim_whitespace(table.column("url"))
-    return table.set_column(table.column_names.index("url"), "url", url), order.to_numpy()
+    return table.set_column(table.column_names.index("url"), "url", url), order.to_numpy(), repaired
 
 
 class BinaryColumns:
@@ -263,9 +285,9 @@ def scan_shard(task: AdoptShard, work_dir: str, n_buckets: int) -> int:
     # rows rejected as empty_url or duplicate_key take no part: the first of a URL kept is one that can be kept
     valid = [i for i, (u, k) in enumerate(zip(urls, table.column("key").to_pylist())) if u and k not in repeated]
     order = pa.array([(task.index << 32) + i for i in valid], pa.int64())
+    captions = table.column("caption").to_pylist()
     part = pa.table({"url": pa.array([urls[i] for i in valid], pa.string()),
-                     "uid": pa.array([make_uid(urls[i], c or "") for i, c in zip(valid, table.column("caption").take(valid).to_pylist())],
-                                     pa.string()),
+                     "uid": pa.array([make_uid(urls[i], captions[i] or "") for i in valid], pa.string()),
                      "_order": order})
     buckets = url_buckets(part.column("url"), n_buckets)
     for k in range(n_buckets):
@@ -487,19 +509,20 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
         yield kept
         pa.default_memory_pool().release_unused()
     result.rejects = pa.concat_tables(rejects)
-    result.counters = {"status": dict(statuses), "error_message": top_counts(errors), "layout": {task.layout: 1}}
+    result.counters = {**result.counters, "status": dict(statuses), "error_message": top_counts(errors), "layout": {task.layout: 1}}
 
 
 def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
     """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the prepare pass) rejected."""
     task, scratch = payload
-    meta, positions = _metadata(task.path)
+    meta, positions, repaired = _metadata(task.path)
     fs, root = _fs(f"{scratch}/block_dups/b-{task.index:06d}.parquet")
     with fs.open(root, "rb") as f:
         dups = pq.read_table(f)
     duplicate_of = dict(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
     result = ShardResult(rows_in=meta.num_rows, kept=[])
     result.kept = _adopted_slices(task, meta, positions, duplicate_of, result)
+    result.counters["utf8_repaired"] = repaired
     return result
 
 
