@@ -573,3 +573,25 @@ def test_a_shard_with_no_rows_and_untyped_columns_is_not_bad_input(tmp_path):
     with tarfile.open(source / "00000.tar", "w"):
         pass
     assert plan_adopt(str(source), AdoptConfig()).stats_config["layout"] == "webdataset"
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "files"])
+def test_members_no_row_names_are_counted_once_not_dropped_silently(tmp_path, client, capsys, layout):
+    rows = handmade_rows(3)
+    source = handmade(tmp_path / "in", layout, rows)
+    extras = {"999999999.jpg": small_jpeg(7), "999999999.txt": b"a caption of no row", "notes": b"hello"}
+    if layout == "webdataset":
+        with tarfile.open(source / "00000.tar", "a") as tar:
+            for name, data in extras.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        for name, data in extras.items():
+            (source / "00000" / name).write_bytes(data)
+    out, stats = adopted(tmp_path, client, source)
+    check_accounting(out, len(rows))
+    counter = "unmatched_tar_members" if layout == "webdataset" else "unmatched_files"
+    assert stats["counters"][counter] == {"jpg": 1, "txt": 1, "other": 1}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "named no metadata row" in line]
+    assert len(lines) == 1 and lines[0].startswith("adopt: 3 ")

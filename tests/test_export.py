@@ -98,3 +98,29 @@ def test_export_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "missing: no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_image_member_is_named_by_its_format_not_by_the_column(tmp_path, client):
+    import io
+
+    from PIL import Image
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    src, rows = stage_with_images(tmp_path / "filter")
+    images = {rows[1]["uid"]: encoded("PNG"), rows[2]["uid"]: encoded("WEBP"), rows[3]["uid"]: b"not an image"}
+    for row in rows:
+        row["jpg"] = images.get(row["uid"], row["jpg"])
+    write_stage(src, [rows[:5], rows[5:]], stage="filter")
+    export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    names = {}
+    for path in sorted((tmp_path / "wds").glob("part-*.tar")):
+        with tarfile.open(path) as tar:
+            names |= {m.name.split(".")[0]: m.name.split(".", 1)[1] for m in tar.getmembers() if not m.name.endswith((".txt", ".json"))}
+    assert names[rows[0]["uid"]] == "jpg" and names[rows[1]["uid"]] == "png" and names[rows[2]["uid"]] == "webp"
+    assert names[rows[3]["uid"]] == "bin"
+    samples = {s["__key__"]: s for s in read_webdataset(tmp_path / "wds")}
+    assert samples[rows[1]["uid"]]["png"] == images[rows[1]["uid"]] and samples[rows[2]["uid"]]["webp"] == images[rows[2]["uid"]]

@@ -54,6 +54,7 @@ from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_d
 from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name, top_counts
 from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
 
+UNMATCHED = {"webdataset": "unmatched_tar_members", "files": "unmatched_files"}  # _stats.json counters of what no row names
 SHARD = re.compile(r"(\d{1,9})\.parquet")  # img2dataset's shard names: 00000.parquet
 KEY = re.compile(r"\d{1,20}")  # img2dataset's keys: shard id and row number, zero-padded digits
 IMAGE_COLUMNS = ("jpg", "png", "webp")  # img2dataset's --encode_format values
@@ -312,6 +313,7 @@ class StoredImages:
     task: AdoptShard
     found: dict[str, tuple[str, int, int]]  # key -> (file, offset, size): the tar's member data or the image file
     problems: dict[str, str]  # key -> why its image cannot be taken
+    unmatched: collections.Counter  # members (or files) that no metadata row names, by extension: not rows, so never rejects
 
     def row_bytes(self, keys: list) -> np.ndarray:
         """The stored size of each key's image (0 where none)."""
@@ -348,18 +350,26 @@ def _regular_files(fs, folder: str) -> dict[str, int]:
     return {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(folder, detail=True) if p.get("type") == "file"}
 
 
-def _index_files(task: AdoptShard, keys: set[str]) -> StoredImages:
-    """The images of a files shard: its folder listed once, nothing read."""
+def _extension(name: str) -> str:
+    """A member's extension for the unmatched counter: img2dataset's own kinds, the rest as other."""
+    extension = name.rsplit(".", 1)[-1] if "." in name else ""
+    return extension if extension in ("jpg", "jpeg", "png", "webp", "txt", "json") else "other"
+
+
+def _index_files(task: AdoptShard, keys: set[str], named: set) -> StoredImages:
+    """The images of a files shard (`keys`): its folder listed once, nothing read; what no row (`named`) names is counted."""
     fs, _ = _fs(task.path)
     _, folder = _fs(_companion(task.path, task.layout))
     limit = task.config.max_image_bytes
-    found, problems = {}, {}
+    found, problems, unmatched = {}, {}, collections.Counter()
     for name, size in sorted(_regular_files(fs, folder).items()):
+        if name.split(".", 1)[0] not in named:
+            unmatched[_extension(name)] += 1
         member = MEMBER.fullmatch(name)
         if member and member.group(1) in keys:
             problem = f"adopt: {name} is {size} bytes, more than --max-image-bytes {limit}" if size > limit else None
             _note_image(found, problems, member.group(1), name, (f"{folder}/{name}", 0, size), problem)
-    return StoredImages(task, found, problems)
+    return StoredImages(task, found, problems, unmatched)
 
 
 def _note_image(found: dict, problems: dict, key: str, name: str, place: tuple[str, int, int], problem: str | None) -> None:
@@ -373,16 +383,19 @@ def _note_image(found: dict, problems: dict, key: str, name: str, place: tuple[s
         found[key] = place
 
 
-def _index_tar(task: AdoptShard, keys: set[str]) -> StoredImages:
-    """Where each key's image lies in a webdataset tar: its headers read once (data skipped), nothing extracted."""
+def _index_tar(task: AdoptShard, keys: set[str], named: set) -> StoredImages:
+    """Where each key's image (`keys`) lies in a webdataset tar: its headers read once (data skipped), nothing extracted;
+    the members no row (`named`) names are counted."""
     fs, _ = _fs(task.path)
     limit = task.config.max_image_bytes
     companion = _companion(task.path, task.layout)
-    found, problems = {}, {}
+    found, problems, unmatched = {}, {}, collections.Counter()
     try:
         with fs.open(companion, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             while (member := tar.next()) is not None:  # links and devices are never followed
                 tar.members.clear()  # headers one at a time: a big tar's member list is not kept
+                if member.name.split(".", 1)[0] not in named:
+                    unmatched[_extension(member.name)] += 1
                 image = MEMBER.fullmatch(member.name)
                 if not image or image.group(1) not in keys:
                     continue
@@ -391,7 +404,7 @@ def _index_tar(task: AdoptShard, keys: set[str]) -> StoredImages:
                 _note_image(found, problems, image.group(1), member.name, (companion, member.offset_data, member.size), problem)
     except (tarfile.TarError, EOFError) as err:  # a disk error is not the file's fault: it propagates
         raise BadInputError(f"{companion}: not a readable tar ({str(err) or type(err).__name__}); expected img2dataset's webdataset shard") from None
-    return StoredImages(task, found, problems)
+    return StoredImages(task, found, problems, unmatched)
 
 
 def _image_problem(task: AdoptShard, key, image, stored: StoredImages | None) -> tuple[str, str] | None:
@@ -479,7 +492,7 @@ def _image_sources(task: AdoptShard, meta: pa.Table, positions: np.ndarray) -> t
     repeated = repeated_keys(keys, task.layout)  # rejected as duplicate_key: their images are not read
     wanted = {k for k, s in zip(keys, meta.column("status").to_pylist())
               if s == "success" and isinstance(k, str) and KEY.fullmatch(k) and k not in repeated}
-    stored = _index_tar(task, wanted) if task.layout == "webdataset" else _index_files(task, wanted)
+    stored = (_index_tar if task.layout == "webdataset" else _index_files)(task, wanted, set(keys))
     return columns, stored, sizes + stored.row_bytes(keys)
 
 
@@ -510,6 +523,8 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
         pa.default_memory_pool().release_unused()
     result.rejects = pa.concat_tables(rejects)
     result.counters = {**result.counters, "status": dict(statuses), "error_message": top_counts(errors), "layout": {task.layout: 1}}
+    if stored is not None:
+        result.counters[UNMATCHED[task.layout]] = dict(stored.unmatched)
 
 
 def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
@@ -560,4 +575,11 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
 
 def adopt(input_dir: str, output_dir: str, config: AdoptConfig, client, plan: Plan | None = None) -> dict:
     """Run the adopt stage over every shard of an img2dataset output folder."""
-    return run_plan(STAGE, plan or plan_adopt(input_dir, config), output_dir, client, config.overwrite)
+    stats = run_plan(STAGE, plan or plan_adopt(input_dir, config), output_dir, client, config.overwrite)
+    for layout, counter in UNMATCHED.items():
+        unmatched = stats.get("counters", {}).get(counter, {})
+        if sum(unmatched.values()):  # one line for the stage, not one per member
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(unmatched.items()))
+            where = "tar members" if layout == "webdataset" else "files in the image folders"
+            print(f"adopt: {sum(unmatched.values())} {where} named no metadata row ({kinds}); left out, counted as {counter} in _stats.json")
+    return stats
