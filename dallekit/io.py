@@ -103,10 +103,10 @@ def open_shard(path: str) -> pq.ParquetFile:
         raise _unreadable(path, err) from None
 
 
-def read_row_group(shard: pq.ParquetFile, path: str, group: int, columns: list[str]) -> pa.Table:
-    """One row group of an open shard; a corrupt one is bad input naming the file."""
+def read_row_groups(shard: pq.ParquetFile, path: str, groups: list[int], columns: list[str]) -> pa.Table:
+    """Some row groups of an open shard, as one table; a corrupt one is bad input naming the file."""
     try:
-        return shard.read_row_group(group, columns=columns)
+        return shard.read_row_groups(groups, columns=columns)
     except pa.ArrowException as err:
         raise _unreadable(path, err) from None
 

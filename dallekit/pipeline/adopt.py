@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from dallekit.config import AdoptConfig, BadInputError, output_options
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
-from dallekit.io import check_columns, open_shard, read_row_group, read_shard, shard_schema, write_table_atomic
+from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema, write_table_atomic
 from dallekit.pipeline.download import status_counters
 from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
 from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name, top_counts
@@ -223,24 +223,39 @@ class BinaryColumns:
             return np.zeros(0)
         return self.per_row[np.searchsorted(self.starts, positions, side="right") - 1]
 
-    def take(self, positions: np.ndarray) -> dict[str, pa.Array]:
-        """The binary columns' values at `positions` (input row numbers), in that order."""
+    def take(self, positions: np.ndarray) -> dict[str, pa.Array | pa.ChunkedArray]:
+        """The binary columns' values at `positions` (input row numbers), in that order.
+
+        The row groups they fall in are read together (Arrow's threads) in batches of at most SLICE_BYTES,
+        so rows in a completion order far from key order cost more reads, not more memory.
+        """
         schema = self.file.schema_arrow
         if not len(positions):
             return {n: pa.array([], schema.field(n).type) for n in self.names}
         groups = np.searchsorted(self.starts, positions, side="right") - 1
-        order = np.argsort(groups, kind="stable")
+        sizes = self.per_row * (self.starts[1:] - self.starts[:-1])
+        batches, batch, total = [], [], 0.0
+        for g in np.unique(groups).tolist():
+            if batch and total + sizes[g] > SLICE_BYTES:
+                batches.append(batch)
+                batch, total = [], 0.0
+            batch.append(g)
+            total += sizes[g]
+        batches.append(batch)
         pieces: dict[str, list] = {n: [] for n in self.names}
-        for g in np.unique(groups):
-            table = read_row_group(self.file, self.path, int(g), self.names)
-            rows = pa.array(positions[groups == g] - self.starts[g], pa.int64())
+        where = []  # the slice rows each batch gives, in the order they come
+        for batch in batches:
+            table = read_row_groups(self.file, self.path, batch, self.names)
+            first = dict(zip(batch, np.cumsum([0, *(self.starts[g + 1] - self.starts[g] for g in batch[:-1])]).tolist()))
+            mine = np.nonzero(np.isin(groups, batch))[0]
+            local = pa.array([first[g] + p - self.starts[g] for g, p in zip(groups[mine].tolist(), positions[mine].tolist())], pa.int64())
             for n in self.names:
-                pieces[n].append(table.column(n).take(rows).combine_chunks())
-        joined = {n: pa.concat_arrays(pieces[n]) for n in self.names}
-        if np.all(order[1:] > order[:-1]):  # already in the slice's order (no row precedes one of an earlier group): no copy
-            return joined
-        back = pa.array(np.argsort(order, kind="stable"), pa.int64())  # from group order back to the slice's order
-        return {n: joined[n].take(back) for n in self.names}
+                pieces[n].append(table.column(n).take(local))
+            where.append(mine)
+        if len(batches) == 1:  # taken in the slice's order already: no copy more
+            return {n: pieces[n][0] for n in self.names}
+        back = pa.array(np.argsort(np.concatenate(where), kind="stable"), pa.int64())
+        return {n: pa.chunked_array([c for piece in pieces[n] for c in piece.chunks], schema.field(n).type).take(back) for n in self.names}
 
 
 def _cut(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -428,13 +443,25 @@ def _image_problem(task: AdoptShard, key, image, stored: StoredImages | None) ->
     return None
 
 
+def _views(column: pa.Array | pa.ChunkedArray) -> list[memoryview | None]:
+    """Each value of a binary column as a view of Arrow's bytes (None for nulls): no copy, and no scalar per value."""
+    views: list[memoryview | None] = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, np.int32, len(chunk) + 1, chunk.offset * 4).tolist() if len(chunk) else [0]
+        data = memoryview(data).cast("B") if data is not None else memoryview(b"")
+        valid = chunk.is_valid().to_pylist() if chunk.null_count else [True] * len(chunk)
+        views.extend(data[a:b] if ok else None for a, b, ok in zip(ends, ends[1:], valid))
+    return views
+
+
 def _adopt_slice(task: AdoptShard, part: pa.Table, jpg: pa.Array, stored: StoredImages | None) -> pa.Table:
     """A slice of a shard's rows (metadata and binary columns) in download's layout, before the URL rejects."""
     keys = part.column("key").to_pylist()
     statuses = part.column("status").to_pylist()
     messages = part.column("error_message").to_pylist() if "error_message" in part.column_names else [None] * len(keys)
     jpg = jpg.cast(pa.binary())
-    images = [memoryview(v.as_buffer()) if v.is_valid else None for v in jpg]  # views of Arrow's bytes: no copy
+    images = _views(jpg)
     changed = False
     for i, (key, status, image) in enumerate(zip(keys, statuses, images)):
         problem = _image_problem(task, key, image, stored) if status == "success" else None
