@@ -14,20 +14,23 @@ columns), then the image bytes in `jpg`. Rows are in key order (img2dataset writ
 completion order). `sha256` is computed from the stored bytes when the folder has none.
 
 Adopt drops nothing it was given: failed rows keep img2dataset's status and message, and an
-image that is missing, not a regular file or larger than `--max-image-bytes` turns its row into
-`failed_to_download` with an `adopt: ...` message. Only a URL repeated across the folder is
-rejected (`duplicate_url`, like ingest; a row with no URL is `empty_url`; in the webdataset and
-files layouts, rows sharing a key in a shard are `duplicate_key`, since images are found by key), found by ingest's bucketed passes, in
-`_work/`, so no task holds more than a bucket of URLs. Images are never decoded here (clean
-does that), but each header is read: an image of more than `--max-image-area` pixels keeps its
-row as `failed_to_resize` with download's `image_too_large: WxH ...` message; tar members are read only when they are regular files
-of at most `--max-image-bytes`, and nothing is extracted to disk.
+image that is missing, not a regular file, larger than `--max-image-bytes` or one of two images
+of its key turns its row into `failed_to_download` with an `adopt: ...` message. Images are
+never decoded here (clean does that), but each header is read: an image of more than
+`--max-image-area` pixels keeps its row as `failed_to_resize` with download's `image_too_large:
+WxH ...` message. Rejected are only a URL repeated across the folder (`duplicate_url`, like
+ingest, found by ingest's bucketed passes in `_work/`, so no task holds more than a bucket of
+URLs), a row with no URL (`empty_url`) and, in the webdataset and files layouts where images are
+found by key, the rows of a key a shard repeats (`duplicate_key`). Tar members and files that no
+row names are counted (`unmatched_tar_members`, `unmatched_files`). Text that is not UTF-8 is
+repaired with U+FFFD and counted (`utf8_repaired`).
 
 A task holds a shard's metadata (no binary column) and one slice of its images at a time: the
 rows in key order are cut into slices of about SLICE_BYTES image bytes (sizes from the Parquet
-row groups, the tar headers or the folder listing), each slice's images are gathered (a row
-group, a tar member or a file at a time), checked and written as row groups of the output
-shard (`io.write_tables_atomic`), so a task's memory does not grow with its shard.
+row groups, the tar headers or the folder listing), each slice's images are gathered (the row
+groups it falls in, or a tar member or file at a time; nothing is extracted to disk), checked
+and written as row groups of the output shard (`io.write_tables_atomic`), so a task's memory
+does not grow with its shard.
 """
 
 from __future__ import annotations
@@ -305,9 +308,9 @@ def scan_shard(task: AdoptShard, work_dir: str, n_buckets: int) -> int:
     part = pa.table({"url": pa.array([urls[i] for i in valid], pa.string()),
                      "uid": pa.array([make_uid(urls[i], captions[i] or "") for i in valid], pa.string()),
                      "_order": order})
-    buckets = url_buckets(part.column("url"), n_buckets)
+    buckets = url_buckets(part.column("url"), n_buckets) if n_buckets > 1 else None  # one bucket: no hash per URL to find it
     for k in range(n_buckets):
-        chunk = part.filter(pa.array(buckets == k))
+        chunk = part.filter(pa.array(buckets == k)) if buckets is not None else part
         if chunk.num_rows:
             write_table_atomic(chunk, f"{work_dir}/urls/h-{k:04d}/b-{task.index:06d}.parquet")
     return table.num_rows
