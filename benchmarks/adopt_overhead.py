@@ -1,4 +1,4 @@
-"""adopt vs reading the same img2dataset Parquet with plain pyarrow, in one script.
+"""adopt vs the least any adopt must do: pyarrow reading every img2dataset shard and writing it to a new folder.
 
 img2dataset's own CLI downloads N photo-like JPEGs from a loopback server into its parquet
 output format (LAION-style columns, sha256 kept as img2dataset computes it). The folder is then
@@ -6,10 +6,13 @@ tiled `--copies` times (each copy's shards renumbered, its URLs given `?copy=K` 
 new shard number, so every row is distinct): a run's fixed costs (its Dask rounds) then weigh
 as they do on a real folder of many shards, and downloading stays a few minutes. Then, in
 rounds ABAB (A: pyarrow, B: dallekit), each on warm files:
-  pyarrow:  `pq.read_table` of every shard, as a notebook user reads img2dataset's output;
+  pyarrow:  `pq.read_table` of every shard and `pq.write_table` of it into a fresh folder (pyarrow's
+            defaults), the floor of any tool that turns the folder into another one;
   dallekit: `adopt` into a fresh folder on a LocalCluster already started (2 worker processes):
-            the repeated-URL passes, uids, key order, and the download-layout shards written
-            atomically with their rejects, marks and `_stats.json`.
+            the repeated-URL passes, uids, each image's header check, key order, and the
+            download-layout shards written a slice at a time, atomically, with their rejects,
+            marks and `_stats.json`.
+Both write into a fresh folder each round, removed after it.
 Prints rows/s of both per round and, as its last line, ratio=<median over rounds of dallekit
 rows/s / pyarrow rows/s>. Target >= 0.7.
 
@@ -83,8 +86,19 @@ def tiled(folder: Path, copies: int) -> Path:
 
 
 def read_with_pyarrow(folder: Path) -> int:
-    """What a user does without dallekit: read every shard."""
+    """Read every shard (to warm the page cache)."""
     return sum(pq.read_table(p).num_rows for p in sorted(folder.glob("*.parquet")))
+
+
+def copy_with_pyarrow(folder: Path, out: Path) -> int:
+    """The peer: read every shard and write it to a fresh folder, nothing else."""
+    out.mkdir()
+    rows = 0
+    for p in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(p)
+        pq.write_table(table, out / p.name)
+        rows += table.num_rows
+    return rows
 
 
 def main() -> None:
@@ -104,9 +118,11 @@ def main() -> None:
               f"{size / 2**20:.0f} MiB in {len(list(source.glob('*.parquet')))} shards")
         print(f"{'round':<7}{'pyarrow rows/s':>16}{'dallekit rows/s':>17}{'ratio':>8}")
         for r in range(args.rounds):
+            copied = work / f"copied-{r}"
             start = time.perf_counter()
-            rows = read_with_pyarrow(source)
+            rows = copy_with_pyarrow(source, copied)
             peer = rows / (time.perf_counter() - start)
+            shutil.rmtree(copied)
             out = work / f"adopted-{r}"
             start = time.perf_counter()
             stats = adopt(str(source), str(out), AdoptConfig(), client)

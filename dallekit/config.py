@@ -162,6 +162,8 @@ class AdoptConfig(StageOptions):
     format: str = option("auto", "img2dataset's --output_format of the folder (auto: from the files beside each shard)",
                          choices=["auto", "parquet", "webdataset", "files"])
     max_image_bytes: int = option(20 * 2**20, "an image file larger than this is not read: its row is kept as failed", bounds="[1, inf)")
+    max_image_area: float = option(64e6, "an image whose header gives more pixels than this is kept as failed_to_resize, as download does",
+                                   bounds="(0, inf)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -95,6 +96,23 @@ def shard_schema(path: str) -> tuple[pa.Schema, int]:
         raise _unreadable(path, err) from None
 
 
+def open_shard(path: str) -> pq.ParquetFile:
+    """A shard as a ParquetFile, to read a row group at a time (see `read_row_group`); a file that is not Parquet is bad input."""
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        return pq.ParquetFile(p) if _is_local(fs, p) else pq.ParquetFile(fs.open(p, "rb"))
+    except (pa.ArrowException, FileNotFoundError, IsADirectoryError) as err:
+        raise _unreadable(path, err) from None
+
+
+def read_row_groups(shard: pq.ParquetFile, path: str, groups: list[int], columns: list[str]) -> pa.Table:
+    """Some row groups of an open shard, as one table; a corrupt one is bad input naming the file."""
+    try:
+        return shard.read_row_groups(groups, columns=columns)
+    except pa.ArrowException as err:
+        raise _unreadable(path, err) from None
+
+
 # What a stage's columns must hold, by name: a wrong type is bad input, not a traceback in a task.
 COLUMN_KINDS = {
     "uid": ("string", pa.types.is_string), "url": ("string", pa.types.is_string), "caption": ("string", pa.types.is_string),
@@ -151,19 +169,53 @@ def naming_file(path: str):
 
 def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
     """Write a Parquet file under a temporary name beside the target and rename it into place."""
-    parquet_kwargs = parquet_options(table.schema, **parquet_kwargs)
+    write_tables_atomic([table], path, **parquet_kwargs)
+
+
+def write_tables_atomic(tables: Iterable[pa.Table], path: str, **parquet_kwargs: Any) -> int:
+    """Write tables of one schema into one Parquet file as they come (the first gives the schema), atomically; returns the rows.
+
+    A caller that produces its rows in batches holds one batch at a time, not the file's rows.
+    """
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
     tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
     with naming_file(path):
         fs.makedirs(parent, exist_ok=True)
+        rows = _write_parquet(tables, fs, tmp, path, parquet_kwargs)
         if isinstance(fs, LocalFileSystem):
-            pq.write_table(table, tmp, **parquet_kwargs)
             os.replace(tmp, p)
-            return
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, **parquet_kwargs)
-        fs.mv(tmp, p)
+        else:
+            fs.mv(tmp, p)
+    return rows
+
+
+def _write_parquet(tables: Iterable[pa.Table], fs: Any, tmp: str, path: str, parquet_kwargs: dict) -> int:
+    """Write the tables into the file `tmp` as row groups; removes it on any failure; returns the rows."""
+    local = isinstance(fs, LocalFileSystem)
+    rows, writer, sink = 0, None, None
+    try:
+        for table in tables:
+            if writer is None:
+                options = parquet_options(table.schema, **parquet_kwargs)
+                row_group_size = options.pop("row_group_size", None)
+                sink = tmp if local else fs.open(tmp, "wb")
+                writer = pq.ParquetWriter(sink, table.schema, **options)
+            writer.write_table(table, row_group_size=row_group_size)
+            rows += table.num_rows
+        if writer is None:
+            raise ValueError(f"{path}: no table to write (a writer needs at least one, empty or not, for the schema)")
+        writer.close()
+        if not local:
+            sink.close()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            if not local:
+                sink.close()
+            fs.rm(tmp)
+        raise
+    return rows
 
 
 def write_json_atomic(obj: Any, path: str) -> None:

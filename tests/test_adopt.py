@@ -368,3 +368,230 @@ def test_laion_style_webdataset_goes_through_the_chain_without_redownload(tmp_pa
     for s in samples:
         assert s["jpg"] == by_uid.loc[s["__key__"], "jpg"] and s["txt"].decode() == by_uid.loc[s["__key__"], "caption"]
         assert json.loads(s["json"])["url"] == by_uid.loc[s["__key__"], "url"]
+
+
+# ---------------------------------------------------------------- hand-made img2dataset folders (fast, no download)
+
+
+def small_jpeg(seed: int, side: int = 16) -> bytes:
+    """A small JPEG whose pixels depend on seed."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def handmade(folder: Path, layout: str, rows: list[dict], shard: int = 0, row_group_size: int | None = None) -> Path:
+    """One img2dataset shard written as img2dataset lays it out: rows of url, caption, key, status and `image` (bytes or None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(rows)
+    table = pa.table({"url": pa.array([r["url"] for r in rows], pa.string()), "caption": pa.array([r["caption"] for r in rows], pa.string()),
+                      "key": pa.array([r["key"] for r in rows], pa.string()), "status": pa.array([r.get("status", "success") for r in rows], pa.string()),
+                      "error_message": pa.array([None] * n, pa.string()), "width": pa.array([16] * n, pa.int64()),
+                      "height": pa.array([16] * n, pa.int64()), "sha256": pa.array([None] * n, pa.string())})
+    if layout == "parquet":
+        table = table.append_column("jpg", pa.array([r.get("image") for r in rows], pa.binary()))
+    pq.write_table(table, folder / f"{shard:05d}.parquet", row_group_size=row_group_size)
+    members = [(f"{r['key']}.jpg", r["image"]) for r in rows if r.get("image") is not None] + [
+        (f"{r['key']}.txt", r["caption"].encode()) for r in rows]
+    if layout == "webdataset":
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    elif layout == "files":
+        (folder / f"{shard:05d}").mkdir()
+        for name, data in members:
+            (folder / f"{shard:05d}" / name).write_bytes(data)
+    return folder
+
+
+def handmade_rows(n: int, shard: int = 0) -> list[dict]:
+    """n successful rows with distinct URLs, captions and images, listed out of key order as img2dataset writes them."""
+    rows = [{"url": f"http://example.com/{shard}/{i}.jpg", "caption": f"picture {i}", "key": f"{shard:05d}{i:04d}", "image": small_jpeg(i)}
+            for i in range(n)]
+    return rows[1::2] + rows[::2]
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_handmade_shard_is_adopted_in_key_order_with_its_own_images(tmp_path, client, layout):
+    rows = handmade_rows(9)
+    source = handmade(tmp_path / "in", layout, rows, row_group_size=2)
+    out, stats = adopted(tmp_path, client, source)
+    kept, _ = check_accounting(out, len(rows))
+    by_key = {r["key"]: r for r in rows}
+    assert kept["key"].tolist() == sorted(by_key)
+    assert all(by_key[k]["image"] == jpg and by_key[k]["caption"] == c for k, jpg, c in zip(kept["key"], kept["jpg"], kept["caption"]))
+
+
+def run_one_task(source: Path, layout: str, out: Path, config: AdoptConfig | None = None) -> dict:
+    """adopt_shard for shard 0 through the shard engine, in this process (no repeated URLs), as a Dask worker runs it."""
+    from dallekit.io import write_table_atomic
+    from dallekit.pipeline.adopt import AdoptShard, adopt_shard
+    from dallekit.pipeline.shards import ShardTask, _run_shard
+
+    scratch = out / "_work"
+    write_table_atomic(pa.table({"_order": pa.array([], pa.int64()), "duplicate_of": pa.array([], pa.string())}),
+                       str(scratch / "block_dups" / "b-000000.parquet"))
+    (out / "_progress").mkdir()
+    task = ShardTask("part-00000", (AdoptShard(str(source / "00000.parquet"), layout, 0, config or AdoptConfig()), str(scratch)))
+    return _run_shard(task, str(out), adopt_shard, {})
+
+
+ONE_TASK = """
+import json, sys, tracemalloc
+from pathlib import Path
+import pyarrow as pa
+import dallekit.pipeline.adopt as adopt_module
+from dallekit.config import AdoptConfig
+from tests.test_adopt import run_one_task
+adopt_module.SLICE_BYTES = int(sys.argv[3])
+tracemalloc.start()
+mark = run_one_task(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[4]))
+print(json.dumps({"rows_out": mark["rows_out"], "arrow_peak": pa.default_memory_pool().max_memory(),
+                  "python_peak": tracemalloc.get_traced_memory()[1]}))
+"""
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_one_task_holds_a_slice_of_a_shard_not_the_shard(tmp_path, layout):
+    """Arrow's and Python's peak allocations (in a fresh process) stay a fraction of a shard forty times the slice budget."""
+    import numpy as np
+    from PIL import Image
+
+    def noise(seed: int) -> bytes:  # about 11 KB each, all different: noise does not compress
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    rows = [{"url": f"http://example.com/{i}.jpg", "caption": f"picture {i}", "key": f"00000{i:04d}", "image": noise(i)} for i in range(1200)]
+    source = handmade(tmp_path / "in", layout, rows[::-1], row_group_size=10)
+    shard_bytes = sum(len(r["image"]) for r in rows)
+    budget = shard_bytes // 40
+    proc = subprocess.run([sys.executable, "-c", ONE_TASK, str(source), layout, str(budget), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.splitlines()[-1])
+    assert peaks["rows_out"] == len(rows)
+    kept = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert kept.column("jpg").to_pylist() == [r["image"] for r in rows]
+    # a few slices and the fixed costs (metadata, imports), where holding the shard would take it whole, several times over
+    assert peaks["arrow_peak"] < shard_bytes / 4 and peaks["python_peak"] < shard_bytes / 4, (peaks, budget, shard_bytes)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: signature, IHDR, one tiny IDAT and IEND (no big allocation)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_images_over_the_area_limit_are_failed_from_their_header(tmp_path, client, layout):
+    rows = handmade_rows(4)
+    rows[0]["image"] = png_header_only(20000, 20000)  # over PIL's own bomb limit
+    rows[1]["image"] = png_header_only(9000, 9000)  # 81 Mpx: over adopt's 64 Mpx, under PIL's limit
+    source = handmade(tmp_path / "in", layout, rows)
+    out, stats = adopted(tmp_path, client, source)
+    kept = check_accounting(out, len(rows))[0].set_index("key")
+    big = kept.loc[[rows[0]["key"], rows[1]["key"]]]
+    assert (big["status"] == "failed_to_resize").all() and big["jpg"].isna().all() and big["sha256"].isna().all()
+    assert big["error_message"].str.startswith("image_too_large: ").all()
+    assert big.loc[rows[1]["key"], "error_message"].startswith("image_too_large: 9000x9000 pixels")
+    assert (kept.loc[[rows[2]["key"], rows[3]["key"]], "status"] == "success").all()
+    assert stats["counters"]["status"] == {"success": 2, "failed_to_resize": 2}
+    out_area, _ = adopted(tmp_path / "area", client, source, max_image_area=1e9)
+    assert check_accounting(out_area, len(rows))[0].set_index("key").loc[rows[1]["key"], "status"] == "success"
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_a_key_repeated_in_a_shard_never_pairs_a_caption_with_another_rows_image(tmp_path, client, layout):
+    rows = handmade_rows(5)
+    twin = {"url": "http://example.com/other.jpg", "caption": "another picture", "key": rows[0]["key"], "image": small_jpeg(99)}
+    source = handmade(tmp_path / "in", layout, [*rows, twin])
+    if layout != "parquet":  # one more key with two images: 1.jpg and 1.png
+        folder_or_tar = source / "00000.tar" if layout == "webdataset" else source / "00000"
+        extra = f"{rows[1]['key']}.png"
+        if layout == "webdataset":
+            with tarfile.open(folder_or_tar, "a") as tar:
+                info = tarfile.TarInfo(extra)
+                info.size = len(small_jpeg(98))
+                tar.addfile(info, io.BytesIO(small_jpeg(98)))
+        else:
+            (folder_or_tar / extra).write_bytes(small_jpeg(98))
+    out, stats = adopted(tmp_path, client, source)
+    kept, rejects = check_accounting(out, len(rows) + 1)
+    images = {r["url"]: r["image"] for r in [*rows, twin]}
+    ok = kept[kept.status == "success"]
+    assert all(images[u] == jpg for u, jpg in zip(ok["url"], ok["jpg"]))  # every kept image is its own row's
+    if layout == "parquet":  # the bytes are in the rows: no ambiguity
+        assert len(ok) == 6 and rejects.empty
+    else:
+        assert sorted(rejects["url"]) == sorted([rows[0]["url"], twin["url"]]) and set(rejects["reason"]) == {"duplicate_key"}
+        assert stats["reasons"] == {"duplicate_key": 2}
+        two = kept.set_index("key").loc[rows[1]["key"]]
+        assert two["status"] == "failed_to_download" and "more than one image" in two["error_message"] and two["jpg"] is None
+
+
+def test_empty_urls_empty_shards_and_bad_utf8_captions_are_adopted_through_the_cli(tmp_path):
+    source = tmp_path / "in"
+    no_urls = handmade_rows(3, shard=0)
+    for row in no_urls:
+        row["url"] = ""
+    handmade(source, "parquet", no_urls, shard=0)  # every URL empty: every row rejected as empty_url
+    handmade(source, "parquet", [], shard=1)  # no rows at all
+    handmade(source, "parquet", handmade_rows(2, shard=2), shard=2)
+    handmade(source, "parquet", handmade_rows(2, shard=3), shard=3)
+    latin1 = pa.array(["café au lait".encode("latin-1"), b"plain"], pa.binary())
+    table = pq.read_table(source / "00002.parquet")  # a string column holding latin-1 bytes, as a writer that never checks leaves it
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", latin1.view(pa.string())), source / "00002.parquet")
+    table = pq.read_table(source / "00003.parquet")  # captions stored as bytes
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", latin1), source / "00003.parquet")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dallekit.cli", "adopt", str(source), "--out", str(out), "--workers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    kept, rejects = check_accounting(out, 7)
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["reasons"] == {"empty_url": 3} and stats["counters"]["utf8_repaired"] == {"caption": 2}
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 0
+    assert sorted(kept["caption"]) == sorted(["caf\ufffd au lait", "plain"] * 2)
+    assert all(u == make_uid(url, c) for u, url, c in zip(kept["uid"], kept["url"], kept["caption"]))
+
+
+def test_a_shard_with_no_rows_and_untyped_columns_is_not_bad_input(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    pd.DataFrame({c: pd.Series([], dtype=object) for c in ["url", "caption", "key", "status", "error_message"]}).to_parquet(source / "00000.parquet")
+    with tarfile.open(source / "00000.tar", "w"):
+        pass
+    assert plan_adopt(str(source), AdoptConfig()).stats_config["layout"] == "webdataset"
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "files"])
+def test_members_no_row_names_are_counted_once_not_dropped_silently(tmp_path, client, capsys, layout):
+    rows = handmade_rows(3)
+    source = handmade(tmp_path / "in", layout, rows)
+    extras = {"999999999.jpg": small_jpeg(7), "999999999.txt": b"a caption of no row", "notes": b"hello"}
+    if layout == "webdataset":
+        with tarfile.open(source / "00000.tar", "a") as tar:
+            for name, data in extras.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        for name, data in extras.items():
+            (source / "00000" / name).write_bytes(data)
+    out, stats = adopted(tmp_path, client, source)
+    check_accounting(out, len(rows))
+    counter = "unmatched_tar_members" if layout == "webdataset" else "unmatched_files"
+    assert stats["counters"][counter] == {"jpg": 1, "txt": 1, "other": 1}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "named no metadata row" in line]
+    assert len(lines) == 1 and lines[0].startswith("adopt: 3 ")

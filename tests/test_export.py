@@ -108,3 +108,29 @@ def test_a_long_uid_is_exported_and_a_too_long_one_is_refused_by_its_length(tmp_
     src, _ = stage_with_images(tmp_path / "other-filter", uids=["b" * 300] + [f"{i:016x}" for i in range(8)])
     with pytest.raises(BadInputError, match="has 300 characters; a WebDataset sample's name takes at most 240"):
         export(str(src), str(tmp_path / "too-long"), ExportConfig(), client)
+
+
+def test_the_image_member_is_named_by_its_format_not_by_the_column(tmp_path, client):
+    import io
+
+    from PIL import Image
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    src, rows = stage_with_images(tmp_path / "filter")
+    images = {rows[1]["uid"]: encoded("PNG"), rows[2]["uid"]: encoded("WEBP"), rows[3]["uid"]: b"not an image"}
+    for row in rows:
+        row["jpg"] = images.get(row["uid"], row["jpg"])
+    write_stage(src, [rows[:5], rows[5:]], stage="filter")
+    export(str(src), str(tmp_path / "wds"), ExportConfig(), client)
+    names = {}
+    for path in sorted((tmp_path / "wds").glob("part-*.tar")):
+        with tarfile.open(path) as tar:
+            names |= {m.name.split(".")[0]: m.name.split(".", 1)[1] for m in tar.getmembers() if not m.name.endswith((".txt", ".json"))}
+    assert names[rows[0]["uid"]] == "jpg" and names[rows[1]["uid"]] == "png" and names[rows[2]["uid"]] == "webp"
+    assert names[rows[3]["uid"]] == "bin"
+    samples = {s["__key__"]: s for s in read_webdataset(tmp_path / "wds")}
+    assert samples[rows[1]["uid"]]["png"] == images[rows[1]["uid"]] and samples[rows[2]["uid"]]["webp"] == images[rows[2]["uid"]]

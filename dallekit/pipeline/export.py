@@ -1,5 +1,9 @@
 """export: a stage folder -> WebDataset tar shards (`uid.jpg`, `uid.txt`, `uid.json`), for loaders that read WebDataset.
 
+The image member's extension follows the bytes (`jpg`, `png`, `webp`, from their magic bytes;
+`bin` for anything else), since loaders pick a decoder by extension and the `jpg` column holds
+whatever format download encoded.
+
 One Dask task per input shard writes `part-NNNNN.tar` under a temporary name and renames it into
 place, so a rerun skips the tars already there and writes the rest. A sample's key is its `uid`
 (checked: letters, digits, `_` and `-` only, since it names the tar members); `uid.txt` is the
@@ -43,6 +47,19 @@ def _json_value(value):
     return value
 
 
+def image_extension(data: bytes) -> str:
+    """The member extension of image bytes, from their magic bytes (a stage stores JPEG, PNG or WebP; anything else is bin)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return "bin"  # a loader decodes by extension: bytes of no known format must not pass for a JPEG
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -83,7 +100,7 @@ def export_shard(path: str, output_dir: str) -> dict:
                 skipped += 1
                 continue
             record = {c: _json_value(meta[c][i]) for c in meta_columns}
-            _add(tar, f"{uid}.jpg", image)
+            _add(tar, f"{uid}.{image_extension(image)}", image)  # the column is named jpg whatever download's --encode-format was
             _add(tar, f"{uid}.txt", (meta["caption"][i] or "").encode("utf-8"))
             _add(tar, f"{uid}.json", json.dumps(record, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False).encode("utf-8"))
             written += 1

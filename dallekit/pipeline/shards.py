@@ -31,7 +31,7 @@ import fsspec
 import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
-from dallekit.io import file_sha256, list_shards, shard_stem, write_json_atomic, write_table_atomic
+from dallekit.io import file_sha256, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
 from dallekit.progress import progress
 
 FINGERPRINT = "_fingerprint.json"
@@ -50,7 +50,9 @@ class ShardResult:
     """What a stage's shard function returns: kept rows, rejected rows and counters."""
 
     rows_in: int
-    kept: pa.Table
+    # the kept rows, or their batches in order (written as they come, so the task holds one batch; the stage may
+    # fill in rejects and counters while it yields them: they are read after the last batch)
+    kept: pa.Table | Iterable[pa.Table]
     rejects: pa.Table | None = None  # must carry a `reason` column
     counters: dict[str, dict[str, int]] = field(default_factory=dict)  # e.g. {"status": {"success": 9}}
 
@@ -64,13 +66,13 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
     """Compute one shard on a worker and commit it: kept rows, rejects, then the progress mark."""
     start = time.time()
     result = process(task.payload)
-    n_kept = result.kept.num_rows
-    n_rejected = result.rejects.num_rows if result.rejects is not None else 0
-    if result.rows_in != n_kept + n_rejected:  # a bug in the stage, never bad input
-        raise RuntimeError(f"{task.name}: {result.rows_in} rows in but {n_kept} kept + {n_rejected} rejected")
     root = output_dir.rstrip("/")
     shard_path = f"{root}/{task.name}.parquet"
-    write_table_atomic(result.kept, shard_path, **parquet_kwargs)
+    kept = [result.kept] if isinstance(result.kept, pa.Table) else result.kept
+    n_kept = write_tables_atomic(kept, shard_path, **parquet_kwargs)
+    n_rejected = result.rejects.num_rows if result.rejects is not None else 0
+    if result.rows_in != n_kept + n_rejected:  # a bug in the stage, never bad input; without a mark, a rerun redoes the shard
+        raise RuntimeError(f"{task.name}: {result.rows_in} rows in but {n_kept} kept + {n_rejected} rejected")
     reject_path = f"{root}/_rejects/{task.name}.parquet"
     reasons: dict[str, int] = {}
     if n_rejected:
