@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 HASH_SIDE = 32  # pHash works on a 32x32 grayscale image and keeps the 8x8 lowest DCT frequencies
@@ -73,6 +75,9 @@ def check_decode_size(data: bytes, max_pixels: float = MAX_DECODE_PIXELS) -> tup
 MIN_HASH_SOURCE = 2 * HASH_SIDE  # decode at least twice the pHash input, so the 32x32 image is an average, not a sample
 THUMB_SIDE = 8  # the colour signature: an 8x8 RGB thumbnail, 192 bytes
 THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
+DETAIL_SIDE = 32  # the detail signature: a 32x32 RGB thumbnail, 3072 bytes, compared at DETAIL_COMPARE after alignment
+DETAIL_BYTES = DETAIL_SIDE * DETAIL_SIDE * 3
+DETAIL_COMPARE = 16
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame; C4/C8/CC are DHT, JPG and DAC
 _COLOR_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
 
@@ -156,21 +161,47 @@ def phash_of_gray(gray: np.ndarray) -> int:
 
 def phash(data: bytes) -> int:
     """64-bit perceptual hash (imagehash's pHash algorithm) of image bytes, as clean stores it; raises UndecodableImage."""
-    return image_signature(data)[0]
+    return image_signature(data).phash
 
 
-def image_signature(data: bytes) -> tuple[int, bytes]:
-    """(pHash, colour thumbnail) of image bytes from one colour decode; raises UndecodableImage.
+class Signature(NamedTuple):
+    """What the near-duplicate rule compares: pHash, 8x8 colour thumbnail, 32x32 detail thumbnail (RGB bytes)."""
 
-    The thumbnail is the image area-averaged to 8x8 RGB, 192 bytes: pHash is grayscale and blind
-    to colour, so a pHash match is confirmed with `color_distance` of the thumbnails. The hash's
-    gray is the decoded RGB's luma, as imagehash's PIL convert("L") computes it.
+    phash: int
+    color_thumb: bytes
+    detail_thumb: bytes
+
+
+def image_signature(data: bytes) -> Signature:
+    """The Signature of image bytes from one colour decode (JPEGs DCT-reduced); raises UndecodableImage.
+
+    pHash is grayscale and blind to colour, so a pHash match is confirmed with `color_distance`
+    of the 8x8 thumbnails, then with `detail_distance` of the 32x32 ones (a flag's emblem, a
+    face, a skin tone: details an 8x8 average loses). The hash's gray is the decoded RGB's
+    luma, as imagehash's PIL convert("L") computes it.
     """
     import cv2
 
     bgr = decode_reduced(data)
-    thumb = np.ascontiguousarray(_area_resize(bgr, THUMB_SIDE)[:, :, ::-1])  # BGR -> RGB
-    return phash_of_gray(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)), thumb.tobytes()
+    detail = _area_resize(bgr, DETAIL_SIDE)
+    thumb = np.ascontiguousarray(_area_resize(detail, THUMB_SIDE)[:, :, ::-1])  # BGR -> RGB; 32 -> 8 is an exact 4x4 mean
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    return Signature(phash_of_gray(gray), thumb.tobytes(), np.ascontiguousarray(detail[:, :, ::-1]).tobytes())
+
+
+def signature_columns(images: list[bytes | None]) -> dict[str, pa.Array]:
+    """phash, color_thumb and detail_thumb columns of image bytes (null for a missing or undecodable image)."""
+    hashes, thumbs, details = [], [], []
+    for data in images:
+        try:
+            sig = image_signature(data) if data is not None else None
+        except UndecodableImage:
+            sig = None
+        hashes.append(sig.phash if sig else None)
+        thumbs.append(sig.color_thumb if sig else None)
+        details.append(sig.detail_thumb if sig else None)
+    return {"phash": pa.array(hashes, pa.uint64()), "color_thumb": pa.array(thumbs, pa.binary(THUMB_BYTES)),
+            "detail_thumb": pa.array(details, pa.binary(DETAIL_BYTES))}
 
 
 def thumbs_array(thumbs: list[bytes]) -> np.ndarray:
@@ -189,6 +220,75 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.uint8).reshape(-1, THUMB_BYTES)
     b = np.asarray(b, np.uint8).reshape(-1, THUMB_BYTES)
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=1)
+
+
+def _warp_matrix(scale: float, shift: float, fine: int = 8) -> np.ndarray:
+    """(16, 32): 1-D resampling of a 32-pixel axis to 16, the content scaled by `scale` and moved by `shift` (fractions of the side).
+
+    Each output pixel averages `fine` linear-interpolated samples across its width: an area
+    resize that can move by fractions of a pixel.
+    """
+    out = np.zeros((DETAIL_COMPARE, DETAIL_SIDE))
+    u = (np.arange(DETAIL_COMPARE)[:, None] + (np.arange(fine) + 0.5) / fine) / DETAIL_COMPARE  # (16, fine) in [0, 1]
+    x = np.clip((0.5 + (u - 0.5) * scale + shift) * DETAIL_SIDE - 0.5, 0, DETAIL_SIDE - 1)
+    left = np.floor(x).astype(int)
+    right, weight = np.minimum(left + 1, DETAIL_SIDE - 1), x - left
+    rows = np.repeat(np.arange(DETAIL_COMPARE), fine)
+    np.add.at(out, (rows, left.ravel()), (1 - weight).ravel() / fine)
+    np.add.at(out, (rows, right.ravel()), weight.ravel() / fine)
+    return out
+
+
+# the crops and shifts detail_distance forgives: content scaled by up to 4% and moved by up to 3% per axis
+_ALIGN = np.stack([_warp_matrix(s, d) for s in (0.96, 0.98, 1.0, 1.02, 1.04) for d in (-0.03, -0.02, -0.01, 0, 0.01, 0.02, 0.03)])
+_IDENTITY = _warp_matrix(1.0, 0.0)
+
+
+def detail_distance(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The worst block difference between detail thumbnails a[i] and b[i] ((n, 3072) uint8), after aligning b to a.
+
+    Per axis, b's scale and shift (up to 4% and 3%: a slight crop, a resize's rounding) are the
+    ones whose luma profile best matches a's; then both are compared at 16x16 and the result is
+    the largest mean absolute difference per channel value (0-255) over the 4x4 blocks. A copy
+    differs a little everywhere; a different picture (another emblem, face or skin tone)
+    differs a lot in one place, which a whole-image mean dilutes.
+    """
+    a = np.asarray(a, np.uint8).reshape(-1, DETAIL_SIDE, DETAIL_SIDE, 3)
+    b = np.asarray(b, np.uint8).reshape(-1, DETAIL_SIDE, DETAIL_SIDE, 3)
+    out = np.empty(len(a))
+    for lo in range(0, len(a), chunk):
+        out[lo : lo + chunk] = _detail_chunk(a[lo : lo + chunk].astype(np.float32), b[lo : lo + chunk].astype(np.float32))
+    return out
+
+
+def _detail_chunk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """detail_distance of one chunk of float32 (n, 32, 32, 3) pairs (batched matrix products: einsum's loops are 50x slower)."""
+    n = len(a)
+    align, ident = _ALIGN.astype(np.float32), _IDENTITY.astype(np.float32)
+    luma_a, luma_b = a.mean(axis=3), b.mean(axis=3)
+    picks = []
+    for axis in (2, 1):  # rows' profile (mean over columns), then columns'
+        target = luma_a.mean(axis=axis) @ ident.T  # (n, 16)
+        candidates = np.tensordot(luma_b.mean(axis=axis), align, axes=([1], [2]))  # (n, options, 16)
+        picks.append(np.abs(candidates - target[:, None]).sum(axis=2).argmin(axis=1))
+    same = np.broadcast_to(ident, (n,) + ident.shape)
+    a16 = _resample(a, same, same)
+    # the profiles are averages and may prefer a wrong move by noise alone: the unmoved image competes too
+    return np.minimum(_worst_block(a16, _resample(b, same, same)), _worst_block(a16, _resample(b, align[picks[0]], align[picks[1]])))
+
+
+def _worst_block(a16: np.ndarray, b16: np.ndarray) -> np.ndarray:
+    """The largest mean absolute difference over the 4x4 blocks of two (n, 16, 3, 16) reductions."""
+    diff = np.abs(a16 - b16).mean(axis=2)  # (n, 16, 16): rows, columns
+    return diff.reshape(len(a16), 4, 4, 4, 4).mean(axis=(2, 4)).reshape(len(a16), -1).max(axis=1)
+
+
+def _resample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """rows[i] @ x[i] @ cols[i].T per channel: (n, 32, 32, 3) -> (n, 16, 3, 16) (row, channel, column)."""
+    n, side = len(x), DETAIL_SIDE
+    tall = np.matmul(rows, x.reshape(n, side, side * 3)).reshape(n, DETAIL_COMPARE, side, 3)  # (n, 16, 32, 3)
+    wide = tall.transpose(0, 1, 3, 2).reshape(n, DETAIL_COMPARE * 3, side)
+    return np.matmul(wide, cols.transpose(0, 2, 1)).reshape(n, DETAIL_COMPARE, 3, DETAIL_COMPARE)
 
 
 def load_square(data: bytes, size: int) -> np.ndarray:

@@ -3,12 +3,13 @@
 Three passes, like ingest:
 
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
-   and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
-   to `_work/scan/`.
+   and computes the perceptual hash, an 8x8 colour thumbnail and a 32x32 detail thumbnail; it
+   writes only these columns (no image bytes) to `_work/scan/`.
 2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
-   thumbnail agrees within `--near-dup-color-distance`), writing the marks per shard to
+   thumbnail agrees within `--near-dup-color-distance` and whose detail thumbnail, aligned,
+   within `--near-dup-detail-distance` in every block), writing the marks per shard to
    `_work/dups/`. No task holds more than a bounded number of rows.
 3. shards: the stage runner joins each shard with its scan and dedup results.
 """
@@ -26,11 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
-from dallekit.images import (
-    THUMB_BYTES,
-    UndecodableImage,
-    image_signature,
-)
+from dallekit.images import signature_columns
 from dallekit.io import read_shard, shard_stem, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.shards import ShardResult, map_with_progress
@@ -41,6 +38,7 @@ RULES = [
     "failed_to_download", "failed_to_resize", "undecodable", "empty_caption", "caption_too_long",
     "boilerplate_caption", "duplicate_image", "near_duplicate_image",
 ]
+SIGNATURE = ["phash", "color_thumb", "detail_thumb"]  # what the near-duplicate rule compares (dallekit.images.Signature)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TAG = re.compile(r"<[^<>]{0,200}>")
 _SPACE = re.compile(r"\s+")
@@ -77,35 +75,23 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 
 
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
-    """Pass 1: per-row reason (download, decode, caption), repaired caption, pHash and colour thumbnail; returns rows."""
+    """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
     table = read_shard(path, columns=["uid", "caption", "status", "sha256", "jpg"])
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
-    reasons, captions, hashes, thumbs = [], [], [], []
-    for status, caption, image in zip(
-        table.column("status").to_pylist(), table.column("caption").to_pylist(), table.column("jpg").to_pylist()
-    ):
-        reason, fixed, (hashed, thumb) = None, repair_caption(caption, config.lowercase), (None, None)
+    statuses = table.column("status").to_pylist()
+    signature = signature_columns([image if status == "success" else None
+                                   for status, image in zip(statuses, table.column("jpg").to_pylist())])
+    reasons, captions = [], []
+    for status, caption, decoded in zip(statuses, table.column("caption").to_pylist(), signature["phash"].is_valid().to_pylist()):
+        fixed = repair_caption(caption, config.lowercase)
         if status != "success":
             reason = status if status in RULES else "failed_to_download"
         else:
-            try:
-                hashed, thumb = image_signature(image)
-            except UndecodableImage:
-                reason = "undecodable"
+            reason = None if decoded else "undecodable"
         reasons.append(reason or caption_reason(fixed, config))
         captions.append(fixed)
-        hashes.append(hashed)
-        thumbs.append(thumb)
-    scan = pa.table(
-        {
-            "uid": table.column("uid"),
-            "reason": pa.array(reasons, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "sha256": table.column("sha256"),
-            "phash": pa.array(hashes, pa.uint64()),
-            "color_thumb": pa.array(thumbs, pa.binary(THUMB_BYTES)),
-        }
-    )
+    scan = pa.table({"uid": table.column("uid"), "reason": pa.array(reasons, pa.string()), "caption": pa.array(captions, pa.string()),
+                     "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
 
@@ -153,7 +139,9 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     raw = table.column("caption")
     table = table.set_column(caption_index, "caption", scan.column("caption"))
     table = table.add_column(caption_index + 1, "caption_raw", raw)
-    table = table.append_column("phash", scan.column("phash")).append_column("color_thumb", scan.column("color_thumb"))
+    table = table.drop_columns([name for name in SIGNATURE if name in table.column_names])
+    for name in SIGNATURE:
+        table = table.append_column(name, scan.column(name))
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
     kept = table.filter(pc.invert(rejected))
@@ -178,7 +166,8 @@ def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
     def prepare(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
         scratch = work_dir(output_dir)
         map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=scratch, config=config)
-        found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance)
+        found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance,
+                      config.near_dup_detail_distance)
         return sum(found.values())
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},

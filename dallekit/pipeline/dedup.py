@@ -3,8 +3,8 @@
 The result is the one of the sequential walk it replaces: the rows that survived the scan, in
 uid order; a row whose sha256 equals an earlier surviving row's is a `duplicate_image` of the
 first such row; otherwise a row is a `near_duplicate_image` when an earlier *kept* row (kept = not
-rejected as either kind) has a pHash within `distance` bits and a colour thumbnail within
-`max_color`, and its `duplicate_of` is the nearest such kept row (fewest bits, then smallest uid).
+rejected as either kind) has a pHash within `distance` bits, a colour thumbnail within
+`max_color` and a detail thumbnail within `max_detail` (`detail_distance`), and its `duplicate_of` is the nearest such kept row (fewest bits, then smallest uid).
 
 Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and
 then a marker (`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun
@@ -17,8 +17,8 @@ P * C (at 16M rows, 32 x 160 small files a pass cost more than the pass's work).
    bucket (hash partitioning).
 2. exact (per bucket): repeated uids (BadInputError, as `check_unique_uids`), then the sha256
    repeats: the first in uid order keeps, the others are marked. Survivors go on to buckets of
-   a hash of (pHash, thumbnail), their pHash and thumbnail read from the scans (prepare, per group).
-3. collapse (per bucket): rows with identical (pHash, thumbnail) become one representative, the
+   a hash of (pHash, thumbnails), their pHash and thumbnails read from the scans (prepare, per group).
+3. collapse (per bucket): rows with identical (pHash, both thumbnails) become one representative, the
    first in uid order; the others are its members (see `_member_targets` for why their result
    follows from the representative's neighbours).
 4. tables (Manku, Jain & Das Sarma, WWW 2007): the 64 bits are cut into k blocks; for each of
@@ -30,7 +30,8 @@ P * C (at 16M rows, 32 x 160 small files a pass cost more than the pass's work).
    quarter colour sums do not already rule out `max_color` (a lower bound of the colour
    distance, so no pair that could be confirmed is lost).
 5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables
-   find the same pair) and joined with both thumbnails; `color_distance` confirms them.
+   find the same pair) and joined with both ends' thumbnails; `color_distance` and then
+   `detail_distance` (0.4 ms a pair, only for the pairs colour confirmed) confirm them.
 6. components: connected components of the confirmed edges by the alternating large-star /
    small-star rounds of Kiveris et al. (SoCC 2014), each round one pass over edge buckets.
 7. gather + walk (per group of components): each component is walked in uid order (rows in
@@ -76,7 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig
-from dallekit.images import THUMB_BYTES, color_distance
+from dallekit.images import DETAIL_BYTES, THUMB_BYTES, color_distance, detail_distance
 from dallekit.io import write_json_atomic, write_table_atomic
 from dallekit.pipeline.shards import map_with_progress
 
@@ -91,15 +92,17 @@ LOW = (1 << 32) - 1  # a representative's id is bucket << 32 | its index in reps
 REASON_EXACT, REASON_NEAR = "duplicate_image", "near_duplicate_image"
 
 THUMB = pa.binary(THUMB_BYTES)
+DETAIL = pa.binary(DETAIL_BYTES)
 S_UID = pa.schema([("uid", pa.string()), ("shard", pa.int32())])
-S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("phash", pa.uint64()), ("color_thumb", THUMB)])
+S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("phash", pa.uint64()), ("color_thumb", THUMB),
+                     ("detail_thumb", DETAIL)])
 S_REF = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32())])  # a surviving row of a scan shard
 S_SHA = S_REF.append(pa.field("sha256", pa.string()))
 S_IDS = pa.schema([("id", pa.int64()), ("uid", pa.string()), ("shard", pa.int32())])  # members (id: their rep) and nodes
 SUMMARY = pa.binary(24)  # a thumbnail's 12 sums (2x2 regions of 4x4 pixels, 3 channels) as uint16: see _color_summary
 S_TAB = pa.schema([("phash", pa.uint64()), ("id", pa.int64()), ("summary", SUMMARY)])
 S_PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("ham", pa.int8())])
-S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB))
+S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB)).append(pa.field("detail_a", DETAIL))
 S_EDGES = pa.schema([("u", pa.int64()), ("v", pa.int64())])
 S_MARKS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("reason", pa.string()),
                      ("duplicate_of", pa.string()), ("duplicate_distance", pa.int32())])
@@ -155,12 +158,13 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 
 def _thumbs(column) -> np.ndarray:
-    """A fixed_size_binary(192) column as an (n, 192) uint8 array (null thumbnails as zeros)."""
+    """A fixed_size_binary(w) column (colour or detail thumbnails) as an (n, w) uint8 array (nulls as zeros)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.byte_width
     if len(arr) == 0:
-        return np.zeros((0, THUMB_BYTES), np.uint8)
-    raw = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * THUMB_BYTES : (arr.offset + len(arr)) * THUMB_BYTES]
-    out = raw.reshape(len(arr), THUMB_BYTES)
+        return np.zeros((0, width), np.uint8)
+    raw = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * width : (arr.offset + len(arr)) * width]
+    out = raw.reshape(len(arr), width)
     if arr.null_count:
         out = out.copy()
         out[pc.is_null(arr).to_numpy(zero_copy_only=False)] = 0
@@ -168,8 +172,9 @@ def _thumbs(column) -> np.ndarray:
 
 
 def _fsb(thumbs: np.ndarray) -> pa.Array:
-    """An (n, 192) uint8 array as a fixed_size_binary(192) Arrow array."""
-    return pa.FixedSizeBinaryArray.from_buffers(THUMB, len(thumbs), [None, pa.py_buffer(np.ascontiguousarray(thumbs))])
+    """An (n, w) uint8 array as a fixed_size_binary(w) Arrow array."""
+    width = thumbs.shape[1]
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(thumbs), [None, pa.py_buffer(np.ascontiguousarray(thumbs))])
 
 
 def _np(table: pa.Table, *names: str) -> list[np.ndarray]:
@@ -257,7 +262,7 @@ def _write_parts(table: pa.Table, part: np.ndarray, path: str) -> dict[str, list
 def _take(table: pa.Table, indices: Any) -> pa.Table:
     """Rows `indices` of a table; thumbnail columns through numpy (Arrow's take of fixed-size binary is 3x slower)."""
     indices = np.asarray(indices, np.int64)
-    columns = [_fsb(_thumbs(table[name])[indices]) if table.schema.field(name).type == THUMB else table[name].take(pa.array(indices))
+    columns = [_fsb(_thumbs(table[name])[indices]) if table.schema.field(name).type in (THUMB, DETAIL) else table[name].take(pa.array(indices))
                for name in table.column_names]
     return pa.Table.from_arrays(columns, schema=table.schema)
 
@@ -476,10 +481,11 @@ def _shard_groups(names: list[str], work_dir: str) -> tuple[list[list[int]], int
 
 
 def dedup(client: Any, shard_names: list[str], work_dir: str, distance: int,
-          max_color: float | None = CleanConfig.near_dup_color_distance) -> dict[str, int]:
+          max_color: float | None = CleanConfig.near_dup_color_distance,
+          max_detail: float | None = CleanConfig.near_dup_detail_distance) -> dict[str, int]:
     """Mark exact and near duplicates over all scanned shards in distributed passes; writes _work/dups/<shard>.parquet, returns marks per shard."""
     root = f"{work_dir.rstrip('/')}/dedup"
-    done = _claim(root, {"shards": shard_names, "distance": distance, "max_color": max_color})
+    done = _claim(root, {"shards": shard_names, "distance": distance, "max_color": max_color, "max_detail": max_detail})
     if done is not None:
         return done["marks"]
     groups, total = _shard_groups(shard_names, work_dir)
@@ -487,7 +493,7 @@ def dedup(client: Any, shard_names: list[str], work_dir: str, distance: int,
     stats, marked = _exact_passes(run, work_dir, total, near=distance >= 0)
     if distance >= 0:
         k = choose_blocks(stats["survivors"], distance)  # from an upper bound of the representatives: any k finds every pair
-        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), k, distance, max_color)
+        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), k, distance, max_color, max_detail)
         stats, marked = stats | near_stats, marked + near_marked
     found = run.run("final", _final, _items(range(len(groups)), marks=_expected(marked, "marks")), root=root,
                     work_dir=work_dir, names=shard_names, groups=groups)
@@ -539,7 +545,7 @@ def _exact_passes(run: _Run, work_dir: str, total: int, near: bool) -> tuple[dic
 
 
 def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance: int,
-                 max_color: float | None) -> tuple[dict, list]:
+                 max_color: float | None, max_detail: float | None) -> tuple[dict, list]:
     """Passes 3-7: collapse, permuted tables (k blocks), colour confirmation, components and the walk."""
     each = range(buckets)
     collapsed = run.run("collapse", _collapse, _items(each, coll=coll), root=run.root, k=k, distance=distance).values()
@@ -555,7 +561,7 @@ def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance
     confirm = run.run("confirm_a", _confirm_a, _items(each, cand=_expected(tables, "cand")), root=run.root).values()
     run.drop("cand")
     confirmed = run.run("confirm_b", _confirm_b, _items(each, cand2=_expected(confirm, "cand2")), root=run.root,
-                        max_color=max_color).values()
+                        max_color=max_color, max_detail=max_detail).values()
     run.drop("cand2")
     edges = sum(r["edges"] for r in confirmed)
     last, cc = _components(run, each, _expected(confirmed, "cc"))
@@ -655,28 +661,33 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     shard, row = _np(refs, "shard", "row")
     n = len(row)
     ph, thumbs, valid = np.zeros(n, np.uint64), np.empty((n, THUMB_BYTES), np.uint8), np.ones(n, bool)
+    details = np.zeros((n, DETAIL_BYTES), np.uint8)  # zeros: a scan without detail thumbnails (confirmed by colour alone)
     for s in groups[g]:  # each shard's rows gathered straight into place
         lo, hi = np.searchsorted(shard, s, "left"), np.searchsorted(shard, s, "right")
         if lo < hi:
-            scan = _read(f"{work_dir}/scan/{names[s]}.parquet", ["phash", "color_thumb"])
+            scan = _read(f"{work_dir}/scan/{names[s]}.parquet")
             ph[lo:hi] = pc.fill_null(scan["phash"], 0).to_numpy()[row[lo:hi]]
             np.take(_thumbs(scan["color_thumb"]), row[lo:hi], axis=0, out=thumbs[lo:hi])
+            if "detail_thumb" in scan.column_names:
+                np.take(_thumbs(scan["detail_thumb"]), row[lo:hi], axis=0, out=details[lo:hi])
             valid[lo:hi] = pc.is_valid(scan["phash"]).to_numpy(zero_copy_only=False)[row[lo:hi]]  # no pHash: nothing to compare
-    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "phash": ph, "color_thumb": _fsb(thumbs)}, schema=S_REPS)
+    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "phash": ph, "color_thumb": _fsb(thumbs),
+                     "detail_thumb": _fsb(details)}, schema=S_REPS)
     if not valid.all():
         keep = np.flatnonzero(valid)
-        rows, ph, thumbs = _take(rows, keep), ph[keep], thumbs[keep]
-    part = _fold(_mix(ph), thumbs) % np.uint64(buckets)  # identical images land in one collapse bucket
+        rows, ph, thumbs, details = _take(rows, keep), ph[keep], thumbs[keep], details[keep]
+    part = _fold(_fold(_mix(ph), thumbs), details) % np.uint64(buckets)  # identical images land in one collapse bucket
     return {"parts": {"coll": _write_parts(rows, part, f"{root}/coll/{g}.arrow")}}
 
 
 def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
-    """Pass 3, one task per bucket: identical (pHash, thumbnail) rows to one representative, the first in uid order."""
+    """Pass 3, one task per bucket: identical (pHash, both thumbnails) rows to one representative, the first in uid order."""
     p, expect = item
     rows = _read_parts(expect["coll"], S_REPS)
-    rows = _take(rows, pc.sort_indices(rows, [("phash", "ascending"), ("color_thumb", "ascending"), ("uid", "ascending")]))
+    order = ["phash", "color_thumb", "detail_thumb", "uid"]
+    rows = _take(rows, pc.sort_indices(rows, [(name, "ascending") for name in order]))
     (ph,) = _np(rows, "phash")
-    words = _thumbs(rows["color_thumb"]).view(np.uint64)
+    words = np.concatenate([_thumbs(rows["color_thumb"]), _thumbs(rows["detail_thumb"])], axis=1).view(np.uint64)
     new = np.ones(len(ph), bool)
     new[1:] = (ph[1:] != ph[:-1]) | (words[1:] != words[:-1]).any(axis=1)
     local = np.cumsum(new) - 1
@@ -763,9 +774,9 @@ def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color:
     return {"compared": compared, "candidates": len(a), "parts": {"cand": parts}}
 
 
-def _rep_thumbs(root: str, p: int) -> np.ndarray:
-    """The thumbnails of bucket p's representatives, indexed by their local id."""
-    return _thumbs(_read(f"{root}/reps/{p}.parquet", ["color_thumb"])["color_thumb"])
+def _rep_thumbs(root: str, p: int, column: str = "color_thumb") -> np.ndarray:
+    """The thumbnails (colour or detail) of bucket p's representatives, indexed by their local id."""
+    return _thumbs(_read(f"{root}/reps/{p}.parquet", [column])[column])
 
 
 def _confirm_a(item: tuple[int, dict], root: str) -> dict:
@@ -777,18 +788,29 @@ def _confirm_a(item: tuple[int, dict], root: str) -> dict:
     once = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
     a, b, bits = a[once], b[once], bits[once]
     thumbs = _rep_thumbs(root, p)[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
-    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs)}, schema=S_PAIRS_THUMB)
+    details = _rep_thumbs(root, p, "detail_thumb")[a & LOW] if len(a) else np.zeros((0, DETAIL_BYTES), np.uint8)
+    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs), "detail_a": _fsb(details)}, schema=S_PAIRS_THUMB)
     return {"pairs": len(a), "parts": {"cand2": _write_parts(pairs, b >> 32, f"{root}/cand2/{p}.arrow")}}
 
 
-def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None) -> dict:
-    """Pass 5b, one task per bucket of the second end: colour_distance confirms each pair; edges for the walk and the components."""
+def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None, max_detail: float | None) -> dict:
+    """Pass 5b, one task per bucket of the second end: colour_distance, then detail_distance confirm each pair; edges for the walk and the components.
+
+    A pair where either end has no detail thumbnail (zeros: a scan written without them) is
+    confirmed by colour alone.
+    """
     q, expect = item
     pairs = _read_parts(expect["cand2"], S_PAIRS_THUMB)
     a, b, bits = _np(pairs, "a", "b", "ham")
+    agree = np.ones(len(a), bool)
     if max_color is not None and len(a):
         agree = color_distance(_thumbs(pairs["thumb_a"]), _rep_thumbs(root, q)[b & LOW]) <= max_color
-        a, b, bits = a[agree], b[agree], bits[agree]
+    if max_detail is not None and agree.any():
+        at = np.flatnonzero(agree)
+        detail_a, detail_b = _thumbs(pairs["detail_a"])[at], _rep_thumbs(root, q, "detail_thumb")[b[at] & LOW]
+        missing = ~detail_a.any(axis=1) | ~detail_b.any(axis=1)
+        agree[at] = missing | (detail_distance(detail_a, detail_b) <= max_detail)
+    a, b, bits = a[agree], b[agree], bits[agree]
     edges = pa.table({"a": a, "b": b, "ham": bits}, schema=S_PAIRS)
     parts = {"wedge": _write_parts(edges, a >> 32, f"{root}/wedge/{q}.arrow"),
              "cc": _write_edges(np.r_[a, b], np.r_[b, a], f"{root}/cc/0", q)}
