@@ -244,43 +244,61 @@ _ALIGN = np.stack([_warp_matrix(s, d) for s in (0.96, 0.98, 1.0, 1.02, 1.04) for
 _IDENTITY = _warp_matrix(1.0, 0.0)
 
 
-def detail_distance(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def detail_distance(a: np.ndarray, b: np.ndarray, enough: float = -1.0, chunk: int = 4096) -> np.ndarray:
     """The worst block difference between detail thumbnails a[i] and b[i] ((n, 3072) uint8), after aligning b to a.
 
     Per axis, b's scale and shift (up to 4% and 3%: a slight crop, a resize's rounding) are the
     ones whose luma profile best matches a's; then both are compared at 16x16 and the result is
-    the largest mean absolute difference per channel value (0-255) over the 4x4 blocks. A copy
-    differs a little everywhere; a different picture (another emblem, face or skin tone)
-    differs a lot in one place, which a whole-image mean dilutes.
+    the largest mean absolute difference per channel value (0-255) over the 4x4 blocks, or the
+    unmoved images' when that is lower. A copy differs a little everywhere; a different picture
+    (another emblem, face or skin tone) differs a lot in one place, which a whole-image mean
+    dilutes. Pairs whose unmoved difference is at most `enough` skip the alignment (a caller
+    that only compares with a limit passes it: most copies are aligned already).
     """
     a = np.asarray(a, np.uint8).reshape(-1, DETAIL_SIDE, DETAIL_SIDE, 3)
     b = np.asarray(b, np.uint8).reshape(-1, DETAIL_SIDE, DETAIL_SIDE, 3)
     out = np.empty(len(a))
     for lo in range(0, len(a), chunk):
-        out[lo : lo + chunk] = _detail_chunk(a[lo : lo + chunk].astype(np.float32), b[lo : lo + chunk].astype(np.float32))
+        out[lo : lo + chunk] = _detail_chunk(a[lo : lo + chunk].astype(np.float32), b[lo : lo + chunk].astype(np.float32), enough)
     return out
 
 
-def _detail_chunk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """detail_distance of one chunk of float32 (n, 32, 32, 3) pairs (batched matrix products: einsum's loops are 50x slower)."""
-    n = len(a)
-    align, ident = _ALIGN.astype(np.float32), _IDENTITY.astype(np.float32)
-    luma_a, luma_b = a.mean(axis=3), b.mean(axis=3)
-    picks = []
-    for axis in (2, 1):  # rows' profile (mean over columns), then columns'
-        target = luma_a.mean(axis=axis) @ ident.T  # (n, 16)
-        candidates = np.tensordot(luma_b.mean(axis=axis), align, axes=([1], [2]))  # (n, options, 16)
-        picks.append(np.abs(candidates - target[:, None]).sum(axis=2).argmin(axis=1))
-    same = np.broadcast_to(ident, (n,) + ident.shape)
+def _detail_chunk(a: np.ndarray, b: np.ndarray, enough: float) -> np.ndarray:
+    """detail_distance of one chunk of float32 (n, 32, 32, 3) pairs.
+
+    Batched matrix products and slice sums: numpy's reductions over short or several axes
+    were 80% of the time.
+    """
+    ident = _IDENTITY.astype(np.float32)
+    same = np.broadcast_to(ident, (len(a),) + ident.shape)
     a16 = _resample(a, same, same)
+    out = _worst_block(a16, _resample(b, same, same))
     # the profiles are averages and may prefer a wrong move by noise alone: the unmoved image competes too
-    return np.minimum(_worst_block(a16, _resample(b, same, same)), _worst_block(a16, _resample(b, align[picks[0]], align[picks[1]])))
+    move = np.flatnonzero(out > enough)
+    if len(move):
+        out[move] = np.minimum(out[move], _worst_block(a16[move], _aligned(a[move], b[move])))
+    return out
+
+
+def _aligned(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """b resampled to 16x16 with, per axis, the move of _ALIGN whose luma profile best matches a's: (n, 16, 3, 16)."""
+    align, ident = _ALIGN.astype(np.float32), _IDENTITY.astype(np.float32)
+    luma_a, luma_b = a[..., 0] + a[..., 1] + a[..., 2], b[..., 0] + b[..., 1] + b[..., 2]  # 3x luma: only compared
+    picks = []
+    for axis in (2, 1):  # rows' profile (sum over columns), then columns'
+        target = luma_a.sum(axis=axis) @ ident.T  # (n, 16)
+        candidates = np.tensordot(luma_b.sum(axis=axis), align, axes=([1], [2]))  # (n, options, 16)
+        picks.append(np.abs(candidates - target[:, None]).sum(axis=2).argmin(axis=1))
+    return _resample(b, align[picks[0]], align[picks[1]])
 
 
 def _worst_block(a16: np.ndarray, b16: np.ndarray) -> np.ndarray:
     """The largest mean absolute difference over the 4x4 blocks of two (n, 16, 3, 16) reductions."""
-    diff = np.abs(a16 - b16).mean(axis=2)  # (n, 16, 16): rows, columns
-    return diff.reshape(len(a16), 4, 4, 4, 4).mean(axis=(2, 4)).reshape(len(a16), -1).max(axis=1)
+    n = len(a16)
+    diff = np.abs(a16 - b16)
+    diff = diff[:, :, 0] + diff[:, :, 1] + diff[:, :, 2]  # (n, 16, 16): rows, columns
+    blocks = diff.reshape(n, 16, 4, 4).sum(axis=3).reshape(n, 4, 4, 4).sum(axis=2)  # (n, block row, block column)
+    return blocks.reshape(n, -1).max(axis=1) / 48  # 16 pixels x 3 channels a block
 
 
 def _resample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

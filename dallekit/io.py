@@ -119,14 +119,15 @@ def check_columns(paths: list[str], required: set[str], expected: str) -> list[t
 
 
 def parquet_options(schema: pa.Schema, **given: Any) -> dict:
-    """pq.write_table's options for a table: the caller's, with binary columns (encoded images) stored plain.
+    """pq.write_table's options for a table: the caller's, with binary columns (encoded images, thumbnails) stored plain.
 
     JPEG, PNG and WebP bytes are compressed already: snappy finds nothing to shrink in them but
     costs a writer about as much as the write itself, a dictionary of whole images never pays
     off, and min/max statistics of images would copy two of them into the footer per row group.
     The other columns keep the caller's codec (snappy unless given), dictionaries and statistics.
     """
-    blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+             or pa.types.is_fixed_size_binary(f.type)]  # thumbnails (clean's signature) do not compress either
     if not blobs:
         return given
     others = [name for name in schema.names if name not in blobs]

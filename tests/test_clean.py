@@ -13,6 +13,7 @@ import sys
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -25,6 +26,7 @@ from dallekit.images import (
     jpeg_size,
     phash,
     phash_of_gray,
+    signature_columns,
     thumbs_array,
 )
 from dallekit.pipeline.clean import (
@@ -341,3 +343,26 @@ def test_near_duplicate_rule_catches_reencoded_resized_and_cropped_copies(tmp_pa
     kept, rejects = check_accounting(tmp_path / "clean", len(rows))
     assert sorted(kept["uid"]) == ["photo-0", "speaker-0"]
     assert set(rejects["reason"]) == {"near_duplicate_image"}
+
+
+def test_clean_takes_download_signature_columns_and_decodes_only_shards_without_them(tmp_path, client):
+    """A shard with download's signature columns is not decoded (its values are used as they are); one without is; they dedup together."""
+    original, copy = shape_jpeg(10), shape_jpeg(10, resize_to=220)
+    with_columns = [downloaded_row("u1", "a picture", original), downloaded_row("u3", "another picture", noise_jpeg(4)),
+                    downloaded_row("u4", "a failed row", None, status="failed_to_download")]
+    write_stage(tmp_path / "download", [with_columns, [downloaded_row("u2", "a resized copy", copy)]])  # shard 2: no columns
+    signature = signature_columns([r["jpg"] for r in with_columns])
+    marked = signature["phash"].to_pylist()
+    marked[1] ^= 1 << 63  # a value no decode gives: proof that the stored column is what clean keeps
+    signature["phash"] = pa.array(marked, pa.uint64())
+    shard = tmp_path / "download" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    for name, column in signature.items():
+        table = table.append_column(name, column)
+    pq.write_table(table, shard)
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "clean", 4)
+    assert sorted(kept["uid"]) == ["u1", "u3"]
+    assert rejects.set_index("uid").loc["u2", "duplicate_of"] == "u1"  # the decoded copy matches the stored signature
+    assert kept.set_index("uid").loc["u3", "phash"] == marked[1]
+    assert list(kept.columns).count("phash") == 1

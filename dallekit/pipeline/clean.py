@@ -3,8 +3,9 @@
 Three passes, like ingest:
 
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
-   and computes the perceptual hash, an 8x8 colour thumbnail and a 32x32 detail thumbnail; it
-   writes only these columns (no image bytes) to `_work/scan/`.
+   and takes each image's signature (perceptual hash, 8x8 colour thumbnail, 32x32 detail
+   thumbnail) from download's columns, or computes it by decoding the image where a shard lacks
+   them (adopt's folders, older downloads); it writes only these columns to `_work/scan/`.
 2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
@@ -27,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
-from dallekit.images import signature_columns
-from dallekit.io import read_shard, shard_stem, write_table_atomic
+from dallekit.images import DETAIL_BYTES, THUMB_BYTES, signature_columns
+from dallekit.io import read_shard, shard_schema, shard_stem, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.shards import ShardResult, map_with_progress
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
@@ -39,6 +40,7 @@ RULES = [
     "boilerplate_caption", "duplicate_image", "near_duplicate_image",
 ]
 SIGNATURE = ["phash", "color_thumb", "detail_thumb"]  # what the near-duplicate rule compares (dallekit.images.Signature)
+SIGNATURE_TYPES = {"phash": pa.uint64(), "color_thumb": pa.binary(THUMB_BYTES), "detail_thumb": pa.binary(DETAIL_BYTES)}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TAG = re.compile(r"<[^<>]{0,200}>")
 _SPACE = re.compile(r"\s+")
@@ -76,11 +78,15 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
     """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
-    table = read_shard(path, columns=["uid", "caption", "status", "sha256", "jpg"])
+    stored = _stored_signature(path)
+    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (SIGNATURE if stored else ["jpg"]))
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
     statuses = table.column("status").to_pylist()
-    signature = signature_columns([image if status == "success" else None
-                                   for status, image in zip(statuses, table.column("jpg").to_pylist())])
+    if stored:  # download computed them from the same bytes with the same function: no image is decoded
+        signature = {name: table.column(name).combine_chunks() for name in SIGNATURE}
+    else:  # adopt's folders and older downloads: decode each image
+        signature = signature_columns([image if status == "success" else None
+                                       for status, image in zip(statuses, table.column("jpg").to_pylist())])
     reasons, captions = [], []
     for status, caption, decoded in zip(statuses, table.column("caption").to_pylist(), signature["phash"].is_valid().to_pylist()):
         fixed = repair_caption(caption, config.lowercase)
@@ -94,6 +100,12 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
                      "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
+
+
+def _stored_signature(path: str) -> bool:
+    """Whether the shard has download's signature columns, with the types clean writes (phash, color_thumb, detail_thumb)."""
+    schema = shard_schema(path)[0]
+    return all(name in schema.names and schema.field(name).type == SIGNATURE_TYPES[name] for name in SIGNATURE)
 
 
 def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> None:
