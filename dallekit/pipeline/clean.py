@@ -5,7 +5,8 @@ Three passes, like ingest:
 1. scan: one task per shard drops failed downloads and undecodable images, repairs captions
    and takes each image's signature (perceptual hash, 8x8 colour thumbnail, 32x32 detail
    thumbnail) from download's columns, or computes it by decoding the image where a shard lacks
-   them (adopt's folders, older downloads); it writes only these columns to `_work/scan/`.
+   them (adopt's folders, older downloads); it writes only these columns to `_work/scan/`
+   (the detail thumbnails in a file of their own per shard, `<shard>.detail.arrow`).
 2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
 from dallekit.images import DETAIL_BYTES, THUMB_BYTES, signature_columns
-from dallekit.io import read_shard, shard_schema, shard_stem, write_table_atomic
+from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.shards import ShardResult, map_with_progress
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
@@ -96,6 +97,8 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
             reason = None if decoded else "undecodable"
         reasons.append(reason or caption_reason(fixed, config))
         captions.append(fixed)
+    detail = signature.pop("detail_thumb")  # 3 KB a row: a file of its own, whose rows the dedup reads only for its candidate pairs
+    write_rows_file(detail, f"{work_dir}/scan/{shard_stem(path)}.detail.arrow")
     scan = pa.table({"uid": table.column("uid"), "reason": pa.array(reasons, pa.string()), "caption": pa.array(captions, pa.string()),
                      "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
@@ -152,8 +155,8 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     table = table.set_column(caption_index, "caption", scan.column("caption"))
     table = table.add_column(caption_index + 1, "caption_raw", raw)
     table = table.drop_columns([name for name in SIGNATURE if name in table.column_names])
-    for name in SIGNATURE:
-        table = table.append_column(name, scan.column(name))
+    table = table.append_column("phash", scan.column("phash")).append_column("color_thumb", scan.column("color_thumb"))
+    table = table.append_column("detail_thumb", read_rows_file(f"{work_dir}/scan/{name}.detail.arrow"))
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
     kept = table.filter(pc.invert(rejected))

@@ -1,62 +1,52 @@
 """Distributed exact and near-duplicate marking for `dallekit clean`: no task, and not the driver, holds the dataset.
 
-The result is the one of the sequential walk it replaces: the rows that survived the scan, in
-uid order; a row whose sha256 equals an earlier surviving row's is a `duplicate_image` of the
-first such row; otherwise a row is a `near_duplicate_image` when an earlier *kept* row (kept = not
-rejected as either kind) has a pHash within `distance` bits, a colour thumbnail within
-`max_color` and a detail thumbnail within `max_detail` (`detail_distance`), and its `duplicate_of` is the nearest such kept row (fewest bits, then smallest uid).
+The result is the one of the sequential walk it replaces: the rows that survived the scan, in uid order; a row whose sha256 equals
+an earlier surviving row's is a `duplicate_image` of the first such row; otherwise a row is a `near_duplicate_image` when an
+earlier *kept* row (kept = not rejected as either kind) has a pHash within `distance` bits, a colour thumbnail within `max_color`
+and a detail thumbnail within `max_detail` (`detail_distance`), and its `duplicate_of` is the nearest such kept row (fewest bits,
+then smallest uid).
 
-Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and
-then a marker (`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun
-after a killed worker or driver skips every finished task and writes the same files. A task
-writes one file per output kind, an Arrow IPC stream per consumer task back to back, and its
-marker indexes them by byte range: a pass of P producers and C consumers writes P files, not
-P * C (at 16M rows, 32 x 160 small files a pass cost more than the pass's work).
+Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and then a marker
+(`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun after a killed worker or driver skips every
+finished task and writes the same files. A task writes one file per output kind, an Arrow IPC stream per consumer task back to
+back, and its marker indexes them by byte range: a pass of P producers and C consumers writes P files, not P * C (at 16M rows, 32
+x 160 small files a pass cost more than the pass's work).
 
-1. split (per group of scan shards): every uid to a uid bucket, every surviving row to a sha256
-   bucket (hash partitioning).
-2. exact (per bucket): repeated uids (BadInputError, as `check_unique_uids`), then the sha256
-   repeats: the first in uid order keeps, the others are marked. Survivors go on to buckets of
-   a hash of (pHash, thumbnails), their pHash and thumbnails read from the scans (prepare, per group).
-3. collapse (per bucket): rows with identical (pHash, both thumbnails) become one representative, the
-   first in uid order; the others are its members (see `_member_targets` for why their result
-   follows from the representative's neighbours).
-4. tables (Manku, Jain & Das Sarma, WWW 2007): the 64 bits are cut into k blocks; for each of
-   the C(k, d) choices of d blocks a table keys on the other k-d blocks, because two hashes
-   within d bits agree exactly on at least k-d blocks. The tables whose key starts with block j
-   share one partition of the representatives by block j's value (ranges of each of their keys,
-   sized from counts); a task sorts each table's entries by key and compares, vectorised,
-   only the entries of equal-key runs (XOR + popcount), keeping pairs within d bits whose
-   quarter colour sums do not already rule out `max_color` (a lower bound of the colour
-   distance, so no pair that could be confirmed is lost).
-5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables
-   find the same pair) and joined with both ends' thumbnails; `color_distance` and then
-   `detail_distance` (0.4 ms a pair, only for the pairs colour confirmed) confirm them.
-6. components: connected components of the confirmed edges by the alternating large-star /
-   small-star rounds of Kiveris et al. (SoCC 2014), each round one pass over edge buckets.
-7. gather + walk (per group of components): each component is walked in uid order (rows in
-   different components never interact, so this is the sequential walk's result).
+1. split (per group of scan shards): every uid to a uid bucket, every surviving row to a sha256 bucket (hash partitioning).
+2. exact (per bucket): repeated uids (BadInputError, as `check_unique_uids`), then the sha256 repeats: the first in uid order
+   keeps, the others are marked. Survivors go on to buckets of a hash of (pHash, thumbnail, detail key: a hash of the detail
+   thumbnail), read from the scans (prepare, per group).
+3. collapse (per bucket): rows with identical (pHash, thumbnail, detail key) become one representative, the first in uid order;
+   the others are its members (see `_member_targets` for why their result follows from the representative's neighbours).
+4. tables (Manku, Jain & Das Sarma, WWW 2007): the 64 bits are cut into k blocks; for each of the C(k, d) choices of d blocks a
+   table keys on the other k-d blocks, because two hashes within d bits agree exactly on at least k-d blocks. The tables whose key
+   starts with block j share one partition of the representatives by block j's value (ranges of each of their keys, sized from
+   counts); a task sorts each table's entries by key and compares, vectorised, only the entries of equal-key runs (XOR +
+   popcount), keeping pairs within d bits whose quarter colour sums do not already rule out `max_color` (a lower bound of the
+   colour distance, so no pair that could be confirmed is lost).
+5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables find the same pair) and joined
+   with both ends' thumbnails; `color_distance` and then `detail_distance` (about 0.1 ms a pair) confirm them. Detail thumbnails
+   (3 KB) never travel: a pair that colour confirmed reads its two from the scans' memory-mapped `.detail.arrow`.
+6. components: connected components of the confirmed edges by the alternating large-star / small-star rounds of Kiveris et al.
+   (SoCC 2014), each round one pass over edge buckets.
+7. gather + walk (per group of components): each component is walked in uid order (rows in different components never interact, so
+   this is the sequential walk's result).
 8. final (per group of shards): the marks of each shard, sorted by uid, to `_work/dups/`.
 
-Cost per row: a few vectorised passes (hashing, sorting its bucket), (d+1) table entries of 16
-bytes and C(k, d) sorts of 8-byte keys per representative; compared pairs are the true
-near pairs plus about N/2^(key bits - log2 N + 1) <= N/8 random ones per table. The walk is a
-Python loop over the rows that have a near-duplicate edge only.
+Cost per row: a few vectorised passes (hashing, sorting its bucket), (d+1) table entries of 16 bytes and C(k, d) sorts of 8-byte
+keys per representative; compared pairs are the true near pairs plus about N/2^(key bits - log2 N + 1) <= N/8 random ones per
+table. The walk is a Python loop over the rows that have a near-duplicate edge only.
 
-Bounds. Every bucket count is chosen by the driver from counts alone (scan footers, per-task
-counts and block histograms in the markers) so that a task holds about ROWS_PER_TASK rows or
-table entries; the driver holds counts per shard, per bucket and per histogram bin, never per
-row. What one key gathers cannot be split: all rows of one sha256 (one exact-duplicate
-group), all representatives with one leading-block value (one table range), all edges of one
-node, all nodes of one component. The collapse keeps a pile of identical images (a
-placeholder) to one representative; what is left quadratic is a run of *distinct* hashes that
-share a table key, e.g. 10,000 recoloured copies of one picture (same pHash, other
-thumbnails): their pairs are all compared. Components are chains of near duplicates, in
-practice a few to a few hundred rows (the benchmark's largest: a cluster and its variants);
-a component of millions of rows would be one walk task. k is capped at 8 blocks: past
-N = 2^30 representatives (d = 4) the keys stop growing with log2 N and the random pairs per
-table grow as N^2 / 2^(key bits); for d >= 8, k = d + 1 is forced and keys have 64/(d+1) bits.
-"""
+Bounds. Every bucket count is chosen by the driver from counts alone (scan footers, per-task counts and block histograms in the
+markers) so that a task holds about ROWS_PER_TASK rows or table entries; the driver holds counts per shard, per bucket and per
+histogram bin, never per row. What one key gathers cannot be split: all rows of one sha256 (one exact-duplicate group), all
+representatives with one leading-block value (one table range), all edges of one node, all nodes of one component. The collapse
+keeps a pile of identical images (a placeholder) to one representative; what is left quadratic is a run of *distinct* hashes that
+share a table key, e.g. 10,000 recoloured copies of one picture (same pHash, other thumbnails): their pairs are all compared.
+Components are chains of near duplicates, in practice a few to a few hundred rows (the benchmark's largest: a cluster and its
+variants); a component of millions of rows would be one walk task. k is capped at 8 blocks: past N = 2^30 representatives (d = 4)
+the keys stop growing with log2 N and the random pairs per table grow as N^2 / 2^(key bits); for d >= 8, k = d + 1 is forced and
+keys have 64/(d+1) bits."""
 
 from __future__ import annotations
 
@@ -78,7 +68,7 @@ import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig
 from dallekit.images import DETAIL_BYTES, THUMB_BYTES, color_distance, detail_distance
-from dallekit.io import write_json_atomic, write_table_atomic
+from dallekit.io import take_rows, write_json_atomic, write_table_atomic
 from dallekit.pipeline.shards import map_with_progress
 
 # The rows (or table entries) one task holds at most; one key heavier than this (one sha256,
@@ -92,17 +82,16 @@ LOW = (1 << 32) - 1  # a representative's id is bucket << 32 | its index in reps
 REASON_EXACT, REASON_NEAR = "duplicate_image", "near_duplicate_image"
 
 THUMB = pa.binary(THUMB_BYTES)
-DETAIL = pa.binary(DETAIL_BYTES)
 S_UID = pa.schema([("uid", pa.string()), ("shard", pa.int32())])
-S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("phash", pa.uint64()), ("color_thumb", THUMB),
-                     ("detail_thumb", DETAIL)])
+S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32()), ("phash", pa.uint64()),
+                     ("color_thumb", THUMB), ("detail_key", pa.uint64())])  # detail_key: a hash of the detail thumbnail
 S_REF = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32())])  # a surviving row of a scan shard
 S_SHA = S_REF.append(pa.field("sha256", pa.string()))
 S_IDS = pa.schema([("id", pa.int64()), ("uid", pa.string()), ("shard", pa.int32())])  # members (id: their rep) and nodes
 SUMMARY = pa.binary(24)  # a thumbnail's 12 sums (2x2 regions of 4x4 pixels, 3 channels) as uint16: see _color_summary
 S_TAB = pa.schema([("phash", pa.uint64()), ("id", pa.int64()), ("summary", SUMMARY)])
 S_PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("ham", pa.int8())])
-S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB)).append(pa.field("detail_a", DETAIL))
+S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB)).append(pa.field("shard_a", pa.int32())).append(pa.field("row_a", pa.int32()))
 S_EDGES = pa.schema([("u", pa.int64()), ("v", pa.int64())])
 S_MARKS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("reason", pa.string()),
                      ("duplicate_of", pa.string()), ("duplicate_distance", pa.int32())])
@@ -262,7 +251,7 @@ def _write_parts(table: pa.Table, part: np.ndarray, path: str) -> dict[str, list
 def _take(table: pa.Table, indices: Any) -> pa.Table:
     """Rows `indices` of a table; thumbnail columns through numpy (Arrow's take of fixed-size binary is 3x slower)."""
     indices = np.asarray(indices, np.int64)
-    columns = [_fsb(_thumbs(table[name])[indices]) if table.schema.field(name).type in (THUMB, DETAIL) else table[name].take(pa.array(indices))
+    columns = [_fsb(_thumbs(table[name])[indices]) if table.schema.field(name).type == THUMB else table[name].take(pa.array(indices))
                for name in table.column_names]
     return pa.Table.from_arrays(columns, schema=table.schema)
 
@@ -582,7 +571,7 @@ def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance
     confirm = run.run("confirm_a", _confirm_a, _items(each, cand=_expected(tables, "cand")), root=run.root).values()
     run.drop("cand")
     confirmed = run.run("confirm_b", _confirm_b, _items(each, cand2=_expected(confirm, "cand2")), root=run.root,
-                        max_color=max_color, max_detail=max_detail).values()
+                        max_color=max_color, max_detail=max_detail, work_dir=run.root.removesuffix("/dedup"), names=run.names).values()
     run.drop("cand2")
     edges = sum(r["edges"] for r in confirmed)
     last, cc = _components(run, each, _expected(confirmed, "cc"))
@@ -671,10 +660,9 @@ def _exact(item: tuple[int, dict], root: str, names: list[str], group_of: list[i
 
 
 def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str], groups: list[list[int]], buckets: int) -> dict:
-    """Pass 2b, one task per group of shards: the survivors' pHash and thumbnail from the scans, to buckets of (pHash, thumbnail).
+    """Pass 2b, one task per group of shards: the survivors' pHash, thumbnail and detail key from the scans, to their buckets.
 
-    Thumbnails (192 bytes a row) are read once here rather than carried through the sha256
-    shuffle, most of whose rows would only have passed them on.
+    Thumbnails (192 bytes a row) are read once here rather than carried through the sha256 shuffle (most rows only pass them on).
     """
     g, expect = item
     refs = _read_parts(expect["keep"], S_REF)
@@ -682,33 +670,31 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     shard, row = _np(refs, "shard", "row")
     n = len(row)
     ph, thumbs, valid = np.zeros(n, np.uint64), np.empty((n, THUMB_BYTES), np.uint8), np.ones(n, bool)
-    details = np.zeros((n, DETAIL_BYTES), np.uint8)  # zeros: a scan without detail thumbnails (confirmed by colour alone)
+    keys = np.zeros(n, np.uint64)  # of the detail thumbnails, read a shard at a time: 3 KB a row never travels in bulk
     for s in groups[g]:  # each shard's rows gathered straight into place
         lo, hi = np.searchsorted(shard, s, "left"), np.searchsorted(shard, s, "right")
         if lo < hi:
             scan = _read(f"{work_dir}/scan/{names[s]}.parquet")
             ph[lo:hi] = pc.fill_null(scan["phash"], 0).to_numpy()[row[lo:hi]]
             np.take(_thumbs(scan["color_thumb"]), row[lo:hi], axis=0, out=thumbs[lo:hi])
-            if "detail_thumb" in scan.column_names:
-                np.take(_thumbs(scan["detail_thumb"]), row[lo:hi], axis=0, out=details[lo:hi])
+            keys[lo:hi] = _fold(np.zeros(hi - lo, np.uint64), _details(work_dir, names, shard[lo:hi], row[lo:hi]))
             valid[lo:hi] = pc.is_valid(scan["phash"]).to_numpy(zero_copy_only=False)[row[lo:hi]]  # no pHash: nothing to compare
-    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "phash": ph, "color_thumb": _fsb(thumbs),
-                     "detail_thumb": _fsb(details)}, schema=S_REPS)
+    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "row": row, "phash": ph, "color_thumb": _fsb(thumbs),
+                     "detail_key": keys}, schema=S_REPS)
     if not valid.all():
         keep = np.flatnonzero(valid)
-        rows, ph, thumbs, details = _take(rows, keep), ph[keep], thumbs[keep], details[keep]
-    part = _fold(_fold(_mix(ph), thumbs), details) % np.uint64(buckets)  # identical images land in one collapse bucket
+        rows, ph, thumbs, keys = _take(rows, keep), ph[keep], thumbs[keep], keys[keep]
+    part = _fold(_mix(ph ^ _mix(keys)), thumbs) % np.uint64(buckets)  # identical images land in one collapse bucket
     return {"parts": {"coll": _write_parts(rows, part, f"{root}/coll/{g}.arrow")}}
 
 
 def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
-    """Pass 3, one task per bucket: identical (pHash, both thumbnails) rows to one representative, the first in uid order."""
+    """Pass 3, one task per bucket: identical (pHash, thumbnail, detail key) rows to one representative, the first in uid order."""
     p, expect = item
     rows = _read_parts(expect["coll"], S_REPS)
-    order = ["phash", "color_thumb", "detail_thumb", "uid"]
-    rows = _take(rows, pc.sort_indices(rows, [(name, "ascending") for name in order]))
-    (ph,) = _np(rows, "phash")
-    words = np.concatenate([_thumbs(rows["color_thumb"]), _thumbs(rows["detail_thumb"])], axis=1).view(np.uint64)
+    rows = _take(rows, pc.sort_indices(rows, [(name, "ascending") for name in ("phash", "color_thumb", "detail_key", "uid")]))
+    ph, keys = _np(rows, "phash", "detail_key")
+    words = np.concatenate([_thumbs(rows["color_thumb"]).view(np.uint64), keys[:, None]], axis=1)
     new = np.ones(len(ph), bool)
     new[1:] = (ph[1:] != ph[:-1]) | (words[1:] != words[:-1]).any(axis=1)
     local = np.cumsum(new) - 1
@@ -795,9 +781,18 @@ def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color:
     return {"compared": compared, "candidates": len(a), "parts": {"cand": parts}}
 
 
-def _rep_thumbs(root: str, p: int, column: str = "color_thumb") -> np.ndarray:
-    """The thumbnails (colour or detail) of bucket p's representatives, indexed by their local id."""
-    return _thumbs(_read(f"{root}/reps/{p}.parquet", [column])[column])
+def _rep_thumbs(root: str, p: int) -> np.ndarray:
+    """The thumbnails of bucket p's representatives, indexed by their local id."""
+    return _thumbs(_read(f"{root}/reps/{p}.parquet", ["color_thumb"])["color_thumb"])
+
+
+def _details(work_dir: str, names: list[str], shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """The detail thumbnails of scan rows (shard, row), (n, 3072); zeros where a scan has none (then colour alone confirms)."""
+    out = np.zeros((len(row), DETAIL_BYTES), np.uint8)
+    for s, path in ((s, f"{work_dir}/scan/{names[s]}.detail.arrow") for s in np.unique(shard).tolist()):
+        if fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            out[shard == s] = take_rows(path, row[shard == s])
+    return out
 
 
 def _confirm_a(item: tuple[int, dict], root: str) -> dict:
@@ -808,17 +803,19 @@ def _confirm_a(item: tuple[int, dict], root: str) -> dict:
     a, b, bits = a[order], b[order], bits[order]
     once = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
     a, b, bits = a[once], b[once], bits[once]
-    thumbs = _rep_thumbs(root, p)[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
-    details = _rep_thumbs(root, p, "detail_thumb")[a & LOW] if len(a) else np.zeros((0, DETAIL_BYTES), np.uint8)
-    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs), "detail_a": _fsb(details)}, schema=S_PAIRS_THUMB)
+    reps = _read(f"{root}/reps/{p}.parquet", ["color_thumb", "shard", "row"])
+    thumbs = _thumbs(reps["color_thumb"])[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
+    shard, row = (x[a & LOW] for x in _np(reps, "shard", "row"))
+    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs), "shard_a": shard, "row_a": row}, schema=S_PAIRS_THUMB)
     return {"pairs": len(a), "parts": {"cand2": _write_parts(pairs, b >> 32, f"{root}/cand2/{p}.arrow")}}
 
 
-def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None, max_detail: float | None) -> dict:
+def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None, max_detail: float | None, work_dir: str,
+               names: list[str]) -> dict:
     """Pass 5b, one task per bucket of the second end: colour_distance, then detail_distance confirm each pair; edges for the walk and the components.
 
-    A pair where either end has no detail thumbnail (zeros: a scan written without them) is
-    confirmed by colour alone.
+    Detail thumbnails are read from the scans' `.detail.arrow` files, only for the pairs colour confirmed; a pair where either
+    end has none (zeros: a scan written without them) is confirmed by colour alone.
     """
     q, expect = item
     pairs = _read_parts(expect["cand2"], S_PAIRS_THUMB)
@@ -828,7 +825,9 @@ def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None, max_d
         agree = color_distance(_thumbs(pairs["thumb_a"]), _rep_thumbs(root, q)[b & LOW]) <= max_color
     if max_detail is not None and agree.any():
         at = np.flatnonzero(agree)
-        detail_a, detail_b = _thumbs(pairs["detail_a"])[at], _rep_thumbs(root, q, "detail_thumb")[b[at] & LOW]
+        reps = _read(f"{root}/reps/{q}.parquet", ["shard", "row"])
+        detail_a = _details(work_dir, names, *(x[at] for x in _np(pairs, "shard_a", "row_a")))
+        detail_b = _details(work_dir, names, *(x[b[at] & LOW] for x in _np(reps, "shard", "row")))
         missing = ~detail_a.any(axis=1) | ~detail_b.any(axis=1)
         agree[at] = missing | (detail_distance(detail_a, detail_b, enough=max_detail) <= max_detail)
     a, b, bits = a[agree], b[agree], bits[agree]
