@@ -21,6 +21,7 @@ from dallekit.config import BadInputError, ClusterConfig
 from dallekit.images import THUMB_BYTES, color_distance
 from dallekit.io import write_rows_file
 from dallekit.pipeline import dedup as dedup_module
+from dallekit.pipeline.clean import detail_key
 from dallekit.pipeline.dedup import (
     _table_key,
     block_edges,
@@ -344,7 +345,8 @@ def test_detail_thumbnails_from_the_scans_split_what_colour_joins(tmp_path, clie
         uid, hashes, details = zip(*rows)
         (tmp_path / "scan").mkdir(exist_ok=True)
         pq.write_table(pa.table({"uid": list(uid), "reason": pa.array([None] * 2, pa.string()), "sha256": [f"{u}-sha" for u in uid],
-                                 "phash": pa.array(hashes, pa.uint64()), "color_thumb": pa.array([thumb] * 2, pa.binary(THUMB_BYTES))}),
+                                 "phash": pa.array(hashes, pa.uint64()), "color_thumb": pa.array([thumb] * 2, pa.binary(THUMB_BYTES)),
+                                 "detail_key": pa.array([detail_key(d.tobytes()) for d in details], pa.uint64())}),
                        tmp_path / "scan" / f"part-{i:05d}.parquet")
         write_rows_file(pa.array([d.tobytes() for d in details], pa.binary(3072)), str(tmp_path / "scan" / f"part-{i:05d}.detail.arrow"))
         names.append(f"part-{i:05d}")

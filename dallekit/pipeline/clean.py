@@ -18,6 +18,7 @@ Three passes, like ingest:
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from dataclasses import asdict
@@ -99,10 +100,16 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
         captions.append(fixed)
     detail = signature.pop("detail_thumb")  # 3 KB a row: a file of its own, whose rows the dedup reads only for its candidate pairs
     write_rows_file(detail, f"{work_dir}/scan/{shard_stem(path)}.detail.arrow")
+    signature["detail_key"] = pa.array([detail_key(d) for d in detail.to_pylist()], pa.uint64())  # what the collapse compares
     scan = pa.table({"uid": table.column("uid"), "reason": pa.array(reasons, pa.string()), "caption": pa.array(captions, pa.string()),
                      "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
+
+
+def detail_key(detail: bytes | None) -> int | None:
+    """A 64-bit hash of a detail thumbnail: the dedup collapses rows by it rather than by the 3 KB themselves."""
+    return None if detail is None else int.from_bytes(hashlib.blake2b(detail, digest_size=8).digest(), "little")
 
 
 def _stored_signature(path: str) -> bool:

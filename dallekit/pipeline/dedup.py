@@ -670,14 +670,15 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     shard, row = _np(refs, "shard", "row")
     n = len(row)
     ph, thumbs, valid = np.zeros(n, np.uint64), np.empty((n, THUMB_BYTES), np.uint8), np.ones(n, bool)
-    keys = np.zeros(n, np.uint64)  # of the detail thumbnails, read a shard at a time: 3 KB a row never travels in bulk
+    keys = np.zeros(n, np.uint64)  # the scan's hash of each detail thumbnail (0 in scans without one): 3 KB a row never travels
     for s in groups[g]:  # each shard's rows gathered straight into place
         lo, hi = np.searchsorted(shard, s, "left"), np.searchsorted(shard, s, "right")
         if lo < hi:
             scan = _read(f"{work_dir}/scan/{names[s]}.parquet")
             ph[lo:hi] = pc.fill_null(scan["phash"], 0).to_numpy()[row[lo:hi]]
             np.take(_thumbs(scan["color_thumb"]), row[lo:hi], axis=0, out=thumbs[lo:hi])
-            keys[lo:hi] = _fold(np.zeros(hi - lo, np.uint64), _details(work_dir, names, shard[lo:hi], row[lo:hi]))
+            if "detail_key" in scan.column_names:
+                keys[lo:hi] = pc.fill_null(scan["detail_key"], 0).to_numpy()[row[lo:hi]]
             valid[lo:hi] = pc.is_valid(scan["phash"]).to_numpy(zero_copy_only=False)[row[lo:hi]]  # no pHash: nothing to compare
     rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "row": row, "phash": ph, "color_thumb": _fsb(thumbs),
                      "detail_key": keys}, schema=S_REPS)
