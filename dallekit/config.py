@@ -319,6 +319,12 @@ class CleanConfig(StageOptions):
         "(mean absolute difference per channel value, 0-255; measured: re-encoded copies of 64-256 px pictures <= 5.6, recoloured variants mostly > 6)",
         bounds="[0, 255]",
     )
+    near_dup_detail_distance: float = option(
+        6.0, "and only if their 32x32 RGB thumbnails, aligned for a slight crop or shift, differ by at most this in every 4x4 block of "
+        "their 16x16 reductions (mean absolute difference per channel value, 0-255; measured on emoji: resized and re-encoded copies "
+        "mostly <= 6, different pictures with the same pHash and colours (flags, faces, skin tones) 99.5% > 6)",
+        bounds="[0, 255]",
+    )
     lowercase: bool = option(False, "lowercase the cleaned captions")
     max_caption_chars: int = option(2000, "reject longer cleaned captions as caption_too_long", bounds="[1, inf)")
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -139,14 +140,15 @@ def check_columns(paths: list[str], required: set[str], expected: str) -> list[t
 
 
 def parquet_options(schema: pa.Schema, **given: Any) -> dict:
-    """pq.write_table's options for a table: the caller's, with binary columns (encoded images) stored plain.
+    """pq.write_table's options for a table: the caller's, with binary columns (encoded images, thumbnails) stored plain.
 
     JPEG, PNG and WebP bytes are compressed already: snappy finds nothing to shrink in them but
     costs a writer about as much as the write itself, a dictionary of whole images never pays
     off, and min/max statistics of images would copy two of them into the footer per row group.
     The other columns keep the caller's codec (snappy unless given), dictionaries and statistics.
     """
-    blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+             or pa.types.is_fixed_size_binary(f.type)]  # thumbnails (clean's signature) do not compress either
     if not blobs:
         return given
     others = [name for name in schema.names if name not in blobs]
@@ -216,6 +218,40 @@ def _write_parquet(tables: Iterable[pa.Table], fs: Any, tmp: str, path: str, par
             fs.rm(tmp)
         raise
     return rows
+
+
+def write_rows_file(column: pa.Array, path: str) -> None:
+    """One fixed-size binary column as an uncompressed Arrow IPC file (written atomically), for `take_rows`."""
+    fs, p = fsspec.core.url_to_fs(path)
+    parent, name = p.rsplit("/", 1)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
+    table = pa.table({"value": column})
+    with fs.open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    fs.mv(tmp, p)
+
+
+def read_rows_file(path: str) -> pa.Array:
+    """The column of a `write_rows_file` file; a local file is memory-mapped (the rows a caller takes are the pages read)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if _is_local(fs, p):
+        column = pa.ipc.open_file(pa.memory_map(p)).read_all().column("value")
+    else:
+        with fs.open(p, "rb") as f:
+            column = pa.ipc.open_file(pa.py_buffer(f.read())).read_all().column("value")
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # one chunk: no copy of the mapped file
+
+
+def take_rows(path: str, rows: Any) -> np.ndarray:
+    """Rows of a `write_rows_file` file as an (n, width) uint8 array, nulls as zeros: a few rows of many files read cheaply."""
+    column, rows = read_rows_file(path), np.asarray(rows, np.int64)
+    width = column.type.byte_width
+    values = np.frombuffer(column.buffers()[1], np.uint8).reshape(-1, width)[column.offset : column.offset + len(column)]
+    out = values[rows]
+    if column.null_count:
+        out[~column.is_valid().to_numpy(zero_copy_only=False)[rows]] = 0
+    return out
 
 
 def write_json_atomic(obj: Any, path: str) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from dallekit.config import BadInputError, CleanConfig
 from dallekit.demo.synthetic import ShapeSpec, encode, random_spec, render
@@ -26,6 +26,7 @@ from dallekit.images import (
     jpeg_size,
     phash,
     phash_of_gray,
+    signature_columns,
     thumbs_array,
 )
 from dallekit.pipeline.clean import (
@@ -340,3 +341,97 @@ def test_image_too_large_is_its_own_reason_before_undecodable(tmp_path, client):
     assert (by_uid.loc["large", "original_width"], by_uid.loc["large", "original_height"]) == (9000, 9000)  # the reject keeps its sizes
     funnel = [s["rule"] for s in json.loads((tmp_path / "clean" / "_funnel.json").read_text())["steps"]]
     assert funnel.index("failed_to_resize") < funnel.index("image_too_large") < funnel.index("undecodable")
+
+
+# ---------------------------------------------------------------- near duplicates: details and copies
+
+
+def _flag(emblem: str, side: int = 64) -> Image.Image:
+    """A blue-white-blue striped flag with a small centred emblem: five dots, or a ringed disc (Honduras vs Nicaragua)."""
+    image = Image.new("RGB", (side, side), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 12, side, 24), fill=(0, 103, 198))
+    draw.rectangle((0, 24, side, 40), fill=(255, 255, 255))
+    draw.rectangle((0, 40, side, 52), fill=(0, 103, 198))
+    if emblem == "stars":
+        for x, y in ((27, 29), (37, 29), (32, 32), (27, 35), (37, 35)):
+            draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(0, 103, 198))
+    else:
+        draw.ellipse((28, 28, 36, 36), outline=(200, 160, 30), width=1, fill=(60, 120, 90))
+    return image
+
+
+def _speaker(waves: int, side: int = 64) -> Image.Image:
+    """A speaker icon with `waves` sound waves."""
+    image = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.polygon(((10, 24), (20, 24), (32, 12), (32, 52), (20, 40), (10, 40)), fill=(90, 90, 100))
+    for i in range(waves):
+        r = 8 + 7 * i
+        draw.arc((32 - r, 32 - r, 32 + r, 32 + r), -45, 45, fill=(40, 40, 50), width=2)
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _copies(image: Image.Image) -> dict[str, bytes]:
+    """A JPEG re-encode, a 1.5x resize and a 2% crop of an image."""
+    w, h = image.size
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", quality=80)
+    return {"reencoded": jpeg.getvalue(), "resized": _png(image.resize((w * 3 // 2, h * 3 // 2), Image.Resampling.LANCZOS)),
+            "cropped": _png(image.crop((1, 0, w, h - 1)).resize((w, h), Image.Resampling.LANCZOS))}
+
+
+def test_near_duplicate_rule_keeps_pictures_that_differ_in_a_detail(tmp_path, client):
+    """Two flags that differ only in their small emblem share pHash and colours, and both are kept."""
+    pairs = [(_flag("stars"), _flag("disc"))]
+    for a, b in pairs:  # the premise: the pHash and colour rules alone would call them duplicates
+        sa, sb = image_signature(_png(a)), image_signature(_png(b))
+        assert hamming(sa[0], sb[0]) <= CleanConfig.near_dup_distance  # (pHash, colour thumbnail, ...)
+        assert color_distance(np.frombuffer(sa[1], np.uint8), np.frombuffer(sb[1], np.uint8))[0] <= CleanConfig.near_dup_color_distance
+    rows = [downloaded_row(f"u{i}", "a picture with a caption", _png(image)) for i, image in enumerate(itertools.chain(*pairs))]
+    write_stage(tmp_path / "download", [rows])
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, _ = check_accounting(tmp_path / "clean", 2)
+    assert sorted(kept["uid"]) == ["u0", "u1"]
+
+
+def test_near_duplicate_rule_catches_reencoded_resized_and_cropped_copies(tmp_path, client):
+    """Copies of small pictures (re-encoded, resized, slightly cropped) are near duplicates of the original."""
+    rows = []
+    for name, image in (("speaker", _speaker(3)), ("photo", Image.open(io.BytesIO(noise_jpeg(5, size=64))).filter(ImageFilter.GaussianBlur(3)))):
+        rows.append(downloaded_row(f"{name}-0", "the original", _png(image)))
+        rows += [downloaded_row(f"{name}-{kind}", "a copy", data) for kind, data in _copies(image).items()]
+    write_stage(tmp_path / "download", [rows])
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "clean", len(rows))
+    assert sorted(kept["uid"]) == ["photo-0", "speaker-0"]
+    assert set(rejects["reason"]) == {"near_duplicate_image"}
+
+
+def test_clean_takes_download_signature_columns_and_decodes_only_shards_without_them(tmp_path, client):
+    """A shard with download's signature columns is not decoded (its values are used as they are); one without is; they dedup together."""
+    original, copy = shape_jpeg(10), shape_jpeg(10, resize_to=220)
+    with_columns = [downloaded_row("u1", "a picture", original), downloaded_row("u3", "another picture", noise_jpeg(4)),
+                    downloaded_row("u4", "a failed row", None, status="failed_to_download")]
+    write_stage(tmp_path / "download", [with_columns, [downloaded_row("u2", "a resized copy", copy)]])  # shard 2: no columns
+    signature = signature_columns([r["jpg"] for r in with_columns])
+    marked = signature["phash"].to_pylist()
+    marked[1] ^= 1 << 63  # a value no decode gives: proof that the stored column is what clean keeps
+    signature["phash"] = pa.array(marked, pa.uint64())
+    shard = tmp_path / "download" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    for name, column in signature.items():
+        table = table.append_column(name, column)
+    pq.write_table(table, shard)
+    clean(str(tmp_path / "download"), str(tmp_path / "clean"), CleanConfig(), client)
+    kept, rejects = check_accounting(tmp_path / "clean", 4)
+    assert sorted(kept["uid"]) == ["u1", "u3"]
+    assert rejects.set_index("uid").loc["u2", "duplicate_of"] == "u1"  # the decoded copy matches the stored signature
+    assert kept.set_index("uid").loc["u3", "phash"] == marked[1]
+    assert list(kept.columns).count("phash") == 1

@@ -19,7 +19,9 @@ import pytest
 
 from dallekit.config import BadInputError, ClusterConfig
 from dallekit.images import THUMB_BYTES, color_distance
+from dallekit.io import write_rows_file
 from dallekit.pipeline import dedup as dedup_module
+from dallekit.pipeline.clean import detail_key
 from dallekit.pipeline.dedup import (
     _table_key,
     block_edges,
@@ -325,3 +327,28 @@ def test_colour_summary_bound_never_exceeds_the_colour_distance():
         bound, exact = _color_bound(_color_summary(x), _color_summary(y)), color_distance(x, y)
         assert (bound <= exact).all()
     assert np.allclose(_color_bound(_color_summary(flat), _color_summary(flat[::-1])), color_distance(flat, flat[::-1]))  # tight on flat colours
+
+
+@pytest.mark.parametrize("rows_per_task", [2, 10**6])  # several tasks a pass, and the one-task run
+def test_detail_thumbnails_from_the_scans_split_what_colour_joins(tmp_path, client, monkeypatch, rows_per_task):
+    """Rows with one pHash and colour thumbnail are near duplicates only when their detail thumbnails (the scans' .detail.arrow) agree."""
+    monkeypatch.setattr(dedup_module, "ROWS_PER_TASK", rows_per_task)
+    rng = np.random.default_rng(0)
+    d1 = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    copy = np.clip(d1.astype(int) + rng.integers(-2, 3, d1.shape), 0, 255).astype(np.uint8)  # re-encoded: small everywhere
+    d2 = d1.copy()
+    d2[8:16, 8:16] = 255 - d2[8:16, 8:16]  # another emblem: large in one place
+    ph, thumb = 0x0123456789ABCDEF, bytes(range(192))
+    shards = [[("a", ph, d1), ("c", ph ^ 1, d2)], [("b", ph, copy), ("d", ph, d2)]]
+    names = []
+    for i, rows in enumerate(shards):
+        uid, hashes, details = zip(*rows)
+        (tmp_path / "scan").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"uid": list(uid), "reason": pa.array([None] * 2, pa.string()), "sha256": [f"{u}-sha" for u in uid],
+                                 "phash": pa.array(hashes, pa.uint64()), "color_thumb": pa.array([thumb] * 2, pa.binary(THUMB_BYTES)),
+                                 "detail_key": pa.array([detail_key(d.tobytes()) for d in details], pa.uint64())}),
+                       tmp_path / "scan" / f"part-{i:05d}.parquet")
+        write_rows_file(pa.array([d.tobytes() for d in details], pa.binary(3072)), str(tmp_path / "scan" / f"part-{i:05d}.detail.arrow"))
+        names.append(f"part-{i:05d}")
+    dedup(client, names, str(tmp_path), 4, 6.0, 6.0)
+    assert read_marks(tmp_path, names) == {"b": ("near_duplicate_image", "a", 0), "d": ("near_duplicate_image", "c", 1)}

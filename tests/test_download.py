@@ -13,11 +13,13 @@ import threading
 import time
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from dallekit.config import DownloadConfig, IngestConfig
+from dallekit.images import image_signature
 from dallekit.pipeline.download import download
 from dallekit.pipeline.ingest import ingest
 from tests.conftest import edge_routes
@@ -66,6 +68,22 @@ def test_opt_out_can_be_disabled(tmp_path, client, edge_server):
     download(str(shards), str(tmp_path / "images"), DownloadConfig(threads=2, disallowed_header_directives=["none"]), client)
     kept, _ = read_stage(tmp_path / "images")[:2]
     assert kept["status"].tolist() == ["success"]
+
+
+def test_rows_carry_clean_signature_of_the_stored_image(tmp_path, client, edge_server):
+    """download stores clean's near-duplicate signature of the bytes it stores (so clean decodes nothing); failed rows get nulls."""
+    server, _ = edge_server
+    shards = make_url_shards(tmp_path, client, [server.url("/ok.jpg"), server.url("/gray.jpg"), server.url("/404.jpg")])
+    download(str(shards), str(tmp_path / "images"), DownloadConfig(threads=2), client)
+    table = pq.read_table(tmp_path / "images" / "part-00000.parquet")
+    assert table.schema.field("phash").type == pa.uint64()
+    assert table.schema.field("color_thumb").type == pa.binary(192)
+    assert table.schema.field("detail_thumb").type == pa.binary(3072)
+    for row in table.to_pylist():
+        if row["status"] == "success":
+            assert (row["phash"], row["color_thumb"], row["detail_thumb"]) == tuple(image_signature(row["jpg"]))
+        else:
+            assert row["phash"] is None and row["color_thumb"] is None and row["detail_thumb"] is None
 
 
 def slow_shards(tmp_path, client, server, n_shards: int, rows: int = 4):

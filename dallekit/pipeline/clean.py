@@ -4,18 +4,22 @@ Three passes, like ingest:
 
 1. scan: one task per shard drops failed downloads, images over 64 Mpx by their header (never
    decoded) and undecodable images, repairs captions
-   and computes the perceptual hash and an 8x8 colour thumbnail; it writes only small columns
-   to `_work/scan/`.
+   and takes each image's signature (perceptual hash, 8x8 colour thumbnail, 32x32 detail
+   thumbnail) from download's columns, or computes it by decoding the image where a shard lacks
+   them (adopt's folders, older downloads); it writes only these columns to `_work/scan/`
+   (the detail thumbnails in a file of their own per shard, `<shard>.detail.arrow`).
 2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
-   thumbnail agrees within `--near-dup-color-distance`), writing the marks per shard to
+   thumbnail agrees within `--near-dup-color-distance` and whose detail thumbnail, aligned,
+   within `--near-dup-detail-distance` in every block), writing the marks per shard to
    `_work/dups/`. No task holds more than a bounded number of rows.
 3. shards: the stage runner joins each shard with its scan and dedup results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from dataclasses import asdict
@@ -27,13 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
-from dallekit.images import (
-    THUMB_BYTES,
-    UndecodableImage,
-    image_signature,
-    undecodable_reason,
-)
-from dallekit.io import read_shard, shard_stem, write_table_atomic
+from dallekit.images import DETAIL_BYTES, THUMB_BYTES, signature_columns
+from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.shards import ShardResult, map_with_progress
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
@@ -43,6 +42,8 @@ RULES = [
     "failed_to_download", "failed_to_resize", "image_too_large", "undecodable", "empty_caption", "caption_too_long",
     "boilerplate_caption", "duplicate_image", "near_duplicate_image",
 ]
+SIGNATURE = ["phash", "color_thumb", "detail_thumb"]  # what the near-duplicate rule compares (dallekit.images.Signature)
+SIGNATURE_TYPES = {"phash": pa.uint64(), "color_thumb": pa.binary(THUMB_BYTES), "detail_thumb": pa.binary(DETAIL_BYTES)}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TAG = re.compile(r"<[^<>]{0,200}>")
 _SPACE = re.compile(r"\s+")
@@ -79,37 +80,46 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 
 
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
-    """Pass 1: per-row reason (download, decode, caption), repaired caption, pHash and colour thumbnail; returns rows."""
-    table = read_shard(path, columns=["uid", "caption", "status", "sha256", "jpg"])
+    """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
+    stored = _stored_signature(path)
+    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (SIGNATURE if stored else ["jpg"]))
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
-    reasons, captions, hashes, thumbs = [], [], [], []
-    for status, caption, image in zip(
-        table.column("status").to_pylist(), table.column("caption").to_pylist(), table.column("jpg").to_pylist()
-    ):
-        reason, fixed, (hashed, thumb) = None, repair_caption(caption, config.lowercase), (None, None)
+    statuses = table.column("status").to_pylist()
+    failures: list[str | None] = []  # why a row has no signature: image_too_large (by its header) or undecodable
+    if stored:  # download computed them from the same bytes with the same function: no image is decoded
+        signature = {name: table.column(name).combine_chunks() for name in SIGNATURE}
+        failures = [None] * table.num_rows
+    else:  # adopt's folders and older downloads: decode each image
+        signature = signature_columns([image if status == "success" else None
+                                       for status, image in zip(statuses, table.column("jpg").to_pylist())], failures)
+    reasons, captions = [], []
+    valid = signature["phash"].is_valid().to_pylist()
+    for i, (status, caption, decoded) in enumerate(zip(statuses, table.column("caption").to_pylist(), valid)):
+        fixed = repair_caption(caption, config.lowercase)
         if status != "success":
             reason = status if status in RULES else "failed_to_download"
         else:
-            try:
-                hashed, thumb = image_signature(image)  # reads the header first: an image over 64 Mpx is never decoded
-            except UndecodableImage as err:
-                reason = undecodable_reason(err)
+            reason = None if decoded else (failures[i] or "undecodable")
         reasons.append(reason or caption_reason(fixed, config))
         captions.append(fixed)
-        hashes.append(hashed)
-        thumbs.append(thumb)
-    scan = pa.table(
-        {
-            "uid": table.column("uid"),
-            "reason": pa.array(reasons, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "sha256": table.column("sha256"),
-            "phash": pa.array(hashes, pa.uint64()),
-            "color_thumb": pa.array(thumbs, pa.binary(THUMB_BYTES)),
-        }
-    )
+    detail = signature.pop("detail_thumb")  # 3 KB a row: a file of its own, whose rows the dedup reads only for its candidate pairs
+    write_rows_file(detail, f"{work_dir}/scan/{shard_stem(path)}.detail.arrow")
+    signature["detail_key"] = pa.array([detail_key(d) for d in detail.to_pylist()], pa.uint64())  # what the collapse compares
+    scan = pa.table({"uid": table.column("uid"), "reason": pa.array(reasons, pa.string()), "caption": pa.array(captions, pa.string()),
+                     "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
+
+
+def detail_key(detail: bytes | None) -> int | None:
+    """A 64-bit hash of a detail thumbnail: the dedup collapses rows by it rather than by the 3 KB themselves."""
+    return None if detail is None else int.from_bytes(hashlib.blake2b(detail, digest_size=8).digest(), "little")
+
+
+def _stored_signature(path: str) -> bool:
+    """Whether the shard has download's signature columns, with the types clean writes (phash, color_thumb, detail_thumb)."""
+    schema = shard_schema(path)[0]
+    return all(name in schema.names and schema.field(name).type == SIGNATURE_TYPES[name] for name in SIGNATURE)
 
 
 def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> None:
@@ -155,7 +165,9 @@ def write_clean_shard(payload: tuple[str, str]) -> ShardResult:
     raw = table.column("caption")
     table = table.set_column(caption_index, "caption", scan.column("caption"))
     table = table.add_column(caption_index + 1, "caption_raw", raw)
+    table = table.drop_columns([name for name in SIGNATURE if name in table.column_names])
     table = table.append_column("phash", scan.column("phash")).append_column("color_thumb", scan.column("color_thumb"))
+    table = table.append_column("detail_thumb", read_rows_file(f"{work_dir}/scan/{name}.detail.arrow"))
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
     kept = table.filter(pc.invert(rejected))
@@ -180,7 +192,8 @@ def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
     def prepare(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
         scratch = work_dir(output_dir)
         map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=scratch, config=config)
-        found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance)
+        found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance,
+                      config.near_dup_detail_distance)
         return sum(found.values())
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},

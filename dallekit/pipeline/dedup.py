@@ -1,61 +1,52 @@
 """Distributed exact and near-duplicate marking for `dallekit clean`: no task, and not the driver, holds the dataset.
 
-The result is the one of the sequential walk it replaces: the rows that survived the scan, in
-uid order; a row whose sha256 equals an earlier surviving row's is a `duplicate_image` of the
-first such row; otherwise a row is a `near_duplicate_image` when an earlier *kept* row (kept = not
-rejected as either kind) has a pHash within `distance` bits and a colour thumbnail within
-`max_color`, and its `duplicate_of` is the nearest such kept row (fewest bits, then smallest uid).
+The result is the one of the sequential walk it replaces: the rows that survived the scan, in uid order; a row whose sha256 equals
+an earlier surviving row's is a `duplicate_image` of the first such row; otherwise a row is a `near_duplicate_image` when an
+earlier *kept* row (kept = not rejected as either kind) has a pHash within `distance` bits, a colour thumbnail within `max_color`
+and a detail thumbnail within `max_detail` (`detail_distance`), and its `duplicate_of` is the nearest such kept row (fewest bits,
+then smallest uid).
 
-Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and
-then a marker (`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun
-after a killed worker or driver skips every finished task and writes the same files. A task
-writes one file per output kind, an Arrow IPC stream per consumer task back to back, and its
-marker indexes them by byte range: a pass of P producers and C consumers writes P files, not
-P * C (at 16M rows, 32 x 160 small files a pass cost more than the pass's work).
+Passes, each a set of Dask tasks that write their outputs atomically under `_work/dedup/` and then a marker
+(`_done/<pass>/<task>.json`, holding the task's small result), so that a rerun after a killed worker or driver skips every
+finished task and writes the same files. A task writes one file per output kind, an Arrow IPC stream per consumer task back to
+back, and its marker indexes them by byte range: a pass of P producers and C consumers writes P files, not P * C (at 16M rows, 32
+x 160 small files a pass cost more than the pass's work).
 
-1. split (per group of scan shards): every uid to a uid bucket, every surviving row to a sha256
-   bucket (hash partitioning).
-2. exact (per bucket): repeated uids (BadInputError, as `check_unique_uids`), then the sha256
-   repeats: the first in uid order keeps, the others are marked. Survivors go on to buckets of
-   a hash of (pHash, thumbnail), their pHash and thumbnail read from the scans (prepare, per group).
-3. collapse (per bucket): rows with identical (pHash, thumbnail) become one representative, the
-   first in uid order; the others are its members (see `_member_targets` for why their result
-   follows from the representative's neighbours).
-4. tables (Manku, Jain & Das Sarma, WWW 2007): the 64 bits are cut into k blocks; for each of
-   the C(k, d) choices of d blocks a table keys on the other k-d blocks, because two hashes
-   within d bits agree exactly on at least k-d blocks. The tables whose key starts with block j
-   share one partition of the representatives by block j's value (ranges of each of their keys,
-   sized from counts); a task sorts each table's entries by key and compares, vectorised,
-   only the entries of equal-key runs (XOR + popcount), keeping pairs within d bits whose
-   quarter colour sums do not already rule out `max_color` (a lower bound of the colour
-   distance, so no pair that could be confirmed is lost).
-5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables
-   find the same pair) and joined with both thumbnails; `color_distance` confirms them.
-6. components: connected components of the confirmed edges by the alternating large-star /
-   small-star rounds of Kiveris et al. (SoCC 2014), each round one pass over edge buckets.
-7. gather + walk (per group of components): each component is walked in uid order (rows in
-   different components never interact, so this is the sequential walk's result).
+1. split (per group of scan shards): every uid to a uid bucket, every surviving row to a sha256 bucket (hash partitioning).
+2. exact (per bucket): repeated uids (BadInputError, as `check_unique_uids`), then the sha256 repeats: the first in uid order
+   keeps, the others are marked. Survivors go on to buckets of a hash of (pHash, thumbnail, detail key: a hash of the detail
+   thumbnail), read from the scans (prepare, per group).
+3. collapse (per bucket): rows with identical (pHash, thumbnail, detail key) become one representative, the first in uid order;
+   the others are its members (see `_member_targets` for why their result follows from the representative's neighbours).
+4. tables (Manku, Jain & Das Sarma, WWW 2007): the 64 bits are cut into k blocks; for each of the C(k, d) choices of d blocks a
+   table keys on the other k-d blocks, because two hashes within d bits agree exactly on at least k-d blocks. The tables whose key
+   starts with block j share one partition of the representatives by block j's value (ranges of each of their keys, sized from
+   counts); a task sorts each table's entries by key and compares, vectorised, only the entries of equal-key runs (XOR +
+   popcount), keeping pairs within d bits whose quarter colour sums do not already rule out `max_color` (a lower bound of the
+   colour distance, so no pair that could be confirmed is lost).
+5. confirm (per representative bucket, twice): candidate pairs are deduplicated (several tables find the same pair) and joined
+   with both ends' thumbnails; `color_distance` and then `detail_distance` (about 0.1 ms a pair) confirm them. Detail thumbnails
+   (3 KB) never travel: a pair that colour confirmed reads its two from the scans' memory-mapped `.detail.arrow`.
+6. components: connected components of the confirmed edges by the alternating large-star / small-star rounds of Kiveris et al.
+   (SoCC 2014), each round one pass over edge buckets.
+7. gather + walk (per group of components): each component is walked in uid order (rows in different components never interact, so
+   this is the sequential walk's result).
 8. final (per group of shards): the marks of each shard, sorted by uid, to `_work/dups/`.
 
-Cost per row: a few vectorised passes (hashing, sorting its bucket), (d+1) table entries of 16
-bytes and C(k, d) sorts of 8-byte keys per representative; compared pairs are the true
-near pairs plus about N/2^(key bits - log2 N + 1) <= N/8 random ones per table. The walk is a
-Python loop over the rows that have a near-duplicate edge only.
+Cost per row: a few vectorised passes (hashing, sorting its bucket), (d+1) table entries of 16 bytes and C(k, d) sorts of 8-byte
+keys per representative; compared pairs are the true near pairs plus about N/2^(key bits - log2 N + 1) <= N/8 random ones per
+table. The walk is a Python loop over the rows that have a near-duplicate edge only.
 
-Bounds. Every bucket count is chosen by the driver from counts alone (scan footers, per-task
-counts and block histograms in the markers) so that a task holds about ROWS_PER_TASK rows or
-table entries; the driver holds counts per shard, per bucket and per histogram bin, never per
-row. What one key gathers cannot be split: all rows of one sha256 (one exact-duplicate
-group), all representatives with one leading-block value (one table range), all edges of one
-node, all nodes of one component. The collapse keeps a pile of identical images (a
-placeholder) to one representative; what is left quadratic is a run of *distinct* hashes that
-share a table key, e.g. 10,000 recoloured copies of one picture (same pHash, other
-thumbnails): their pairs are all compared. Components are chains of near duplicates, in
-practice a few to a few hundred rows (the benchmark's largest: a cluster and its variants);
-a component of millions of rows would be one walk task. k is capped at 8 blocks: past
-N = 2^30 representatives (d = 4) the keys stop growing with log2 N and the random pairs per
-table grow as N^2 / 2^(key bits); for d >= 8, k = d + 1 is forced and keys have 64/(d+1) bits.
-"""
+Bounds. Every bucket count is chosen by the driver from counts alone (scan footers, per-task counts and block histograms in the
+markers) so that a task holds about ROWS_PER_TASK rows or table entries; the driver holds counts per shard, per bucket and per
+histogram bin, never per row. What one key gathers cannot be split: all rows of one sha256 (one exact-duplicate group), all
+representatives with one leading-block value (one table range), all edges of one node, all nodes of one component. The collapse
+keeps a pile of identical images (a placeholder) to one representative; what is left quadratic is a run of *distinct* hashes that
+share a table key, e.g. 10,000 recoloured copies of one picture (same pHash, other thumbnails): their pairs are all compared.
+Components are chains of near duplicates, in practice a few to a few hundred rows (the benchmark's largest: a cluster and its
+variants); a component of millions of rows would be one walk task. k is capped at 8 blocks: past N = 2^30 representatives (d = 4)
+the keys stop growing with log2 N and the random pairs per table grow as N^2 / 2^(key bits); for d >= 8, k = d + 1 is forced and
+keys have 64/(d+1) bits."""
 
 from __future__ import annotations
 
@@ -76,8 +67,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig
-from dallekit.images import THUMB_BYTES, color_distance
-from dallekit.io import write_json_atomic, write_table_atomic
+from dallekit.images import DETAIL_BYTES, THUMB_BYTES, color_distance, detail_distance
+from dallekit.io import take_rows, write_json_atomic, write_table_atomic
 from dallekit.pipeline.shards import map_with_progress
 
 # The rows (or table entries) one task holds at most; one key heavier than this (one sha256,
@@ -92,14 +83,15 @@ REASON_EXACT, REASON_NEAR = "duplicate_image", "near_duplicate_image"
 
 THUMB = pa.binary(THUMB_BYTES)
 S_UID = pa.schema([("uid", pa.string()), ("shard", pa.int32())])
-S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("phash", pa.uint64()), ("color_thumb", THUMB)])
+S_REPS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32()), ("phash", pa.uint64()),
+                     ("color_thumb", THUMB), ("detail_key", pa.uint64())])  # detail_key: a hash of the detail thumbnail
 S_REF = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("row", pa.int32())])  # a surviving row of a scan shard
 S_SHA = S_REF.append(pa.field("sha256", pa.string()))
 S_IDS = pa.schema([("id", pa.int64()), ("uid", pa.string()), ("shard", pa.int32())])  # members (id: their rep) and nodes
 SUMMARY = pa.binary(24)  # a thumbnail's 12 sums (2x2 regions of 4x4 pixels, 3 channels) as uint16: see _color_summary
 S_TAB = pa.schema([("phash", pa.uint64()), ("id", pa.int64()), ("summary", SUMMARY)])
 S_PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("ham", pa.int8())])
-S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB))
+S_PAIRS_THUMB = S_PAIRS.append(pa.field("thumb_a", THUMB)).append(pa.field("shard_a", pa.int32())).append(pa.field("row_a", pa.int32()))
 S_EDGES = pa.schema([("u", pa.int64()), ("v", pa.int64())])
 S_MARKS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("reason", pa.string()),
                      ("duplicate_of", pa.string()), ("duplicate_distance", pa.int32())])
@@ -155,12 +147,13 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 
 def _thumbs(column) -> np.ndarray:
-    """A fixed_size_binary(192) column as an (n, 192) uint8 array (null thumbnails as zeros)."""
+    """A fixed_size_binary(w) column (colour or detail thumbnails) as an (n, w) uint8 array (nulls as zeros)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.byte_width
     if len(arr) == 0:
-        return np.zeros((0, THUMB_BYTES), np.uint8)
-    raw = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * THUMB_BYTES : (arr.offset + len(arr)) * THUMB_BYTES]
-    out = raw.reshape(len(arr), THUMB_BYTES)
+        return np.zeros((0, width), np.uint8)
+    raw = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * width : (arr.offset + len(arr)) * width]
+    out = raw.reshape(len(arr), width)
     if arr.null_count:
         out = out.copy()
         out[pc.is_null(arr).to_numpy(zero_copy_only=False)] = 0
@@ -168,8 +161,9 @@ def _thumbs(column) -> np.ndarray:
 
 
 def _fsb(thumbs: np.ndarray) -> pa.Array:
-    """An (n, 192) uint8 array as a fixed_size_binary(192) Arrow array."""
-    return pa.FixedSizeBinaryArray.from_buffers(THUMB, len(thumbs), [None, pa.py_buffer(np.ascontiguousarray(thumbs))])
+    """An (n, w) uint8 array as a fixed_size_binary(w) Arrow array."""
+    width = thumbs.shape[1]
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(thumbs), [None, pa.py_buffer(np.ascontiguousarray(thumbs))])
 
 
 def _np(table: pa.Table, *names: str) -> list[np.ndarray]:
@@ -413,8 +407,11 @@ class _Run:
         pending = [key for key in items if key not in finished]
         fs.makedirs(done_dir, exist_ok=True)
         start = time.perf_counter()
-        out = map_with_progress(self.client, _marked, [(f"{self.root}/_done/{name}/{key}.json", items[key]) for key in pending],
-                                desc=f"dedup {name}", already_done=len(results), task=task, **kwargs)
+        payloads = [(f"{self.root}/_done/{name}/{key}.json", items[key]) for key in pending]
+        if self.client is None:  # inside the one task of a small run
+            out = [_marked(payload, task, **kwargs) for payload in payloads]
+        else:
+            out = map_with_progress(self.client, _marked, payloads, desc=f"dedup {name}", already_done=len(results), task=task, **kwargs)
         results.update(zip(pending, out))
         self.seconds[name] = [round(time.perf_counter() - start, 2), round(sum(r["task_seconds"] for r in out), 2)]
         return {key: results[key] for key in items}
@@ -476,18 +473,37 @@ def _shard_groups(names: list[str], work_dir: str) -> tuple[list[list[int]], int
 
 
 def dedup(client: Any, shard_names: list[str], work_dir: str, distance: int,
-          max_color: float | None = CleanConfig.near_dup_color_distance) -> dict[str, int]:
-    """Mark exact and near duplicates over all scanned shards in distributed passes; writes _work/dups/<shard>.parquet, returns marks per shard."""
+          max_color: float | None = CleanConfig.near_dup_color_distance,
+          max_detail: float | None = CleanConfig.near_dup_detail_distance) -> dict[str, int]:
+    """Mark exact and near duplicates over all scanned shards in distributed passes; writes _work/dups/<shard>.parquet, returns marks per shard.
+
+    When all rows fit one task, the passes run inside a single Dask task: the same files and
+    markers, without a round trip per pass (~25 ms each, 18 passes: most of a 3,000-row clean).
+    """
     root = f"{work_dir.rstrip('/')}/dedup"
-    done = _claim(root, {"shards": shard_names, "distance": distance, "max_color": max_color})
+    done = _claim(root, {"shards": shard_names, "distance": distance, "max_color": max_color, "max_detail": max_detail})
     if done is not None:
         return done["marks"]
     groups, total = _shard_groups(shard_names, work_dir)
+    args = (root, work_dir, shard_names, groups, total, distance, max_color, max_detail)
+    if client is not None and total <= ROWS_PER_TASK:
+        return map_with_progress(client, _passes_task, [args], desc="dedup")[0]
+    return _passes(client, *args)
+
+
+def _passes_task(args: tuple) -> dict[str, int]:
+    """Every pass of a small run, in this worker."""
+    return _passes(None, *args)
+
+
+def _passes(client: Any, root: str, work_dir: str, shard_names: list[str], groups: list[list[int]], total: int, distance: int,
+            max_color: float | None, max_detail: float | None) -> dict[str, int]:
+    """The passes (as Dask tasks, or here when `client` is None), then result.json; marks per shard."""
     run = _Run(client, root, shard_names, groups)
     stats, marked = _exact_passes(run, work_dir, total, near=distance >= 0)
     if distance >= 0:
         k = choose_blocks(stats["survivors"], distance)  # from an upper bound of the representatives: any k finds every pair
-        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), k, distance, max_color)
+        near_stats, near_marked = _near_passes(run, stats["near_buckets"], stats.pop("coll"), k, distance, max_color, max_detail)
         stats, marked = stats | near_stats, marked + near_marked
     found = run.run("final", _final, _items(range(len(groups)), marks=_expected(marked, "marks")), root=root,
                     work_dir=work_dir, names=shard_names, groups=groups)
@@ -539,7 +555,7 @@ def _exact_passes(run: _Run, work_dir: str, total: int, near: bool) -> tuple[dic
 
 
 def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance: int,
-                 max_color: float | None) -> tuple[dict, list]:
+                 max_color: float | None, max_detail: float | None) -> tuple[dict, list]:
     """Passes 3-7: collapse, permuted tables (k blocks), colour confirmation, components and the walk."""
     each = range(buckets)
     collapsed = run.run("collapse", _collapse, _items(each, coll=coll), root=run.root, k=k, distance=distance).values()
@@ -555,7 +571,7 @@ def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance
     confirm = run.run("confirm_a", _confirm_a, _items(each, cand=_expected(tables, "cand")), root=run.root).values()
     run.drop("cand")
     confirmed = run.run("confirm_b", _confirm_b, _items(each, cand2=_expected(confirm, "cand2")), root=run.root,
-                        max_color=max_color).values()
+                        max_color=max_color, max_detail=max_detail, work_dir=run.root.removesuffix("/dedup"), names=run.names).values()
     run.drop("cand2")
     edges = sum(r["edges"] for r in confirmed)
     last, cc = _components(run, each, _expected(confirmed, "cc"))
@@ -644,10 +660,9 @@ def _exact(item: tuple[int, dict], root: str, names: list[str], group_of: list[i
 
 
 def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str], groups: list[list[int]], buckets: int) -> dict:
-    """Pass 2b, one task per group of shards: the survivors' pHash and thumbnail from the scans, to buckets of (pHash, thumbnail).
+    """Pass 2b, one task per group of shards: the survivors' pHash, thumbnail and detail key from the scans, to their buckets.
 
-    Thumbnails (192 bytes a row) are read once here rather than carried through the sha256
-    shuffle, most of whose rows would only have passed them on.
+    Thumbnails (192 bytes a row) are read once here rather than carried through the sha256 shuffle (most rows only pass them on).
     """
     g, expect = item
     refs = _read_parts(expect["keep"], S_REF)
@@ -655,28 +670,32 @@ def _prepare(item: tuple[int, dict], root: str, work_dir: str, names: list[str],
     shard, row = _np(refs, "shard", "row")
     n = len(row)
     ph, thumbs, valid = np.zeros(n, np.uint64), np.empty((n, THUMB_BYTES), np.uint8), np.ones(n, bool)
+    keys = np.zeros(n, np.uint64)  # the scan's hash of each detail thumbnail (0 in scans without one): 3 KB a row never travels
     for s in groups[g]:  # each shard's rows gathered straight into place
         lo, hi = np.searchsorted(shard, s, "left"), np.searchsorted(shard, s, "right")
         if lo < hi:
-            scan = _read(f"{work_dir}/scan/{names[s]}.parquet", ["phash", "color_thumb"])
+            scan = _read(f"{work_dir}/scan/{names[s]}.parquet")
             ph[lo:hi] = pc.fill_null(scan["phash"], 0).to_numpy()[row[lo:hi]]
             np.take(_thumbs(scan["color_thumb"]), row[lo:hi], axis=0, out=thumbs[lo:hi])
+            if "detail_key" in scan.column_names:
+                keys[lo:hi] = pc.fill_null(scan["detail_key"], 0).to_numpy()[row[lo:hi]]
             valid[lo:hi] = pc.is_valid(scan["phash"]).to_numpy(zero_copy_only=False)[row[lo:hi]]  # no pHash: nothing to compare
-    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "phash": ph, "color_thumb": _fsb(thumbs)}, schema=S_REPS)
+    rows = pa.table({"uid": refs["uid"], "shard": refs["shard"], "row": row, "phash": ph, "color_thumb": _fsb(thumbs),
+                     "detail_key": keys}, schema=S_REPS)
     if not valid.all():
         keep = np.flatnonzero(valid)
-        rows, ph, thumbs = _take(rows, keep), ph[keep], thumbs[keep]
-    part = _fold(_mix(ph), thumbs) % np.uint64(buckets)  # identical images land in one collapse bucket
+        rows, ph, thumbs, keys = _take(rows, keep), ph[keep], thumbs[keep], keys[keep]
+    part = _fold(_mix(ph ^ _mix(keys)), thumbs) % np.uint64(buckets)  # identical images land in one collapse bucket
     return {"parts": {"coll": _write_parts(rows, part, f"{root}/coll/{g}.arrow")}}
 
 
 def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
-    """Pass 3, one task per bucket: identical (pHash, thumbnail) rows to one representative, the first in uid order."""
+    """Pass 3, one task per bucket: identical (pHash, thumbnail, detail key) rows to one representative, the first in uid order."""
     p, expect = item
     rows = _read_parts(expect["coll"], S_REPS)
-    rows = _take(rows, pc.sort_indices(rows, [("phash", "ascending"), ("color_thumb", "ascending"), ("uid", "ascending")]))
-    (ph,) = _np(rows, "phash")
-    words = _thumbs(rows["color_thumb"]).view(np.uint64)
+    rows = _take(rows, pc.sort_indices(rows, [(name, "ascending") for name in ("phash", "color_thumb", "detail_key", "uid")]))
+    ph, keys = _np(rows, "phash", "detail_key")
+    words = np.concatenate([_thumbs(rows["color_thumb"]).view(np.uint64), keys[:, None]], axis=1)
     new = np.ones(len(ph), bool)
     new[1:] = (ph[1:] != ph[:-1]) | (words[1:] != words[:-1]).any(axis=1)
     local = np.cumsum(new) - 1
@@ -768,6 +787,15 @@ def _rep_thumbs(root: str, p: int) -> np.ndarray:
     return _thumbs(_read(f"{root}/reps/{p}.parquet", ["color_thumb"])["color_thumb"])
 
 
+def _details(work_dir: str, names: list[str], shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """The detail thumbnails of scan rows (shard, row), (n, 3072); zeros where a scan has none (then colour alone confirms)."""
+    out = np.zeros((len(row), DETAIL_BYTES), np.uint8)
+    for s, path in ((s, f"{work_dir}/scan/{names[s]}.detail.arrow") for s in np.unique(shard).tolist()):
+        if fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            out[shard == s] = take_rows(path, row[shard == s])
+    return out
+
+
 def _confirm_a(item: tuple[int, dict], root: str) -> dict:
     """Pass 5a, one task per bucket of the first end: each candidate pair once, with its first thumbnail, to the second end's bucket."""
     p, expect = item
@@ -776,19 +804,34 @@ def _confirm_a(item: tuple[int, dict], root: str) -> dict:
     a, b, bits = a[order], b[order], bits[order]
     once = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
     a, b, bits = a[once], b[once], bits[once]
-    thumbs = _rep_thumbs(root, p)[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
-    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs)}, schema=S_PAIRS_THUMB)
+    reps = _read(f"{root}/reps/{p}.parquet", ["color_thumb", "shard", "row"])
+    thumbs = _thumbs(reps["color_thumb"])[a & LOW] if len(a) else np.zeros((0, THUMB_BYTES), np.uint8)
+    shard, row = (x[a & LOW] for x in _np(reps, "shard", "row"))
+    pairs = pa.table({"a": a, "b": b, "ham": bits, "thumb_a": _fsb(thumbs), "shard_a": shard, "row_a": row}, schema=S_PAIRS_THUMB)
     return {"pairs": len(a), "parts": {"cand2": _write_parts(pairs, b >> 32, f"{root}/cand2/{p}.arrow")}}
 
 
-def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None) -> dict:
-    """Pass 5b, one task per bucket of the second end: colour_distance confirms each pair; edges for the walk and the components."""
+def _confirm_b(item: tuple[int, dict], root: str, max_color: float | None, max_detail: float | None, work_dir: str,
+               names: list[str]) -> dict:
+    """Pass 5b, one task per bucket of the second end: colour_distance, then detail_distance confirm each pair; edges for the walk and the components.
+
+    Detail thumbnails are read from the scans' `.detail.arrow` files, only for the pairs colour confirmed; a pair where either
+    end has none (zeros: a scan written without them) is confirmed by colour alone.
+    """
     q, expect = item
     pairs = _read_parts(expect["cand2"], S_PAIRS_THUMB)
     a, b, bits = _np(pairs, "a", "b", "ham")
+    agree = np.ones(len(a), bool)
     if max_color is not None and len(a):
         agree = color_distance(_thumbs(pairs["thumb_a"]), _rep_thumbs(root, q)[b & LOW]) <= max_color
-        a, b, bits = a[agree], b[agree], bits[agree]
+    if max_detail is not None and agree.any():
+        at = np.flatnonzero(agree)
+        reps = _read(f"{root}/reps/{q}.parquet", ["shard", "row"])
+        detail_a = _details(work_dir, names, *(x[at] for x in _np(pairs, "shard_a", "row_a")))
+        detail_b = _details(work_dir, names, *(x[b[at] & LOW] for x in _np(reps, "shard", "row")))
+        missing = ~detail_a.any(axis=1) | ~detail_b.any(axis=1)
+        agree[at] = missing | (detail_distance(detail_a, detail_b, enough=max_detail) <= max_detail)
+    a, b, bits = a[agree], b[agree], bits[agree]
     edges = pa.table({"a": a, "b": b, "ham": bits}, schema=S_PAIRS)
     parts = {"wedge": _write_parts(edges, a >> 32, f"{root}/wedge/{q}.arrow"),
              "cc": _write_edges(np.r_[a, b], np.r_[b, a], f"{root}/cc/0", q)}
