@@ -22,15 +22,8 @@ from dallekit.images import THUMB_BYTES, color_distance
 from dallekit.io import write_rows_file
 from dallekit.pipeline import dedup as dedup_module
 from dallekit.pipeline.clean import detail_key
-from dallekit.pipeline.dedup import (
-    _table_key,
-    block_edges,
-    choose_blocks,
-    dedup,
-    dedup_stats,
-    equal_key_pairs,
-    tables_led_by,
-)
+from dallekit.pipeline.dedup import dedup, dedup_stats
+from dallekit.pipeline.hash_blocks import block_edges, choose_blocks, equal_key_pairs, table_key, tables_led_by
 
 PASSES = ["split", "exact", "prepare", "collapse", "tabmap", "tables", "confirm_a", "confirm_b"]  # then cc<r>, gather, walk, final
 
@@ -161,7 +154,7 @@ def test_every_pair_within_d_bits_shares_a_table_key():
                     other[i] ^= np.uint64(1) << np.uint64(b)
             shared = np.zeros(len(ph), bool)
             for t in tables:
-                shared |= _table_key(ph, k, t) == _table_key(other, k, t)
+                shared |= table_key(ph, k, t) == table_key(other, k, t)
             assert shared.all(), (d, n)
 
 

@@ -50,7 +50,6 @@ keys have 64/(d+1) bits."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -69,15 +68,22 @@ import pyarrow.parquet as pq
 from dallekit.config import BadInputError, CleanConfig
 from dallekit.images import DETAIL_BYTES, THUMB_BYTES, color_distance, detail_distance
 from dallekit.io import take_rows, write_json_atomic, write_table_atomic
+from dallekit.pipeline.hash_blocks import (
+    choose_blocks,
+    equal_key_pairs,
+    histograms,
+    key_ranges,
+    lead_bits,
+    sorted_keys,
+    tables_led_by,
+)
 from dallekit.pipeline.shards import map_with_progress
 
 # The rows (or table entries) one task holds at most; one key heavier than this (one sha256,
 # one block value, one component) stays in one task. Small enough that a worker's peak memory
 # does not grow with the dataset: 1M rows already splits into buckets of this size.
 ROWS_PER_TASK = 500_000
-MAX_BLOCKS = 8  # past it (N > 2^30 at d=4) runs lengthen and compared pairs grow as N^2 / 2^(key bits)
 MAX_ROUNDS = 100  # large-star/small-star converges in O(log^2 n) rounds; more means a bug
-HIST_BITS = 16  # the histogram of a leading block counts at most its top 16 bits
 LOW = (1 << 32) - 1  # a representative's id is bucket << 32 | its index in reps/<bucket>.parquet
 REASON_EXACT, REASON_NEAR = "duplicate_image", "near_duplicate_image"
 
@@ -98,7 +104,6 @@ S_MARKS = pa.schema([("uid", pa.string()), ("shard", pa.int32()), ("reason", pa.
 DUPS = ["uid", "reason", "duplicate_of", "duplicate_distance"]  # the columns of _work/dups/<shard>.parquet
 # Intermediate files are read once, soon: hashes and thumbnails do not compress, dictionaries do not pay.
 WRITE = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-_BYTE_BITS = np.array([(i).bit_count() for i in range(256)], np.uint8)
 
 
 # ---------------------------------------------------------------- numpy and file helpers
@@ -137,13 +142,6 @@ def _fold(h: np.ndarray, data: np.ndarray) -> np.ndarray:
     for c in range(words.shape[1]):
         h = _mix(h ^ words[:, c])
     return h
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
-    return _BYTE_BITS[x.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.uint8)
 
 
 def _thumbs(column) -> np.ndarray:
@@ -282,98 +280,6 @@ def _write_marks(marks: pa.Table, root: str, group_of: list[int], name: str) -> 
     """Marks for the final task of their shard's group; the index of the file written."""
     groups = np.asarray(group_of, np.int64)[_np(marks, "shard")[0]]
     return _write_parts(marks, groups, f"{root}/marks/{name}.arrow")
-
-
-# ---------------------------------------------------------------- blocks and tables
-
-
-def block_edges(k: int) -> list[int]:
-    """Bit positions (from the most significant) cutting 64 bits into k nearly equal blocks."""
-    return [round(i * 64 / k) for i in range(k + 1)]
-
-
-def choose_blocks(n: int, distance: int) -> int:
-    """The fewest blocks k (d+1 <= k <= 8) whose shortest table key has >= log2(n)+2 bits; 8 (or d+1 past it) when none has."""
-    need, low = math.log2(max(n, 1)) + 2, distance + 1
-    for k in range(low, max(low, MAX_BLOCKS) + 1):
-        edges = block_edges(k)
-        if sum(sorted(b - a for a, b in itertools.pairwise(edges))[: k - distance]) >= need:
-            return k
-    return max(low, MAX_BLOCKS)
-
-
-def tables_led_by(k: int, distance: int, lead: int) -> list[tuple[int, ...]]:
-    """The tables (blocks keyed on, ascending) whose key starts with block `lead`."""
-    return [c for c in itertools.combinations(range(k), k - distance) if c[0] == lead]
-
-
-def _lead_bits(ph: np.ndarray, k: int, lead: int) -> np.ndarray:
-    """The top (at most 16) bits of block `lead` of each hash: what the table partitions and histograms use."""
-    edges = block_edges(k)
-    bits = min(edges[lead + 1] - edges[lead], HIST_BITS)
-    return ((ph >> np.uint64(64 - edges[lead] - bits)) & np.uint64((1 << bits) - 1)).astype(np.int64)
-
-
-def _table_key(ph: np.ndarray, k: int, blocks: tuple[int, ...]) -> np.ndarray:
-    """The concatenated values of `blocks` of each hash, the leading block most significant."""
-    edges, key = block_edges(k), np.zeros(len(ph), np.uint64)
-    for i in blocks:
-        width = edges[i + 1] - edges[i]
-        value = (ph >> np.uint64(64 - edges[i + 1])) & np.uint64((1 << width) - 1)
-        key = value if width == 64 else (key << np.uint64(width)) | value
-    return key
-
-
-def _sorted_keys(ph: np.ndarray, k: int, blocks: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """A table's keys sorted, and the entries in that order; when key and index fit in 64 bits, one plain sort of both."""
-    keys, n = _table_key(ph, k, blocks), len(ph)
-    edges, index_bits = block_edges(k), max(1, (n - 1).bit_length())
-    if sum(edges[i + 1] - edges[i] for i in blocks) + index_bits > 64:
-        order = np.argsort(keys)
-        return keys[order], order
-    packed = np.sort((keys << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))  # 4x faster than an argsort
-    return packed >> np.uint64(index_bits), (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-
-
-def _histograms(ph: np.ndarray, k: int, distance: int) -> list[list[int]]:
-    """The counts of each leading block's top bits for k blocks (the driver sizes table tasks from them)."""
-    edges = block_edges(k)
-    return [np.bincount(_lead_bits(ph, k, j), minlength=1 << min(edges[j + 1] - edges[j], HIST_BITS)).tolist()
-            for j in range(distance + 1)]
-
-
-def _ranges(hist: np.ndarray, limit: int) -> list[int]:
-    """First values of consecutive histogram bins grouped to hold at most `limit` entries each (a heavier bin alone)."""
-    starts, total = [0], 0
-    for value, count in enumerate(np.asarray(hist).tolist()):
-        if total and total + count > limit:
-            starts.append(value)
-            total = 0
-        total += count
-    return starts
-
-
-def equal_key_pairs(keys: np.ndarray, ph: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(i, j, bits) of the pairs i < j of equal `keys` (sorted) whose hashes are within `distance` bits, and the pairs compared.
-
-    Vectorised by offset: step s compares every entry with the one s places later in its run,
-    so the Python loop runs (longest run - 1) times and the work is the number of pairs.
-    """
-    n = len(keys)
-    active, step, compared, found = np.flatnonzero(keys[1:] == keys[:-1]), 1, 0, []
-    while active.size:  # sorted keys: keys[i] == keys[i+s] implies keys[i] == keys[i+s-1], so the set only shrinks
-        other = active + step
-        bits = _popcount(ph[active] ^ ph[other])
-        hit = bits <= distance
-        found.append((active[hit], other[hit], bits[hit]))
-        compared += int(active.size)
-        step += 1
-        active = active[active + step < n]
-        active = active[keys[active + step] == keys[active]]
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8), 0
-    i, j, bits = (np.concatenate(x) for x in zip(*found))
-    return i, j, bits, compared
 
 
 # ---------------------------------------------------------------- the driver
@@ -562,7 +468,7 @@ def _near_passes(run: _Run, buckets: int, coll: dict[str, int], k: int, distance
     run.drop("coll")
     reps = sum(r["reps"] for r in collapsed)
     hist = [np.sum([r["hist"][j] for r in collapsed], axis=0) for j in range(distance + 1)]
-    bounds = {j: _ranges(h, ROWS_PER_TASK) for j, h in enumerate(hist)}
+    bounds = {j: key_ranges(h, ROWS_PER_TASK) for j, h in enumerate(hist)}
     tab = run.run("tabmap", _tabmap, _items(each), root=run.root, k=k, bounds=bounds).values()
     table_keys = [f"{j}-{r}" for j, starts in bounds.items() for r in range(len(starts))]
     tables = run.run("tables", _tables, _items(table_keys, tab=_expected(tab, "tab")), root=run.root, k=k, distance=distance,
@@ -707,7 +613,7 @@ def _collapse(item: tuple[int, dict], root: str, k: int, distance: int) -> dict:
     members = pa.table({"id": (p << 32) + local[~new], "uid": rows["uid"].filter(member), "shard": rows["shard"].filter(member)},
                        schema=S_IDS)
     write_table_atomic(members, f"{root}/members/{p}.parquet", **WRITE)
-    return {"reps": int(new.sum()), "members": int((~new).sum()), "hist": _histograms(ph[new], k, distance)}
+    return {"reps": int(new.sum()), "members": int((~new).sum()), "hist": histograms(ph[new], k, distance)}
 
 
 # ---------------------------------------------------------------- passes 4-5: tables and colour
@@ -751,7 +657,7 @@ def _tabmap(item: tuple[int, dict], root: str, k: int, bounds: dict[int, list[in
     table = pa.table({"phash": ph, "id": (p << 32) + np.arange(len(ph), dtype=np.int64), "summary": reps["summary"]}, schema=S_TAB)
     out = _PartsFile(f"{root}/tab/{p}.arrow")
     for lead, starts in bounds.items():
-        part = np.searchsorted(np.asarray(starts), _lead_bits(ph, k, lead), side="right") - 1
+        part = np.searchsorted(np.asarray(starts), lead_bits(ph, k, lead), side="right") - 1
         out.split(table, part, key=lambda r, lead=lead: f"{lead}-{r}")
     return {"parts": {"tab": out.close()}}
 
@@ -768,7 +674,7 @@ def _tables(item: tuple[str, dict], root: str, k: int, distance: int, max_color:
     summary = _summaries(entries["summary"])
     found, compared = [], 0
     for blocks in tables_led_by(k, distance, lead):
-        keys, order = _sorted_keys(ph, k, blocks)
+        keys, order = sorted_keys(ph, k, blocks)
         i, j, bits, n = equal_key_pairs(keys, ph[order], distance)
         if max_color is not None and len(i):
             near = _color_bound(summary[order[i]], summary[order[j]]) <= max_color
