@@ -265,12 +265,14 @@ def write_json_atomic(obj: Any, path: str) -> None:
 
 
 def file_sha256(path: str) -> str:
-    """The sha256 (hex) of a local file or fsspec URL, read in 1 MiB blocks."""
+    """The sha256 (hex) of a local file or fsspec URL, read in 256 KiB blocks."""
     fs, p = fsspec.core.url_to_fs(path)
     digest = hashlib.sha256()
+    buffer = bytearray(1 << 18)  # one buffer read into again and again: a task's memory does not grow by a block per read
+    view = memoryview(buffer)
     with fs.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

@@ -435,3 +435,18 @@ def test_clean_takes_download_signature_columns_and_decodes_only_shards_without_
     assert rejects.set_index("uid").loc["u2", "duplicate_of"] == "u1"  # the decoded copy matches the stored signature
     assert kept.set_index("uid").loc["u3", "phash"] == marked[1]
     assert list(kept.columns).count("phash") == 1
+
+
+def test_an_image_download_stored_without_a_signature_gets_the_reason_a_decode_would_give(tmp_path):
+    """download hashes what it stores; a stored image over 64 Mpx has no signature, and clean calls it image_too_large, not undecodable."""
+    rows = [downloaded_row("ok", "a red circle", shape_jpeg(1)), downloaded_row("broken", "a red square", b"\xff\xd8 not really"),
+            downloaded_row("large", "a big picture", png_header_only(9000, 9000), size=(9000, 9000), original=(9000, 9000))]
+    write_stage(tmp_path / "download", [rows])
+    shard = tmp_path / "download" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    for name, column in signature_columns([r["jpg"] for r in rows]).items():  # as download stores them: null where no hash
+        table = table.append_column(name, column)
+    pq.write_table(table, shard)
+    scan_shard(str(shard), str(tmp_path / "work"), CleanConfig())
+    scan = pq.read_table(tmp_path / "work" / "scan" / "part-00000.parquet").to_pydict()
+    assert dict(zip(scan["uid"], scan["reason"])) == {"ok": None, "broken": "undecodable", "large": "image_too_large"}

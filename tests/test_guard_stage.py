@@ -316,11 +316,29 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
     assert json.loads((moved / "filter" / "_fingerprint.json").read_text())["input"]["path"] == str(moved / "clean")
     interrupt(moved / "filter")
     shard = moved / "clean" / "part-00000.parquet"
-    table = pd.read_parquet(shard)
-    table.loc[0, "caption"] = table.loc[0, "caption"].upper()  # same rows, one caption edited by hand
-    table.to_parquet(shard)
+    data = bytearray(shard.read_bytes())
+    image = pd.read_parquet(shard).jpg.iloc[0]
+    at = bytes(data).index(image) + len(image) // 2  # image bytes are stored plain: one of them, edited in place
+    data[at] ^= 0xFF
+    size = shard.stat().st_size
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size  # the same size: only the content (and its time) tell
     with pytest.raises(BadInputError, match=r"input.shards"):
         filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
+
+
+def test_a_mark_whose_shard_is_gone_or_cut_is_redone(tmp_path, client):
+    src = downloaded(tmp_path)
+    out = tmp_path / "clean"
+    clean(str(src), str(out), CleanConfig(), client)
+    expected = sorted(pd.read_parquet(out).uid)
+    (out / "_SUCCESS").unlink()  # as if killed after both shards were marked
+    (out / "part-00000.parquet").unlink()
+    data = (out / "part-00001.parquet").read_bytes()
+    (out / "part-00001.parquet").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    clean(str(src), str(out), CleanConfig(), client)
+    check_accounting(out, 12)
+    assert sorted(pd.read_parquet(out).uid) == expected
 
 
 def test_a_resume_under_other_package_versions_is_refused_and_stats_record_them(tmp_path, client):

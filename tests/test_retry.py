@@ -182,3 +182,17 @@ def test_retry_refuses_a_folder_an_older_resizer_wrote(tmp_path, client):
         with pytest.raises(BadInputError, match="another version of dallekit's resizer .*rerun the download with --overwrite"):
             retry_failed(str(images), client, {"threads": 2})
     assert {p.name: p.read_bytes() for p in images.glob("part-*.parquet")} == before
+
+
+def test_retry_refuses_a_folder_downloaded_with_other_package_versions(tmp_path, client):
+    import json
+
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, _ = downloaded(tmp_path, client, server)
+        fingerprint = json.loads((images / "_fingerprint.json").read_text())
+        fingerprint["versions"]["opencv-python-headless"] = "4.5.0.0"  # the folder was downloaded under another OpenCV
+        (images / "_fingerprint.json").write_text(json.dumps(fingerprint))
+        before = {p.name: p.read_bytes() for p in images.glob("part-*.parquet")}
+        with pytest.raises(BadInputError, match=r"other package versions \(opencv-python-headless 4.5.0.0 -> "):
+            retry_failed(str(images), client, {"threads": 2})
+    assert {p.name: p.read_bytes() for p in images.glob("part-*.parquet")} == before

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import BadInputError, CleanConfig, output_options
-from dallekit.images import DETAIL_BYTES, THUMB_BYTES, signature_columns
+from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.shards import ShardResult, map_with_progress
@@ -82,13 +82,15 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
     """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
     stored = _stored_signature(path)
-    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (SIGNATURE if stored else ["jpg"]))
+    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (SIGNATURE + ["width", "height"] if stored else ["jpg"]))
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
     statuses = table.column("status").to_pylist()
     failures: list[str | None] = []  # why a row has no signature: image_too_large (by its header) or undecodable
     if stored:  # download computed them from the same bytes with the same function: no image is decoded
         signature = {name: table.column(name).combine_chunks() for name in SIGNATURE}
-        failures = [None] * table.num_rows
+        # download hashes what it stores; a stored image it could not hash is too large to decode, or undecodable
+        failures = ["image_too_large" if (w or 0) * (h or 0) > MAX_DECODE_PIXELS else None
+                    for w, h in zip(table.column("width").to_pylist(), table.column("height").to_pylist())]
     else:  # adopt's folders and older downloads: decode each image
         signature = signature_columns([image if status == "success" else None
                                        for status, image in zip(statuses, table.column("jpg").to_pylist())], failures)
@@ -119,7 +121,8 @@ def detail_key(detail: bytes | None) -> int | None:
 def _stored_signature(path: str) -> bool:
     """Whether the shard has download's signature columns, with the types clean writes (phash, color_thumb, detail_thumb)."""
     schema = shard_schema(path)[0]
-    return all(name in schema.names and schema.field(name).type == SIGNATURE_TYPES[name] for name in SIGNATURE)
+    return {"width", "height"} <= set(schema.names) and all(
+        name in schema.names and schema.field(name).type == SIGNATURE_TYPES[name] for name in SIGNATURE)
 
 
 def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> None:

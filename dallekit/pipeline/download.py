@@ -243,7 +243,7 @@ STAGE = Stage("download", ("ingest",), frozenset({"uid", "url", "caption"}), "UR
 
 # what dallekit.resize computes, in the fingerprint: a folder written by an older resizer (full
 # decodes of large JPEGs) is not resumed with shards of another; bump it when the pixels change
-RESIZER_VERSION = "reduced-jpeg-decode"
+RESIZER_VERSION = "reduced-jpeg-decode-registered"  # issue 28: reduced sides rounded up by libjpeg are resized from the full size
 
 
 def plan_download(input_dir: str, config: DownloadConfig) -> Plan:

@@ -33,6 +33,7 @@ from dallekit.config import BadInputError, DownloadConfig, build_config
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
 from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, shard_checksum, summarize
+from dallekit.pipeline.stage import OUTPUT_PACKAGES, check_worker_versions, package_versions
 
 # img2dataset stores str(err): "HTTP Error 503: ...", "<urlopen error [Errno 111] Connection refused>", "timed out", ...
 # Anchored at the start: a server's reason phrase ("HTTP Error 403: Connection refused") or a URL in a
@@ -117,6 +118,18 @@ def _check_resizer(fs, root: str, download_dir: str) -> None:
                             f"not {RESIZER_VERSION}); its rows would not match the retried ones: rerun the download with --overwrite")
 
 
+def _check_versions(fs, root: str, download_dir: str, client) -> None:
+    """Rows fetched under other package versions than the folder's would be mixed with its rows: refused, here and on the workers."""
+    with fs.open(f"{root}/_fingerprint.json", "r") as f:
+        written_with = json.load(f).get("versions")
+    versions = package_versions(OUTPUT_PACKAGES["download"])
+    if written_with is not None and written_with != versions:
+        changed = ", ".join(f"{name} {written_with.get(name)} -> {mine}" for name, mine in versions.items() if written_with.get(name) != mine)
+        raise BadInputError(f"{download_dir}: downloaded with other package versions ({changed}); its rows would not match "
+                            "the retried ones: install those versions, or rerun the download with --overwrite")
+    check_worker_versions(client, "retry", versions)
+
+
 def _file_roots(fs, root: str) -> tuple[str, ...]:
     """The folders the URL shards' ingest read (file:// URLs stay allowed there), found through the resolved input path."""
     try:
@@ -141,6 +154,7 @@ def retry_failed(download_dir: str, client, given: dict | None = None) -> dict:
         raise BadInputError(f"{download_dir}: holds a `{stats.get('stage')}` stage; --retry-failed takes the output of `dallekit download`")
     config = _retry_config(stats.get("config", {}), given or {}, f"{download_dir}/_stats.json config")
     _check_resizer(fs, root, download_dir)
+    _check_versions(fs, root, download_dir, client)
     started = time.time()
     if resuming:
         with fs.open(f"{root}/{ROUND}", "r") as f:

@@ -99,9 +99,16 @@ MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counte
 
 
 def shard_checksum(path: str) -> dict:
-    """A written shard's size and sha256, as its progress mark records them: what identifies the stage's output by content."""
+    """A written shard's size, modification time and sha256, as its progress mark records them: its content, and when to trust that."""
     fs, p = fsspec.core.url_to_fs(path)
-    return {"bytes": fs.size(p), "sha256": file_sha256(path)}
+    info = fs.info(p)
+    return {"bytes": info["size"], "mtime": _modified(info), "sha256": file_sha256(path)}
+
+
+def _modified(info: dict) -> str | None:
+    """A file's modification time from fsspec's info (local mtime, an object store's LastModified), as a string."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return str(value) if value is not None else None
 
 
 def read_marks(output_dir: str, remove_damaged: bool = True) -> dict[str, dict]:
@@ -120,6 +127,12 @@ def read_marks(output_dir: str, remove_damaged: bool = True) -> dict[str, dict]:
             continue
         marks[mark["shard"]] = mark
     return marks
+
+
+def _shard_whole(fs: Any, root: str, mark: dict) -> bool:
+    """Whether the shard a progress mark vouches for is there with the size it recorded: else the shard is redone."""
+    path = f"{root}/{mark['shard']}.parquet"
+    return fs.exists(path) and mark.get("bytes", fs.size(path)) == fs.size(path)
 
 
 def _remove_debris(fs: Any, root: str) -> None:
@@ -211,14 +224,19 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
 
 
 def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
-    """[name, bytes, sha256] of each shard of a folder: the mark's checksum when its size matches the file, else the file's."""
+    """[name, bytes, sha256] of each shard of a folder: the mark's checksum while the file keeps its size and time, else the file's.
+
+    A copy that changes the time is hashed again (and is the same input); an edit of the same
+    size changes the time, so it is hashed again and is another input.
+    """
     fs, _ = fsspec.core.url_to_fs(input_dir)
     found = []
     for path in list_shards(input_dir):
-        name, size = shard_stem(path), fs.size(fsspec.core.url_to_fs(path)[1])
+        info = fs.info(fsspec.core.url_to_fs(path)[1])
+        name, size = shard_stem(path), info["size"]
         mark = marks.get(name, {})
-        sha = mark.get("sha256") if mark.get("bytes") == size else None
-        found.append([name, size, sha or file_sha256(path)])
+        unchanged = (mark.get("bytes"), mark.get("mtime")) == (size, _modified(info))
+        found.append([name, size, (mark.get("sha256") if unchanged else None) or file_sha256(path)])
     return found
 
 
@@ -370,7 +388,7 @@ def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: A
     fs.makedirs(f"{root}/_progress", exist_ok=True)
     fs.makedirs(f"{root}/_rejects", exist_ok=True)
     _remove_debris(fs, root)
-    done = read_marks(output_dir)
+    done = {name: mark for name, mark in read_marks(output_dir).items() if _shard_whole(fs, root, mark)}
     names = {t.name for t in tasks}
     pending = [t for t in tasks if t.name not in done]
     if done:
