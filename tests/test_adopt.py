@@ -595,3 +595,19 @@ def test_members_no_row_names_are_counted_once_not_dropped_silently(tmp_path, cl
     assert stats["counters"][counter] == {"jpg": 1, "txt": 1, "other": 1}
     lines = [line for line in capsys.readouterr().out.splitlines() if "named no metadata row" in line]
     assert len(lines) == 1 and lines[0].startswith("adopt: 3 ")
+
+
+def test_a_shard_of_one_row_group_is_read_once_not_once_a_slice(tmp_path, monkeypatch):
+    """pandas writes a shard as one row group; slices of it come from that one read, not a read of the whole shard each."""
+    import dallekit.pipeline.adopt as adopt_module
+
+    reads = []
+    real = adopt_module.read_row_groups
+    monkeypatch.setattr(adopt_module, "read_row_groups", lambda *args: reads.append(args[2]) or real(*args))
+    monkeypatch.setattr(adopt_module, "SLICE_BYTES", 2000)  # several slices of a few small images each
+    rows = handmade_rows(30)
+    source = handmade(tmp_path / "in", "parquet", rows)  # no row_group_size: one row group
+    mark = run_one_task(source, "parquet", tmp_path / "out")
+    assert mark["rows_out"] == len(rows) and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == len(rows)
+    assert len(pq.ParquetFile(source / "00000.parquet").metadata.to_dict()["row_groups"]) == 1
+    assert reads == [[0]]

@@ -212,6 +212,7 @@ class BinaryColumns:
     def __init__(self, path: str, names: list[str]):
         self.path, self.names = path, names
         self.file = open_shard(path)
+        self._last: tuple[tuple[int, ...], pa.Table] | None = None  # the row groups read last: the next slice often needs them again
         meta = self.file.metadata
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.starts = np.cumsum([0, *rows])
@@ -219,6 +220,17 @@ class BinaryColumns:
         # bytes per row in each row group (Parquet's own sizes), to cut slices before anything is read
         self.per_row = np.array([sum(meta.row_group(g).column(where[n]).total_uncompressed_size for n in names) / max(1, rows[g])
                                  for g in range(len(rows))], dtype=np.float64)
+
+    def _read(self, groups: list[int]) -> pa.Table:
+        """The binary columns of these row groups, read again only when the last read was of others.
+
+        A shard written as one row group (pandas' default) is then read once, not once a slice;
+        such a task holds that row group, since Parquet reads no less.
+        """
+        if self._last is None or self._last[0] != tuple(groups):
+            self._last = None  # let the old row groups go before the new ones are read
+            self._last = (tuple(groups), read_row_groups(self.file, self.path, groups, self.names))
+        return self._last[1]
 
     def row_bytes(self, positions: np.ndarray) -> np.ndarray:
         """The estimated bytes of each row, from its row group's sizes."""
@@ -248,7 +260,7 @@ class BinaryColumns:
         pieces: dict[str, list] = {n: [] for n in self.names}
         where = []  # the slice rows each batch gives, in the order they come
         for batch in batches:
-            table = read_row_groups(self.file, self.path, batch, self.names)
+            table = self._read(batch)
             first = dict(zip(batch, np.cumsum([0, *(self.starts[g + 1] - self.starts[g] for g in batch[:-1])]).tolist()))
             mine = np.nonzero(np.isin(groups, batch))[0]
             local = pa.array([first[g] + p - self.starts[g] for g, p in zip(groups[mine].tolist(), positions[mine].tolist())], pa.int64())
