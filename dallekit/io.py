@@ -224,12 +224,18 @@ def write_rows_file(column: pa.Array, path: str) -> None:
     """One fixed-size binary column as an uncompressed Arrow IPC file (written atomically), for `take_rows`."""
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
     table = pa.table({"value": column})
-    with fs.open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table)
-    fs.mv(tmp, p)
+    with naming_file(path):
+        fs.makedirs(parent, exist_ok=True)
+        try:
+            with fs.open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
+        fs.mv(tmp, p)
 
 
 def read_rows_file(path: str) -> pa.Array:

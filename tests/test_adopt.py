@@ -611,3 +611,17 @@ def test_a_shard_of_one_row_group_is_read_once_not_once_a_slice(tmp_path, monkey
     assert mark["rows_out"] == len(rows) and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == len(rows)
     assert len(pq.ParquetFile(source / "00000.parquet").metadata.to_dict()["row_groups"]) == 1
     assert reads == [[0]]
+
+
+def test_an_image_replaced_by_one_of_the_same_size_is_a_changed_input(tmp_path, client):
+    """adopt's input is identified by its files' sizes and times: an edited image of the same size is refused, not mixed in."""
+    rows = handmade_rows(6)
+    source = handmade(tmp_path / "in", "files", rows)
+    out, _ = adopted(tmp_path, client, source)
+    (out / "_SUCCESS").unlink()
+    image = next(p for p in (source / "00000").iterdir() if p.suffix == ".jpg")
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))  # the same size, another picture, a later time
+    with pytest.raises(BadInputError, match="other inputs or options"):
+        adopt(str(source), str(out), AdoptConfig(), client)

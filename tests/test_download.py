@@ -225,3 +225,18 @@ def test_counting_row_logs_counts_only_its_own_thread(caplog):
     logger.warning("after the block")
     assert counts == {"exifread: Possibly corrupted field at offset <…>": 2}
     assert [r.getMessage() for r in caplog.records if r.name == "exifread"] == ["from another thread", "after the block"]
+
+
+@pytest.mark.slow
+def test_a_png_download_keeps_its_bytes_in_jpg_as_every_stage_reads_them(tmp_path, client, edge_server):
+    """img2dataset names the image column after --encode-format; dallekit keeps `jpg`, so clean reads a PNG download too."""
+    from dallekit.config import CleanConfig
+    from dallekit.pipeline.clean import clean
+
+    server, _ = edge_server
+    shards = make_url_shards(tmp_path, client, [server.url("/ok.jpg"), server.url("/gray.jpg")])
+    download(str(shards), str(tmp_path / "images"), DownloadConfig(threads=2, encode_format="png"), client)
+    table = pq.read_table(tmp_path / "images" / "part-00000.parquet")
+    assert "png" not in table.column_names and all(b.startswith(b"\x89PNG") for b in table.column("jpg").to_pylist())
+    clean(str(tmp_path / "images"), str(tmp_path / "clean"), CleanConfig(near_dup_distance=-1), client)
+    assert pq.read_table(tmp_path / "clean").num_rows == 2

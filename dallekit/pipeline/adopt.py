@@ -92,6 +92,32 @@ def shard_index(path: str) -> int:
     return int(path.rsplit("/", 1)[-1].removesuffix(".parquet"))
 
 
+def _file_state(fs, path: str) -> tuple[int, str | None]:
+    """A file's size and modification time: an edit of the same size changes the time."""
+    info = fs.info(path)
+    value = info.get("mtime") or info.get("LastModified")
+    return info["size"], str(value) if value is not None else None
+
+
+def _companion_state(fs, path: str, layout: str) -> tuple:
+    """What identifies a shard's images: the tar's size and time, or each image file's name and size (with the folder's newest time)."""
+    if layout == "webdataset":
+        return _file_state(fs, _companion(path, layout))
+    if layout == "files":
+        folder = _companion(path, layout)
+        if not fs.isdir(folder):
+            return (None,)
+        if _is_local(fs):  # one listing: names, sizes and times of every image file
+            with os.scandir(folder) as entries:
+                files = sorted((e.name, e.stat(follow_symlinks=False).st_size, e.stat(follow_symlinks=False).st_mtime_ns)
+                               for e in entries if e.is_file(follow_symlinks=False))
+        else:
+            files = sorted((e["name"].rsplit("/", 1)[-1], e["size"], str(e.get("LastModified") or e.get("mtime")))
+                           for e in fs.ls(folder, detail=True) if e.get("type") == "file")
+        return (hashlib.sha256(repr(files).encode()).hexdigest()[:16],)
+    return ()
+
+
 def _companion(path: str, layout: str) -> str:
     """The tar or image folder of a metadata shard."""
     return path.removesuffix(".parquet") + (".tar" if layout == "webdataset" else "")
@@ -372,14 +398,6 @@ class StoredImages:
         return out
 
 
-def _regular_files(fs, folder: str) -> dict[str, int]:
-    """name -> size of the regular files in one image folder (links and anything else left out)."""
-    if _is_local(fs):
-        with os.scandir(folder) as entries:
-            return {e.name: e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)}
-    return {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(folder, detail=True) if p.get("type") == "file"}
-
-
 def _extension(name: str) -> str:
     """A member's extension for the unmatched counter: img2dataset's own kinds, the rest as other."""
     extension = name.rsplit(".", 1)[-1] if "." in name else ""
@@ -599,8 +617,7 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
     tasks = [AdoptShard(p, layout, i, config) for i, p in enumerate(paths)]
     fs, _ = _fs(input_dir)
     identity = {"path": os.path.realpath(input_dir) if "://" not in input_dir else input_dir, "layout": layout,
-                "shards": [(p.rsplit("/", 1)[-1], shard_schema(p)[1], fs.size(p),
-                            fs.size(_companion(p, layout)) if layout == "webdataset" else None) for p in paths]}
+                "shards": [(p.rsplit("/", 1)[-1], shard_schema(p)[1], *_file_state(fs, p), *_companion_state(fs, p, layout)) for p in paths]}
 
     def prepare(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
         scratch = work_dir(output_dir)

@@ -167,10 +167,10 @@ def fetch_rows(source: pa.Table, task: DownloadShard, logs: collections.Counter 
         written = tables[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return with_signatures(_in_input_order(written, source, task), config.encode_format)
+    return with_signatures(_in_input_order(written, source, task))
 
 
-def with_signatures(table: pa.Table, image_column: str = "jpg") -> pa.Table:
+def with_signatures(table: pa.Table) -> pa.Table:
     """The rows with clean's near-duplicate signature columns (phash, color_thumb, detail_thumb) of their stored image; null for failed rows.
 
     Computed from the stored bytes with clean's own function (a DCT-reduced decode: about 0.1 ms
@@ -178,7 +178,7 @@ def with_signatures(table: pa.Table, image_column: str = "jpg") -> pa.Table:
     the hashes it would have computed itself.
     """
     images = [image if status == "success" else None
-              for status, image in zip(table.column("status").to_pylist(), table.column(image_column).to_pylist())]
+              for status, image in zip(table.column("status").to_pylist(), table.column("jpg").to_pylist())]
     for name, column in signature_columns(images).items():
         table = table.append_column(name, column)
     return table

@@ -1,8 +1,8 @@
 """export: a stage folder -> WebDataset tar shards (`uid.jpg`, `uid.txt`, `uid.json`), for loaders that read WebDataset.
 
-The image member's extension follows the bytes (`jpg`, `png`, `webp`, from their magic bytes;
-`bin` for anything else), since loaders pick a decoder by extension and the `jpg` column holds
-whatever format download encoded.
+The image member's extension follows the bytes (`jpg`, `png`, `webp`, `gif`, from their magic
+bytes; `bin` for anything else), since loaders pick a decoder by extension and the `jpg` column
+holds whatever format download encoded (`--encode-format`) or img2dataset fetched (adopt).
 
 One Dask task per input shard writes `part-NNNNN.tar` under a temporary name and renames it into
 place, so a rerun skips the tars already there and writes the rest. A sample's key is its `uid`
@@ -48,7 +48,7 @@ def _json_value(value):
 
 
 def image_extension(data: bytes) -> str:
-    """The member extension of image bytes, from their magic bytes (a stage stores JPEG, PNG or WebP; anything else is bin)."""
+    """The member extension of image bytes, from their magic bytes (JPEG, PNG, WebP or GIF; anything else is bin)."""
     if data[:3] == b"\xff\xd8\xff":
         return "jpg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":

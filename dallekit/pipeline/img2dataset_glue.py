@@ -54,8 +54,9 @@ class ShardTableWriter:
     """img2dataset's sample-writer interface (as ParquetSampleWriter's): the shard's rows as an Arrow table, handed to `deliver` on close."""
 
     def __init__(self, deliver: Callable[[pa.Table], None], shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        self.deliver, self.save_caption, self.encode_format = deliver, save_caption, encode_format
-        self.schema = schema.append(pa.field(encode_format, pa.binary()))
+        # the bytes go in `jpg` whatever the encoding (img2dataset names the column after it): every stage reads `jpg`
+        self.deliver, self.save_caption, self.encode_format = deliver, save_caption, "jpg"
+        self.schema = schema.append(pa.field("jpg", pa.binary()))
         self.batches: list[pa.RecordBatch] = []
         self.rows: dict[str, list] = {name: [] for name in self.schema.names}
         self.buffered = 0

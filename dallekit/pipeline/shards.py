@@ -215,7 +215,7 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         raise BadInputError(f"{input_dir}: holds a `{stage}` stage; expected the output of {kinds}")
     digest = None
     if fs.exists(f"{root}/{FINGERPRINT}"):
-        stored = _read_fingerprint(fs, root, input_dir)
+        stored = _read_fingerprint(fs, root, input_dir, advice=f"rerun the `{stage}` stage that wrote this input folder")
         digest = hashlib.sha256(json.dumps(fingerprint_content(stored), sort_keys=True).encode()).hexdigest()[:16]
     identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest,
                 "shards": shard_identities(input_dir, read_marks(input_dir, remove_damaged=False))}
@@ -286,7 +286,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _read_fingerprint(fs: Any, root: str, output_dir: str) -> dict | None:
+def _read_fingerprint(fs: Any, root: str, output_dir: str, advice: str = "remove the folder or pass --overwrite") -> dict | None:
     path = f"{root}/{FINGERPRINT}"
     if not fs.exists(path):
         return None
@@ -296,7 +296,7 @@ def _read_fingerprint(fs: Any, root: str, output_dir: str) -> dict | None:
     except ValueError:
         stored = None
     if not isinstance(stored, dict):
-        raise BadInputError(f"{output_dir}/{FINGERPRINT}: not a stage fingerprint; remove the folder or pass --overwrite")
+        raise BadInputError(f"{output_dir}/{FINGERPRINT}: not a stage fingerprint; {advice}")
     return stored
 
 
