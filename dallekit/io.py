@@ -7,7 +7,6 @@ misnamed shard is bad input naming the file, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -270,16 +269,18 @@ def write_json_atomic(obj: Any, path: str) -> None:
         fs.mv(tmp, p)
 
 
-def file_sha256(path: str) -> str:
-    """The sha256 (hex) of a local file or fsspec URL, read in 256 KiB blocks."""
+def file_checksum(path: str) -> str:
+    """A file's xxh3-128 checksum ("xxh3_128:<hex>"), read in 256 KiB blocks: at ~15 GB/s, 9x sha256, so a shard is hashed as it is written."""
+    import xxhash
+
     fs, p = fsspec.core.url_to_fs(path)
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
     buffer = bytearray(1 << 18)  # one buffer read into again and again: a task's memory does not grow by a block per read
     view = memoryview(buffer)
     with fs.open(p, "rb") as f:
         while n := f.readinto(buffer):
             digest.update(view[:n])
-    return digest.hexdigest()
+    return f"xxh3_128:{digest.hexdigest()}"
 
 
 def load_stage(path, rejects: bool = False, columns: list[str] | None = None):

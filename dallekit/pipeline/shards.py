@@ -31,7 +31,7 @@ import fsspec
 import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
-from dallekit.io import file_sha256, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
+from dallekit.io import file_checksum, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
 from dallekit.progress import progress
 
 FINGERPRINT = "_fingerprint.json"
@@ -99,10 +99,10 @@ MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counte
 
 
 def shard_checksum(path: str) -> dict:
-    """A written shard's size, modification time and sha256, as its progress mark records them: its content, and when to trust that."""
+    """A written shard's size, modification time and checksum, as its progress mark records them: its content, and when to trust that."""
     fs, p = fsspec.core.url_to_fs(path)
     info = fs.info(p)
-    return {"bytes": info["size"], "mtime": _modified(info), "sha256": file_sha256(path)}
+    return {"bytes": info["size"], "mtime": _modified(info), "checksum": file_checksum(path)}
 
 
 def _modified(info: dict) -> str | None:
@@ -193,8 +193,8 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
 
     The folder must hold a finished stage of one of the `upstream` kinds (its `_SUCCESS` and
     `_stats.json`); bad input otherwise. With `required=False` a folder of hand-made shards is
-    accepted too. Each shard is recorded by name, size and sha256 (from its progress mark when
-    the size still matches, else read), so a moved folder is the same input and an edited one
+    accepted too. Each shard is recorded by name, size and xxh3-128 checksum (from its progress mark while
+    size and time match, else read), so a moved folder is the same input and an edited one
     is not; `path` says where it was read and is not compared (see `fingerprint_content`).
     """
     fs, root = fsspec.core.url_to_fs(input_dir)
@@ -224,7 +224,7 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
 
 
 def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
-    """[name, bytes, sha256] of each shard of a folder: the mark's checksum while the file keeps its size and time, else the file's.
+    """[name, bytes, checksum] of each shard of a folder: the mark's checksum while the file keeps its size and time, else the file's.
 
     A copy that changes the time is hashed again (and is the same input); an edit of the same
     size changes the time, so it is hashed again and is another input.
@@ -236,7 +236,7 @@ def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
         name, size = shard_stem(path), info["size"]
         mark = marks.get(name, {})
         unchanged = (mark.get("bytes"), mark.get("mtime")) == (size, _modified(info))
-        found.append([name, size, (mark.get("sha256") if unchanged else None) or file_sha256(path)])
+        found.append([name, size, (mark.get("checksum") if unchanged else None) or file_checksum(path)])
     return found
 
 
