@@ -73,8 +73,8 @@ def test_exact_resume_after_a_kill(tmp_path, monkeypatch):
 
     real_save = train_module.save_checkpoint
 
-    def save_then_die(out, model, config, optimizer, step, extra):
-        real_save(out, model, config, optimizer, step, extra)
+    def save_then_die(out, model, optimizer, step, extra, **kwargs):
+        real_save(out, model, optimizer, step, extra, **kwargs)
         if step == 16:
             raise KeyboardInterrupt  # killed right after the step-16 checkpoint
 

@@ -166,8 +166,8 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     train_transformer(str(data), str(tmp_path / "straight"), TrainConfig(**base))
     real_save = train_module.save_checkpoint
 
-    def save_then_die(out, model, config, optimizer, step, extra):
-        real_save(out, model, config, optimizer, step, extra)
+    def save_then_die(out, model, optimizer, step, extra, **kwargs):
+        real_save(out, model, optimizer, step, extra, **kwargs)
         if step == 8:
             raise KeyboardInterrupt
 

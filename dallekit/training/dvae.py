@@ -27,7 +27,7 @@ from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
 from dallekit.models.weights import adamw, autocast, autocast_dtype, pick_device
 from dallekit.progress import progress
-from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, save_checkpoint, set_learning_rate
+from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, publish_model, save_checkpoint, set_learning_rate
 
 
 def is_held_out(uid: str, percent: int) -> bool:
@@ -183,7 +183,8 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
             n = min(8, len(val))  # originals on top, their reconstructions below
             save_image_grid(list(val[:n]) + list(recon[:n]), out / f"recon_step{done:06d}.png", columns=n)
             log.write((record or {"step": done}) | metrics)  # before the checkpoint: a resume drops later lines
-            save_checkpoint(out, model, save_dvae_config(config), optimizer, done,
+            publish_model(out, model, save_dvae_config(config))
+            save_checkpoint(out, model, optimizer, done,
                             {"epoch": epoch, "consumed": consumed, "dvae": asdict(config)})
             bar.set_postfix(psnr=f"{metrics['val_psnr']:.1f}", used=f"{metrics['codes_used']:.2f}")
         elif record:

@@ -8,6 +8,7 @@ killed run resumes from the last complete checkpoint. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,10 +44,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def save_checkpoint(out_dir: str | Path, model, config: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    """Model, optimizer, RNG states, step and `extra` (e.g. loader position), replacing checkpoint/ atomically."""
+def save_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer, step: int, extra: dict, ema: EMA | None = None) -> None:
+    """Model, optimizer, EMA weights, RNG states, step and `extra` (e.g. loader position), replacing checkpoint/ atomically.
+
+    The model folder's published weights (`publish_model`) are the trainer's choice: the latest,
+    or the best by validation.
+    """
     out = Path(out_dir)
-    save_model(out, model, config)
+    out.mkdir(parents=True, exist_ok=True)
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -61,11 +66,14 @@ def save_checkpoint(out_dir: str | Path, model, config: dict, optimizer: torch.o
                 scalars.setdefault(str(index), {})[key] = value
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    if ema is not None:
+        tensors |= {f"ema.{k}": v.contiguous() for k, v in ema.shadow.items()}
     save_file(tensors, str(tmp / "state.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     write_json(tmp / "state.json", {
         "step": step, "param_groups": opt["param_groups"], "scalars": scalars,
         "python_rng": _encode_random_state(random.getstate()), "extra": extra, "saved_at": time.time(),
+        "ema_updates": ema.updates if ema is not None else None,
     })
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -74,8 +82,8 @@ def save_checkpoint(out_dir: str | Path, model, config: dict, optimizer: torch.o
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore model, optimizer and RNG states from out_dir/checkpoint; returns {step, extra} or None."""
+def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> dict | None:
+    """Restore model, optimizer, EMA and RNG states from out_dir/checkpoint; returns {step, extra} or None."""
     out = Path(out_dir)
     folder = next((p for p in (out / "checkpoint", out / "checkpoint.old") if (p / "state.json").is_file()), None)
     if folder is None:
@@ -96,7 +104,56 @@ def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     random.setstate(_decode_random_state(meta["python_rng"]))
+    if ema is not None:
+        ema.load({k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}, meta.get("ema_updates"))
     return {"step": meta["step"], "extra": meta["extra"]}
+
+
+def publish_model(out_dir: str | Path, model, config: dict, ema: EMA | None = None) -> None:
+    """Write the model folder other commands load (`model.safetensors` + `config.json`): the EMA weights when there are some."""
+    if ema is None:
+        save_model(out_dir, model, config)
+        return
+    with ema.applied(model):
+        save_model(out_dir, model, config)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point weights (fp32 shadow), for evaluation and publishing.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over n updates, so early evaluations are
+    not dominated by the initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Move the average towards the model's current weights."""
+        self.updates += 1
+        rate = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in model.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].lerp_(value.detach().float(), rate)
+
+    def load(self, shadow: dict[str, torch.Tensor], updates: int | None) -> None:
+        """Restore a checkpoint's average (keys it lacks keep the current weights)."""
+        for key, value in shadow.items():
+            if key in self.shadow:
+                self.shadow[key] = value.float().to(self.shadow[key].device)
+        self.updates = updates or 0
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Within the block the model holds the averaged weights; its own come back after."""
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict({k: v.to(saved[k].dtype) for k, v in self.shadow.items()}, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(saved, strict=False)
 
 
 def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:

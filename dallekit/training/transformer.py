@@ -27,6 +27,7 @@ from dallekit.training.loop import (
     default_peak_flops,
     learning_rate,
     load_checkpoint,
+    publish_model,
     save_checkpoint,
     set_learning_rate,
     tensorboard_writer,
@@ -192,7 +193,8 @@ class _Logs:
             for line in checkpoint_samples(model, self.captions, done, options.seed):
                 self.samples.write(line)
             scaler = self.trainer.scaler
-            save_checkpoint(self.out, model, config_dict(model.config) | {"tokens": self.metadata}, self.trainer.optimizer, done,
+            publish_model(self.out, model, config_dict(model.config) | {"tokens": self.metadata})
+            save_checkpoint(self.out, model, self.trainer.optimizer, done,
                             {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
         elif self.record.get("step") == done:
             self.metrics.write(self.record)
