@@ -115,14 +115,14 @@ def _no_model_yet(args: argparse.Namespace, resume: bool) -> None:
         raise BadInputError(f"--out {args.out}: holds a trained model; pass --resume to continue it, or give another folder")
 
 
-def train_dvae(args, configs, toml) -> int:
-    """dallekit train-dvae."""
-    from dallekit.training.dvae import train_dvae as train
+def train_tokenizer(args, configs, toml) -> int:
+    """dallekit train-tokenizer (and its old name, train-dvae)."""
+    from dallekit.training.tokenizer import train_tokenizer as train
 
-    _prepare(args, args.filtered)
-    _no_model_yet(args, configs["train-dvae"].resume)
-    metrics = train(args.filtered, args.out, configs["train-dvae"])
-    print("train-dvae: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    _prepare(args, args.filtered, configs["train-tokenizer"].perceptual_weights, configs["train-tokenizer"].discriminator_init)
+    _no_model_yet(args, configs["train-tokenizer"].resume)
+    metrics = train(args.filtered, args.out, configs["train-tokenizer"])
+    print(f"{args.command}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return 0
 
 
@@ -250,6 +250,6 @@ def demo(args, configs, toml) -> int:
 
 
 HANDLERS = {name: stage for name in STAGE_INPUTS} | {"download": download} | {
-    "train-dvae": train_dvae, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
+    "train-tokenizer": train_tokenizer, "train-dvae": train_tokenizer, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
     "export": export, "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
 }

@@ -173,18 +173,21 @@ class ExportConfig:
     format: str = option("webdataset", "what to write: WebDataset tars of key.jpg, key.txt and key.json", choices=["webdataset"])
 
 
-def _base_type(annotation: Any) -> Any:
-    """The scalar type of a field annotation such as 'int | None' or 'list[str]'."""
+def _hint(annotation: Any) -> Any:
+    """A field annotation as a type, without its `| None`."""
     hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is list:
-        return args[0]
-    return args[0] if args else hint
+    return args[0] if typing.get_origin(hint) is not list and len(args) == 1 else hint
+
+
+def _base_type(annotation: Any) -> Any:
+    """The scalar type of a field annotation such as 'int | None', 'list[str]' or 'list[int] | None'."""
+    hint = _hint(annotation)
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
 
 
 def _is_list(annotation: Any) -> bool:
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
-    return typing.get_origin(hint) is list
+    return typing.get_origin(_hint(annotation)) is list
 
 
 def flag_name(name: str) -> str:
@@ -216,11 +219,26 @@ def load_toml(path: str | None) -> dict:
     if Path(path).exists() and not Path(path).is_file():  # a folder, a FIFO or a device would hang or fail to read
         raise BadInputError(f"{path}: not a regular file, expected a TOML file")
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        toml = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(f"{path}: not valid TOML ({err})") from None
+    return resolve_section_aliases(toml, path)
+
+
+SECTION_ALIASES = {"train-dvae": "train-tokenizer"}  # the names of sections before the FSQ tokenizer, still read
+
+
+def resolve_section_aliases(toml: dict, where: str) -> dict:
+    """The TOML with aliased sections under their current names; bad input when a file has both."""
+    out = dict(toml)
+    for alias, name in SECTION_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise BadInputError(f"{where}: [{alias}] and [{name}] are the same section; keep one")
+            out[name] = out.pop(alias)
+    return out
 
 
 def _toml_value(value: Any, f: dataclasses.Field, where: str, key: str) -> Any:
@@ -370,14 +388,28 @@ class FilterConfig(StageOptions):
                 raise OptionError("languages", "an ISO 639-1 code the language identifier knows (such as en, de, fr) or 'any'", code)
 
 
-@dataclass
-class TrainDVAEConfig:
-    """Options of `dallekit train-dvae` (the architecture and schedule come from the preset)."""
+DVAE_PRESET_NAMES = ["tiny", "small", "dalle"]  # models.dvae.DVAE_PRESETS (config sits below models: names only)
+FSQ_PRESET_NAMES = ["fsq-tiny", "fsq-tiny-240", "fsq-small", "fsq-base"]  # models.fsq.FSQ_PRESETS
+FSQ_ONLY_OPTIONS = ("levels", "image_size", "ema_decay", "disc_start", "disc_weight", "perceptual_weights", "discriminator_init")
 
-    preset: str = option("tiny", "dVAE preset", choices=["tiny", "small", "dalle"])
+
+@dataclass
+class TrainTokenizerConfig:
+    """Options of `dallekit train-tokenizer` (alias `train-dvae`): the preset picks the kind, dVAE or FSQ, its architecture and schedule."""
+
+    preset: str = option("tiny", "tokenizer preset: a dVAE (tiny, small, dalle) or an FSQ autoencoder (fsq-tiny, fsq-tiny-240, fsq-small, fsq-base)",
+                         choices=DVAE_PRESET_NAMES + FSQ_PRESET_NAMES)
     max_steps: int | None = option(None, "training steps (default: the preset's)", bounds="[1, inf)")
     batch_size: int | None = option(None, "images per step (default: the preset's)", bounds="[1, inf)")
-    recon_loss: str | None = option(None, "reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
+    recon_loss: str | None = option(None, "dVAE reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
+    levels: list[int] | None = option(None, "FSQ levels per latent channel, e.g. 8 5 5 5 (1,000 codes; default: the preset's)", nargs="+")
+    image_size: int | None = option(None, "FSQ input side in pixels (default: the preset's)", bounds="[1, inf)")
+    ema_decay: float | None = option(None, "FSQ: decay of the weights' moving average used for evaluation and the saved model (0: none; default: the preset's)", bounds="[0, 1)")
+    disc_start: int | None = option(None, "FSQ: step at which the PatchGAN loss starts (default: the preset's share of max_steps)", bounds="[0, inf)")
+    disc_weight: float | None = option(None, "FSQ: weight of the PatchGAN generator loss (0: none; default: the preset's)", bounds="[0, inf)")
+    perceptual_weights: str | None = option(None, "FSQ: a local .safetensors of VGG16 features (and optional LPIPS heads) for a perceptual loss; never downloaded")
+    discriminator_init: str | None = option(None, "FSQ: a local .safetensors of discriminator weights to start from")
+    hflip: bool = option(False, "mirror half the training images (off by default: a caption can say left or right)")
     seed: int = option(0, "seed of weights, data order and Gumbel noise")
     resume: bool = option(False, "continue from the output folder's checkpoint")
     checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids", bounds="[1, inf)")
@@ -386,6 +418,26 @@ class TrainDVAEConfig:
     shuffle_buffer: int = option(4096, "images in the shuffle buffer", bounds="[1, inf)")
     device: str = option("auto", "torch device (auto: cuda when there is one)", pattern=DEVICE)
     dtype: str = option("bf16", "autocast dtype: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), fp32 elsewhere", choices=["bf16", "fp32"])
+
+    def check(self) -> None:
+        """FSQ options need an FSQ preset; levels must make 2 to 65,535 codes of at least 2 values each."""
+        if self.preset in DVAE_PRESET_NAMES:
+            for name in FSQ_ONLY_OPTIONS:
+                if getattr(self, name) is not None:
+                    raise OptionError(name, f"an FSQ preset ({', '.join(FSQ_PRESET_NAMES)}) to apply to; {self.preset} is a dVAE", getattr(self, name))
+            return
+        if self.recon_loss is not None:
+            raise OptionError("recon_loss", "a dVAE preset (the FSQ tokenizer's loss is L2 plus its GAN and perceptual terms)", self.recon_loss)
+        if self.levels is not None:
+            if not self.levels or any(level < 2 for level in self.levels):
+                raise OptionError("levels", "whole numbers of at least 2 (the paper's: 8 6 5, 8 5 5 5, 7 5 5 5 5)", self.levels)
+            if math.prod(self.levels) > 65535:
+                raise OptionError("levels", f"at most 65535 codes in all (uint16 tokens); {' x '.join(map(str, self.levels))} = {math.prod(self.levels)}", self.levels)
+        if self.image_size is not None and self.image_size % 4:
+            raise OptionError("image_size", "a multiple of 4 (the FSQ presets halve it twice to the token grid)", self.image_size)
+
+
+TrainDVAEConfig = TrainTokenizerConfig  # the name before FSQ: Python callers of train_dvae keep working
 
 
 @dataclass
@@ -519,7 +571,7 @@ class DemoOptions:
     seed: int = option(0, "seed of the generated set")
 
 
-RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-dvae", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
+RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-tokenizer", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
 
 
 @dataclass
@@ -528,14 +580,14 @@ class RunConfig:
 
     out: str = option("runs/pipeline", "run folder: one sub-folder per step, then report.html")
     inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
-    dvae: str | None = option(None, "an existing dVAE folder to encode with (train-dvae is skipped)")
+    dvae: str | None = option(None, "an existing image tokenizer folder (dVAE or FSQ) to encode with (train-tokenizer is skipped)")
     bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", bounds="[260, 65536]")
     train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
-    stop_after: str = option("report", "last step to run", choices=RUN_STEPS)
+    stop_after: str = option("report", "last step to run (train-dvae: the old name of train-tokenizer)", choices=RUN_STEPS + ["train-dvae"])
 
 
 # The sections `dallekit run` reads: one per step, plus [run] and [cluster].
-RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-dvae", "encode", "train", "train-clip",
+RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-tokenizer", "encode", "train", "train-clip",
                      "sample", "evaluate"]
 # The sections a --config TOML file of a single command may hold: the run's and the other commands'.
 SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export"]

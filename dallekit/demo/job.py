@@ -91,10 +91,11 @@ def run_demo(config: DemoOptions, cluster: ClusterConfig) -> dict:
 
 
 def print_summary(out: str, result: dict) -> None:
-    """The demo's headline numbers: dVAE, transformer, evaluation and the pixel check."""
-    if result.get("dvae"):
-        print(f"demo: dVAE held-out PSNR {result['dvae']['val_psnr']:.1f} dB, {result['dvae']['codes_used']:.0%} of codes used")
-    grids = sorted(Path(out, "dvae").glob("recon_step*.png"))
+    """The demo's headline numbers: image tokenizer, transformer, evaluation and the pixel check."""
+    if result.get("tokenizer"):
+        m = result["tokenizer"]
+        print(f"demo: image tokenizer held-out PSNR {m['val_psnr']:.1f} dB, {m['codes_used']:.0%} of codes used")
+    grids = sorted(Path(out, "tokenizer").glob("recon_step*.png")) or sorted(Path(out, "dvae").glob("recon_step*.png"))
     if grids:
         print(f"demo: reconstruction grid (originals above, reconstructions below): {grids[-1]}")
     if result.get("train"):

@@ -13,7 +13,7 @@ from dallekit.config import BadInputError
 from dallekit.images import save_image_grid
 from dallekit.io import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer
-from dallekit.tokenize.tokens import check_token_files
+from dallekit.tokenize.tokens import check_token_files, describe_tokenizer
 
 SAFE_STEM = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
@@ -32,8 +32,9 @@ def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, dev
     paths = list_shards(tokens_dir)
     metadata = check_token_files(paths)
     tokenizer = ImageTokenizer.load(dvae, device)
-    if metadata["image_tokenizer"]["sha256"] != tokenizer.sha256:
-        raise BadInputError(f"{tokens_dir}: encoded with another dVAE (sha256 {metadata['image_tokenizer']['sha256'][:12]}..., {dvae} is {tokenizer.sha256[:12]}...)")
+    if metadata["image_tokenizer"] != tokenizer.metadata():
+        raise BadInputError(f"{tokens_dir}: encoded with the image tokenizer {describe_tokenizer(metadata['image_tokenizer'])}, "
+                            f"but {dvae} is {describe_tokenizer(tokenizer.metadata())}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, images = [], []

@@ -31,6 +31,7 @@ from dallekit.models.weights import (
 from dallekit.progress import progress
 from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.text import load_text_tokenizer
+from dallekit.tokenize.tokens import check_same_tokenizer
 
 
 class PixelJudge(Protocol):
@@ -58,9 +59,8 @@ def text_tokenizer_for(metadata: dict):
 
 
 def check_dvae(metadata: dict, dvae: ImageTokenizer, dvae_dir: str) -> None:
-    """The dVAE must be the one whose codes the transformer learned."""
-    if metadata["image_tokenizer"]["sha256"] != dvae.sha256:
-        raise BadInputError(f"{dvae_dir}: not the dVAE the model's tokens were encoded with")
+    """The image tokenizer (dVAE or FSQ) must be the one whose codes the transformer learned: bad input naming both."""
+    check_same_tokenizer(dvae.metadata(), metadata["image_tokenizer"], dvae_dir, "the model")
 
 
 @torch.no_grad()

@@ -112,18 +112,29 @@ def _data_section(page: _Page, max_shards: int) -> None:
             page.figure("clip_scores.png", histogram(scores, 20, "CLIP score of the kept pairs", "cosine similarity"))
 
 
+TOKENIZER_NAMES = {"dallekit-dvae": "dVAE", "dallekit-fsq": "FSQ tokenizer"}
+
+
 def _dvae_section(page: _Page, max_shards: int) -> None:
-    dvae_dir, tokens_dir = page.run_dir / "dvae", page.run_dir / "tokens"
-    grids = sorted(dvae_dir.glob("recon_step*.png"), key=lambda p: int(p.stem.removeprefix("recon_step")))
-    metrics = _metrics(dvae_dir / "metrics.jsonl")
+    """The image tokenizer (dVAE or FSQ): held-out reconstructions, PSNR and code usage over training, codebook usage of the tokens."""
+    folder = next((page.run_dir / n for n in ("tokenizer", "dvae") if (page.run_dir / n).is_dir()), page.run_dir / "tokenizer")
+    tokens_dir = page.run_dir / "tokens"
+    grids = sorted(folder.glob("recon_step*.png"), key=lambda p: int(p.stem.removeprefix("recon_step")))
+    metrics = _metrics(folder / "metrics.jsonl")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    name = TOKENIZER_NAMES.get(config.get("model", "dallekit-dvae"), "image tokenizer")
     if grids or metrics:
-        page.heading("dVAE")
+        page.heading(f"Image tokenizer: {name}" + (f", {config['codebook_size']} codes on a {config['grid']}x{config['grid']} grid"
+                                                   if "codebook_size" in config and "grid" in config else ""))
     if grids:
-        page.image(f"dvae/{grids[-1].name}", f"held-out images (top) and their reconstructions from codes (bottom), {grids[-1].stem}", width=512)
+        page.image(f"{folder.name}/{grids[-1].name}", f"held-out images (top) and their reconstructions from codes (bottom), {grids[-1].stem}",
+                   width=512)
     evals = [m for m in metrics if "val_psnr" in m]
     if evals:
+        last = evals[-1]
+        page.text(f"held-out PSNR {last['val_psnr']:.2f} dB, {last['codes_used']:.0%} of codes used (perplexity {last['perplexity']:.0f}) at step {last['step']}")
         page.figure("dvae_psnr.png", line_chart([m["step"] for m in evals], {"held-out PSNR": [m["val_psnr"] for m in evals]},
-                                                 "dVAE reconstruction", "step", "PSNR (dB)"))
+                                                 f"{name} reconstruction", "step", "PSNR (dB)"))
     if stage_complete(str(tokens_dir)):
         counts = _code_counts(tokens_dir, max_shards)
         if counts.size:

@@ -1,7 +1,7 @@
 """`dallekit run --config pipeline.toml`: every step of a run as one job on one Dask cluster.
 
 The TOML file has one section per step, named like its subcommand (`[ingest]`, `[download]`,
-`[clean]`, `[train-clip]`, `[filter]`, `[train-dvae]`, `[encode]`, `[train]`, `[sample]`,
+`[clean]`, `[train-clip]`, `[filter]`, `[train-tokenizer]` (or its old name `[train-dvae]`), `[encode]`, `[train]`, `[sample]`,
 `[evaluate]`), plus `[cluster]` and `[run]` (the run folder, the inputs, which steps run).
 Steps run in that order; train-clip only with `[run] train_clip = true`, when the CLIP trained
 on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation.
@@ -48,7 +48,7 @@ class Pipeline:
     download: config.DownloadConfig
     clean: config.CleanConfig
     filter: config.FilterConfig
-    train_dvae: config.TrainDVAEConfig
+    train_tokenizer: config.TrainTokenizerConfig
     encode: config.EncodeConfig
     train: config.TrainConfig
     train_clip: config.TrainClipConfig
@@ -61,6 +61,7 @@ SECTIONS: dict[str, type] = {name.replace("_", "-"): kind for name, kind in typi
 
 def load_pipeline(toml: dict, where: str, args: argparse.Namespace | None = None) -> Pipeline:
     """Build a Pipeline from a parsed TOML file; `args` (the command line) overrides [run] and [cluster]."""
+    toml = config.resolve_section_aliases(toml, where)
     unknown = sorted(set(toml) - set(SECTIONS))
     if unknown:
         raise BadInputError(f"{where}: unknown section [{unknown[0]}] (expected: {', '.join(SECTIONS)})")
@@ -75,8 +76,11 @@ def load_pipeline(toml: dict, where: str, args: argparse.Namespace | None = None
 
 def run_folders(out: str) -> dict[str, str]:
     """Where each step writes inside a run folder (DESIGN.md's layout)."""
-    names = ["ingest", "download", "clean", "filter", "dvae", "bpe", "tokens", "model", "clip", "samples", "eval"]
-    return {name: f"{out.rstrip('/')}/{name}" for name in names}
+    names = ["ingest", "download", "clean", "filter", "tokenizer", "bpe", "tokens", "model", "clip", "samples", "eval"]
+    folders = {name: f"{out.rstrip('/')}/{name}" for name in names}
+    if (Path(out) / "dvae" / "config.json").is_file() and not Path(folders["tokenizer"]).exists():
+        folders["tokenizer"] = f"{out.rstrip('/')}/dvae"  # a run folder from before the FSQ tokenizer resumes with its dVAE
+    return folders
 
 
 class _Cluster:
@@ -124,7 +128,7 @@ def check_run_folder(out: str) -> None:
 
 def check_run_models(p: Pipeline) -> None:
     """The models a run reads rather than trains ([run] dvae, [encode] text_tokenizer, a CLIP checkpoint), checked before any stage runs."""
-    if p.run.dvae is not None and "encode" in RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1]:
+    if p.run.dvae is not None and "encode" in RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1]:
         from dallekit.models.weights import load_model_state
 
         load_model_state(p.run.dvae)  # bad input naming the folder, not after four stages
@@ -137,13 +141,18 @@ def check_run_models(p: Pipeline) -> None:
         raise BadInputError(f"[filter] clip_checkpoint {checkpoint}: no such file or folder")
 
 
+def run_step(name: str) -> str:
+    """A step's current name (train-dvae is train-tokenizer's old one)."""
+    return "train-tokenizer" if name == "train-dvae" else name
+
+
 def _checkpoint_exists(folder: str) -> bool:
     return (Path(folder) / "checkpoint" / "state.json").exists()
 
 
 def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer | None = None) -> dict:
     """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats, the final metrics and the step timings."""
-    steps = set(RUN_STEPS[: RUN_STEPS.index(p.run.stop_after) + 1])
+    steps = set(RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1])
     d = run_folders(p.run.out)
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
         p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
@@ -153,7 +162,7 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
     ingest_plan = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
     result: dict = {"stages": []}
     stages = result["stages"]
-    dvae_dir = p.run.dvae or d["dvae"]
+    dvae_dir = p.run.dvae or d["tokenizer"]
     timer = timer or StepTimer()
     with _Cluster(p.cluster) as cluster:
         with timer.step("ingest", cluster.client()):
@@ -173,12 +182,13 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
         if "filter" in steps:
             with timer.step("filter", cluster.client()):
                 stages.append(filter_stage(d["clean"], d["filter"], p.filter, cluster.client()))
-        if "train-dvae" in steps and p.run.dvae is None:
-            from dallekit.training.dvae import train_dvae
+        if "train-tokenizer" in steps and p.run.dvae is None:
+            from dallekit.training.tokenizer import train_tokenizer
 
             cluster.stop()
-            with timer.step("train-dvae"):
-                result["dvae"] = train_dvae(d["filter"], d["dvae"], replace(p.train_dvae, resume=_checkpoint_exists(d["dvae"])))
+            with timer.step("train-tokenizer"):
+                resume = _checkpoint_exists(d["tokenizer"])
+                result["tokenizer"] = train_tokenizer(d["filter"], d["tokenizer"], replace(p.train_tokenizer, resume=resume))
         encode_config = p.encode
         if p.run.bpe_vocab_size and "train-bpe" in steps:
             encode_config = replace(p.encode, text_tokenizer=d["bpe"])

@@ -56,6 +56,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise BadInputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:160]})") from None
 
 
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle's protocol opcode, and torch.save's zip container
+
+
+def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a user-given safetensors file; bad input naming it when it is missing, a pickle or not safetensors."""
+    file = Path(path)
+    if not file.is_file():
+        raise BadInputError(f"{path}: no such file (expected {what} as a .safetensors file)")
+    with file.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(PICKLE_MAGIC):
+        raise BadInputError(f"{path}: a pickle (torch.save) file, which dallekit never loads; expected {what} as a .safetensors file "
+                            "(convert it once: safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))")
+    return read_safetensors(file)
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a state dict; bad input naming the folder when the weights do not fit the model its config describes."""
     try:

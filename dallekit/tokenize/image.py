@@ -1,4 +1,9 @@
-"""The image tokenizer: a trained dVAE loaded from its folder, encoding pixels to codes and back."""
+"""The image tokenizer: a trained dVAE or FSQ autoencoder loaded from its folder, encoding pixels to codes and back.
+
+The folder's config.json says which kind it is (`model`: dallekit-dvae or dallekit-fsq); both
+models encode (B, 3, S, S) pixels in [0, 1] to (B, G, G) codes and decode them back, so every
+command that reads a tokenizer folder works with either.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dallekit.errors import BadInputError
 from dallekit.models.dvae import DVAE, DVAEConfig
+from dallekit.models.fsq import FSQAutoencoder, FSQConfig
 from dallekit.models.weights import (
     build_model,
     load_model_state,
@@ -17,33 +24,35 @@ from dallekit.models.weights import (
     pick_device,
 )
 
-_CACHE: dict[tuple, ImageTokenizer] = {}  # one dVAE per worker process
+_CACHE: dict[tuple, ImageTokenizer] = {}  # one tokenizer per worker process
+TOKENIZER_KINDS = {"dallekit-dvae": (DVAE, DVAEConfig), "dallekit-fsq": (FSQAutoencoder, FSQConfig)}  # config.json `model` -> classes
 
 
 class ImageTokenizer:
-    """A dVAE in eval mode with its identity (sha256 of the weights) for token-file metadata."""
+    """A dVAE or FSQ tokenizer in eval mode with its kind and identity (sha256 of the weights) for token-file metadata."""
 
-    kind = "dallekit-dvae"
-
-    def __init__(self, model: DVAE, sha256: str, device: torch.device):
+    def __init__(self, model: DVAE | FSQAutoencoder, kind: str, sha256: str, device: torch.device):
         self.model = model.to(device).eval()
-        self.config: DVAEConfig = model.config
-        self.sha256 = sha256
-        self.device = device
+        self.config: DVAEConfig | FSQConfig = model.config
+        self.kind, self.sha256, self.device = kind, sha256, device
 
     @classmethod
     def load(cls, model_dir: str, device: str = "auto") -> ImageTokenizer:
-        """Load a dVAE folder written by train-dvae or convert-openai-dvae."""
+        """Load a tokenizer folder written by train-tokenizer (train-dvae) or convert-openai-dvae."""
         values, state = load_model_state(model_dir)
-        model = build_model(DVAE, DVAEConfig, values, model_dir)
+        kind = values.get("model", "dallekit-dvae")  # folders from before the kind was recorded are dVAEs
+        if kind not in TOKENIZER_KINDS:
+            raise BadInputError(f"{model_dir}: a {kind} folder, expected an image tokenizer ({' or '.join(TOKENIZER_KINDS)})")
+        model = build_model(*TOKENIZER_KINDS[kind], values, model_dir)
         load_weights(model, state, model_dir)
         digest = hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()
-        return cls(model, digest, pick_device(device))
+        return cls(model, kind, digest, pick_device(device))
 
     def metadata(self) -> dict:
-        """The `image_tokenizer` entry of token-file metadata."""
+        """The `image_tokenizer` entry of token-file metadata: kind, its settings, and the weights' sha256."""
         c = self.config
-        return {"kind": self.kind, "codebook_size": c.codebook_size, "grid": c.grid, "image_size": c.image_size, "sha256": self.sha256}
+        entry = {"kind": self.kind, "codebook_size": c.codebook_size, "grid": c.grid, "image_size": c.image_size, "sha256": self.sha256}
+        return entry | ({"levels": list(c.levels)} if isinstance(c, FSQConfig) else {})
 
     @torch.no_grad()
     def encode(self, pixels: np.ndarray) -> np.ndarray:

@@ -61,6 +61,20 @@ def read_token_metadata(path: str) -> dict:
     return metadata
 
 
+def describe_tokenizer(entry: dict) -> str:
+    """An `image_tokenizer` entry in words: its kind, settings and the start of its weights' sha256."""
+    levels = f" levels {entry['levels']}" if entry.get("levels") else ""
+    return (f"{entry.get('kind')}{levels} ({entry.get('codebook_size')} codes, {entry.get('grid')}x{entry.get('grid')} grid, "
+            f"{entry.get('image_size')} px, sha256 {str(entry.get('sha256'))[:12]})")
+
+
+def check_same_tokenizer(found: dict, expected: dict, found_where: str, expected_where: str) -> None:
+    """Bad input naming both when two `image_tokenizer` entries are not the same tokenizer."""
+    if found != expected:
+        raise BadInputError(f"{found_where}: made by the image tokenizer {describe_tokenizer(found)}, "
+                            f"but {expected_where} was trained on {describe_tokenizer(expected)}")
+
+
 def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
     """The metadata shared by all token files; bad input naming the files and key that disagree."""
     if not paths:
@@ -69,6 +83,8 @@ def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
     where = "the model" if expected is not None else paths[0]
     for path in paths:
         metadata = read_token_metadata(path)
+        if expected is not None:
+            check_same_tokenizer(metadata["image_tokenizer"], reference["image_tokenizer"], path, "the model")
         for section in ("image_tokenizer", "text_tokenizer"):
             if metadata[section] != reference[section]:
                 diff = sorted(k for k in set(metadata[section]) | set(reference[section]) if metadata[section].get(k) != reference[section].get(k))
