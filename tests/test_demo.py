@@ -56,7 +56,7 @@ def test_demo_quick_runs_the_pipeline_stages(quick_demo):
     assert "trained on the demo's own cleaned pairs" in stdout and (out / "clip" / "open_clip_model.safetensors").exists()
     tokens, _ = check_accounting(out / "tokens", len(filtered))
     assert tokens["image_tokens"].map(len).eq(64).all()
-    assert (out / "dvae" / "model.safetensors").exists() and list((out / "dvae").glob("recon_step*.png"))
+    assert (out / "tokenizer" / "model.safetensors").exists() and list((out / "tokenizer").glob("recon_step*.png"))
     assert "reconstruction grid" in stdout
     assert (out / "bpe" / "tokenizer.json").exists() and (out / "model" / "model.safetensors").exists()
     metrics = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]

@@ -80,7 +80,7 @@ def test_mismatched_metadata_is_a_clear_error(tmp_path, client, random_dvae):
     paths = [str(tmp_path / "a" / "part-00000.parquet"), str(tmp_path / "b" / "part-00001.parquet")]
     with pytest.raises(BadInputError, match=r"b/part-00001.parquet: image_tokenizer codebook_size=256.*disagrees.*codebook_size=128"):
         check_token_files(paths)
-    with pytest.raises(BadInputError, match="encoded with another dVAE"):
+    with pytest.raises(BadInputError, match=r"encoded with the image tokenizer dallekit-dvae \(256 codes.*is dallekit-dvae \(128 codes"):
         decode_tokens(str(tmp_path / "b"), str(random_dvae), str(tmp_path / "png"))
 
 

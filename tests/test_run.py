@@ -101,15 +101,15 @@ def test_step_timer_counts_the_dask_workers_cpu(client, tmp_path):
 def test_quick_demo_times_every_step_in_summary_and_report(quick_demo):
     rows = json.loads((quick_demo / "timings.json").read_text())
     steps = [r["step"] for r in rows]
-    assert steps == ["generate", "ingest", "download", "clean", "train-clip", "filter", "train-dvae", "train-bpe", "encode",
+    assert steps == ["generate", "ingest", "download", "clean", "train-clip", "filter", "train-tokenizer", "train-bpe", "encode",
                      "train", "sample", "evaluate"]
     assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows), rows
     by_step = {r["step"]: r for r in rows}
-    assert by_step["train-dvae"]["cpu_s"] > 0.5 * by_step["train-dvae"]["wall_s"], by_step  # the trainer runs in this process
+    assert by_step["train-tokenizer"]["cpu_s"] > 0.5 * by_step["train-tokenizer"]["wall_s"], by_step  # the trainer runs in this process
     stdout = (quick_demo / "stdout.txt").read_text()
-    assert "demo: time per step" in stdout and re.search(r"demo:\s+train-dvae\s+[\d.]+\s+[\d.]+", stdout)
+    assert "demo: time per step" in stdout and re.search(r"demo:\s+train-tokenizer\s+[\d.]+\s+[\d.]+", stdout)
     page = (quick_demo / "report.html").read_text()
-    assert "<h2>Time per step" in page and "<td>train-dvae</td>" in page
+    assert "<h2>Time per step" in page and "<td>train-tokenizer</td>" in page
 
 
 @pytest.mark.slow
