@@ -91,7 +91,8 @@ def check_hflip_column(folder: str, paths: list[str]) -> None:
     """Bad input unless every token shard has the mirrored images' codes that `train --hflip` draws from."""
     for path in paths:
         if HFLIP_COLUMN not in shard_schema(path)[0].names:
-            raise BadInputError(f"{folder}: {path} has no `{HFLIP_COLUMN}` column, which --hflip trains on: rerun `dallekit encode` with --hflip")
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            raise BadInputError(f"{folder}: shard {name} has no `{HFLIP_COLUMN}` column, which --hflip trains on: rerun `dallekit encode` with --hflip")
 
 
 class TokenBatches:
