@@ -144,6 +144,10 @@ def train(args, configs, toml) -> int:
     _no_model_yet(args, configs["train"].resume)
     metrics = train_transformer(args.tokens, args.out, configs["train"])
     print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    if metrics.get("best_step") is not None:
+        print(f"train: {args.out} holds the model of step {metrics['best_step']}, the best validation image loss; checkpoint/ the latest state")
+    if metrics.get("early_stopped"):
+        print(f"train: stopped early at step {metrics['step']} (--early-stop); --resume with a larger --early-stop, or 0, continues")
     return 0
 
 

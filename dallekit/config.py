@@ -447,13 +447,14 @@ class EncodeConfig(StageOptions):
     text_tokenizer: str = option("clip-bpe", "'clip-bpe' (CLIP's BPE) or the folder of a `dallekit train-bpe` tokenizer")
     batch_size: int = option(64, "images per dVAE forward pass", bounds="[1, inf)", output=False)
     keep_columns: list[str] = option(["clip_score", "width", "height"], "columns passed through when present", nargs="*")
+    hflip: bool = option(False, "also write `image_tokens_hflip`, the codes of the mirrored image, for `train --hflip`")
     device: str = option("auto", "torch device for the dVAE (auto: cuda when there is one)", pattern=DEVICE, output=False)
 
     def check(self) -> None:
         """A kept column must not be one encode writes itself, nor be named twice."""
         for i, name in enumerate(self.keep_columns):
-            if name in ("uid", "caption", "text_tokens", "image_tokens", "jpg") or name in self.keep_columns[:i]:
-                raise OptionError("keep_columns", "columns other than uid, caption, text_tokens, image_tokens and jpg, each once", name)
+            if name in ("uid", "caption", "text_tokens", "image_tokens", "image_tokens_hflip", "jpg") or name in self.keep_columns[:i]:
+                raise OptionError("keep_columns", "columns other than uid, caption, text_tokens, image_tokens(_hflip) and jpg, each once", name)
 
 
 @dataclass
@@ -491,6 +492,9 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write metrics for TensorBoard to OUT/tensorboard (needs the tensorboard package)")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: known GPUs' bf16 peak; none on CPU)", bounds="(0, inf)")
     deterministic: bool = option(False, "deterministic kernels (for exact-resume checks)")
+    ema_decay: float = option(0.999, "decay of the weights' moving average, which validation, checkpoint samples and the published model use (0: off)", bounds="[0, 1)")
+    early_stop: int = option(0, "stop when the validation image loss has not improved for this many evaluations (0: never)", bounds="[0, inf)")
+    hflip: bool = option(False, "train on the mirrored image's codes (`image_tokens_hflip`, from `encode --hflip`) for half the rows, at random")
 
 
 @dataclass

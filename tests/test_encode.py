@@ -143,3 +143,29 @@ def test_images_over_64_mpx_are_rejected_without_a_decode(tmp_path, monkeypatch,
     reasons = dict(zip(result.rejects.column("uid").to_pylist(), result.rejects.column("reason").to_pylist()))
     assert reasons == {"huge": "image_too_large", "large": "image_too_large"} and attempts == []
     assert "9000x9000" in result.rejects.column("error_message").to_pylist()[1]
+
+
+def test_hflip_column_holds_the_codes_of_the_mirrored_image(tmp_path, random_dvae):
+    import io
+
+    from PIL import Image
+
+    def png(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")  # lossless: the mirror's pixels are exactly the mirrored pixels
+        return buffer.getvalue()
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the dVAE's size: no resampling
+    rows = [downloaded_row("a", "noise", png(pixels)), downloaded_row("mirror", "noise", png(pixels[:, ::-1].copy()))]
+    write_stage(tmp_path / "filtered", [rows])
+    plan = plan_encode(str(tmp_path / "filtered"), str(random_dvae), EncodeConfig(hflip=True))
+    assert plan.fingerprint["options"]["hflip"] is True  # a rerun without --hflip does not resume over these shards
+    (task,) = plan.tasks(None, str(tmp_path / "tokens"))
+    kept = encode_shard(task.payload).kept
+    assert kept.schema.field("image_tokens_hflip").type == kept.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
+    codes = dict(zip(kept.column("uid").to_pylist(), kept.column("image_tokens").to_pylist()))
+    mirrored = dict(zip(kept.column("uid").to_pylist(), kept.column("image_tokens_hflip").to_pylist()))
+    assert codes["a"] != codes["mirror"]
+    assert mirrored["a"] == codes["mirror"] and mirrored["mirror"] == codes["a"]
+    (plain,) = plan_encode(str(tmp_path / "filtered"), str(random_dvae), EncodeConfig()).tasks(None, str(tmp_path / "plain"))
+    assert "image_tokens_hflip" not in encode_shard(plain.payload).kept.column_names

@@ -181,6 +181,17 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     for x, y in zip(a[8:], b[8:]):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
+    # the EMA resumes too: the averages at the end, and the published (best, averaged) weights, are the straight run's
+    from safetensors.torch import load_file
+
+    ema = [{k: v for k, v in load_file(str(tmp_path / run / "checkpoint" / "state.safetensors")).items() if k.startswith("ema.")}
+           for run in ("straight", "resumed")]
+    assert ema[0].keys() == ema[1].keys() and len(ema[0]) > 10
+    for key in ema[0]:
+        torch.testing.assert_close(ema[0][key], ema[1][key], rtol=1e-5, atol=1e-6)
+    published = [published_weights(tmp_path / run) for run in ("straight", "resumed")]
+    for key in published[0]:
+        torch.testing.assert_close(published[0][key], published[1][key], rtol=1e-5, atol=1e-6)
 
 
 def test_mismatched_metadata_is_refused(tmp_path):
@@ -238,3 +249,163 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
     else:
         train_transformer(str(data), str(tmp_path / "run"), options)
         assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def published_weights(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_published_weights_are_the_warmed_up_average_of_each_steps_weights(tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    seen: list[dict[str, torch.Tensor]] = []  # the weights the EMA starts from, then those after each optimizer step
+
+    class RecordingEMA(train_module.EMA):
+        def __init__(self, model, decay):
+            super().__init__(model, decay)
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+        def update(self, model):
+            super().update(model)
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(train_module, "EMA", RecordingEMA)
+    data = token_shards(tmp_path / "tokens", 1, 8)
+    base = dict(max_steps=3, batch_size=4, text_len=8, val_fraction=0, num_workers=0, log_every=1, checkpoint_every=3, lr=1e-2, warmup_steps=0)
+    train_transformer(str(data), str(tmp_path / "ema"), TrainConfig(**base, ema_decay=0.5))
+    expected = {k: v.float().clone() for k, v in seen[0].items()}
+    for n, weights in enumerate(seen[1:], start=1):  # the decay warms up as min(decay, (1 + n) / (10 + n))
+        rate = 1 - min(0.5, (1 + n) / (10 + n))
+        expected = {k: e + rate * (weights[k].float() - e) for k, e in expected.items()}
+    published = published_weights(tmp_path / "ema")
+    assert len(seen) == 4
+    for key, value in expected.items():
+        torch.testing.assert_close(published[key], value, rtol=0, atol=1e-6)
+    latest = load_file(str(tmp_path / "ema" / "checkpoint" / "model.safetensors"))
+    assert any(not torch.equal(latest[k], published[k]) for k in latest)  # checkpoint/ keeps the trained weights
+    assert json.loads((tmp_path / "ema" / "config.json").read_text())["ema_decay"] == 0.5
+
+    train_transformer(str(data), str(tmp_path / "plain"), TrainConfig(**base, ema_decay=0))
+    plain = published_weights(tmp_path / "plain")
+    assert all(torch.equal(plain[k], seen[-1][k]) for k in plain)  # the same run: without the average, the last step's weights
+    assert any(not torch.equal(plain[k], published[k]) for k in plain)
+
+
+def scripted_validation(monkeypatch, losses: list[float]) -> list[tuple[int, dict]]:
+    """Make validation return `losses` in turn; returns (call index, weights validated) as they happen."""
+    calls: list[tuple[int, dict]] = []
+
+    def validate(model, paths, options, config, device):
+        loss = losses[len(calls)]
+        calls.append((len(calls), {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return {"val_loss": loss, "val_text_loss": 1.0, "val_image_loss": loss, "val_bits_per_image_token": loss}
+
+    monkeypatch.setattr(train_module, "validation_loss", validate)
+    return calls
+
+
+def test_best_validation_step_is_published_and_checkpoint_holds_the_latest(tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    calls = scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.8])
+    data = token_shards(tmp_path / "tokens", 2, 8)
+    options = TrainConfig(max_steps=8, batch_size=4, text_len=8, val_fraction=0.5, num_workers=0, log_every=2, checkpoint_every=2)
+    metrics = train_transformer(str(data), str(tmp_path / "run"), options)
+    assert len(calls) == 4 and metrics["best_step"] == 4 and metrics["best_val_image_loss"] == 2.0 and metrics["step"] == 8
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["best_step"], config["best_val_image_loss"], config["step"]) == (4, 2.0, 4)
+    published = published_weights(tmp_path / "run")
+    step4, step8 = calls[1][1], calls[3][1]  # what validation saw: the EMA weights
+    assert all(torch.equal(published[k], step4[k].float()) for k in published)
+    assert any(not torch.equal(published[k], step8[k].float()) for k in published)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 8
+    latest = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert any(not torch.equal(latest[k], published[k]) for k in latest)
+
+
+def test_early_stop_ends_when_patience_runs_out_and_resume_keeps_the_best(tmp_path, monkeypatch):
+    import json
+
+    calls = scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7, 1.0])
+    data = token_shards(tmp_path / "tokens", 2, 8)
+    base = dict(max_steps=20, batch_size=4, text_len=8, val_fraction=0.5, num_workers=0, log_every=1, checkpoint_every=2)
+    metrics = train_transformer(str(data), str(tmp_path / "run"), TrainConfig(**base, early_stop=2))
+    # evaluations at steps 2, 4 (best), 6, 8: two without improvement
+    assert metrics["early_stopped"] is True and metrics["step"] == 8 and metrics["best_step"] == 4 and len(calls) == 4
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert lines[-1]["step"] == 8 and lines[-1]["early_stopped"] is True and not any(l.get("early_stopped") for l in lines[:-1])
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 8
+
+    again = train_transformer(str(data), str(tmp_path / "run"), TrainConfig(**base, early_stop=2, resume=True))
+    assert again["early_stopped"] is True and again["step"] == 8 and len(calls) == 4  # nothing to do: no step, no evaluation
+
+    # with more patience it goes on from the restored best (step 4) and count: step 10 is the third evaluation without improvement
+    more = train_transformer(str(data), str(tmp_path / "run"), TrainConfig(**base, early_stop=3, resume=True))
+    assert more["step"] == 10 and more["early_stopped"] is True and more["best_step"] == 4 and len(calls) == 5
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["best_step"] == 4
+
+
+def test_early_stop_without_validation_shards_is_bad_input(tmp_path):
+    data = token_shards(tmp_path / "tokens", 1, 8)
+    with pytest.raises(BadInputError, match="--early-stop 2: needs validation shards"):
+        train_transformer(str(data), str(tmp_path / "run"), TrainConfig(max_steps=2, num_workers=0, early_stop=2))
+
+
+def hflip_shards(folder, rows: int = 40):
+    """One token shard whose mirrored codes are the codes + CODES // 2 (codes themselves below CODES // 2): each row says which it gave."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, CODES // 2, (rows, GRID * GRID))
+    texts = [[i % TEXT_VOCAB] for i in range(rows)]
+    table = token_table([str(i) for i in range(rows)], ["c"] * rows, texts, images, META, image_tokens_hflip=images + CODES // 2)
+    pq.write_table(table, folder / "part-00000.parquet")
+    return folder, images
+
+
+def test_hflip_gives_the_mirrored_codes_for_about_half_the_rows_and_replays_on_resume(tmp_path):
+    folder, images = hflip_shards(tmp_path / "tokens")
+    paths = [str(folder / "part-00000.parquet")]
+
+    def stream(hflip: bool, skip: int = 0, count: int = 10):
+        source = TokenBatches(paths, 8, TEXT_VOCAB, 8, seed=3, shuffle_buffer=8, hflip=hflip)
+        out = []
+        for _, text, image in source.batches(skip=skip):
+            out.append((text[:, 0].copy(), image.copy()))
+            if len(out) == count:
+                return out
+
+    flipped = stream(True)
+    rows = np.concatenate([t for t, _ in flipped]), np.concatenate([i for _, i in flipped])
+    mirrored = rows[1][:, 0] >= CODES // 2
+    np.testing.assert_array_equal(rows[1] - np.where(mirrored, CODES // 2, 0)[:, None], images[rows[0]])  # whole rows, one or the other
+    assert 0.3 < mirrored.mean() < 0.7, mirrored.mean()
+    assert not any((i >= CODES // 2).any() for _, i in stream(False))
+    resumed = stream(True, skip=4, count=6)
+    for (t1, i1), (t2, i2) in zip(flipped[4:], resumed):
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(i1, i2)
+
+
+def test_train_hflip_without_the_column_is_one_line_and_exit_2(tmp_path, capsys):
+    from dallekit.cli import main
+
+    data = token_shards(tmp_path / "tokens", 1, 8)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(data), "--out", str(tmp_path / "run"), "--hflip", "--max-steps", "1", "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(data) in err and "image_tokens_hflip" in err and "encode` with --hflip" in err, err
+
+
+def test_hflip_training_runs_on_shards_with_the_column(tmp_path):
+    folder, _ = hflip_shards(tmp_path / "tokens", rows=16)
+    options = TrainConfig(max_steps=2, batch_size=4, text_len=8, val_fraction=0, num_workers=0, log_every=1, checkpoint_every=2, hflip=True)
+    assert train_transformer(str(folder), str(tmp_path / "run"), options)["step"] == 2

@@ -166,11 +166,24 @@ def _training_section(page: _Page) -> None:
                                                "text loss": [m["text_loss"] for m in train]}, "training loss", "step", "cross-entropy"))
     val = [m for m in metrics if "val_image_loss" in m]
     if val:
-        page.figure("val_loss.png", line_chart([m["step"] for m in val], {"validation image loss": [m["val_image_loss"] for m in val]},
-                                               "held-out loss", "step", "cross-entropy"))
+        _image_loss_figure(page, train, val)
     mfu = [m for m in train if m.get("mfu") is not None]
     if mfu:
         page.figure("mfu.png", line_chart([m["step"] for m in mfu], {"MFU": [m["mfu"] for m in mfu]}, "model FLOPs utilisation", "step", "MFU"))
+
+
+def _image_loss_figure(page: _Page, train: list[dict], val: list[dict]) -> None:
+    """Training and validation image loss on one chart (over- or underfitting shows as their gap), with the published step."""
+    model_config = page.run_dir / "model" / "config.json"
+    best = json.loads(model_config.read_text()).get("best_step") if model_config.exists() else None
+    steps = sorted({m["step"] for m in train} | {m["step"] for m in val})
+    by_step = {"training image loss": {m["step"]: m["image_loss"] for m in train},
+               "validation image loss": {m["step"]: m["val_image_loss"] for m in val}}
+    if best in by_step["validation image loss"]:
+        by_step[f"published: step {best}"] = {best: by_step["validation image loss"][best]}
+    series = {name: [values.get(s, float("nan")) for s in steps] for name, values in by_step.items()}  # NaN: no point there
+    page.figure("image_loss.png", line_chart(steps, series, "training and validation image loss", "step", "cross-entropy"),
+                f"the published model is the checkpoint with the lowest validation image loss (step {best})" if best is not None else "")
 
 
 def _samples_section(page: _Page) -> None:

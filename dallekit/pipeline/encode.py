@@ -50,14 +50,18 @@ def encode_shard(task: EncodeShard) -> ShardResult:
         except UndecodableImage as err:  # load_square reads the header before it decodes
             errors.append((i, undecodable_reason(err), str(err)))
     codes = np.zeros((0, image_tokenizer.config.grid ** 2), np.uint16)
+    mirrored = codes if task.config.hflip else None
     if pixels:
         batch = task.config.batch_size
         codes = np.concatenate([image_tokenizer.encode(np.stack(pixels[s : s + batch])) for s in range(0, len(pixels), batch)])
+        if task.config.hflip:  # codes cannot be mirrored (a code is a patch): the mirrored image is encoded too
+            mirrored = np.concatenate([image_tokenizer.encode(np.ascontiguousarray(np.stack(pixels[s : s + batch])[:, :, ::-1]))
+                                       for s in range(0, len(pixels), batch)])
     kept_rows = table.take(pa.array(good, pa.int64()))
     captions = kept_rows.column("caption").to_pylist()
     kept = token_table(
         kept_rows.column("uid"), captions, [text_tokenizer.encode(c or "") for c in captions], codes, task.metadata,
-        extra={c: kept_rows.column(c) for c in keep},
+        extra={c: kept_rows.column(c) for c in keep}, image_tokens_hflip=mirrored,
     )
     bad = table.take(pa.array([i for i, _, _ in errors], pa.int64())).drop_columns(["jpg"])
     rejects = bad.append_column("reason", pa.array([r for _, r, _ in errors], pa.string())).append_column(

@@ -1,7 +1,8 @@
 """Token Parquet: the trainer's input, readable by any pandas or pyarrow user.
 
 Columns: `uid` string, `caption` string, `text_tokens` list<uint16> (BPE ids, no BOS/EOS or
-padding), `image_tokens` fixed_size_list<uint16>[grid*grid] (dVAE codes, row-major), plus
+padding), `image_tokens` fixed_size_list<uint16>[grid*grid] (dVAE codes, row-major), with
+`encode --hflip` `image_tokens_hflip` (the same type: the codes of the mirrored image), plus
 optional pass-through columns. The schema metadata key `dallekit` holds JSON describing both
 tokenizers; shards that disagree on it cannot be mixed.
 """
@@ -22,6 +23,7 @@ from dallekit.io import shard_schema
 
 FORMAT = "dallekit.tokens/1"
 METADATA_KEY = b"dallekit"
+HFLIP_COLUMN = "image_tokens_hflip"
 
 
 def token_metadata(image_tokenizer: dict, text_tokenizer: dict) -> dict:
@@ -29,16 +31,22 @@ def token_metadata(image_tokenizer: dict, text_tokenizer: dict) -> dict:
     return {"format": FORMAT, "image_tokenizer": image_tokenizer, "text_tokenizer": text_tokenizer}
 
 
-def token_table(uids, captions, text_tokens: list[list[int]], image_tokens: np.ndarray, metadata: dict, extra: dict | None = None) -> pa.Table:
-    """Build a token table with the documented types and metadata."""
+def token_table(uids, captions, text_tokens: list[list[int]], image_tokens: np.ndarray, metadata: dict, extra: dict | None = None,
+                image_tokens_hflip: np.ndarray | None = None) -> pa.Table:
+    """Build a token table with the documented types and metadata (and the mirrored images' codes when given)."""
     n_codes = metadata["image_tokenizer"]["grid"] ** 2
     flat_text = np.concatenate([np.asarray(t, dtype=np.uint16) for t in text_tokens]) if text_tokens else np.zeros(0, np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(t) for t in text_tokens])]).astype(np.int32)
+
+    def codes(values: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.uint16).reshape(-1), pa.uint16()), n_codes)
+
     columns = {
         "uid": pa.array(uids, pa.string()),
         "caption": pa.array(captions, pa.string()),
         "text_tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_text, pa.uint16())),
-        "image_tokens": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(image_tokens, np.uint16).reshape(-1), pa.uint16()), n_codes),
+        "image_tokens": codes(image_tokens),
+        **({HFLIP_COLUMN: codes(image_tokens_hflip)} if image_tokens_hflip is not None else {}),
         **(extra or {}),
     }
     table = pa.table(columns)
@@ -95,6 +103,14 @@ def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
     return reference
 
 
+def check_hflip_column(folder: str, paths: list[str]) -> None:
+    """Bad input unless every token shard has the mirrored images' codes that `train --hflip` draws from."""
+    for path in paths:
+        if HFLIP_COLUMN not in shard_schema(path)[0].names:
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            raise BadInputError(f"{folder}: shard {name} has no `{HFLIP_COLUMN}` column, which --hflip trains on: rerun `dallekit encode` with --hflip")
+
+
 class TokenBatches:
     """Streams (text (B, T), image (B, N)) int64 batches from token shards, for one rank and loader worker.
 
@@ -102,19 +118,23 @@ class TokenBatches:
     are read one row group at a time, and batches are drawn at random from a bounded buffer of
     rows, so memory stays bounded however many shards there are. Ranks take every world-th
     shard of the epoch's order, loader workers every n_workers-th of those. Captions are
-    truncated to T and padded with per-position padding ids. Everything is vectorised: rows
-    never pass through Python one by one.
+    truncated to T and padded with per-position padding ids. With `hflip`, a row's image is its
+    mirror's codes (`image_tokens_hflip`) with probability 1/2, drawn per row and epoch from the
+    worker's own seeded generator, so a resume that replays the skipped batches draws the same.
+    Everything is vectorised: rows never pass through Python one by one.
     """
 
     def __init__(self, paths: list[str], text_len: int, pad_base: int, batch_size: int, seed: int = 0,
-                 shuffle_buffer: int = 4096, rank: int = 0, world: int = 1, shuffle: bool = True, loop: bool = True):
+                 shuffle_buffer: int = 4096, rank: int = 0, world: int = 1, shuffle: bool = True, loop: bool = True, hflip: bool = False):
         self.paths, self.text_len, self.pad_base, self.batch_size = list(paths), text_len, pad_base, batch_size
         self.seed, self.buffer, self.rank, self.world, self.shuffle, self.loop = seed, shuffle_buffer, rank, world, shuffle, loop
+        self.hflip = hflip
 
-    def _groups(self, epoch: int, worker: int, n_workers: int):
+    def _groups(self, epoch: int, worker: int, n_workers: int, flips: np.random.Generator | None = None):
         """(text (R, T), image (R, N)) row groups of this worker's shards in one epoch."""
         import random
 
+        columns = ["text_tokens", "image_tokens", *([HFLIP_COLUMN] if flips is not None else [])]
         order = list(self.paths)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
@@ -124,10 +144,10 @@ class TokenBatches:
                 pf = pq.ParquetFile(f)
                 for g in range(pf.num_row_groups):
                     if pf.metadata.row_group(g).num_rows:  # an empty shard has one empty group: nothing to yield
-                        yield self._arrays(pf.read_row_group(g, columns=["text_tokens", "image_tokens"]))
+                        yield self._arrays(pf.read_row_group(g, columns=columns), flips)
 
-    def _arrays(self, group: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Padded text (R, T) int64 and image (R, N) uint16 arrays of a row group."""
+    def _arrays(self, group: pa.Table, flips: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Padded text (R, T) int64 and image (R, N) uint16 arrays of a row group (each row's image or its mirror, with flips)."""
         text_col = group.column("text_tokens").combine_chunks()
         offsets = text_col.offsets.to_numpy()
         values = text_col.values.to_numpy(zero_copy_only=False)
@@ -138,16 +158,20 @@ class TokenBatches:
         col = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         text[row, col] = values[offsets[:-1][row] + col]
         image = group.column("image_tokens").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(rows, -1)
+        if flips is not None:
+            mirrored = group.column(HFLIP_COLUMN).combine_chunks().values.to_numpy(zero_copy_only=False).reshape(rows, -1)
+            image = np.where((flips.random(rows) < 0.5)[:, None], mirrored, image)
         return text, image
 
     def batches(self, worker: int = 0, n_workers: int = 1, epoch: int = 0, skip: int = 0):
         """Yield (epoch, text, image) numpy batches, skipping the first `skip` batches (exact resume)."""
         rng = np.random.default_rng([self.seed, self.rank, worker, n_workers])
+        flips = np.random.default_rng([self.seed, self.rank, worker, n_workers, 1]) if self.hflip else None
         buffer = _RowBuffer()
         produced, keep = 0, self.buffer if self.shuffle else 0
         while True:
             rows = 0
-            for text, image in self._groups(epoch, worker, n_workers):
+            for text, image in self._groups(epoch, worker, n_workers, flips):
                 rows += len(text)
                 buffer.add(text, image)
                 while buffer.n >= keep + self.batch_size:

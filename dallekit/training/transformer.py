@@ -2,7 +2,10 @@
 
 One process or torchrun's DDP ranks (shards split across ranks); bf16 autocast where the
 device has it; held-out shards for the validation loss; sample images from fixed captions at
-each checkpoint.
+each checkpoint. Rank 0 keeps an EMA of the weights, which validation, the checkpoint samples
+and the published model use; the published model (`model.safetensors` + `config.json`) is the
+checkpoint with the best validation image loss, `checkpoint/` the latest state; `--early-stop`
+ends training when that loss stops improving.
 """
 
 
@@ -14,6 +17,7 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from dallekit.models.transformer import config_dict
 from dallekit.models.weights import autocast, autocast_dtype
 from dallekit.progress import progress
 from dallekit.training.loop import (
+    EMA,
     MetricsLog,
     default_peak_flops,
     learning_rate,
@@ -110,10 +115,35 @@ def _check_resumable(out: Path, config) -> None:
             raise BadInputError(f"--resume: {out} holds a model with {key}={saved.get(key)}, these tokens and options give {getattr(config, key)}")
 
 
-class _Trainer:
-    """The transformer, its optimizer and loss scaler on one rank, resumed from `out` with --resume."""
+@dataclass
+class _Best:
+    """The best validation image loss so far, its step, and the evaluations since it last improved (kept in the checkpoint)."""
 
-    def __init__(self, config, options, device: torch.device, out: Path, world: int):
+    step: int | None = None
+    val_image_loss: float | None = None
+    stale: int = 0
+
+    def judge(self, step: int, loss: float) -> bool:
+        """Count one evaluation; True when it is the best so far (the first always is; a NaN best is beaten by anything)."""
+        if self.step is None or loss < self.val_image_loss or math.isnan(self.val_image_loss):
+            self.step, self.val_image_loss, self.stale = step, loss, 0
+            return True
+        self.stale += 1
+        return False
+
+    def stopped(self, patience: int) -> bool:
+        """Whether `patience` evaluations (0: never) have passed without an improvement."""
+        return 0 < patience <= self.stale
+
+    def summary(self) -> dict:
+        """`best_step` and `best_val_image_loss`, for config.json and the returned metrics."""
+        return {"best_step": self.step, "best_val_image_loss": self.val_image_loss}
+
+
+class _Trainer:
+    """The transformer, its optimizer, loss scaler and (rank 0) EMA on one rank, resumed from `out` with --resume."""
+
+    def __init__(self, config, options, device: torch.device, out: Path, world: int, rank: int):
         from dallekit.models.transformer import DalleTransformer
 
         self.options, self.device, self.distributed = options, device, world > 1
@@ -121,14 +151,17 @@ class _Trainer:
         self.optimizer = self.model.configure_optimizers(options.weight_decay, options.lr, (0.9, options.beta2), device.type)
         self.amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # fp16 needs loss scaling
-        self.start = 0
+        self.ema = EMA(self.model, options.ema_decay) if options.ema_decay and rank == 0 else None  # only rank 0 evaluates
+        self.start, self.best = 0, _Best()
         if options.resume:
-            restored = load_checkpoint(out, self.model, self.optimizer)
+            restored = load_checkpoint(out, self.model, self.optimizer, ema=self.ema)
             if restored is None:
                 raise BadInputError(f"--resume: no checkpoint in {out}")
-            self.start = restored["step"]
+            self.start, self.best = restored["step"], _Best(**restored["extra"].get("best", {}))
             if restored["extra"].get("scaler"):
                 self.scaler.load_state_dict(restored["extra"]["scaler"])
+            if self.ema is not None and not self.ema.updates:  # a checkpoint without an average: start one from its weights
+                self.ema = EMA(self.model, options.ema_decay)
         if options.compile:
             self.model.compile()  # in place: the compiled forward computes the loss too
         self.train_model = self.model
@@ -156,11 +189,17 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)  # the unwrapped model: DDP's wrapper holds the same parameters
         return parts, epoch, float(grad_norm)
+
+    def averaged(self):
+        """A context in which the model holds the EMA weights (its own without an EMA)."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
 
 class _Logs:
-    """Rank 0's metrics, TensorBoard, checkpoint samples and checkpoints, at their intervals."""
+    """Rank 0's metrics, TensorBoard, checkpoint samples, checkpoints and the published best model, at their intervals."""
 
     def __init__(self, trainer: _Trainer, out: Path, paths: tuple[list[str], list[str]], metadata: dict, tokens_per_step: int):
         options, resume_step = trainer.options, trainer.start if trainer.options.resume else None
@@ -176,7 +215,7 @@ class _Logs:
 
     def after(self, done: int, parts: dict, lr: float, grad_norm: float, epoch: int) -> dict:
         """Log step `done` when due, then checkpoint when due; the latest record."""
-        options, model = self.trainer.options, self.trainer.model
+        options = self.trainer.options
         if done % options.log_every == 0 or done == options.max_steps:
             now = time.time()
             steps = options.log_every if done % options.log_every == 0 else done % options.log_every
@@ -185,32 +224,86 @@ class _Logs:
             self.record = {"step": done, **parts, "lr": lr, "grad_norm": grad_norm, "epoch": epoch, "tokens_per_s": tokens_per_s,
                            "mfu": self.flops_per_token * tokens_per_s / self.peak if self.peak else None}
         if done % options.checkpoint_every == 0 or done == options.max_steps:
-            if self.val_paths:
-                base = self.record if self.record.get("step") == done else {"step": done}
-                self.record = base | validation_loss(model, self.val_paths, options, model.config, self.trainer.device)
-            self.metrics.write(self.record)  # before the checkpoint: a resume drops later lines
-            self.board(self.record)
-            for line in checkpoint_samples(model, self.captions, done, options.seed):
-                self.samples.write(line)
-            scaler = self.trainer.scaler
-            publish_model(self.out, model, config_dict(model.config) | {"tokens": self.metadata})
-            save_checkpoint(self.out, model, self.trainer.optimizer, done,
-                            {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+            self.checkpoint(done, epoch)
         elif self.record.get("step") == done:
             self.metrics.write(self.record)
             self.board(self.record)
         return self.record
 
+    def checkpoint(self, done: int, epoch: int) -> None:
+        """Validate and sample with the EMA weights, publish them when best, then save the latest state to checkpoint/."""
+        trainer, options, model = self.trainer, self.trainer.options, self.trainer.model
+        improved = True  # without validation the latest is published
+        with trainer.averaged():
+            if self.val_paths:
+                base = self.record if self.record.get("step") == done else {"step": done}
+                self.record = base | validation_loss(model, self.val_paths, options, model.config, trainer.device)
+                improved = trainer.best.judge(done, self.record["val_image_loss"])
+                if trainer.best.stopped(options.early_stop):
+                    self.record["early_stopped"] = True
+            self.metrics.write(self.record)  # before the checkpoint: a resume drops later lines
+            self.board(self.record)
+            for line in checkpoint_samples(model, self.captions, done, options.seed):
+                self.samples.write(line)
+        if improved:
+            published = {"tokens": self.metadata, "step": done, "ema_decay": options.ema_decay} | trainer.best.summary()
+            publish_model(self.out, model, config_dict(model.config) | published, trainer.ema)
+        scaler = trainer.scaler
+        save_checkpoint(self.out, model, trainer.optimizer, done,
+                        {"epoch": epoch, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best": asdict(trainer.best)},
+                        ema=trainer.ema)
+
+
+def _agreed_stop(trainer: _Trainer, done: int, val_paths: list[str]) -> bool:
+    """Whether every rank stops after step `done`: rank 0's early-stop verdict, broadcast at checkpoints."""
+    options = trainer.options
+    if not options.early_stop or not val_paths or (done % options.checkpoint_every and done != options.max_steps):
+        return False
+    stop = trainer.best.stopped(options.early_stop)
+    if trainer.distributed:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop)], device=trainer.device)
+        dist.broadcast(flag, src=0)  # only rank 0 validates
+        stop = bool(flag.item())
+    return stop
+
+
+def _train_steps(trainer: _Trainer, batches, caption_rng: torch.Generator, logs: _Logs | None, val_paths: list[str]) -> dict:
+    """The optimizer steps from the trainer's start to max_steps or an early stop; the last logged record."""
+    options, last = trainer.options, {}
+    bar = progress(total=options.max_steps, initial=trainer.start, desc="train", unit="step", disable=logs is None)
+    try:
+        for step in range(trainer.start, options.max_steps):
+            lr = learning_rate(step, options.max_steps, options.lr, options.min_lr, options.warmup_steps)
+            set_learning_rate(trainer.optimizer, lr)
+            parts, epoch, grad_norm = trainer.step(batches, caption_rng)
+            bar.update(1)
+            if logs is not None:
+                last = logs.after(step + 1, parts, lr, grad_norm, epoch) or last
+                if last.get("step") == step + 1 and "loss" in last:
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", img=f"{parts['image_loss']:.3f}")
+            if _agreed_stop(trainer, step + 1, val_paths):
+                bar.set_postfix(stopped=f"no better validation image loss since step {trainer.best.step}")
+                return last | {"step": step + 1, "early_stopped": True}
+        return last
+    finally:
+        bar.close()
+
 
 def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
-    """Train the DALL-E transformer on token Parquet; returns the last logged metrics."""
+    """Train the DALL-E transformer on token Parquet; returns the last logged metrics with the best step and its validation image loss."""
     from dallekit.io import list_shards
-    from dallekit.tokenize.tokens import TokenBatches, check_token_files, token_loader
+    from dallekit.tokenize.tokens import TokenBatches, check_hflip_column, check_token_files, token_loader
 
     rank, world, device = _start_processes(options)
     paths = list_shards(tokens_dir)
     metadata = check_token_files(paths + (list_shards(options.val) if options.val else []))
     train_paths, val_paths = (paths, list_shards(options.val)) if options.val else split_shards(paths, options.val_fraction, options.seed)
+    if options.early_stop and not val_paths:
+        raise BadInputError(f"--early-stop {options.early_stop}: needs validation shards (--val DIR, or --val-fraction > 0 and two or more shards)")
+    if options.hflip:
+        check_hflip_column(tokens_dir, train_paths)
     config = model_config_for(metadata, options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,32 +313,25 @@ def train_transformer(tokens_dir: str, out_dir: str, options) -> dict:
     random.seed(options.seed)
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
-    trainer = _Trainer(config, options, device, out, world)
-    start = trainer.start
-    source = TokenBatches(train_paths, config.text_len, config.pad_base, options.batch_size, options.seed, options.shuffle_buffer, rank, world)
-    batches = iter(token_loader(source, options.num_workers, start_batch=start * options.grad_accum, pin_memory=device.type == "cuda"))
-    caption_rng = torch.Generator().manual_seed(options.seed * 7919 + rank)
-    for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
-        torch.rand(options.batch_size, generator=caption_rng)
-    tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
-    logs = _Logs(trainer, out, (train_paths, val_paths), metadata, tokens_per_step) if rank == 0 else None
-    last = {}
-    bar = progress(total=options.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
-    for step in range(start, options.max_steps):
-        lr = learning_rate(step, options.max_steps, options.lr, options.min_lr, options.warmup_steps)
-        set_learning_rate(trainer.optimizer, lr)
-        parts, epoch, grad_norm = trainer.step(batches, caption_rng)
-        bar.update(1)
-        if logs is not None:
-            last = logs.after(step + 1, parts, lr, grad_norm, epoch) or last
-            if last.get("step") == step + 1 and "loss" in last:
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", img=f"{parts['image_loss']:.3f}")
-    bar.close()
+    trainer = _Trainer(config, options, device, out, world, rank)
+    if trainer.best.stopped(options.early_stop) and val_paths:  # a resume of a run that stopped early: nothing to do
+        last = {"step": trainer.start, "early_stopped": True}
+    else:
+        start = trainer.start
+        source = TokenBatches(train_paths, config.text_len, config.pad_base, options.batch_size, options.seed, options.shuffle_buffer, rank, world,
+                              hflip=options.hflip)
+        batches = iter(token_loader(source, options.num_workers, start_batch=start * options.grad_accum, pin_memory=device.type == "cuda"))
+        caption_rng = torch.Generator().manual_seed(options.seed * 7919 + rank)
+        for _ in range(start * options.grad_accum):  # the dropout draws of the batches already trained on
+            torch.rand(options.batch_size, generator=caption_rng)
+        tokens_per_step = options.batch_size * options.grad_accum * world * config.seq_len
+        logs = _Logs(trainer, out, (train_paths, val_paths), metadata, tokens_per_step) if rank == 0 else None
+        last = _train_steps(trainer, batches, caption_rng, logs, val_paths)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return last
+    return last | (trainer.best.summary() if val_paths else {})
 
 
 def sample_caption_tokens(paths: list[str], count: int) -> list[tuple[str, list[int]]]:
