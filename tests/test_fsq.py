@@ -282,3 +282,25 @@ def test_every_level_combination_of_the_paper_fits_uint16():
         fsq = FSQ(levels)
         corners = torch.tensor(list(itertools.product(*[[-9.0, 9.0]] * len(levels)))).T.reshape(1, len(levels), -1, 1)
         assert fsq(corners)[1].max() == math.prod(levels) - 1
+
+
+def test_run_folders_keep_the_dvae_folder_of_an_older_run(tmp_path):
+    from dallekit.jobs.run import run_folders
+
+    assert run_folders(str(tmp_path / "new"))["tokenizer"] == f"{tmp_path}/new/tokenizer"
+    dvae_folder(tmp_path / "old" / "dvae")  # a run folder from before the FSQ tokenizer: it resumes with its dVAE
+    assert run_folders(str(tmp_path / "old"))["tokenizer"] == f"{tmp_path}/old/dvae"
+
+
+def test_small_real_recipe_is_a_valid_pipeline_that_keeps_short_captions():
+    from pathlib import Path
+
+    from dallekit.config import load_toml
+    from dallekit.jobs.run import load_pipeline
+
+    recipe = Path(__file__).parent.parent / "dallekit" / "configs" / "small-real.toml"
+    toml = load_toml(str(recipe))
+    toml["run"] |= {"inputs": ["pictures/"]}
+    p = load_pipeline(toml, str(recipe))
+    assert p.train_tokenizer.preset.startswith("fsq-") and p.ingest.format == "folder" and p.run.train_clip
+    assert p.filter.min_caption_words == 1 and p.filter.min_caption_chars <= 2 and p.filter.min_side <= 32  # "ox", "rabbit face" at 64 px
