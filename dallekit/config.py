@@ -403,13 +403,14 @@ class TrainTokenizerConfig:
     batch_size: int | None = option(None, "images per step (default: the preset's)", bounds="[1, inf)")
     recon_loss: str | None = option(None, "dVAE reconstruction loss (default: the preset's)", choices=[None, "logit_laplace", "mse"])
     levels: list[int] | None = option(None, "FSQ levels per latent channel, e.g. 8 5 5 5 (1,000 codes; default: the preset's)", nargs="+")
-    image_size: int | None = option(None, "FSQ input side in pixels (default: the preset's)", bounds="[1, inf)")
+    image_size: int | None = option(None, "FSQ input side in pixels, a multiple of 4 from 12 (the discriminator's smallest input) "
+                                    "to 1024 (default: the preset's)", bounds="[12, 1024]")
     ema_decay: float | None = option(None, "FSQ: decay of the weights' moving average used for evaluation and the saved model (0: none; default: the preset's)", bounds="[0, 1)")
     disc_start: int | None = option(None, "FSQ: step at which the PatchGAN loss starts (default: the preset's share of max_steps)", bounds="[0, inf)")
     disc_weight: float | None = option(None, "FSQ: weight of the PatchGAN generator loss (0: none; default: the preset's)", bounds="[0, inf)")
     perceptual_weights: str | None = option(None, "FSQ: a local .safetensors of VGG16 features (and optional LPIPS heads) for a perceptual loss; never downloaded")
     discriminator_init: str | None = option(None, "FSQ: a local .safetensors of discriminator weights to start from")
-    hflip: bool = option(False, "mirror half the training images (off by default: a caption can say left or right)")
+    hflip: bool = option(False, "FSQ: mirror half the training images (off by default: a caption can say left or right)")
     seed: int = option(0, "seed of weights, data order and Gumbel noise")
     resume: bool = option(False, "continue from the output folder's checkpoint")
     checkpoint_every: int = option(250, "steps between checkpoints, evaluations and reconstruction grids", bounds="[1, inf)")
@@ -422,8 +423,8 @@ class TrainTokenizerConfig:
     def check(self) -> None:
         """FSQ options need an FSQ preset; levels must make 2 to 65,535 codes of at least 2 values each."""
         if self.preset in DVAE_PRESET_NAMES:
-            for name in FSQ_ONLY_OPTIONS:
-                if getattr(self, name) is not None:
+            for name in FSQ_ONLY_OPTIONS + ("hflip",):
+                if getattr(self, name) not in (None, False):  # the dVAE trainer would ignore them
                     raise OptionError(name, f"an FSQ preset ({', '.join(FSQ_PRESET_NAMES)}) to apply to; {self.preset} is a dVAE", getattr(self, name))
             return
         if self.recon_loss is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 import dallekit.training.tokenizer as train_module
 from dallekit.cli import main
 from dallekit.config import EncodeConfig, TrainTokenizerConfig
+from dallekit.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
 from dallekit.models.fsq import FSQ, FSQ_PRESETS, FSQAutoencoder, fsq_config, save_fsq_config
 from dallekit.models.perceptual import load_perceptual_loss, vgg16_features
@@ -80,6 +83,17 @@ def test_every_code_id_round_trips_through_its_values(levels):
     assert torch.equal(codes, every)
 
 
+def test_a_level_of_two_gives_two_values_and_no_nan_codes():
+    """At L = 2 the paper's h = (L-1)(1-eps)/2 is below the 1/2 offset: atanh(offset/h) was NaN and so were the codes."""
+    fsq = FSQ([2, 3])
+    torch.manual_seed(0)
+    values, codes = fsq(torch.randn(1, 2, 64, 64) * 6)
+    assert not values.isnan().any()
+    assert sorted(set((values[0, 0]).round().long().flatten().tolist())) == [-1, 0]
+    assert sorted(set(codes.flatten().tolist())) == list(range(6))
+    assert torch.equal(fsq.codes_to_values(codes), values)
+
+
 def test_straight_through_gradient_is_the_bounds():
     fsq = FSQ([8, 5, 5, 5])
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
@@ -127,6 +141,24 @@ def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
     a, b = (ImageTokenizer.load(str(tmp_path / name), "cpu").model.state_dict() for name in ("straight", "resumed"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the published (EMA) weights too
+
+
+def test_resume_with_other_options_or_kind_is_one_line_naming_them(tmp_path, capsys):
+    """Weights of another architecture were loaded before the settings were compared: a RuntimeError traceback."""
+    data = shapes_stage(tmp_path / "filtered", 8)
+    train_tokenizer(str(data), str(tmp_path / "tok"), small_options(max_steps=1, batch_size=2, val_percent=30))
+    capsys.readouterr()  # the progress bar's last line
+    base = ["train-tokenizer", data, "--out", tmp_path / "tok", "--resume", "--max-steps", "1", "--batch-size", "2", "--val-percent", "30",
+            "--dtype", "fp32"]
+    cases = [
+        (["--preset", "fsq-tiny", "--disc-start", "4", "--levels", "8", "6", "5"], "another preset or options (levels [8, 5, 5, 5] -> [8, 6, 5])"),
+        (["--preset", "fsq-tiny-240", "--disc-start", "4"], "another preset or options (levels [8, 5, 5, 5] -> [8, 6, 5])"),
+        (["--preset", "fsq-tiny", "--disc-start", "4", "--hflip"], "another preset or options (hflip False -> True)"),
+        (["--preset", "tiny"], "a checkpoint of another kind of model, not a dvae one"),
+    ]
+    for options, needle in cases:
+        code, err = run_cli(capsys, *base, *options)
+        assert code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err, (options, err)
 
 
 def raw_weights(folder, options: TrainTokenizerConfig) -> dict:
@@ -222,6 +254,7 @@ def test_tokens_of_one_tokenizer_refused_by_another(tmp_path, capsys):
     save_model(tmp_path / "model", model, config_dict(model.config) | {"tokens": metadata})
     code, err = run_cli(capsys, "sample", "--model", tmp_path / "model", "--tokenizer", tmp_path / "fsq", "--prompt", "a cat", "--out", tmp_path / "s")
     assert code == 2 and err.count("\n") == 1 and "levels [8, 5, 5, 5]" in err and "dallekit-dvae (128 codes" in err, err
+    assert "fsq: is the image tokenizer dallekit-fsq" in err, err  # the folder is a tokenizer, not tokens "made by" one
     code, err = run_cli(capsys, "decode", tmp_path / "tokens", "--dvae", tmp_path / "dvae", "--out", tmp_path / "out")
     assert code == 0, err  # the dVAE that made them, by its old option name
 
@@ -235,6 +268,9 @@ def test_tokens_of_one_tokenizer_refused_by_another(tmp_path, capsys):
     (["--image-size", "30"], "--image-size 30: expected a multiple of 4"),
     (["--preset", "tiny", "--levels", "8", "5", "5", "5"], "--levels [8, 5, 5, 5]: expected an FSQ preset"),
     (["--recon-loss", "mse"], "--recon-loss 'mse': expected a dVAE preset"),
+    (["--image-size", "8"], "--image-size 8: expected a number >= 12"),  # the discriminator's convolutions need 12 px
+    (["--image-size", "100000"], "--image-size 100000: expected a number >= 12 and <= 1024"),  # 30 GB a decoded image
+    (["--preset", "tiny", "--hflip"], "--hflip True: expected an FSQ preset"),  # the dVAE trainer ignored it
 ])
 def test_bad_levels_and_sizes_are_one_line_at_the_option(tmp_path, capsys, options, needle):
     shapes_stage(tmp_path / "filtered", 4)
@@ -252,17 +288,26 @@ def test_bad_weights_files_are_one_line(tmp_path, capsys, monkeypatch):
     save_file(state, str(wrong))
     disc = tmp_path / "disc.safetensors"
     save_file({"layers.0.weight": torch.zeros(1, 1, 1, 1)}, str(disc))
+    narrow = tmp_path / "disc32.safetensors"  # a discriminator of another width
+    save_file(PatchDiscriminator(DiscriminatorConfig(32, 2)).state_dict(), str(narrow))
+    as_ints = tmp_path / "disc_int.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in PatchDiscriminator(DiscriminatorConfig(64, 2)).state_dict().items()}, str(as_ints))
+    (tmp_path / "folder.safetensors").mkdir()
     cases = [
         (["--perceptual-weights", tmp_path / "missing.safetensors"], "no such file"),
         (["--perceptual-weights", pickled], "a pickle (torch.save) file"),
         (["--perceptual-weights", wrong], "features.0.weight has shape (64, 3, 5, 5), VGG16 expects (64, 3, 3, 3)"),
         (["--discriminator-init", pickled], "a pickle (torch.save) file"),
         (["--discriminator-init", disc], "weights do not fit"),
+        (["--discriminator-init", narrow], "weights do not fit the PatchDiscriminator ('layers.0.weight' has shape (32, 3, 4, 4), expected (64, 3, 4, 4))"),
+        (["--discriminator-init", as_ints], "'layers.0.weight' holds int32 values, expected floating-point weights"),  # trained on silently
+        (["--perceptual-weights", tmp_path / "folder.safetensors"], "folder.safetensors: a folder (expected VGG16"),
     ]
     for options, needle in cases:
         code, err = run_cli(capsys, "train-tokenizer", tmp_path / "filtered", "--out", tmp_path / "tok", "--preset", "fsq-tiny",
                             "--max-steps", "1", *options)
         assert code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err, (options, err)
+        assert not (tmp_path / "tok" / "model.safetensors").exists(), options
 
 
 def test_old_section_and_command_names_still_work(tmp_path, capsys):
@@ -274,6 +319,46 @@ def test_old_section_and_command_names_still_work(tmp_path, capsys):
     (tmp_path / "both.toml").write_text("[train-dvae]\nmax_steps = 2\n[train-tokenizer]\nmax_steps = 2\n")
     code, err = run_cli(capsys, "train-tokenizer", tmp_path / "filtered", "--out", tmp_path / "t2", "--config", tmp_path / "both.toml")
     assert code == 2 and "same section" in err
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"model": ["dallekit-fsq"]}, "config.json says model ['dallekit-fsq'], expected an image tokenizer"),  # was a TypeError traceback
+    ({"channel_mult": []}, "channel_mult []: expected a list of whole numbers"),  # was an IndexError traceback
+    ({"width": 0}, "width 0: expected a whole number of at least 1"),  # was a torch warning line before the error
+    ({"image_size": "32"}, "image_size '32': expected a whole number"),  # was "not all arguments converted during string formatting"
+    ({"levels": [8, 6, 5]}, "weights do not fit the FSQAutoencoder ('encoder.conv_out.weight' has shape (4, 128, 1, 1), expected (3, 128, 1, 1))"),
+])
+def test_hand_edited_tokenizer_config_is_one_line_naming_the_setting(tmp_path, capsys, edit, needle):
+    folder = fsq_folder(tmp_path / "fsq")
+    (tmp_path / "tokens").mkdir()
+    metadata = token_metadata(ImageTokenizer.load(str(folder), "cpu").metadata(), {"kind": "clip-bpe", "vocab_size": 49408})
+    pq.write_table(token_table(["u"], ["c"], [[1]], np.zeros((1, 64)), metadata), tmp_path / "tokens" / "part-00000.parquet")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | edit))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning is a second line on stderr
+        code, err = run_cli(capsys, "decode", tmp_path / "tokens", "--tokenizer", folder, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_tokenizer_weights_that_do_not_fit_are_named(tmp_path):
+    """Integer or non-finite tensors loaded silently (copied into the float weights); a missing or extra one was named only by its class."""
+    from safetensors.torch import load_file
+
+    from dallekit.errors import BadInputError
+
+    folder = fsq_folder(tmp_path / "fsq")
+    good = load_file(str(folder / "model.safetensors"))
+    cases = [
+        ({k: v.to(torch.int16) for k, v in good.items()}, "'encoder.conv_in.weight' holds int16 values, expected floating-point weights"),
+        (good | {"encoder.conv_in.bias": torch.full_like(good["encoder.conv_in.bias"], float("nan"))}, "'encoder.conv_in.bias' holds NaN or infinite values"),
+        (good | {"extra.weight": torch.zeros(1)}, "a tensor 'extra.weight' the model does not have"),
+        ({k: v for k, v in good.items() if k != "decoder.conv_out.bias"}, "no tensor 'decoder.conv_out.bias'"),
+    ]
+    for state, needle in cases:
+        save_file(state, str(folder / "model.safetensors"))
+        with pytest.raises(BadInputError, match=re.escape(needle)):
+            ImageTokenizer.load(str(folder), "cpu")
 
 
 def test_every_level_combination_of_the_paper_fits_uint16():

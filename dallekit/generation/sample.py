@@ -60,7 +60,7 @@ def text_tokenizer_for(metadata: dict):
 
 def check_dvae(metadata: dict, dvae: ImageTokenizer, dvae_dir: str) -> None:
     """The image tokenizer (dVAE or FSQ) must be the one whose codes the transformer learned: bad input naming both."""
-    check_same_tokenizer(dvae.metadata(), metadata["image_tokenizer"], dvae_dir, "the model")
+    check_same_tokenizer(dvae.metadata(), metadata["image_tokenizer"], dvae_dir, "the model", found_is="is")
 
 
 @torch.no_grad()

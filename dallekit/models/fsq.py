@@ -73,9 +73,19 @@ FSQ_PRESETS: dict[str, dict] = {
 }
 
 
+def _whole(value) -> bool:
+    """A whole number (not a bool, float or string) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_fsq_config(c: FSQConfig) -> None:
-    """Raise ValueError naming the setting when the levels or the image size cannot make a token grid."""
-    if not c.levels or any(not isinstance(level, int) or level < 2 for level in c.levels):
+    """Raise ValueError naming the setting when the levels, the widths or the image size cannot make a token grid."""
+    for name in ("image_size", "width", "n_res_blocks"):
+        if not _whole(getattr(c, name)):
+            raise ValueError(f"{name} {getattr(c, name)!r}: expected a whole number of at least 1")
+    if not isinstance(c.channel_mult, list) or not c.channel_mult or not all(_whole(m) for m in c.channel_mult):
+        raise ValueError(f"channel_mult {c.channel_mult!r}: expected a list of whole numbers of at least 1")
+    if not isinstance(c.levels, list) or not c.levels or any(not _whole(level) or level < 2 for level in c.levels):
         raise ValueError(f"levels {c.levels}: expected whole numbers of at least 2")
     if c.codebook_size > MAX_CODES:
         raise ValueError(f"levels {c.levels} make {c.codebook_size} codes: at most {MAX_CODES} fit the token files' uint16")
@@ -106,7 +116,9 @@ class FSQ(nn.Module):
         levels = self.levels.view(1, -1, 1, 1).to(z.dtype)
         half_l = (levels - 1) * (1 - self.eps) / 2
         offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half_l)
+        # the paper's h = (L-1)(1-eps)/2 is below 1/2 at L = 2, where atanh(offset/h) is undefined (NaN codes);
+        # capped, L = 2 gets vector-quantize-pytorch's shift and every L >= 3 the paper's exact one
+        shift = torch.atanh((offset / half_l).clamp(max=1 - self.eps))
         return torch.tanh(z + shift) * half_l - offset
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,7 @@ class PerceptualLoss(nn.Module):
         return total
 
     def train(self, mode: bool = True) -> PerceptualLoss:
+        """Stay in eval mode whatever `mode` says."""
         return super().train(False)  # always in eval mode: a frozen measuring stick
 
 

@@ -14,6 +14,7 @@ from dallekit.errors import BadInputError
 
 
 def write_json(path: Path, obj) -> None:
+    """Write obj as indented JSON, atomically (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -63,7 +64,8 @@ def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of a user-given safetensors file; bad input naming it when it is missing, a pickle or not safetensors."""
     file = Path(path)
     if not file.is_file():
-        raise BadInputError(f"{path}: no such file (expected {what} as a .safetensors file)")
+        found = "a folder" if file.is_dir() else "no such file"
+        raise BadInputError(f"{path}: {found} (expected {what} as a .safetensors file)")
     with file.open("rb") as f:
         head = f.read(4)
     if head.startswith(PICKLE_MAGIC):
@@ -72,12 +74,32 @@ def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     return read_safetensors(file)
 
 
+def weights_problem(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from being `model`'s weights (the first missing, extra, misshapen, non-float or non-finite tensor), or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return f"no tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        return f"a tensor '{extra[0]}' the model does not have" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    for key, value in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(value.shape):
+            return f"'{key}' has shape {tuple(got.shape)}, expected {tuple(value.shape)}"
+        if value.is_floating_point() and not got.is_floating_point():
+            return f"'{key}' holds {str(got.dtype).removeprefix('torch.')} values, expected floating-point weights"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"'{key}' holds NaN or infinite values"
+    return None
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load a state dict; bad input naming the folder when the weights do not fit the model its config describes."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise BadInputError(f"{where}: weights do not fit its config.json ({str(err).splitlines()[0][:200]})") from None
+    """Load a state dict; bad input naming `where` and the first tensor that does not fit the model (its class named)."""
+    problem = weights_problem(model, state)
+    if problem is not None:
+        raise BadInputError(f"{where}: weights do not fit the {type(model).__name__} ({problem})")
+    model.load_state_dict(state)
 
 
 def pick_device(device: str = "auto") -> torch.device:

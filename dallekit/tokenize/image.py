@@ -41,8 +41,8 @@ class ImageTokenizer:
         """Load a tokenizer folder written by train-tokenizer (train-dvae) or convert-openai-dvae."""
         values, state = load_model_state(model_dir)
         kind = values.get("model", "dallekit-dvae")  # folders from before the kind was recorded are dVAEs
-        if kind not in TOKENIZER_KINDS:
-            raise BadInputError(f"{model_dir}: a {kind} folder, expected an image tokenizer ({' or '.join(TOKENIZER_KINDS)})")
+        if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
+            raise BadInputError(f"{model_dir}: config.json says model {kind!r}, expected an image tokenizer ({' or '.join(TOKENIZER_KINDS)})")
         model = build_model(*TOKENIZER_KINDS[kind], values, model_dir)
         load_weights(model, state, model_dir)
         digest = hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()

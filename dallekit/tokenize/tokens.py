@@ -76,10 +76,10 @@ def describe_tokenizer(entry: dict) -> str:
             f"{entry.get('image_size')} px, sha256 {str(entry.get('sha256'))[:12]})")
 
 
-def check_same_tokenizer(found: dict, expected: dict, found_where: str, expected_where: str) -> None:
-    """Bad input naming both when two `image_tokenizer` entries are not the same tokenizer."""
+def check_same_tokenizer(found: dict, expected: dict, found_where: str, expected_where: str, found_is: str = "made by") -> None:
+    """Bad input naming both when two `image_tokenizer` entries are not the same tokenizer (`found_is`: "made by" for tokens, "is" for a tokenizer)."""
     if found != expected:
-        raise BadInputError(f"{found_where}: made by the image tokenizer {describe_tokenizer(found)}, "
+        raise BadInputError(f"{found_where}: {found_is} the image tokenizer {describe_tokenizer(found)}, "
                             f"but {expected_where} was trained on {describe_tokenizer(expected)}")
 
 

@@ -27,7 +27,16 @@ from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config
 from dallekit.models.weights import adamw, autocast, autocast_dtype, pick_device
 from dallekit.progress import progress
-from dallekit.training.loop import MetricsLog, cosine, learning_rate, load_checkpoint, publish_model, save_checkpoint, set_learning_rate
+from dallekit.training.loop import (
+    MetricsLog,
+    check_resume_settings,
+    cosine,
+    learning_rate,
+    load_checkpoint,
+    publish_model,
+    save_checkpoint,
+    set_learning_rate,
+)
 
 
 def is_held_out(uid: str, percent: int) -> bool:
@@ -145,11 +154,8 @@ def train_dvae(input_dir: str, out_dir: str, options: TrainDVAEConfig) -> dict:
     optimizer = adamw(model.parameters(), device, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     start, epoch, consumed = 0, 0, 0
     if options.resume:
+        check_resume_settings(out_dir, "dvae", asdict(config))  # before the weights: another preset's would not fit
         restored = load_checkpoint(out, model, optimizer)
-        if restored is None:
-            raise BadInputError(f"--resume: no checkpoint in {out_dir}")
-        if restored["extra"].get("dvae") != asdict(config):
-            raise BadInputError(f"--resume: {out_dir} was trained with another preset or options")
         start, epoch, consumed = restored["step"], restored["extra"]["epoch"], restored["extra"]["consumed"]
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if options.resume else None)
     stream = ImageStream(paths, config.image_size, options.seed, options.shuffle_buffer, options.val_percent)

@@ -82,10 +82,29 @@ def save_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint a resume reads: checkpoint/, or checkpoint.old/ when a save was cut short."""
+    return next((p for p in (out / "checkpoint", out / "checkpoint.old") if (p / "state.json").is_file()), None)
+
+
+def check_resume_settings(out_dir: str | Path, key: str, settings: dict) -> None:
+    """Bad input, before any weight is loaded, unless out_dir's checkpoint was trained with these settings (its extra[key]), naming what differs."""
+    folder = _checkpoint_folder(Path(out_dir))
+    if folder is None:
+        raise BadInputError(f"--resume: no checkpoint in {out_dir}")
+    trained = json.loads((folder / "state.json").read_text()).get("extra", {}).get(key)
+    if not isinstance(trained, dict):
+        raise BadInputError(f"--resume: {out_dir} holds a checkpoint of another kind of model, not a {key} one; give another --out")
+    differ = [k for k in settings if trained.get(k) != settings[k]]
+    if differ:
+        changes = "; ".join(f"{k} {trained.get(k)!r} -> {settings[k]!r}" for k in differ)
+        raise BadInputError(f"--resume: {out_dir} was trained with another preset or options ({changes}); "
+                            "give the same ones to resume it, or another --out")
+
+
 def load_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> dict | None:
     """Restore model, optimizer, EMA and RNG states from out_dir/checkpoint; returns {step, extra} or None."""
-    out = Path(out_dir)
-    folder = next((p for p in (out / "checkpoint", out / "checkpoint.old") if (p / "state.json").is_file()), None)
+    folder = _checkpoint_folder(Path(out_dir))
     if folder is None:
         return None
     meta = json.loads((folder / "state.json").read_text())

@@ -27,7 +27,16 @@ from dallekit.models.fsq import FSQAutoencoder, FSQConfig, fsq_config, save_fsq_
 from dallekit.models.weights import adamw, autocast, autocast_dtype, load_weights, pick_device, read_weights_file
 from dallekit.progress import progress
 from dallekit.training.dvae import ImageStream, evaluate, held_out_images, to_tensor, train_dvae
-from dallekit.training.loop import EMA, MetricsLog, learning_rate, load_checkpoint, publish_model, save_checkpoint, set_learning_rate
+from dallekit.training.loop import (
+    EMA,
+    MetricsLog,
+    check_resume_settings,
+    learning_rate,
+    load_checkpoint,
+    publish_model,
+    save_checkpoint,
+    set_learning_rate,
+)
 
 
 def train_tokenizer(input_dir: str, out_dir: str, options: TrainTokenizerConfig) -> dict:
@@ -114,6 +123,11 @@ def flip_half(images: np.ndarray, rng: random.Random) -> np.ndarray:
     return np.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
+def resume_settings(config: FSQConfig, options: TrainTokenizerConfig) -> dict:
+    """What a checkpoint records and --resume must find unchanged: the architecture and schedule, and --hflip (the images seen)."""
+    return asdict(config) | {"hflip": options.hflip}
+
+
 def _start(options: TrainTokenizerConfig, config: FSQConfig, out: Path, device: torch.device):
     """(training module, optimizer, EMA, start step, epoch, images consumed), restored with --resume."""
     torch.manual_seed(options.seed)
@@ -124,11 +138,8 @@ def _start(options: TrainTokenizerConfig, config: FSQConfig, out: Path, device: 
     ema = EMA(training.tokenizer, config.ema_decay) if config.ema_decay > 0 else None
     if not options.resume:
         return training, optimizer, ema, 0, 0, 0
+    check_resume_settings(out, "fsq", resume_settings(config, options))
     restored = load_checkpoint(out, training, optimizer, ema)
-    if restored is None:
-        raise BadInputError(f"--resume: no checkpoint in {out}")
-    if restored["extra"].get("fsq") != asdict(config):
-        raise BadInputError(f"--resume: {out} was trained with another preset or options")
     return training, optimizer, ema, restored["step"], restored["extra"]["epoch"], restored["extra"]["consumed"]
 
 
@@ -147,7 +158,7 @@ def train_fsq(input_dir: str, out_dir: str, options: TrainTokenizerConfig) -> di
     val = held_out_images(paths, config.image_size, options.val_percent)
     batches = stream.batches(config.batch_size, epoch, consumed)
     amp_dtype = autocast_dtype(device, options.dtype)  # None: fp32
-    metrics: dict = {}
+    metrics, settings = {}, resume_settings(config, options)
     last_time, bar = time.time(), progress(total=config.max_steps, initial=start, desc="train-tokenizer", unit="step")
     for step in range(start, config.max_steps):
         lr = learning_rate(step, config.max_steps, config.lr, config.lr_end, config.warmup_steps)
@@ -160,12 +171,13 @@ def train_fsq(input_dir: str, out_dir: str, options: TrainTokenizerConfig) -> di
             ema.update(training.tokenizer)
         bar.update(1)
         done, record = step + 1, None
+        position = {"epoch": epoch, "consumed": consumed, "fsq": settings}
         if done % options.log_every == 0 or done == config.max_steps:
             now = time.time()
             record = {"step": done, **parts, "lr": lr, "epoch": epoch, "steps_per_s": options.log_every / max(now - last_time, 1e-9)}
             last_time = now
         if done % options.checkpoint_every == 0 or done == config.max_steps:
-            metrics = _checkpoint(training, optimizer, ema, config, val, out, done, record, {"epoch": epoch, "consumed": consumed}, log, device)
+            metrics = _checkpoint(training, optimizer, ema, config, val, out, done, record, position, log, device)
             bar.set_postfix(psnr=f"{metrics['val_psnr']:.1f}", used=f"{metrics['codes_used']:.2f}")
         elif record:
             log.write(record)
@@ -175,7 +187,7 @@ def train_fsq(input_dir: str, out_dir: str, options: TrainTokenizerConfig) -> di
 
 def _checkpoint(training: FSQTraining, optimizer, ema: EMA | None, config: FSQConfig, val: np.ndarray, out: Path, done: int,
                 record: dict | None, position: dict, log: MetricsLog, device: torch.device) -> dict:
-    """Evaluate the (EMA) tokenizer on held-out images, save its grid, log, publish it and checkpoint everything."""
+    """Evaluate the (EMA) tokenizer on held-out images, save its grid, log, publish it and checkpoint everything (`position`: the checkpoint's extra)."""
     model = training.tokenizer
     if ema is not None:
         with ema.applied(model):
@@ -186,5 +198,5 @@ def _checkpoint(training: FSQTraining, optimizer, ema: EMA | None, config: FSQCo
     save_image_grid(list(val[:n]) + list(recon[:n]), out / f"recon_step{done:06d}.png", columns=n)
     log.write((record or {"step": done}) | metrics)  # before the checkpoint: a resume drops later lines
     publish_model(out, model, save_fsq_config(config), ema)
-    save_checkpoint(out, training, optimizer, done, position | {"fsq": asdict(config)}, ema)
+    save_checkpoint(out, training, optimizer, done, position, ema)
     return metrics
