@@ -361,6 +361,27 @@ def test_tokenizer_weights_that_do_not_fit_are_named(tmp_path):
             ImageTokenizer.load(str(folder), "cpu")
 
 
+def test_a_run_checks_its_tokenizer_folder_and_weights_files_before_any_stage(tmp_path):
+    """A transformer folder as [run] dvae, or a pickle as [train-tokenizer] perceptual_weights, failed only after ingest, download, clean and filter."""
+    from dallekit.errors import BadInputError
+    from dallekit.jobs.run import check_run_models, load_pipeline
+    from dallekit.models.transformer import DalleTransformer, config_dict, dalle_config
+
+    model = DalleTransformer(dalle_config("tiny", text_vocab=49408, image_vocab=128, grid=8))
+    save_model(tmp_path / "model", model, config_dict(model.config))
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "vgg.pth")
+    run = {"out": str(tmp_path / "run"), "inputs": ["urls.csv"]}
+    cases = [
+        ({"run": run | {"dvae": str(tmp_path / "model")}}, "model: config.json says model 'dallekit-dalle', expected an image tokenizer"),
+        ({"run": run, "train-tokenizer": {"preset": "fsq-tiny", "perceptual_weights": str(tmp_path / "vgg.pth")}}, "vgg.pth: a pickle"),
+        ({"run": run, "train-dvae": {"preset": "fsq-tiny", "discriminator_init": str(tmp_path)}}, f"{tmp_path}: a folder"),
+    ]
+    for toml, needle in cases:
+        with pytest.raises(BadInputError, match=re.escape(needle)):
+            check_run_models(load_pipeline(toml, "p.toml"))
+    check_run_models(load_pipeline({"run": run | {"dvae": str(fsq_folder(tmp_path / "fsq"))}}, "p.toml"))
+
+
 def test_every_level_combination_of_the_paper_fits_uint16():
     for levels in ([8, 6, 5], [8, 5, 5, 5], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5]):
         assert math.prod(levels) <= 65535

@@ -127,11 +127,19 @@ def check_run_folder(out: str) -> None:
 
 
 def check_run_models(p: Pipeline) -> None:
-    """The models a run reads rather than trains ([run] dvae, [encode] text_tokenizer, a CLIP checkpoint), checked before any stage runs."""
-    if p.run.dvae is not None and "encode" in RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1]:
-        from dallekit.models.weights import load_model_state
+    """The models and weights files a run reads rather than trains ([run] dvae, [train-tokenizer]'s files, [encode] text_tokenizer, a CLIP checkpoint), checked before any stage runs."""
+    steps = RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1]
+    if p.run.dvae is not None and "encode" in steps:
+        from dallekit.tokenize.image import ImageTokenizer
 
-        load_model_state(p.run.dvae)  # bad input naming the folder, not after four stages
+        ImageTokenizer.load(p.run.dvae, "cpu")  # bad input naming the folder (not a tokenizer, weights that do not fit), not after four stages
+    if p.run.dvae is None and "train-tokenizer" in steps:
+        from dallekit.models.weights import check_weights_file
+
+        t = p.train_tokenizer
+        for name, path in (("perceptual_weights", t.perceptual_weights), ("discriminator_init", t.discriminator_init)):
+            if path is not None:
+                check_weights_file(path, f"[train-tokenizer] {name}")
     if not p.run.bpe_vocab_size and p.encode.text_tokenizer != "clip-bpe":
         from dallekit.tokenize.text import load_text_tokenizer
 

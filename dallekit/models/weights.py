@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dallekit.errors import BadInputError
@@ -60,8 +60,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle's protocol opcode, and torch.save's zip container
 
 
-def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a user-given safetensors file; bad input naming it when it is missing, a pickle or not safetensors."""
+def check_weights_file(path: str | Path, what: str) -> None:
+    """Bad input naming a user-given weights file that is missing, a folder or a pickle, or whose safetensors header does not parse (no tensor is read)."""
     file = Path(path)
     if not file.is_file():
         found = "a folder" if file.is_dir() else "no such file"
@@ -71,7 +71,17 @@ def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if head.startswith(PICKLE_MAGIC):
         raise BadInputError(f"{path}: a pickle (torch.save) file, which dallekit never loads; expected {what} as a .safetensors file "
                             "(convert it once: safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))")
-    return read_safetensors(file)
+    try:
+        with safe_open(str(file), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BadInputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:160]})") from None
+
+
+def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a user-given safetensors file; bad input naming it when it is missing, a pickle or not safetensors."""
+    check_weights_file(path, what)
+    return read_safetensors(Path(path))
 
 
 def weights_problem(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
