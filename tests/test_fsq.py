@@ -259,6 +259,21 @@ def test_tokens_of_one_tokenizer_refused_by_another(tmp_path, capsys):
     assert code == 0, err  # the dVAE that made them, by its old option name
 
 
+def test_decode_refuses_codes_the_tokenizer_does_not_have(tmp_path, capsys):
+    """A hand-made token file: FSQ wrapped codes >= its code count silently, the dVAE's one_hot and a wrong row length raised tracebacks."""
+    for name, folder in (("fsq", fsq_folder(tmp_path / "fsq")), ("dvae", dvae_folder(tmp_path / "dvae"))):
+        entry = ImageTokenizer.load(str(folder), "cpu").metadata()
+        metadata = token_metadata(entry, {"kind": "clip-bpe", "vocab_size": 49408})
+        for codes, needle in ((np.full((2, 64), 65535), f"image token 65535 in row 0, expected codes below {entry['codebook_size']}"),
+                              (np.zeros((1, 16)), "image_tokens rows of 16 codes, expected 64 (8x8 grid)")):
+            made_as = dict(metadata, image_tokenizer=entry | {"grid": int(codes.shape[1] ** 0.5)})  # the written rows' own length
+            table = token_table(["u"] * len(codes), ["c"] * len(codes), [[1]] * len(codes), codes, made_as)
+            (tmp_path / "tokens").mkdir(exist_ok=True)
+            pq.write_table(table.replace_schema_metadata({b"dallekit": json.dumps(metadata).encode()}), tmp_path / "tokens" / "part-00000.parquet")
+            code, err = run_cli(capsys, "decode", tmp_path / "tokens", "--tokenizer", folder, "--out", tmp_path / f"out-{name}")
+            assert code == 2 and err.count("\n") == 1 and f"part-00000.parquet: {needle}" in err, (name, err)
+
+
 # ------------------------------------------------------------------ bad input
 
 

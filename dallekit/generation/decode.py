@@ -13,7 +13,7 @@ from dallekit.config import BadInputError
 from dallekit.images import save_image_grid
 from dallekit.io import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer
-from dallekit.tokenize.tokens import check_token_files, describe_tokenizer
+from dallekit.tokenize.tokens import check_image_codes, check_token_files, describe_tokenizer
 
 SAFE_STEM = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
@@ -28,7 +28,7 @@ def safe_stem(uid) -> str:
 
 
 def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, device: str = "auto") -> list[Path]:
-    """Decode up to `limit` rows to `<uid>.png` (see safe_stem) plus `grid.png`; the dVAE must be the one that encoded them."""
+    """Decode up to `limit` rows to `<uid>.png` (see safe_stem) plus `grid.png`; the image tokenizer must be the one that encoded them."""
     paths = list_shards(tokens_dir)
     metadata = check_token_files(paths)
     tokenizer = ImageTokenizer.load(dvae, device)
@@ -43,6 +43,7 @@ def decode_tokens(tokens_dir: str, dvae: str, out_dir: str, limit: int = 64, dev
         if table.num_rows == 0:  # an empty shard (every row of it rejected upstream)
             continue
         codes = np.asarray(table.column("image_tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
+        check_image_codes(codes, metadata["image_tokenizer"], path)  # a hand-made file: a reshape or one_hot traceback, or FSQ codes wrapped silently
         for uid, image in zip(table.column("uid").to_pylist(), tokenizer.decode(codes)):
             stem = safe_stem(uid)
             if out / f"{stem}.png" in written:  # a uid seen twice keeps both images

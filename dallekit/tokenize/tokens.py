@@ -83,6 +83,16 @@ def check_same_tokenizer(found: dict, expected: dict, found_where: str, expected
                             f"but {expected_where} was trained on {describe_tokenizer(expected)}")
 
 
+def check_image_codes(codes: np.ndarray, entry: dict, where: str) -> None:
+    """Bad input naming `where` unless codes (rows, N) have grid*grid codes a row, each below the `image_tokenizer` entry's codebook_size."""
+    n, size = entry["grid"] ** 2, entry["codebook_size"]
+    if codes.shape[1] != n:
+        raise BadInputError(f"{where}: image_tokens rows of {codes.shape[1]} codes, expected {n} ({entry['grid']}x{entry['grid']} grid)")
+    if codes.size and int(codes.max()) >= size:
+        row = int(np.argwhere(codes >= size)[0][0])
+        raise BadInputError(f"{where}: image token {int(codes[row].max())} in row {row}, expected codes below {size} (the tokenizer's code count)")
+
+
 def check_token_files(paths: list[str], expected: dict | None = None) -> dict:
     """The metadata shared by all token files; bad input naming the files and key that disagree."""
     if not paths:
