@@ -154,7 +154,7 @@ def test_resume_with_other_options_or_kind_is_one_line_naming_them(tmp_path, cap
         (["--preset", "fsq-tiny", "--disc-start", "4", "--levels", "8", "6", "5"], "another preset or options (levels [8, 5, 5, 5] -> [8, 6, 5])"),
         (["--preset", "fsq-tiny-240", "--disc-start", "4"], "another preset or options (levels [8, 5, 5, 5] -> [8, 6, 5])"),
         (["--preset", "fsq-tiny", "--disc-start", "4", "--hflip"], "another preset or options (hflip False -> True)"),
-        (["--preset", "tiny"], "a checkpoint of another kind of model, not a dvae one"),
+        (["--preset", "tiny"], "a checkpoint of another kind of model (no 'dvae' settings in it)"),
     ]
     for options, needle in cases:
         code, err = run_cli(capsys, *base, *options)

@@ -94,7 +94,7 @@ def check_resume_settings(out_dir: str | Path, key: str, settings: dict) -> None
         raise BadInputError(f"--resume: no checkpoint in {out_dir}")
     trained = json.loads((folder / "state.json").read_text()).get("extra", {}).get(key)
     if not isinstance(trained, dict):
-        raise BadInputError(f"--resume: {out_dir} holds a checkpoint of another kind of model, not a {key} one; give another --out")
+        raise BadInputError(f"--resume: {out_dir} holds a checkpoint of another kind of model (no {key!r} settings in it); give another --out")
     differ = [k for k in settings if trained.get(k) != settings[k]]
     if differ:
         changes = "; ".join(f"{k} {trained.get(k)!r} -> {settings[k]!r}" for k in differ)
