@@ -390,7 +390,7 @@ class FilterConfig(StageOptions):
 
 DVAE_PRESET_NAMES = ["tiny", "small", "dalle"]  # models.dvae.DVAE_PRESETS (config sits below models: names only)
 FSQ_PRESET_NAMES = ["fsq-tiny", "fsq-tiny-240", "fsq-small", "fsq-base"]  # models.fsq.FSQ_PRESETS
-FSQ_ONLY_OPTIONS = ("levels", "image_size", "ema_decay", "disc_start", "disc_weight", "perceptual_weights", "discriminator_init")
+FSQ_ONLY_OPTIONS = ("levels", "image_size", "ema_decay", "disc_start", "disc_weight", "perceptual_weights", "discriminator_init", "hflip")
 
 
 @dataclass
@@ -423,8 +423,8 @@ class TrainTokenizerConfig:
     def check(self) -> None:
         """FSQ options need an FSQ preset; levels must make 2 to 65,535 codes of at least 2 values each."""
         if self.preset in DVAE_PRESET_NAMES:
-            for name in FSQ_ONLY_OPTIONS + ("hflip",):
-                if getattr(self, name) not in (None, False):  # the dVAE trainer would ignore them
+            for name in FSQ_ONLY_OPTIONS:
+                if getattr(self, name) is not None and getattr(self, name) is not False:  # set (0 included): the dVAE trainer would ignore it
                     raise OptionError(name, f"an FSQ preset ({', '.join(FSQ_PRESET_NAMES)}) to apply to; {self.preset} is a dVAE", getattr(self, name))
             return
         if self.recon_loss is not None:

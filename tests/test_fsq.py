@@ -286,6 +286,7 @@ def test_decode_refuses_codes_the_tokenizer_does_not_have(tmp_path, capsys):
     (["--image-size", "8"], "--image-size 8: expected a number >= 12"),  # the discriminator's convolutions need 12 px
     (["--image-size", "100000"], "--image-size 100000: expected a number >= 12 and <= 1024"),  # 30 GB a decoded image
     (["--preset", "tiny", "--hflip"], "--hflip True: expected an FSQ preset"),  # the dVAE trainer ignored it
+    (["--preset", "tiny", "--disc-weight", "0"], "--disc-weight 0.0: expected an FSQ preset"),
 ])
 def test_bad_levels_and_sizes_are_one_line_at_the_option(tmp_path, capsys, options, needle):
     shapes_stage(tmp_path / "filtered", 4)
