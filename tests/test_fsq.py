@@ -302,12 +302,14 @@ def test_bad_weights_files_are_one_line(tmp_path, capsys, monkeypatch):
     wrong = tmp_path / "wrong.safetensors"
     state = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()} | {"features.0.weight": torch.zeros(64, 3, 5, 5)}
     save_file(state, str(wrong))
+    as_ints = tmp_path / "vgg_int.safetensors"  # loaded into the float tower silently
+    save_file({f"features.{k}": v.to(torch.int8) for k, v in vgg16_features().state_dict().items()}, str(as_ints))
     disc = tmp_path / "disc.safetensors"
     save_file({"layers.0.weight": torch.zeros(1, 1, 1, 1)}, str(disc))
     narrow = tmp_path / "disc32.safetensors"  # a discriminator of another width
     save_file(PatchDiscriminator(DiscriminatorConfig(32, 2)).state_dict(), str(narrow))
-    as_ints = tmp_path / "disc_int.safetensors"
-    save_file({k: v.to(torch.int32) for k, v in PatchDiscriminator(DiscriminatorConfig(64, 2)).state_dict().items()}, str(as_ints))
+    disc_ints = tmp_path / "disc_int.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in PatchDiscriminator(DiscriminatorConfig(64, 2)).state_dict().items()}, str(disc_ints))
     (tmp_path / "folder.safetensors").mkdir()
     cases = [
         (["--perceptual-weights", tmp_path / "missing.safetensors"], "no such file"),
@@ -316,7 +318,8 @@ def test_bad_weights_files_are_one_line(tmp_path, capsys, monkeypatch):
         (["--discriminator-init", pickled], "a pickle (torch.save) file"),
         (["--discriminator-init", disc], "weights do not fit"),
         (["--discriminator-init", narrow], "weights do not fit the PatchDiscriminator ('layers.0.weight' has shape (32, 3, 4, 4), expected (64, 3, 4, 4))"),
-        (["--discriminator-init", as_ints], "'layers.0.weight' holds int32 values, expected floating-point weights"),  # trained on silently
+        (["--discriminator-init", disc_ints], "'layers.0.weight' holds int32 values, expected floating-point weights"),  # trained on silently
+        (["--perceptual-weights", as_ints], "vgg_int.safetensors: not usable VGG16 feature weights ('features.0.weight' holds int8 values"),
         (["--perceptual-weights", tmp_path / "folder.safetensors"], "folder.safetensors: a folder (expected VGG16"),
     ]
     for options, needle in cases:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from dallekit.errors import BadInputError
-from dallekit.models.weights import read_weights_file
+from dallekit.models.weights import read_weights_file, weights_problem
 
 TAPS = (3, 8, 15, 22, 29)  # indices in vgg16().features after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 TAP_WIDTHS = (64, 128, 256, 512, 512)
@@ -77,14 +77,19 @@ def load_perceptual_loss(path: str | Path) -> PerceptualLoss:
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise BadInputError(f"{path}: features.{key} has shape {tuple(state[key].shape)}, VGG16 expects {tuple(value.shape)}")
+    named = nn.Module()  # the tower under the file's own key names, so that a problem names `features.N.weight`
+    named.features = features
+    problem = weights_problem(named, {f"features.{k}": state[k] for k in expected})
+    if problem is not None:  # integer or non-finite tensors
+        raise BadInputError(f"{path}: not usable VGG16 feature weights ({problem})")
     features.load_state_dict({k: state[k] for k in expected})
     heads = None
     if any(k.startswith("lin.") for k in tensors):
         heads = []
         for i, width in enumerate(TAP_WIDTHS):
             head = tensors.get(f"lin.{i}.weight")
-            if head is None or tuple(head.shape) != (1, width, 1, 1):
-                got = "missing" if head is None else f"of shape {tuple(head.shape)}"
-                raise BadInputError(f"{path}: lin.{i}.weight is {got}, expected shape (1, {width}, 1, 1)")
+            if head is None or tuple(head.shape) != (1, width, 1, 1) or not head.is_floating_point() or not bool(torch.isfinite(head).all()):
+                got = "missing" if head is None else f"of shape {tuple(head.shape)} and dtype {str(head.dtype).removeprefix('torch.')}"
+                raise BadInputError(f"{path}: lin.{i}.weight is {got}, expected finite floating-point values of shape (1, {width}, 1, 1)")
             heads.append(head.clamp(min=0))
     return PerceptualLoss(features, heads)
