@@ -15,7 +15,8 @@ Generation: each tokenizer's tokens train the `tiny` transformer for the same st
 recipe's [train] section); for a fixed sample of 200 training captions, 8 candidates are
 generated and reranked by the recipe's CLIP (trained once on the cleaned pairs), and
 retrieval@1 is how often the top-1's nearest training picture (pixel L2 at 32 px) is the
-caption's own. Sample grids of both go to docs/tokenizer_samples.png and
+caption's own: for the published model (the best validation image loss) and for the trainer's
+last moving-average weights (what `[train] val_fraction = 0` publishes). Sample grids of both go to docs/tokenizer_samples.png and
 docs/tokenizer_reconstructions.png.
 
 Last line: ratio=<dVAE held-out MSE / FSQ held-out MSE> (target >= 2.5; retrieval@1 of the FSQ
@@ -154,6 +155,18 @@ def train_transformers(p, work: Path, tokenizers: dict) -> None:
         t["train_cpu_s"] = cpu_seconds() - before
 
 
+def latest_weights(model_dir: Path) -> Path:
+    """A model folder holding the trainer's last moving-average weights (from its checkpoint), beside the published best-validation one."""
+    from safetensors.torch import load_file, save_file
+
+    folder = model_dir.with_name(model_dir.name + "-last")
+    folder.mkdir(exist_ok=True)
+    state = load_file(str(model_dir / "checkpoint" / "state.safetensors"))
+    save_file({k.removeprefix("ema."): v.contiguous() for k, v in state.items() if k.startswith("ema.")}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text((model_dir / "config.json").read_text())
+    return folder
+
+
 def training_pictures(filter_dir: Path) -> tuple[list[str], np.ndarray]:
     """(captions, pictures (N, 32, 32, 3)) of every filtered row: what retrieval searches."""
     from dallekit.io import list_shards, read_shard
@@ -249,8 +262,11 @@ def main() -> None:
     captions = sampled_captions(tokenizers["FSQ"]["tokens"], p, args.captions)
     tops = {}
     for kind, t in tokenizers.items():
+        best_step = json.loads((t["model"] / "config.json").read_text()).get("best_step")
         score, tops[kind] = retrieval_at_1(t, p, captions, library, scorer)
-        print(f"{kind:<5} transformer {args.train_steps} steps (CPU {t['train_cpu_s']:.0f} s): retrieval@1 {score:.3f} over {len(captions)} training captions")
+        last, _ = retrieval_at_1(t | {"model": latest_weights(t["model"])}, p, captions, library, scorer)
+        print(f"{kind:<5} transformer {args.train_steps} steps (CPU {t['train_cpu_s']:.0f} s): retrieval@1 over {len(captions)} training "
+              f"captions {score:.3f} for the published model (best validation, step {best_step}), {last:.3f} for the last (EMA) weights")
     save_grids(quality, held_out, tops, library, captions)
     print(f"ratio={quality['dVAE']['mse'] / quality['FSQ']['mse']:.3f}")
 
