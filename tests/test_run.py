@@ -68,7 +68,7 @@ def test_quick_demo_report_references_existing_images(quick_demo):
     assert len(sources) >= 10
     missing = [s for s in sources if not (quick_demo / s).is_file()]
     assert not missing, missing
-    for section in ("Funnel", "Captions and images", "dVAE", "Transformer training", "Evaluation on held-out captions", "Pixel check", "Samples"):
+    for section in ("Funnel", "Captions and images", "Image tokenizer: dVAE", "Transformer training", "Evaluation on held-out captions", "Pixel check", "Samples"):
         assert f"<h2>{section}" in page, section
     for figure in ("report/funnel.png", "report/caption_words.png", "report/image_short_side.png", "report/codebook_usage.png",
                    "report/loss.png", "eval/clip_vs_n.png"):

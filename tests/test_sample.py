@@ -65,7 +65,7 @@ def test_generate_images_gives_each_prompt_n_candidates_whatever_the_batch_size(
 
     torch.manual_seed(0)
     model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
-    dvae = ImageTokenizer(DVAE(dvae_config("tiny")), "random", torch.device("cpu"))
+    dvae = ImageTokenizer(DVAE(dvae_config("tiny")), "dallekit-dvae", "random", torch.device("cpu"))
     prompts, seeds = [[1, 2, 3], [4, 5], [6]], [7, 8, 9]
     alone = list(generate_images(model, dvae, prompts, SampleConfig(n=3, batch_size=3), seeds))  # one prompt per generation
     together = list(generate_images(model, dvae, prompts, SampleConfig(n=3, batch_size=8), seeds))  # two, then one
