@@ -9,6 +9,7 @@ code-usage metrics, checkpoints and exact resume are the dVAE trainer's.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import asdict
@@ -189,10 +190,7 @@ def _checkpoint(training: FSQTraining, optimizer, ema: EMA | None, config: FSQCo
                 record: dict | None, position: dict, log: MetricsLog, device: torch.device) -> dict:
     """Evaluate the (EMA) tokenizer on held-out images, save its grid, log, publish it and checkpoint everything (`position`: the checkpoint's extra)."""
     model = training.tokenizer
-    if ema is not None:
-        with ema.applied(model):
-            metrics, recon = evaluate(model, val, device)
-    else:
+    with ema.applied(model) if ema is not None else contextlib.nullcontext():
         metrics, recon = evaluate(model, val, device)
     n = min(8, len(val))  # originals on top, their reconstructions below
     save_image_grid(list(val[:n]) + list(recon[:n]), out / f"recon_step{done:06d}.png", columns=n)
