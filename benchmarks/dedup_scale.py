@@ -39,7 +39,7 @@ from dallekit.io import write_table_atomic
 from dallekit.pipeline.clean import check_unique_uids
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.dedup import dedup, dedup_stats
-from dallekit.pipeline.shards import map_with_progress
+from dallekit.pipeline.passes import map_with_progress
 
 _HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], np.uint8)
 PLACEHOLDERS = 10_000

@@ -7,6 +7,7 @@ misnamed shard is bad input naming the file, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -168,6 +169,47 @@ def naming_file(path: str):
         raise OSError(err.errno, os.strerror(err.errno), path) from None
 
 
+_WRITTEN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("dallekit_written", default=None)
+
+
+@contextlib.contextmanager
+def collect_written():
+    """Collect the paths every `commit_file` in this context commits (the resumable-pass engine vouches for them)."""
+    written: list[str] = []
+    token = _WRITTEN.set(written)
+    try:
+        yield written
+    finally:
+        _WRITTEN.reset(token)
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    """Flush a local file's or folder's data to disk (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(fs: Any, tmp: str, path: str) -> None:
+    """Make a fully written temporary file the file at `path`: fsync it, rename it into place, fsync the folder.
+
+    After this returns the file survives a power loss whole, so a mark written next never vouches
+    for a file that is empty on disk. The path is recorded for the engine (see `collect_written`).
+    """
+    target = fsspec.core.url_to_fs(path)[1]
+    if isinstance(fs, LocalFileSystem):
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+        _fsync_path(os.path.dirname(target) or ".", directory=True)
+    else:
+        fs.mv(tmp, target)
+    written = _WRITTEN.get()
+    if written is not None:
+        written.append(path)
+
+
 def write_table_atomic(table: pa.Table, path: str, **parquet_kwargs: Any) -> None:
     """Write a Parquet file under a temporary name beside the target and rename it into place."""
     write_tables_atomic([table], path, **parquet_kwargs)
@@ -184,10 +226,7 @@ def write_tables_atomic(tables: Iterable[pa.Table], path: str, **parquet_kwargs:
     with naming_file(path):
         fs.makedirs(parent, exist_ok=True)
         rows = _write_parquet(tables, fs, tmp, path, parquet_kwargs)
-        if isinstance(fs, LocalFileSystem):
-            os.replace(tmp, p)
-        else:
-            fs.mv(tmp, p)
+        commit_file(fs, tmp, path)
     return rows
 
 
@@ -234,7 +273,7 @@ def write_rows_file(column: pa.Array, path: str) -> None:
             if fs.exists(tmp):
                 fs.rm(tmp)
             raise
-        fs.mv(tmp, p)
+        commit_file(fs, tmp, path)
 
 
 def read_rows_file(path: str) -> pa.Array:
@@ -260,13 +299,16 @@ def take_rows(path: str, rows: Any) -> np.ndarray:
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to a temporary name and rename it into place."""
+    """Write JSON to a unique temporary name, fsync it and rename it into place (the one atomic JSON writer)."""
     fs, p = fsspec.core.url_to_fs(path)
     tmp = f"{p}.{uuid.uuid4().hex}.tmp"
     with naming_file(path):
+        parent = p.rsplit("/", 1)[0]
+        if parent and not fs.exists(parent):
+            fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        fs.mv(tmp, p)
+        commit_file(fs, tmp, path)
 
 
 def file_checksum(path: str) -> str:

@@ -54,8 +54,9 @@ from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
 from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema, write_table_atomic
 from dallekit.pipeline.download import status_counters
 from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
-from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name, top_counts
-from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
+from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.shards import ShardResult, ShardTask, shard_name, top_counts
+from dallekit.pipeline.stage import Plan, Stage, run_plan
 
 UNMATCHED = {"webdataset": "unmatched_tar_members", "files": "unmatched_files"}  # _stats.json counters of what no row names
 SHARD = re.compile(r"(\d{1,9})\.parquet")  # img2dataset's shard names: 00000.parquet

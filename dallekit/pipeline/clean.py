@@ -34,8 +34,9 @@ from dallekit.config import BadInputError, CleanConfig, output_options
 from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
-from dallekit.pipeline.shards import ShardResult, map_with_progress
-from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
+from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.shards import ShardResult
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
 
 # Reasons in the order the rules run; the funnel follows this order.
 RULES = [

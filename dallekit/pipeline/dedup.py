@@ -77,7 +77,7 @@ from dallekit.pipeline.hash_blocks import (
     sorted_keys,
     tables_led_by,
 )
-from dallekit.pipeline.shards import map_with_progress
+from dallekit.pipeline.passes import map_with_progress
 
 # The rows (or table entries) one task holds at most; one key heavier than this (one sha256,
 # one block value, one component) stays in one task. Small enough that a worker's peak memory

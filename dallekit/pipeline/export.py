@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from dallekit.config import BadInputError, ExportConfig
 from dallekit.io import check_columns, list_shards, read_shard, shard_stem, write_json_atomic
-from dallekit.pipeline.shards import input_identity, map_with_progress, prepare_output
+from dallekit.pipeline.passes import map_with_progress
+from dallekit.pipeline.shards import input_identity, prepare_output
 from dallekit.pipeline.stage import STAGES
 
 KEY = re.compile(r"[A-Za-z0-9_-]+")  # a uid that can name tar members: no dots, slashes or `..`

@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 from dallekit.config import FilterConfig, output_options
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size, decode_rgb
 from dallekit.io import read_shard, write_table_atomic
-from dallekit.pipeline.shards import ShardResult, exists, map_with_progress, path_digest
-from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks, work_dir
+from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.shards import ShardResult, exists, path_digest
+from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
 from dallekit.tokenize.text import default_text_tokenizer
 
 

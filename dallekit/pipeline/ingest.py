@@ -35,8 +35,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dallekit.config import BadInputError, IngestConfig, output_options
 from dallekit.io import write_json_atomic, write_table_atomic
-from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name
-from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir
+from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.shards import ShardResult, ShardTask, shard_name
+from dallekit.pipeline.stage import Plan, Stage, run_plan
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_FORMATS = ("cc3m", "csv", "tsv", "jsonl")

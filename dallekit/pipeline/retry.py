@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 from dallekit.config import BadInputError, DownloadConfig, build_config
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
-from dallekit.pipeline.shards import input_identity, map_with_progress, read_marks, read_stats, shard_checksum, summarize
+from dallekit.pipeline.passes import map_with_progress
+from dallekit.pipeline.shards import input_identity, read_marks, read_stats, shard_checksum, summarize
 from dallekit.pipeline.stage import OUTPUT_PACKAGES, check_worker_versions, package_versions
 
 # img2dataset stores str(err): "HTTP Error 503: ...", "<urlopen error [Errno 111] Connection refused>", "timed out", ...

@@ -1,23 +1,19 @@
-"""The shard engine under `pipeline/stage.py`: folder claims, fingerprints, rejects, per-shard stats, _SUCCESS, resume.
+"""Stage folders on the pass engine: fingerprints, folder checks, shard marks, per-shard stats, _SUCCESS, resume.
 
 `run_plan` hands `run_stage` a list of `ShardTask`s and the stage, whose function turns one
-task's payload into a `ShardResult` (kept rows, rejected rows with a `reason`, counters). One
-Dask task runs per shard (shard I/O itself is `dallekit/io.py`). Each finished shard leaves
-three things, written in this order:
-
-    part-NNNNN.parquet           kept rows (renamed into place from _tmp/)
-    _rejects/part-NNNNN.parquet  rejected rows with `reason` (only when there are some)
-    _progress/part-NNNNN.json    its counts: the mark that the shard is complete
-
-A rerun skips shards with a progress mark and redoes the rest, so an interrupted stage ends
-with every uid exactly once. `_stats.json` sums the marks and `_SUCCESS` closes the stage.
-Folders starting with `_` are ignored by pyarrow and Dask when they read the stage folder.
+task's payload into a `ShardResult` (kept rows, rejected rows with a `reason`, counters). Each
+shard is one task of a pass (`pipeline/passes.py`) over the stage folder: it commits its kept
+rows (`part-NNNNN.parquet`) and its rejects (`_rejects/part-NNNNN.parquet`, only when there are
+some), then the engine writes its mark (its counts, vouching for both files). A rerun redoes
+the shards without a mark or whose files are not whole, so an interrupted stage ends with
+every uid exactly once; a finished stage whose shards were deleted or truncated is reopened.
+`_stats.json` sums the marks and `_SUCCESS` closes the stage. Folders starting with `_` are
+ignored by pyarrow and Dask when they read the stage folder.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import os
@@ -31,8 +27,8 @@ import fsspec
 import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
-from dallekit.io import file_checksum, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
-from dallekit.progress import progress
+from dallekit.io import commit_file, file_checksum, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
+from dallekit.pipeline.passes import LEASE, read_marks, recorded_checksum, remove_debris, run_pass
 
 FINGERPRINT = "_fingerprint.json"
 
@@ -63,7 +59,7 @@ def shard_name(index: int) -> str:
 
 
 def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardResult], parquet_kwargs: dict) -> dict:
-    """Compute one shard on a worker and commit it: kept rows, rejects, then the progress mark."""
+    """Compute one shard on a worker and commit it: kept rows, then rejects; the engine then writes its mark."""
     start = time.time()
     result = process(task.payload)
     root = output_dir.rstrip("/")
@@ -82,7 +78,7 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
         fs, p = fsspec.core.url_to_fs(reject_path)
         if fs.exists(p):  # left by an earlier, different attempt at this shard
             fs.rm(p)
-    mark = {
+    return {
         "shard": task.name,
         "rows_in": result.rows_in,
         "rows_out": n_kept,
@@ -90,55 +86,18 @@ def _run_shard(task: ShardTask, output_dir: str, process: Callable[[Any], ShardR
         "reasons": reasons,
         "counters": result.counters,
         "seconds": round(time.time() - start, 3),
-    } | shard_checksum(shard_path)
-    write_json_atomic(mark, f"{root}/_progress/{task.name}.json")
-    return mark
+    }
 
 
-MARK_KEYS = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counters", "seconds"}
+def read_shard_marks(output_dir: str, verify: bool = False) -> dict[str, dict]:
+    """The results of a stage folder's finished shards (rows, reasons, counters), by shard name; `verify` re-checks their files."""
+    return {name: mark.result for name, mark in read_marks(output_dir, verify=verify, remove_damaged=False).items()}
 
 
-def shard_checksum(path: str) -> dict:
-    """A written shard's size, modification time and checksum, as its progress mark records them: its content, and when to trust that."""
-    fs, p = fsspec.core.url_to_fs(path)
-    info = fs.info(p)
-    return {"bytes": info["size"], "mtime": _modified(info), "checksum": file_checksum(path)}
-
-
-def _modified(info: dict) -> str | None:
-    """A file's modification time from fsspec's info (local mtime, an object store's LastModified), as a string."""
-    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    return str(value) if value is not None else None
-
-
-def read_marks(output_dir: str, remove_damaged: bool = True) -> dict[str, dict]:
-    """The progress marks of the shards already complete; a damaged one is removed (its shard redone) unless reading an input."""
-    fs, root = fsspec.core.url_to_fs(output_dir)
-    marks = {}
-    for p in fs.glob(f"{root.rstrip('/')}/_progress/part-*.json"):
-        try:
-            with fs.open(p, "r") as f:
-                mark = json.load(f)
-        except ValueError:
-            mark = None
-        if not isinstance(mark, dict) or not MARK_KEYS <= set(mark) or mark["shard"] != p.rsplit("/", 1)[-1].removesuffix(".json"):
-            if remove_damaged:
-                fs.rm(p)  # marks are written atomically, so this one was damaged by hand: redo its shard
-            continue
-        marks[mark["shard"]] = mark
-    return marks
-
-
-def _shard_whole(fs: Any, root: str, mark: dict) -> bool:
-    """Whether the shard a progress mark vouches for is there with the size it recorded: else the shard is redone."""
-    path = f"{root}/{mark['shard']}.parquet"
-    return fs.exists(path) and mark.get("bytes", fs.size(path)) == fs.size(path)
-
-
-def _remove_debris(fs: Any, root: str) -> None:
-    """Delete temporary files an interrupted run left behind."""
-    for p in fs.glob(f"{root}/_tmp-*") + fs.glob(f"{root}/_rejects/_tmp-*") + fs.glob(f"{root}/_progress/*.tmp"):
-        fs.rm(p)
+def damaged_shards(output_dir: str, names: Iterable[str]) -> list[str]:
+    """The shards among `names` whose mark is missing or whose files are not whole (a deleted, truncated or replaced shard)."""
+    whole = read_marks(output_dir, verify=True, remove_damaged=False)
+    return [name for name in names if name not in whole]
 
 
 def exists(path: str) -> bool:
@@ -203,7 +162,7 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         raise BadInputError(f"{input_dir}: no such folder")
     kinds = " or ".join(f"`dallekit {u}`" for u in upstream)
     if not required and not fs.exists(f"{root}/_SUCCESS"):
-        return {"path": _local_real(input_dir) or input_dir, "stage": None, "shards": shard_identities(input_dir, {})}
+        return {"path": _local_real(input_dir) or input_dir, "stage": None, "shards": shard_identities(input_dir)}
     if not fs.exists(f"{root}/_SUCCESS") or not fs.exists(f"{root}/_stats.json"):
         raise BadInputError(f"{input_dir}: not a finished stage folder (no _SUCCESS); expected the output of {kinds}")
     try:
@@ -218,12 +177,12 @@ def input_identity(input_dir: str, upstream: tuple[str, ...], required: bool = T
         stored = _read_fingerprint(fs, root, input_dir, advice=f"rerun the `{stage}` stage that wrote this input folder")
         digest = hashlib.sha256(json.dumps(fingerprint_content(stored), sort_keys=True).encode()).hexdigest()[:16]
     identity = {"path": _local_real(input_dir) or input_dir, "stage": stage, "fingerprint": digest,
-                "shards": shard_identities(input_dir, read_marks(input_dir, remove_damaged=False))}
+                "shards": shard_identities(input_dir)}
     rounds = (stats.get("retry") or {}).get("rounds")
     return identity | ({"retry_rounds": rounds} if rounds else {})  # `download --retry-failed` changed its rows
 
 
-def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
+def shard_identities(input_dir: str) -> list[list]:
     """[name, bytes, checksum] of each shard of a folder: the mark's checksum while the file keeps its size and time, else the file's.
 
     A copy that changes the time is hashed again (and is the same input); an edit of the same
@@ -233,10 +192,9 @@ def shard_identities(input_dir: str, marks: dict[str, dict]) -> list[list]:
     found = []
     for path in list_shards(input_dir):
         info = fs.info(fsspec.core.url_to_fs(path)[1])
-        name, size = shard_stem(path), info["size"]
-        mark = marks.get(name, {})
-        unchanged = (mark.get("bytes"), mark.get("mtime")) == (size, _modified(info))
-        found.append([name, size, (mark.get("checksum") if unchanged else None) or file_checksum(path)])
+        name = shard_stem(path)
+        recorded = recorded_checksum(input_dir, name, f"{name}.parquet", info)
+        found.append([name, info["size"], recorded or file_checksum(path)])
     return found
 
 
@@ -310,6 +268,13 @@ def _prepare_folder(fs: Any, root: str, output_dir: str) -> None:
         raise environment_error(err, f"--out {output_dir}") or BadInputError(f"--out {output_dir}: cannot create it ({err})") from None
 
 
+def check_output_folder(output_dir: str, input_dirs: list[str]) -> None:
+    """--out is none of the inputs and is (now) a folder: checked before its lease is taken."""
+    _check_not_input(output_dir, input_dirs)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    _prepare_folder(fs, root.rstrip("/"), output_dir)
+
+
 def prepare_output(output_dir: str, input_dirs: list[str]) -> None:
     """For the trainers and tools: --out is not an input nor a stage folder, is or can be a folder, and can be written."""
     _check_not_input(output_dir, input_dirs)
@@ -341,7 +306,7 @@ def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list
     _prepare_folder(fs, root, output_dir)
     current = _canonical({"stage": stage, **fingerprint})
     stored = _read_fingerprint(fs, root, output_dir)
-    entries = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != FINGERPRINT]
+    entries = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] not in (FINGERPRINT, LEASE)]
     other = stored.get("stage") if stored else (read_stats(output_dir).get("stage") if fs.exists(f"{root}/_stats.json") else None)
     if other is not None and other != stage:
         raise BadInputError(f"--out {output_dir}: holds a `{other}` stage, not {stage}; give another folder")
@@ -360,18 +325,35 @@ def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list
                                 "rerun with the same ones to resume, or pass --overwrite to start afresh")
     if changed or (stored is None and entries):
         print(f"{stage}: --overwrite: removing the earlier run in {output_dir}")
-        fs.rm(root, recursive=True)
-        fs.makedirs(root, exist_ok=True)
+        for p in entries:  # the lease stays: this run holds it
+            fs.rm(p, recursive=True)
     elif stored is not None and fs.exists(f"{root}/_SUCCESS"):
-        print(f"{stage}: {output_dir} is already complete with these inputs and options")
-        if stored != current:  # moved: record where its inputs are now
-            write_json_atomic(current, f"{root}/{FINGERPRINT}")
-        return read_stats(output_dir)
+        if _complete_shards_whole(output_dir, stage):
+            print(f"{stage}: {output_dir} is already complete with these inputs and options")
+            if stored != current:  # moved: record where its inputs are now
+                write_json_atomic(current, f"{root}/{FINGERPRINT}")
+            return read_stats(output_dir)
     try:
         write_json_atomic(current, f"{root}/{FINGERPRINT}")
     except OSError as err:
         raise environment_error(err, f"--out {output_dir}") or err from None
     return None
+
+
+def _complete_shards_whole(output_dir: str, stage: str) -> bool:
+    """Whether every shard a finished stage's marks vouch for is whole; if not, the stage is reopened (its _SUCCESS removed)."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    expected = read_stats(output_dir).get("shards")
+    whole = read_marks(output_dir, verify=True, remove_damaged=True)
+    if len(whole) == expected:
+        return True
+    print(f"{stage}: {output_dir} was complete but {expected - len(whole) if isinstance(expected, int) else 'some'} "
+          "of its shards are missing, truncated or replaced; redoing them")
+    for name in ("_SUCCESS", "_stats.json"):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}")
+    return False
 
 
 def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: Any, config: dict | None = None,
@@ -385,79 +367,28 @@ def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: A
     root = root.rstrip("/")
     start = started or time.time()  # a stage with earlier passes counts them too
     tasks = list(tasks)
-    fs.makedirs(f"{root}/_progress", exist_ok=True)
     fs.makedirs(f"{root}/_rejects", exist_ok=True)
-    _remove_debris(fs, root)
-    done = {name: mark for name, mark in read_marks(output_dir).items() if _shard_whole(fs, root, mark)}
+    remove_debris(output_dir)
     names = {t.name for t in tasks}
-    pending = [t for t in tasks if t.name not in done]
-    if done:
-        print(f"{stage.name}: resuming, {len(names & done.keys())} of {len(tasks)} shards already complete")
-    new_marks = map_with_progress(
-        client,
-        _run_shard,
-        pending,
-        desc=stage.name,
-        unit="shard",
-        already_done=len(tasks) - len(pending),
-        retries=retries,
-        output_dir=output_dir,
-        process=stage.process,
-        parquet_kwargs=stage.parquet_kwargs,
-    )
-    done.update((m["shard"], m) for m in new_marks)
+    already = set(read_marks(output_dir, verify=False, remove_damaged=False)) & names
+    if already:
+        print(f"{stage.name}: resuming, {len(already)} of {len(tasks)} shards marked complete (their files are re-checked)")
+    done = run_pass(client, output_dir, None, _run_shard, {t.name: t for t in tasks}, desc=stage.name, unit="shard",
+                    retries=retries, output_dir=output_dir, process=stage.process, parquet_kwargs=stage.parquet_kwargs)
     marks = [done[name] for name in sorted(names)]
     stats = summarize(stage.name, marks, time.time() - start, config)
     write_json_atomic(stats, f"{root}/_stats.json")
-    with fs.open(f"{root}/_SUCCESS", "w") as f:
-        f.write("")
+    write_success(output_dir)
     return stats
 
 
-@dataclass
-class _Refused:
-    """A task's bad input, returned rather than raised so that Dask neither retries it nor logs a traceback."""
-
-    message: str
-
-
-def _guarded(fn: Callable, item: Any, desc: str = "", **kwargs: Any) -> Any:
-    """Run one task; bad input and environment errors (a full disk, naming its file) come back as a _Refused value."""
-    try:
-        return fn(item, **kwargs)
-    except BadInputError as err:
-        return _Refused(str(err))
-    except OSError as err:
-        converted = environment_error(err, desc or fn.__name__)
-        if converted is None:
-            raise
-        return _Refused(str(converted))
-
-
-def map_with_progress(
-    client: Any, fn: Callable, items: list, desc: str, unit: str = "task", already_done: int = 0, retries: int = 2, **kwargs: Any
-) -> list:
-    """Run fn(item, **kwargs) as one Dask task per item with a progress bar; results in item order.
-
-    A task's BadInputError (or full disk) stops the run with that one-line error, without retries.
-    """
-    if not items:
-        return []
-    from distributed import as_completed
-
-    keys = [f"{desc}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(items))]
-    futures = client.map(functools.partial(_guarded, fn, desc=desc), items, key=keys, retries=retries, pure=False, **kwargs)
-    with progress(total=len(items) + already_done, initial=already_done, desc=desc, unit=unit) as bar:
-        try:
-            for future in as_completed(futures):
-                result = future.result()  # re-raises a bug's error after its retries
-                if isinstance(result, _Refused):
-                    raise BadInputError(result.message)
-                bar.update(1)
-        except BaseException:
-            client.cancel(futures)
-            raise
-    return [f.result() for f in futures]
+def write_success(output_dir: str) -> None:
+    """Close a folder: `_SUCCESS`, durable like every file a mark or reader trusts."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    tmp = f"{root.rstrip('/')}/_tmp-{uuid.uuid4().hex}-SUCCESS"
+    with fs.open(tmp, "w") as f:
+        f.write("")
+    commit_file(fs, tmp, f"{root.rstrip('/')}/_SUCCESS")
 
 
 MAX_COUNTER_KEYS = 100  # the distinct values a stage's counter keeps in _stats.json; the rest count as "other"

@@ -16,18 +16,16 @@ runner then owns the rest, the same for every stage:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
 from dallekit.errors import BadInputError
-from dallekit.io import check_columns, list_shards, shard_stem, write_json_atomic
+from dallekit.io import check_columns, list_shards, shard_stem
 from dallekit.pipeline.funnel import write_funnel
-from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, input_identity, run_stage
+from dallekit.pipeline.passes import claim_work_dir, hold_folder, read_marks, remove_work_dir, write_mark
+from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, check_output_folder, input_identity, run_stage
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,6 @@ class Plan:
 def shard_tasks(paths: list[str], payload: Callable[[str], Any]) -> list[ShardTask]:
     """One task per input shard, named as the shard it reads."""
     return [ShardTask(shard_stem(p), payload(p)) for p in paths]
-
-
-def work_dir(output_dir: str) -> str:
-    """The stage's scratch folder inside its output, removed once the stage is complete."""
-    return output_dir.rstrip("/") + "/_work"
 
 
 # The installed distributions whose upgrades can change a stage's output rows (decoders, resizers,
@@ -114,27 +107,31 @@ def check_worker_versions(client: Any, stage: str, versions: dict[str, str | Non
 def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: bool = False) -> dict:
     """Run a planned stage into `output_dir` (resuming what an earlier run finished); returns its stats."""
     versions = package_versions(OUTPUT_PACKAGES.get(stage.name, ()))
-    done = begin_stage(stage.name, output_dir, plan.fingerprint | {"versions": versions}, plan.inputs, overwrite)
-    if done is not None:
-        return done
-    check_worker_versions(client, stage.name, versions)
+    check_output_folder(output_dir, plan.inputs)
+    with hold_folder(output_dir, stage.name):  # one writer per folder, an --overwrite included
+        done = begin_stage(stage.name, output_dir, plan.fingerprint | {"versions": versions}, plan.inputs, overwrite)
+        if done is not None:
+            return done
+        check_worker_versions(client, stage.name, versions)
+        return _run_claimed(stage, plan, output_dir, client, versions)
+
+
+def _run_claimed(stage: Stage, plan: Plan, output_dir: str, client: Any, versions: dict) -> dict:
+    """The stage's passes in a folder this run holds: the plan's pass over all shards, the shards, the funnel."""
     started = time.time()
-    scratch = work_dir(output_dir)
-    fs, root = fsspec.core.url_to_fs(scratch)
+    scratch = claim_work_dir(output_dir)
     prepared = None
     if plan.prepare is not None:
-        if fs.exists(f"{root}/prepare.json"):
-            with fs.open(f"{root}/prepare.json", "r") as f:
-                prepared = json.load(f)["result"]
+        marks = read_marks(scratch, verify=False)
+        if "prepare" in marks:
+            prepared = marks["prepare"].result["value"]
         else:
-            prepared = json.loads(json.dumps(plan.prepare(client, output_dir)))  # the value a rerun reads back
-            write_json_atomic({"result": prepared}, f"{scratch}/prepare.json")
+            prepared = write_mark(scratch, "prepare", {"value": plan.prepare(client, output_dir)}, [])["value"]
     # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
     scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)
     config = plan.stats_config | ({"prepared": prepared} if scalar else {}) | {"versions": versions}
     stats = run_stage(stage, output_dir, plan.tasks(prepared, output_dir), client, config=config, started=started)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    remove_work_dir(output_dir)
     if stage.rules is not None:
         print(write_funnel(output_dir, stage.name, stats, list(stage.rules)))
     return stats
