@@ -291,11 +291,12 @@ def _run_marked(item: tuple[str, str | None, str, Any], task_fn: Callable, **kwa
     return write_mark(folder, task, result, written, pass_name)
 
 
-def run_pass(client: Any, folder: str, pass_name: str | None, fn: Callable[..., dict], items: dict[str, Any],
+def run_pass(client: Any, folder: str, pass_name: str | None, fn: Callable[..., dict], items: dict[str, Any], /,
              desc: str, unit: str = "task", retries: int = 2, **kwargs: Any) -> dict[str, dict]:
     """fn(payload, **kwargs) -> JSON-able dict for every item whose mark is missing or whose files are not whole; every result.
 
-    Files the task writes through `io`'s atomic writers are vouched for by its mark. With
+    Files the task writes through `io`'s atomic writers are vouched for by its mark (the first five
+    arguments are positional-only, so a task's keyword arguments may reuse their names). With
     `client` None the tasks run here, in order (inside one Dask task of a small run).
     """
     done = {key: mark.result for key, mark in read_marks(folder, pass_name).items() if key in items}

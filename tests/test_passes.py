@@ -1,0 +1,151 @@
+"""The pass engine: marks vouch for their files, durable commits, shuffles, and one writer per folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dallekit.errors import BadInputError
+from dallekit.io import write_table_atomic
+from dallekit.pipeline import passes
+from dallekit.pipeline.passes import FolderLease, read_marks, read_shuffle_parts, run_pass, write_shuffle
+from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, run_stage
+from dallekit.pipeline.stage import Stage
+
+
+def write_numbers(payload, folder, log):
+    """A task: one Parquet file of its numbers; each call is logged."""
+    with open(log, "a") as f:
+        f.write(f"{payload}\n")
+    write_table_atomic(pa.table({"n": list(range(payload * 100, payload * 100 + 100))}), f"{folder}/out/{payload}.parquet")
+    return {"rows": 100}
+
+
+def run_numbers(folder, log):
+    return run_pass(None, str(folder), "numbers", write_numbers, {str(i): i for i in range(3)}, desc="numbers",
+                    folder=str(folder), log=str(log))
+
+
+def calls(log) -> list[str]:
+    return sorted(log.read_text().split()) if log.exists() else []
+
+
+def test_a_mark_records_size_checksum_and_footer_of_each_output(tmp_path):
+    run_numbers(tmp_path, tmp_path / "log")
+    marks = read_marks(str(tmp_path), "numbers")
+    assert sorted(marks) == ["0", "1", "2"] and marks["1"].result["rows"] == 100
+    record = marks["1"].outputs["out/1.parquet"]
+    assert record["bytes"] == (tmp_path / "out" / "1.parquet").stat().st_size
+    assert record["checksum"].startswith("xxh3_128:") and record["tail"]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
+def test_a_task_whose_output_is_damaged_is_redone_despite_its_mark(tmp_path, damage):
+    log = tmp_path / "log"
+    run_numbers(tmp_path, log)
+    log.write_text("")
+    target = tmp_path / "out" / "1.parquet"
+    if damage == "delete":
+        target.unlink()
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-10])
+    else:  # same size, other content: the footer differs
+        write_table_atomic(pa.table({"n": list(range(5000, 5100))}), str(target))
+    results = run_numbers(tmp_path, log)
+    assert calls(log) == ["1"] and results["1"]["rows"] == 100
+    assert pa.parquet.read_table(target)["n"].to_pylist()[0] == 100
+
+
+def test_outputs_are_fsynced_before_the_mark_is_written(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b)))
+    run_pass(None, str(tmp_path), "numbers", write_numbers, {"0": 0}, desc="numbers", folder=str(tmp_path), log=str(tmp_path / "log"))
+    shard, folder = str(tmp_path / "out" / "0.parquet"), str(tmp_path / "out")
+    renamed = events.index(("rename", shard))
+    assert events[renamed - 1][0] == "fsync" and "_tmp-" in events[renamed - 1][1]  # the file, before its rename
+    assert events[renamed + 1] == ("fsync", folder)  # its folder, after
+    mark_rename = next(i for i, e in enumerate(events) if e[0] == "rename" and e[1].endswith("0.json"))
+    assert mark_rename > renamed + 1
+
+
+def test_a_damaged_mark_is_removed_and_its_task_redone(tmp_path):
+    log = tmp_path / "log"
+    run_numbers(tmp_path, log)
+    (tmp_path / "_progress" / "numbers" / "2.json").write_text("{not json")
+    log.write_text("")
+    run_numbers(tmp_path, log)
+    assert calls(log) == ["2"]
+
+
+def test_a_stage_mark_of_the_previous_version_resumes(tmp_path):
+    shard = tmp_path / "part-00000.parquet"
+    write_table_atomic(pa.table({"uid": ["a"]}), str(shard))
+    legacy = {"shard": "part-00000", "rows_in": 1, "rows_out": 1, "rows_rejected": 0, "reasons": {}, "counters": {},
+              "seconds": 0.1, "bytes": shard.stat().st_size, "mtime": "0", "checksum": "xxh3_128:0"}
+    (tmp_path / "_progress").mkdir()
+    (tmp_path / "_progress" / "part-00000.json").write_text(json.dumps(legacy))
+    assert read_marks(str(tmp_path))["part-00000"].result["rows_out"] == 1
+    shard.write_bytes(shard.read_bytes()[:-4])  # truncated: its footer magic is gone
+    assert read_marks(str(tmp_path)) == {}
+
+
+def test_a_shuffle_writes_one_file_per_producer_and_consumers_read_their_parts(tmp_path):
+    table = pa.table({"x": list(range(10))})
+    index = write_shuffle(table, np.array([i % 3 for i in range(10)]), str(tmp_path / "p0.arrow"))
+    assert [p.name for p in tmp_path.iterdir()] == ["p0.arrow"]
+    assert read_shuffle_parts([index["1"]], table.schema)["x"].to_pylist() == [1, 4, 7]
+    stale = list(index["2"])
+    stale[3] += 1  # the row count a producer recorded no longer matches: a replaced file
+    with pytest.raises(RuntimeError, match="stale task or a replaced file"):
+        read_shuffle_parts([stale], table.schema)
+
+
+def test_a_held_folder_refuses_a_second_writer_naming_the_owner(tmp_path):
+    with FolderLease(str(tmp_path), "clean"):
+        with pytest.raises(BadInputError, match=rf"another dallekit run is writing it \(clean, pid {os.getpid()}"):
+            FolderLease(str(tmp_path), "clean").acquire()
+    assert not (tmp_path / passes.LEASE).exists()  # released at exit
+    with FolderLease(str(tmp_path), "clean"):
+        pass
+
+
+@pytest.mark.parametrize("gone", ["old heartbeat", "dead pid"])
+def test_a_lease_of_a_run_that_is_gone_is_taken_over(tmp_path, gone, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    held = {"run": "x", "what": "clean", "host": socket.gethostname(), "pid": os.getpid(), "started": 0, "heartbeat": time.time()}
+    held |= {"heartbeat": time.time() - 2 * passes.LEASE_STALE_SECONDS} if gone == "old heartbeat" else {"pid": int(dead)}
+    (tmp_path / passes.LEASE).write_text(json.dumps(held))
+    with FolderLease(str(tmp_path), "filter") as lease:
+        assert json.loads((tmp_path / passes.LEASE).read_text())["run"] == lease.owner["run"]
+    assert "taking over" in capsys.readouterr().out
+
+
+def toy_stage() -> Stage:
+    def keep(payload):
+        return ShardResult(rows_in=10, kept=pa.table({"uid": [f"{payload}-{i}" for i in range(10)]}))
+
+    return Stage("toy", (), frozenset(), "toy tasks", keep)
+
+
+def test_a_finished_stage_whose_shard_was_deleted_is_reopened_not_reported_complete(tmp_path, client):
+    out = tmp_path / "out"
+    tasks = [ShardTask(f"part-{i:05d}", i) for i in range(4)]
+    begin_stage("toy", str(out), {"v": 1}, [])
+    run_stage(toy_stage(), str(out), tasks, client)
+    (out / "part-00002.parquet").unlink()
+    assert begin_stage("toy", str(out), {"v": 1}, []) is None  # reopened: the caller runs the stage again
+    assert not (out / "_SUCCESS").exists()
+    stats = run_stage(toy_stage(), str(out), tasks, client)
+    assert stats["rows_out"] == 40 and (out / "part-00002.parquet").exists()
+    assert begin_stage("toy", str(out), {"v": 1}, [])["rows_out"] == 40  # complete again
