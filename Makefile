@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 # ruff's rules and the layers contract (import-linter) are in pyproject.toml
 lint: $(STAMP)
-	$(BIN)/ruff check dallekit tests benchmarks
+	$(BIN)/ruff check dallekit tests benchmarks tools
 	$(BIN)/lint-imports
 
 test: lint

@@ -1,0 +1,1 @@
+"""Development tools (lint contracts); not part of the installed package."""
