@@ -258,22 +258,33 @@ def _write_parquet(tables: Iterable[pa.Table], fs: Any, tmp: str, path: str, par
     return rows
 
 
-def write_rows_file(column: pa.Array, path: str) -> None:
-    """One fixed-size binary column as an uncompressed Arrow IPC file (written atomically), for `take_rows`."""
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A binary file to write that becomes `path` (fsynced, renamed, folder fsynced: `commit_file`) only when the block ends without error.
+
+    For files that are not Parquet (tars, Arrow IPC): it is written under a temporary name beside
+    the target, which an error removes, so a reader never sees a partial file.
+    """
     fs, p = fsspec.core.url_to_fs(path)
     parent, name = p.rsplit("/", 1)
-    tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
-    table = pa.table({"value": column})
+    tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"  # `_` keeps readers from listing it
     with naming_file(path):
         fs.makedirs(parent, exist_ok=True)
         try:
-            with fs.open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-                writer.write_table(table)
+            with fs.open(tmp, "wb") as f:
+                yield f
         except BaseException:
             if fs.exists(tmp):
                 fs.rm(tmp)
             raise
         commit_file(fs, tmp, path)
+
+
+def write_rows_file(column: pa.Array, path: str) -> None:
+    """One fixed-size binary column as an uncompressed Arrow IPC file (written atomically), for `take_rows`."""
+    table = pa.table({"value": column})
+    with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_rows_file(path: str) -> pa.Array:

@@ -450,3 +450,26 @@ def test_an_image_download_stored_without_a_signature_gets_the_reason_a_decode_w
     scan_shard(str(shard), str(tmp_path / "work"), CleanConfig())
     scan = pq.read_table(tmp_path / "work" / "scan" / "part-00000.parquet").to_pydict()
     assert dict(zip(scan["uid"], scan["reason"])) == {"ok": None, "broken": "undecodable", "large": "image_too_large"}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_rerun_of_the_scan_skips_whole_scans_and_redoes_damaged_ones(tmp_path, client, damage):
+    from dallekit.pipeline.clean import plan_clean
+    from dallekit.pipeline.passes import claim_work_dir
+
+    rows = [downloaded_row(f"{i:016x}", f"a shape number {i}", shape_jpeg(i, size=64), size=(64, 64)) for i in range(8)]
+    write_stage(tmp_path / "download", [rows[:4], rows[4:]])
+    plan, out = plan_clean(str(tmp_path / "download"), CleanConfig()), tmp_path / "clean"
+    out.mkdir()
+    claim_work_dir(str(out))
+    marked = plan.prepare(client, str(out))  # the scan and dedup passes, as the stage runs them
+    scan = out / "_work" / "scan"
+    first = {p.name: p.read_bytes() for p in scan.glob("part-*")}
+    untouched = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in scan.glob("part-00001.*")}
+    if damage == "deleted":
+        (scan / "part-00000.parquet").unlink()
+    else:
+        (scan / "part-00000.detail.arrow").write_bytes(first["part-00000.detail.arrow"][:500])
+    assert plan.prepare(client, str(out)) == marked  # as a rerun after a kill between the scan and the stage's mark
+    assert {p.name: p.read_bytes() for p in scan.glob("part-*")} == first
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in scan.glob("part-00001.*")} == untouched  # not scanned again

@@ -134,3 +134,37 @@ def test_the_image_member_is_named_by_its_format_not_by_the_column(tmp_path, cli
     assert names[rows[3]["uid"]] == "bin"
     samples = {s["__key__"]: s for s in read_webdataset(tmp_path / "wds")}
     assert samples[rows[1]["uid"]]["png"] == images[rows[1]["uid"]] and samples[rows[2]["uid"]]["webp"] == images[rows[2]["uid"]]
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["mid-run", "after-success"])
+def test_a_deleted_or_truncated_tar_with_its_mark_is_written_again(tmp_path, client, closed):
+    src, _ = stage_with_images(tmp_path / "filter")
+    out = tmp_path / "wds"
+    export(str(src), str(out), ExportConfig(), client)
+    first = {p.name: p.read_bytes() for p in out.glob("part-*.tar")}
+    if not closed:
+        (out / "_SUCCESS").unlink()  # as if killed after both tars were marked
+    (out / "part-00000.tar").unlink()
+    (out / "part-00001.tar").write_bytes(first["part-00001.tar"][:1000])  # an interrupted copy: its mark stays
+    result = export(str(src), str(out), ExportConfig(), client)
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.tar")} == first
+    assert (result["samples"], result["shards"]) == (8, 2) and (out / "_SUCCESS").exists()
+    assert [s["__key__"] for s in read_webdataset(out)] == [f"{i:016x}" for i in range(8)]
+
+
+def test_an_export_written_by_the_previous_version_is_written_again(tmp_path, client, capsys):
+    src, _ = stage_with_images(tmp_path / "filter")
+    out = tmp_path / "wds"
+    export(str(src), str(out), ExportConfig(), client)
+    first = {p.name: p.read_bytes() for p in out.glob("part-*.tar")}
+    claim = json.loads((out / "_export.json").read_text())
+    del claim["layout"]  # the claim and marks as the previous version wrote them, its tar cut short since
+    (out / "_export.json").write_text(json.dumps(claim))
+    for mark in (out / "_progress").glob("*.json"):
+        mark.write_text(json.dumps({"shard": mark.stem, "rows": 5, "samples": 5, "no_image": 0}))
+    (out / "part-00001.tar").write_bytes(first["part-00001.tar"][:1000])
+    capsys.readouterr()
+    result = export(str(src), str(out), ExportConfig(), client)
+    assert "written by an earlier dallekit version" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.tar")} == first and result["samples"] == 8
+    assert "already complete" in (export(str(src), str(out), ExportConfig(), client) and capsys.readouterr().out)

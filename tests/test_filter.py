@@ -247,3 +247,22 @@ def test_clip_rejects_images_that_do_not_decode_instead_of_failing(tmp_path):
     result = filter_module.filter_shard(task)
     assert result.kept.column("uid").to_pylist() == ["ok"]
     assert dict(zip(*(result.rejects.column(c).to_pylist() for c in ("uid", "reason")))) == {"cut": "undecodable", "garbage": "undecodable"}
+
+
+def test_a_rerun_of_the_clip_pass_skips_whole_scores_and_redoes_truncated_ones(tmp_path, client):
+    from dallekit.pipeline.filter import plan_filter
+    from dallekit.pipeline.passes import claim_work_dir
+
+    rows = [row(f"r{i}", caption=f"a green square on a white background {i}") for i in range(6)]
+    write_stage(tmp_path / "clean", [rows[:3], rows[3:]], stage="clean")
+    plan, out = plan_filter(str(tmp_path / "clean"), FilterConfig(**TINY, clip_top_fraction=0.5)), tmp_path / "filter"
+    out.mkdir()
+    claim_work_dir(str(out))
+    threshold = plan.prepare(client, str(out))  # the CLIP pass and the global threshold, as the stage runs them
+    scores = out / "_work" / "clip"
+    first = {p.name: p.read_bytes() for p in scores.glob("part-*")}
+    whole = (scores / "part-00001.parquet").stat()
+    (scores / "part-00000.parquet").write_bytes(first["part-00000.parquet"][:100])  # cut short: its mark stays
+    assert plan.prepare(client, str(out)) == threshold
+    assert {p.name: p.read_bytes() for p in scores.glob("part-*")} == first
+    assert ((scores / "part-00001.parquet").stat().st_ino, (scores / "part-00001.parquet").stat().st_mtime_ns) == (whole.st_ino, whole.st_mtime_ns)

@@ -17,7 +17,9 @@ from dallekit.demo.synthetic import Route, ShapesServer
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.download import download
 from dallekit.pipeline.fetch import TDM_REFUSED
+from dallekit.pipeline.passes import read_marks
 from dallekit.pipeline.retry import is_retryable, retry_failed
+from dallekit.pipeline.shards import read_shard_marks
 from tests.conftest import _image_bytes
 from tests.helpers import check_accounting, read_stage
 from tests.test_download import make_url_shards
@@ -103,12 +105,12 @@ def test_retry_fetches_only_retryable_rows_in_place(tmp_path, client):
                                                              "seconds": 0, "timeout": 5, "retries": 0}
     on_disk = json.loads((images / "_stats.json").read_text())
     assert on_disk["counters"] == stats["counters"] and (images / "_SUCCESS").exists() and not (images / "_retry").exists()
-    marks = [json.loads(p.read_text()) for p in sorted((images / "_progress").glob("*.json"))]
-    assert sum(m["counters"]["status"].get("success", 0) for m in marks) == 6
+    marks = read_shard_marks(str(images), verify=True).values()  # the shards' marks, rewritten, vouch for the new shards
+    assert len(marks) == 3 and sum(m["counters"]["status"].get("success", 0) for m in marks) == 6
     with pytest.raises(BadInputError, match="--image-size 64: a retry keeps the download's own options"):
         retry_failed(str(images), client, {"image_size": 64})
     (images / "_progress" / "part-00001.json").unlink()
-    with pytest.raises(BadInputError, match=r"_progress/part-00001.json: missing or damaged"):
+    with pytest.raises(BadInputError, match=r"part-00001.parquet is not the shard its mark vouches for \(its mark is missing"):
         retry_failed(str(images), client)
 
 
@@ -137,7 +139,7 @@ def test_killed_retry_resumes_with_every_row_once(tmp_path, client):
         server.routes["/flaky.jpg"] = Route(GOOD, headers=JPEG, delay=3)  # back, but slow: each shard's retry takes 3 s
         proc = retry_cli(images)
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not list((images / "_retry" / "done").glob("*.json")):
+        while time.time() < deadline and proc.poll() is None and not read_marks(str(images), "retry", verify=False, remove_damaged=False):
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -196,3 +198,64 @@ def test_retry_refuses_a_folder_downloaded_with_other_package_versions(tmp_path,
         with pytest.raises(BadInputError, match=r"other package versions \(opencv-python-headless 4.5.0.0 -> "):
             retry_failed(str(images), client, {"threads": 2})
     assert {p.name: p.read_bytes() for p in images.glob("part-*.parquet")} == before
+
+
+def folder_files(folder, leave_out=("_lease.json",)) -> dict:
+    """Every file under a folder (by relative path) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in leave_out}
+
+
+@pytest.mark.parametrize("damage", ["mark", "shard"])
+def test_a_failed_precondition_leaves_the_folder_as_it_was(tmp_path, client, capsys, damage):
+    from tests.test_guard_stage import one_line, run_cli
+
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, _ = downloaded(tmp_path, client, server)
+    if damage == "mark":
+        (images / "_progress" / "part-00001.json").unlink()
+    else:
+        data = (images / "part-00001.parquet").read_bytes()
+        (images / "part-00001.parquet").write_bytes(data[: len(data) // 2])
+    before = folder_files(images, leave_out=())
+    code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+    one_line(code, err, "part-00001.parquet is not the shard its mark vouches for", "rerun the download")
+    assert folder_files(images, leave_out=()) == before  # _SUCCESS still there, no _retry/, nothing removed or added
+    assert (images / "_SUCCESS").exists() and not (images / "_retry").exists()
+
+
+def test_a_retry_into_a_held_folder_is_refused_naming_its_owner(tmp_path, client, capsys):
+    from dallekit.pipeline.passes import hold_folder
+    from tests.test_guard_stage import one_line, run_cli
+
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, urls = downloaded(tmp_path, client, server)
+        before = folder_files(images)
+        with hold_folder(str(images), "another retry"):  # as a second retry running beside it
+            code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+            one_line(code, err, "another dallekit run is writing it (another retry", f"pid {os.getpid()}")
+            assert folder_files(images) == before
+            code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+            assert code == 2 and folder_files(images) == before  # refused again: nothing was claimed by the first refusal
+        assert not (images / "_lease.json").exists()
+        server.routes["/flaky.jpg"] = Route(GOOD, headers=JPEG)
+        stats = retry_failed(str(images), client)  # released: the retry runs
+    assert stats["retry"]["history"][0]["retried"] == 4 and not (images / "_lease.json").exists()
+    check_accounting(images, len(urls))
+
+
+def test_a_round_the_previous_version_began_is_resumed(tmp_path, client, capsys):
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, urls = downloaded(tmp_path, client, server)
+        (images / "_retry" / "done").mkdir(parents=True)  # round 1 as dallekit 0.29 left it: part-00000 retried
+        (images / "_retry" / "round.json").write_text(json.dumps({"round": 1}))
+        (images / "_retry" / "done" / "part-00000.json").write_text(json.dumps({"shard": "part-00000", "retried": 2, "recovered": 0}))
+        (images / "_SUCCESS").unlink()
+        server.routes["/flaky.jpg"] = Route(GOOD, headers=JPEG)
+        capsys.readouterr()
+        stats = retry_failed(str(images), client)
+    assert "resuming round 1" in capsys.readouterr().out
+    kept, _ = check_accounting(images, len(urls))
+    first = kept[kept.key.isin(pq.read_table(images / "part-00000.parquet").column("key").to_pylist())]
+    assert (first["retries"] == 0).all()  # its shard was marked done by the previous version: not fetched again
+    assert kept["retries"].sum() == 2 and stats["retry"]["history"][0]["retried"] == 4  # the old mark's 2 and 2 more
+    assert not (images / "_retry").exists() and stats["retry"]["rounds"] == 1

@@ -34,7 +34,7 @@ from dallekit.config import BadInputError, CleanConfig, output_options
 from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
-from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
 
@@ -112,6 +112,11 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
                      "sha256": table.column("sha256")} | signature)
     write_table_atomic(scan, f"{work_dir}/scan/{shard_stem(path)}.parquet")
     return table.num_rows
+
+
+def _scan_task(path: str, work_dir: str, config: CleanConfig) -> dict:
+    """scan_shard as a task of the engine's `scan` pass: its two files are vouched for by the task's mark."""
+    return {"rows": scan_shard(path, work_dir, config)}
 
 
 def detail_key(detail: bytes | None) -> int | None:
@@ -194,8 +199,9 @@ def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
     names = [shard_stem(p) for p in paths]
 
     def prepare(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
-        scratch = work_dir(output_dir)
-        map_with_progress(client, scan_shard, paths, desc="clean scan", unit="shard", work_dir=scratch, config=config)
+        scratch = work_dir(output_dir)  # a rerun skips the shards whose scan files its marks vouch for
+        run_pass(client, scratch, "scan", _scan_task, {shard_stem(p): p for p in paths}, desc="clean scan", unit="shard",
+                 work_dir=scratch, config=config)
         found = dedup(client, names, scratch, config.near_dup_distance, config.near_dup_color_distance,
                       config.near_dup_detail_distance)
         return sum(found.values())

@@ -4,14 +4,17 @@ The image member's extension follows the bytes (`jpg`, `png`, `webp`, `gif`, fro
 bytes; `bin` for anything else), since loaders pick a decoder by extension and the `jpg` column
 holds whatever format download encoded (`--encode-format`) or img2dataset fetched (adopt).
 
-One Dask task per input shard writes `part-NNNNN.tar` under a temporary name and renames it into
-place, so a rerun skips the tars already there and writes the rest. A sample's key is its `uid`
+The export is one pass of the engine (`pipeline/passes.py`) over the input shards: a task writes
+`part-NNNNN.tar` through `io.atomic_file` (fsynced, renamed into place), and its mark then vouches
+for the tar by size and footer, so a rerun skips the tars that are whole and writes again those
+that are missing, truncated or replaced, even in an export already closed. A sample's key is its `uid`
 (checked: letters, digits, `_` and `-` only, since it names the tar members); `uid.txt` is the
 caption and `uid.json` every other column that is not bytes (uid, url, scores, the kept
 columns; token lists as lists). Rows with no image (a download's failures) are left out and
 counted. Members are written in sample order with a fixed mtime, so the same input gives
-byte-identical tars. `_export.json` claims the folder with the input's identity, a mark per tar
-in `_progress/` follows its rename, and `_SUCCESS` closes the export.
+byte-identical tars. `_export.json` claims the folder with the input's identity (another input
+is refused), the run holds the folder's lease (`passes.hold_folder`: one writer at a time), and
+`_SUCCESS` closes the export once every tar is whole.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import json
 import math
 import re
 import tarfile
-import uuid
 
 import fsspec
 import pyarrow as pa
 
 from dallekit.config import BadInputError, ExportConfig
-from dallekit.io import check_columns, list_shards, read_shard, shard_stem, write_json_atomic
-from dallekit.pipeline.passes import map_with_progress
-from dallekit.pipeline.shards import input_identity, prepare_output
+from dallekit.io import atomic_file, check_columns, list_shards, read_shard, shard_stem, write_json_atomic
+from dallekit.pipeline.passes import LEASE, hold_folder, read_marks, remove_debris, run_pass
+from dallekit.pipeline.shards import check_output_folder, damaged_shards, input_identity, prepare_output, write_success
 from dallekit.pipeline.stage import STAGES
 
 KEY = re.compile(r"[A-Za-z0-9_-]+")  # a uid that can name tar members: no dots, slashes or `..`
 MAX_KEY_CHARS = 240  # a member's name is the uid and an extension; file systems allow 255 bytes a name
 CLAIM = "_export.json"
+LAYOUT = 2  # in the claim: the tars are vouched for by the engine's marks (an export without it came before them)
+COUNTS = ("rows", "samples", "no_image")
 
 
 def _json_value(value):
@@ -78,19 +82,15 @@ def _check_key(path: str, uid) -> None:
 
 
 def export_shard(path: str, output_dir: str) -> dict:
-    """Write one shard's rows with an image as a WebDataset tar; returns the samples written and left out."""
+    """Write one shard's rows with an image as a WebDataset tar, committed atomically; returns the samples written and left out."""
     table = read_shard(path)
     byte_types = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
     meta_columns = [c for c in table.column_names if not any(is_bytes(table.schema.field(c).type) for is_bytes in byte_types)]
     meta = {c: table.column(c).to_pylist() for c in meta_columns}
     images = table.column("jpg").to_pylist()
-    fs, root = fsspec.core.url_to_fs(output_dir)
-    root = root.rstrip("/")
-    name = shard_stem(path)
-    buffer = io.BytesIO()
     written = skipped = 0
     seen: set[str] = set()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
+    with atomic_file(f"{output_dir.rstrip('/')}/{shard_stem(path)}.tar") as f, tarfile.open(fileobj=f, mode="w") as tar:
         for i, image in enumerate(images):
             uid = meta["uid"][i]
             _check_key(path, uid)
@@ -105,13 +105,48 @@ def export_shard(path: str, output_dir: str) -> dict:
             _add(tar, f"{uid}.txt", (meta["caption"][i] or "").encode("utf-8"))
             _add(tar, f"{uid}.json", json.dumps(record, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False).encode("utf-8"))
             written += 1
-    tmp = f"{root}/_tmp-{uuid.uuid4().hex}-{name}.tar"
-    with fs.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(tmp, f"{root}/{name}.tar")
-    mark = {"shard": name, "rows": len(images), "samples": written, "no_image": skipped}
-    write_json_atomic(mark, f"{root}/_progress/{name}.json")  # after the tar: a tar without its mark is written again
-    return mark
+    return {"rows": len(images), "samples": written, "no_image": skipped}
+
+
+def _claim_folder(output_dir: str, claim: dict) -> dict:
+    """The folder's claim for this input and format (written when new); bad input when it holds anything else."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{CLAIM}"):
+        if [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE]:
+            raise BadInputError(f"--out {output_dir}: holds files that are not a dallekit export; give an empty or new folder")
+        write_json_atomic(claim, f"{root}/{CLAIM}")
+        return claim
+    try:
+        with fs.open(f"{root}/{CLAIM}", "r") as f:
+            stored = json.load(f)
+    except ValueError:
+        stored = {}
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in ("input", "format")} != json.loads(json.dumps(
+            {k: claim[k] for k in ("input", "format")})):
+        raise BadInputError(f"--out {output_dir}: holds an export of another input or format; give another folder")
+    if stored.get("layout") != LAYOUT:  # its marks vouch for nothing: the engine drops them and every tar is written again
+        print(f"export: {output_dir} was written by an earlier dallekit version, whose marks do not vouch for its tars; writing them again")
+        if fs.exists(f"{root}/_SUCCESS"):
+            fs.rm(f"{root}/_SUCCESS")
+        write_json_atomic(claim, f"{root}/{CLAIM}")
+        return claim
+    return stored
+
+
+def _reopen_if_damaged(output_dir: str, names: list[str]) -> bool:
+    """Whether a closed export is whole; if a tar is missing, truncated or replaced, its `_SUCCESS` is removed (the tar is redone)."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    success = f"{root.rstrip('/')}/_SUCCESS"
+    if not fs.exists(success):
+        return False
+    damaged = damaged_shards(output_dir, names)
+    if not damaged:
+        return True
+    print(f"export: {output_dir} was complete but {len(damaged)} of its tars are missing, truncated or replaced "
+          f"({damaged[0]}.tar first); writing them again")
+    fs.rm(success)
+    return False
 
 
 def export(stage_dir: str, output_dir: str, config: ExportConfig, client) -> dict:
@@ -120,42 +155,28 @@ def export(stage_dir: str, output_dir: str, config: ExportConfig, client) -> dic
     paths = list_shards(stage_dir)
     check_columns(paths, {"uid", "caption", "jpg"}, "a stage folder with images (download, adopt, clean or filter)")
     fs, root = fsspec.core.url_to_fs(output_dir)
-    root = root.rstrip("/")
-    claim = {"input": identity, "format": config.format}
-    if fs.exists(f"{root}/{CLAIM}"):
-        try:
-            with fs.open(f"{root}/{CLAIM}", "r") as f:
-                stored = json.load(f)
-        except ValueError:
-            stored = {}
-        if not isinstance(stored, dict) or {k: stored.get(k) for k in claim} != json.loads(json.dumps(claim)):
-            raise BadInputError(f"--out {output_dir}: holds an export of another input or format; give another folder")
-        if fs.exists(f"{root}/_SUCCESS"):
-            print(f"export: {output_dir} is already complete for this input")
-            return stored
+    if fs.exists(f"{root.rstrip('/')}/{CLAIM}"):
+        check_output_folder(output_dir, [stage_dir])
     else:
         prepare_output(output_dir, [stage_dir])  # not the input, not a stage folder, writable
-        if fs.ls(root, detail=False):
-            raise BadInputError(f"--out {output_dir}: holds files that are not a dallekit export; give an empty or new folder")
-        write_json_atomic(claim, f"{root}/{CLAIM}")
-    for p in fs.glob(f"{root}/_tmp-*"):
-        fs.rm(p)  # an interrupted run's partial tars
-    fs.makedirs(f"{root}/_progress", exist_ok=True)
-    marks = {}
-    for p in paths:
-        try:
-            with fs.open(f"{root}/_progress/{shard_stem(p)}.json", "r") as f:
-                marks[p] = json.load(f)
-        except (FileNotFoundError, ValueError):  # not written yet, or damaged by hand: write that tar again
-            pass
-    pending = [p for p in paths if not (isinstance(marks.get(p), dict) and {"rows", "samples", "no_image"} <= set(marks[p]))]
-    if len(pending) < len(paths):
-        print(f"export: resuming, {len(paths) - len(pending)} of {len(paths)} tars already written")
-    written = map_with_progress(client, export_shard, pending, desc="export", unit="shard", already_done=len(paths) - len(pending),
-                                output_dir=output_dir)
-    marks.update(zip(pending, written))
-    result = claim | {key: sum(marks[p][key] for p in paths) for key in ("rows", "samples", "no_image")} | {"shards": len(paths)}
-    write_json_atomic(result, f"{root}/{CLAIM}")
-    with fs.open(f"{root}/_SUCCESS", "w") as f:
-        f.write("")
+    with hold_folder(output_dir, "export"):  # one writer: a second export into the folder is refused, naming this one
+        stored = _claim_folder(output_dir, {"input": identity, "format": config.format, "layout": LAYOUT})
+        tasks = {shard_stem(p): p for p in paths}
+        if _reopen_if_damaged(output_dir, list(tasks)):
+            print(f"export: {output_dir} is already complete for this input")
+            return stored
+        return _write_tars(output_dir, stored, tasks, client)
+
+
+def _write_tars(output_dir: str, claim: dict, tasks: dict[str, str], client) -> dict:
+    """The pass over the input shards (the tars not yet whole), then the counts in the claim and `_SUCCESS`."""
+    remove_debris(output_dir)  # an interrupted run's partial tars
+    already = set(read_marks(output_dir, verify=False, remove_damaged=False)) & set(tasks)
+    if already:
+        print(f"export: resuming, {len(already)} of {len(tasks)} tars marked written (each is re-checked)")
+    done = run_pass(client, output_dir, None, export_shard, tasks, desc="export", unit="shard", output_dir=output_dir)
+    counts = {key: sum(done[name][key] for name in tasks) for key in COUNTS}
+    result = {k: claim[k] for k in ("input", "format", "layout")} | counts | {"shards": len(tasks)}
+    write_json_atomic(result, f"{output_dir.rstrip('/')}/{CLAIM}")
+    write_success(output_dir)
     return result

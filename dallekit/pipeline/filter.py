@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from dallekit.config import FilterConfig, output_options
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size, decode_rgb
-from dallekit.io import read_shard, write_table_atomic
-from dallekit.pipeline.passes import map_with_progress, work_dir
-from dallekit.pipeline.shards import ShardResult, exists, path_digest
+from dallekit.io import read_shard, shard_stem, write_table_atomic
+from dallekit.pipeline.passes import map_with_progress, run_pass, work_dir
+from dallekit.pipeline.shards import ShardResult, path_digest
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
 from dallekit.tokenize.text import default_text_tokenizer
 
@@ -208,6 +208,11 @@ def clip_pass(task: FilterShard) -> int:
     return len(rows)
 
 
+def _clip_task(task: FilterShard) -> dict:
+    """clip_pass as a task of the engine's `clip` pass: its score file is vouched for by the task's mark."""
+    return {"scored": clip_pass(task)}
+
+
 def filter_shard(task: FilterShard) -> ShardResult:
     """Score one shard, apply every rule, and split kept rows from rejects."""
     table, scores, reasons = score_shard(task)
@@ -280,8 +285,8 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
 
     def prepare(client, output_dir: str) -> float:
         tasks = [FilterShard(p, config, work_dir(output_dir)) for p in paths]
-        pending = [t for t in tasks if not exists(_scores_path(t))]  # scored by an earlier, interrupted run
-        map_with_progress(client, clip_pass, pending, desc="filter clip", unit="shard")
+        # a rerun skips the shards whose score files its marks vouch for (scored by an earlier, interrupted run)
+        run_pass(client, work_dir(output_dir), "clip", _clip_task, {shard_stem(t.path): t for t in tasks}, desc="filter clip", unit="shard")
         threshold = global_threshold(client, [_scores_path(t) for t in tasks], config.clip_top_fraction)
         print(f"filter: the top {config.clip_top_fraction:.0%} of CLIP scores start at {threshold:.4f}")
         return threshold
