@@ -184,7 +184,8 @@ def write_mark(folder: str, task: str, result: dict, outputs: list[str], pass_na
     """Record that `task` is complete, vouching for its output files (already committed); returns the result as a rerun reads it."""
     result = json.loads(json.dumps(result, default=str))
     mark = {"task": task, "result": result, "outputs": vouch(folder, sorted(set(outputs)))}
-    write_json_atomic(mark, f"{_marks_dir(folder, pass_name)}/{task}.json")
+    with collect_written():  # a mark written inside another task (retry rewrites download's) is not that task's output
+        write_json_atomic(mark, f"{_marks_dir(folder, pass_name)}/{task}.json")
     return result
 
 
