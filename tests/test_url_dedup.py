@@ -12,16 +12,20 @@ import pytest
 from dallekit.config import IngestConfig
 from dallekit.pipeline import ingest as ingest_module
 from dallekit.pipeline import stage as stage_module
-from dallekit.pipeline.hashing import buckets_of, string_hash
+from dallekit.pipeline.hashing import string_hash
 from dallekit.pipeline.ingest import ingest
 from dallekit.pipeline.url_dedup import repeats
 from tests.helpers import read_stage
 
 
-def test_repeats_are_the_later_rows_of_a_url_with_its_first_rows_uid():
+@pytest.mark.parametrize("hashes", ["of the URLs", "all equal"])
+def test_repeats_are_the_later_rows_of_a_url_with_its_first_rows_uid(hashes):
+    """The first row of a URL keeps it; URLs that share a hash (forced here) are still told apart by value."""
     rng = np.random.default_rng(0)
-    urls = [f"http://example.com/{i}.jpg" for i in rng.integers(0, 300, 2000)]
-    rows = pa.table({"url": urls, "uid": [f"u{i}" for i in range(2000)], "_order": np.arange(2000, dtype=np.int64) * 3})
+    urls = pa.array([f"http://example.com/{i}.jpg" for i in rng.integers(0, 300, 2000)])
+    url_hash = string_hash(urls) if hashes == "of the URLs" else np.full(2000, 7, np.uint64)
+    rows = pa.table({"url": urls, "uid": [f"u{i}" for i in range(2000)], "_order": np.arange(2000, dtype=np.int64) * 3,
+                     "url_hash": url_hash})
     df = rows.to_pandas()
     later = df.duplicated("url", keep="first")
     first_uid = df[~later].set_index("url")["uid"]
@@ -37,7 +41,7 @@ def test_string_hash_reads_every_byte_and_not_where_a_value_lies():
     assert (string_hash(pa.chunked_array([urls[:1000], urls[1000:]])) == hashes).all()
     assert (string_hash(urls.slice(7, 10)) == hashes[7:17]).all()
     assert string_hash(pa.array(["ab", "ab\x00", ""])).tolist()[:2] != [string_hash(pa.array(["ab"]))[0]] * 2
-    counts = np.bincount(buckets_of(urls, 8), minlength=8)
+    counts = np.bincount((hashes % np.uint64(8)).astype(int), minlength=8)
     assert counts.min() > 350  # 500 expected per bucket
 
 

@@ -318,7 +318,8 @@ def scan_shards(group: list[AdoptShard], work_dir: str, n_buckets: int) -> dict:
     per bucket; returns their rows and that file's index."""
     scanned = [scan_shard(task) for task in group]
     urls = pa.concat_tables([table for table, _ in scanned])
-    return {"rows": sum(n for _, n in scanned), "parts": {"urls": write_url_parts(urls, n_buckets, work_dir, f"g-{group[0].index:06d}")}}
+    parts = write_url_parts(urls, n_buckets, work_dir, f"g-{group[0].index:06d}")
+    return {"rows": sum(n for _, n in scanned), "parts": {"urls": parts}}
 
 
 def _groups(tasks: list[AdoptShard], rows: list[int]) -> list[list[AdoptShard]]:

@@ -44,7 +44,7 @@ RESERVED = {
     "uid", "url", "caption", "reason", "duplicate_of", "key", "status", "error_message", "width", "height",
     "original_width", "original_height", "exif", "sha256", "jpg", "png", "webp", "txt", "retries",
 }
-BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
+BUCKET_BYTES = 256 * 2**20  # input bytes per URL dedup bucket: bounds a bucket task's memory; 4M rows use two workers
 FOLDER_CHUNK = 10000  # images of a folder per scan task
 PARQUET_BLOCK_ROWS = 1_000_000  # rows of a Parquet row group per scan task; a bigger group is read in slices
 PARQUET_BATCH_ROWS = 65_536  # rows decoded at a time while a task seeks to its slice
@@ -450,8 +450,8 @@ def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: boo
     )
     table = pa.Table.from_pandas(out, preserve_index=False)
     write_table_atomic(table, f"{work_dir}/blocks/b-{block.index:06d}.parquet", row_group_size=ROW_GROUP)
-    valid = table.filter(pc.is_null(table.column("_reason")))
-    return {"rows": len(df), "parts": {"urls": write_url_parts(valid, n_buckets, work_dir, f"b-{block.index:06d}")}}
+    parts = write_url_parts(table, n_buckets, work_dir, f"b-{block.index:06d}", keep=pc.is_null(table.column("_reason")))
+    return {"rows": len(df), "parts": {"urls": parts}}
 
 
 ROW_GROUP = 10000  # rows per row group of a block file; a shard task reads only the groups it needs

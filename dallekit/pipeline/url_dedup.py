@@ -4,11 +4,13 @@ Each row of the input has a position `_order` = block << 32 | row in its block. 
 the stage's scratch folder (`passes.work_dir`), each resumable by its marks (`passes.run_pass`):
 
 1. scan, the stage's own (one task per block, or group of small blocks): besides its block's
-   rows it writes the (url, uid, _order) of the rows that take part with `write_url_parts`: one
-   file `urls/<task>.arrows`, an Arrow stream per bucket (a hash of the URL, vectorised).
+   rows it writes the (url, uid, _order, url_hash) of the rows that take part with
+   `write_url_parts`: one file `urls/<task>.arrows`, an Arrow stream per bucket (url_hash modulo
+   the buckets; `hashing.string_hash`, vectorised over all the URL's bytes).
 2. `url-dedup`, one task per bucket: its parts from every scan file by byte range; the rows whose
-   URL an earlier row has (found by Arrow's hash table: exact, no hash collision can merge two
-   URLs) with the uid of that first row, to `dups/h-K.arrows`, an Arrow stream per regroup task.
+   URL an earlier row has, with the uid of that first row (rows sorted by url_hash, and each
+   repeat's URL compared with its first row's: two URLs of one hash are told apart by value),
+   to `dups/h-K.arrows`, an Arrow stream per regroup task.
 3. `url-regroup`, one task per group of blocks: its parts from every bucket, sorted by `_order`,
    written per block to `block_dups/b-N.parquet` (`_order`, `duplicate_of`). A shard task then
    opens one file per block it reads, not one per bucket (blocks x buckets grows as N^2).
@@ -25,10 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.io import write_table_atomic
-from dallekit.pipeline.hashing import buckets_of
-from dallekit.pipeline.passes import parts_for_consumers, read_shuffle_parts, run_pass, work_dir, write_shuffle
+from dallekit.pipeline.hashing import string_hash
+from dallekit.pipeline.passes import ShuffleWriter, parts_for_consumers, read_shuffle_parts, run_pass, work_dir
 
-URLS = pa.schema([("url", pa.string()), ("uid", pa.string()), ("_order", pa.int64())])  # a scan's rows that take part
+URLS = pa.schema([("url", pa.string()), ("uid", pa.string()), ("_order", pa.int64()), ("url_hash", pa.uint64())])  # a scan's rows
 DUPS = pa.schema([("_order", pa.int64()), ("duplicate_of", pa.string())])  # a repeat and the uid of its URL's first row
 ROW_GROUP = 10000  # rows per row group of block_dups/: a shard task reads only the groups of its rows
 BLOCK_SHIFT = 32  # _order = block << BLOCK_SHIFT | row
@@ -39,23 +41,49 @@ def orders(block: int, rows: int) -> np.ndarray:
     return (np.int64(block) << BLOCK_SHIFT) + np.arange(rows, dtype=np.int64)
 
 
-def write_url_parts(table: pa.Table, n_buckets: int, scratch: str, task: str) -> dict[str, list]:
-    """A scan task's (url, uid, _order) rows, in input order, as one file of a stream per bucket; the index its result carries as parts["urls"]."""
-    table = table.select(URLS.names).cast(URLS)
-    return write_shuffle(table, buckets_of(table.column("url"), n_buckets), f"{scratch}/urls/{task}.arrows")
+def _add_runs(out: ShuffleWriter, table: pa.Table, consumers: np.ndarray) -> None:
+    """The rows of `table` to the consumers `consumers` (non-decreasing, one per row): each consumer's rows one slice, no copy."""
+    starts = np.flatnonzero(np.r_[True, consumers[1:] != consumers[:-1]]) if len(consumers) else np.zeros(0, np.int64)
+    for lo, hi in zip(starts.tolist(), [*starts[1:].tolist(), len(consumers)]):
+        out.add(int(consumers[lo]), table.slice(lo, hi - lo))
+
+
+def write_url_parts(table: pa.Table, n_buckets: int, scratch: str, task: str, keep: pa.ChunkedArray | None = None) -> dict[str, list]:
+    """A scan task's rows (those where `keep` is true), (url, uid, _order, url_hash) in input order, as one file of a stream per
+    bucket (url_hash modulo n_buckets); the index its result carries as parts["urls"]."""
+    table = table.select(URLS.names[:3]).filter(keep) if keep is not None else table.select(URLS.names[:3])
+    hashes = string_hash(table.column("url"))
+    table = table.append_column("url_hash", pa.array(hashes)).cast(URLS)
+    out = ShuffleWriter(f"{scratch}/urls/{task}.arrows")
+    if n_buckets == 1:
+        out.add(0, table)
+    else:  # the rows grouped by bucket, in input order within each
+        bucket = (hashes % np.uint64(n_buckets)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        _add_runs(out, table.take(pa.array(order)), bucket[order])
+    return out.close()
 
 
 def repeats(rows: pa.Table) -> pa.Table:
     """(_order, duplicate_of) of the rows (in input order) whose URL an earlier row has, with that first row's uid."""
     if not rows.num_rows:
         return DUPS.empty_table()
-    codes = pc.dictionary_encode(rows.column("url").combine_chunks()).indices.to_numpy()  # codes in order of first sight
-    seen = np.maximum.accumulate(codes)
-    first = np.r_[True, codes[1:] > seen[:-1]]  # a row whose code is new: its URL's first row
-    first_row = np.flatnonzero(first)  # indexed by code
-    later = np.flatnonzero(~first)
-    duplicate_of = rows.column("uid").take(pa.array(first_row[codes[later]]))
-    return pa.table({"_order": rows.column("_order").take(pa.array(later)), "duplicate_of": duplicate_of}, schema=DUPS)
+    later, first = _repeats_by_key(rows.column("url_hash").to_numpy())
+    urls = rows.column("url")
+    if pc.all(pc.equal(urls.take(pa.array(later)), urls.take(pa.array(first)))).as_py() is False:  # two URLs of one hash
+        later, first = _repeats_by_key(pc.dictionary_encode(urls.combine_chunks()).indices.to_numpy())  # by value: exact
+    return pa.table({"_order": rows.column("_order").take(pa.array(later)), "duplicate_of": rows.column("uid").take(pa.array(first))},
+                    schema=DUPS)
+
+
+def _repeats_by_key(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(later, first): the rows whose key an earlier row has, in row order, and that earlier row (the key's first) for each."""
+    order = np.argsort(keys, kind="stable")  # stable: a key's rows stay in row order
+    starts = np.r_[True, keys[order][1:] != keys[order][:-1]]
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(keys)), 0))]
+    later, first = order[~starts], first[~starts]
+    back = np.argsort(later)
+    return later[back], first[back]
 
 
 def dedup_bucket(item: tuple[int, list[list]], scratch: str, group_of_block: list[int]) -> dict:
@@ -67,8 +95,12 @@ def dedup_bucket(item: tuple[int, list[list]], scratch: str, group_of_block: lis
         rows = rows.take(pa.array(np.argsort(order, kind="stable")))
     dups = repeats(rows)
     group = np.asarray(group_of_block, np.int64)[dups.column("_order").to_numpy() >> BLOCK_SHIFT]
-    index = write_shuffle(dups, group, f"{scratch}/dups/h-{bucket:04d}.arrows")
-    return {"repeats": dups.num_rows, "parts": {"dups": index}}
+    out = ShuffleWriter(f"{scratch}/dups/h-{bucket:04d}.arrows")
+    if np.all(group[1:] >= group[:-1]):  # groups of consecutive blocks (ingest's, adopt's): each a slice of the sorted rows
+        _add_runs(out, dups, group)
+    else:
+        out.split(dups, group)
+    return {"repeats": dups.num_rows, "parts": {"dups": out.close()}}
 
 
 def block_dups_path(scratch: str, block: int) -> str:
