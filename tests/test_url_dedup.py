@@ -14,6 +14,7 @@ from dallekit.pipeline import ingest as ingest_module
 from dallekit.pipeline import stage as stage_module
 from dallekit.pipeline.hashing import string_hash
 from dallekit.pipeline.ingest import ingest
+from dallekit.pipeline.passes import work_dir
 from dallekit.pipeline.url_dedup import repeats
 from tests.helpers import read_stage
 
@@ -65,13 +66,13 @@ def test_a_damaged_url_dedup_output_with_its_mark_is_redone(tmp_path, client, mo
         patch.setattr(ingest_module, "write_file_roots", stop)
         with pytest.raises(RuntimeError, match="stopped"):
             ingest([str(tmp_path / "in.tsv")], str(out), config, client)
-    target = sorted((out / "_work" / folder).glob(PASS_OUTPUTS[folder]))[-1]
+    target = sorted((Path(work_dir(str(out))) / folder).glob(PASS_OUTPUTS[folder]))[-1]
     whole = target.read_bytes()
     if damage == "deleted":
         target.unlink()
     else:
         target.write_bytes(whole[: len(whole) // 2])
-    monkeypatch.setattr(stage_module, "remove_work_dir", lambda output_dir: None)  # keep _work/ to look at
+    monkeypatch.setattr(stage_module, "remove_work_dir", lambda output_dir: None)  # keep the scratch folder to look at
     ingest([str(tmp_path / "in.tsv")], str(out), config, client)
     assert Path(target).read_bytes() == whole  # redone, not trusted by its mark
     kept, rejects, stats = read_stage(out)
