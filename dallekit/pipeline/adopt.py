@@ -19,8 +19,8 @@ of its key turns its row into `failed_to_download` with an `adopt: ...` message.
 never decoded here (clean does that), but each header is read: an image of more than
 `--max-image-area` pixels keeps its row as `failed_to_resize` with download's `image_too_large:
 WxH ...` message. Rejected are only a URL repeated across the folder (`duplicate_url`, like
-ingest, found by ingest's bucketed passes in `_work/`, so no task holds more than a bucket of
-URLs), a row with no URL (`empty_url`) and, in the webdataset and files layouts where images are
+ingest, found by the same passes, `url_dedup`, in the stage's scratch folder, so no task holds more
+than a bucket of URLs), a row with no URL (`empty_url`) and, in the webdataset and files layouts where images are
 found by key, the rows of a key a shard repeats (`duplicate_key`). Tar members and files that no
 row names are counted (`unmatched_tar_members`, `unmatched_files`). Text that is not UTF-8 is
 repaired with U+FFFD and counted (`utf8_repaired`).
@@ -51,12 +51,13 @@ import pyarrow.parquet as pq
 
 from dallekit.config import AdoptConfig, BadInputError, output_options
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
-from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema, write_table_atomic
+from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema
 from dallekit.pipeline.download import status_counters
-from dallekit.pipeline.ingest import RESERVED, dedup_bucket, make_uid, regroup_dups, url_buckets
-from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.ingest import RESERVED, make_uid
+from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult, ShardTask, shard_name, top_counts
 from dallekit.pipeline.stage import Plan, Stage, run_plan
+from dallekit.pipeline.url_dedup import find_repeats, orders, write_url_parts
 
 UNMATCHED = {"webdataset": "unmatched_tar_members", "files": "unmatched_files"}  # _stats.json counters of what no row names
 SHARD = re.compile(r"(\d{1,9})\.parquet")  # img2dataset's shard names: 00000.parquet
@@ -312,14 +313,13 @@ def _cut(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def scan_shards(group: list[AdoptShard], work_dir: str, n_buckets: int) -> int:
-    """Prepare pass 1 for a group of shards (one Dask task: each shard's part is small); returns their rows."""
-    return sum(scan_shard(task, work_dir, n_buckets) for task in group)
-
-
-def regroup_shards(group: list[int], work_dir: str) -> int:
-    """Prepare pass 3 for a group of shards: each shard's repeats from every bucket in one file; returns their count."""
-    return sum(regroup_dups(index, work_dir) for index in group)
+def scan_shards(group: list[AdoptShard], work_dir: str, n_buckets: int) -> dict:
+    """Prepare pass 1 for a group of shards (one Dask task: each shard's part is small): their URLs in one file of a stream
+    per bucket; returns their rows and that file's index."""
+    scanned = [scan_shard(task) for task in group]
+    urls = pa.concat_tables([table for table, _ in scanned])
+    parts = write_url_parts(urls, n_buckets, work_dir, f"g-{group[0].index:06d}")
+    return {"rows": sum(n for _, n in scanned), "parts": {"urls": parts}}
 
 
 def _groups(tasks: list[AdoptShard], rows: list[int]) -> list[list[AdoptShard]]:
@@ -335,24 +335,18 @@ def _groups(tasks: list[AdoptShard], rows: list[int]) -> list[list[AdoptShard]]:
     return groups
 
 
-def scan_shard(task: AdoptShard, work_dir: str, n_buckets: int) -> int:
-    """Prepare pass 1: bucket one shard's URLs (with uid and position) for the repeated-URL check; returns its rows."""
+def scan_shard(task: AdoptShard) -> tuple[pa.Table, int]:
+    """The (url, uid, _order) of one shard's rows that take part in the repeated-URL check, and its row count."""
     table = _metadata(task.path, ["key", "url", "caption"])[0]
-    urls = table.column("url").to_pylist()
-    repeated = repeated_keys(table.column("key").to_pylist(), task.layout)
+    keys, url = table.column("key"), table.column("url")
+    repeated = repeated_keys(keys.to_pylist(), task.layout)
     # rows rejected as empty_url or duplicate_key take no part: the first of a URL kept is one that can be kept
-    valid = [i for i, (u, k) in enumerate(zip(urls, table.column("key").to_pylist())) if u and k not in repeated]
-    order = pa.array([(task.index << 32) + i for i in valid], pa.int64())
-    captions = table.column("caption").to_pylist()
-    part = pa.table({"url": pa.array([urls[i] for i in valid], pa.string()),
-                     "uid": pa.array([make_uid(urls[i], captions[i] or "") for i in valid], pa.string()),
-                     "_order": order})
-    buckets = url_buckets(part.column("url"), n_buckets) if n_buckets > 1 else None  # one bucket: no hash per URL to find it
-    for k in range(n_buckets):
-        chunk = part.filter(pa.array(buckets == k)) if buckets is not None else part
-        if chunk.num_rows:
-            write_table_atomic(chunk, f"{work_dir}/urls/h-{k:04d}/b-{task.index:06d}.parquet")
-    return table.num_rows
+    valid = pc.fill_null(pc.not_equal(url, ""), False)
+    if repeated:
+        valid = pc.and_(valid, pc.invert(pc.is_in(keys, value_set=pa.array(list(repeated), keys.type))))
+    part = table.append_column("_order", pa.array(orders(task.index, table.num_rows))).filter(valid)
+    uids = [make_uid(u, c or "") for u, c in zip(part.column("url").to_pylist(), part.column("caption").to_pylist())]
+    return pa.table({"url": part.column("url"), "uid": pa.array(uids, pa.string()), "_order": part.column("_order")}), table.num_rows
 
 
 def _regular_files(fs, folder: str) -> dict[str, int]:
@@ -623,10 +617,9 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
     def prepare(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
         scratch = work_dir(output_dir)
         groups = _groups(tasks, rows)
-        map_with_progress(client, scan_shards, groups, desc="adopt scan", unit="group", work_dir=scratch, n_buckets=n_buckets)
-        repeats = map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="adopt dedup", unit="bucket", work_dir=scratch)
-        map_with_progress(client, regroup_shards, [[t.index for t in g] for g in groups], desc="adopt regroup", unit="group", work_dir=scratch)
-        return sum(repeats)
+        scanned = run_pass(client, scratch, "scan", scan_shards, {f"g-{g[0].index:06d}": g for g in groups}, desc="adopt scan",
+                           unit="group", work_dir=scratch, n_buckets=n_buckets)
+        return find_repeats(client, output_dir, list(scanned.values()), n_buckets, [[t.index for t in g] for g in groups], "adopt")
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},
                 stats_config=asdict(config) | {"input": input_dir, "layout": layout}, prepare=prepare,

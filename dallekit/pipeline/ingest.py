@@ -1,14 +1,12 @@
 """ingest: URL lists in any supported format -> URL shards with `uid, url, caption` and extra columns.
 
-Inputs stream through Dask in three passes, so no process ever holds all rows:
+Inputs stream through Dask in resumable passes (`passes.run_pass`), so no process ever holds all rows:
 
 1. scan: one task per input block (a byte range of a text file, a Parquet row group, a chunk of
-   a folder's images) normalises it to `_work/blocks/b-N.parquet` and writes the URLs of its
-   valid rows into hash buckets `_work/urls/h-K/b-N.parquet`.
-2. dedup: one task per bucket finds repeated URLs (the first in input order is kept) and writes
-   the later ones with the uid they repeat to `_work/dups/h-K.parquet`; then one task per block
-   gathers its repeats from every bucket into `_work/block_dups/b-N.parquet`, so that a shard
-   task opens one file per block it reads, not one per bucket (buckets x shards grows as N^2).
+   a folder's images) normalises it to `blocks/b-N.parquet` in the stage's scratch folder and
+   writes the URLs of its valid rows, one file of a stream per hash bucket (`url_dedup`).
+2. URL dedup (`url_dedup.find_repeats`): one task per bucket finds repeated URLs (the first in
+   input order is kept), one task per block gathers its repeats from every bucket into one file.
 3. shards: the stage runner writes output shard i from input rows [i*S, (i+1)*S), so a rerun
    produces the same shards; rejected rows go to `_rejects/` with a reason.
 """
@@ -26,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,9 +32,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dallekit.config import BadInputError, IngestConfig, output_options
 from dallekit.io import write_json_atomic, write_table_atomic
-from dallekit.pipeline.passes import map_with_progress, work_dir
+from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult, ShardTask, shard_name
 from dallekit.pipeline.stage import Plan, Stage, run_plan
+from dallekit.pipeline.url_dedup import find_repeats, orders, read_block_dups, write_url_parts
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_FORMATS = ("cc3m", "csv", "tsv", "jsonl")
@@ -46,7 +44,7 @@ RESERVED = {
     "uid", "url", "caption", "reason", "duplicate_of", "key", "status", "error_message", "width", "height",
     "original_width", "original_height", "exif", "sha256", "jpg", "png", "webp", "txt", "retries",
 }
-BUCKET_BYTES = 512 * 2**20  # input bytes per dedup bucket: bounds a bucket task's memory
+BUCKET_BYTES = 256 * 2**20  # input bytes per URL dedup bucket: bounds a bucket task's memory; 4M rows use two workers
 FOLDER_CHUNK = 10000  # images of a folder per scan task
 PARQUET_BLOCK_ROWS = 1_000_000  # rows of a Parquet row group per scan task; a bigger group is read in slices
 PARQUET_BATCH_ROWS = 65_536  # rows decoded at a time while a task seeks to its slice
@@ -326,12 +324,6 @@ def make_uid(url: str, caption: str) -> str:
     return hashlib.blake2b(f"{url}\x00{caption}".encode(), digest_size=8).hexdigest()
 
 
-def url_buckets(urls: pa.Array, n_buckets: int) -> np.ndarray:
-    """The dedup bucket of each URL: a hash of the URL alone, so repeats meet in one bucket."""
-    digests = [hashlib.blake2b(u.encode(), digest_size=8).digest() for u in urls.to_pylist()]
-    return np.array([int.from_bytes(d, "little") % n_buckets for d in digests], dtype=np.int64)
-
-
 def _read_block(block: Block) -> pd.DataFrame:
     """The block's rows as a DataFrame with `url` and `caption` plus the input's other columns."""
     file = block.file
@@ -426,8 +418,8 @@ def _as_text(values: pd.Series) -> pd.Series:
     return values.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
 
 
-def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: bool) -> int:
-    """Pass 1: normalise one block, flag invalid rows, bucket its URLs; returns its row count."""
+def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: bool) -> dict:
+    """Pass 1: normalise one block, flag invalid rows, bucket its URLs; returns its row count and the URL parts' index."""
     df = _read_block(block)
     folder_reason = df.pop("_reason") if block.file.format == "folder" else None
     url = _as_text(df["url"]).map(lambda u: u.strip() if u is not None else None)
@@ -453,54 +445,16 @@ def scan_block(block: Block, work_dir: str, n_buckets: int, allow_file_urls: boo
             "caption": caption,
             **{c: df[c] for c in extras},
             "_reason": reason,
-            "_order": (np.int64(block.index) << 32) + np.arange(len(df), dtype=np.int64),
+            "_order": orders(block.index, len(df)),
         }
     )
     table = pa.Table.from_pandas(out, preserve_index=False)
     write_table_atomic(table, f"{work_dir}/blocks/b-{block.index:06d}.parquet", row_group_size=ROW_GROUP)
-    valid = table.filter(pc.is_null(table.column("_reason"))).select(["url", "uid", "_order"])
-    buckets = url_buckets(valid.column("url"), n_buckets) if valid.num_rows else np.zeros(0, np.int64)
-    for k in range(n_buckets):
-        part = valid.filter(pa.array(buckets == k))
-        if part.num_rows:
-            write_table_atomic(part, f"{work_dir}/urls/h-{k:04d}/b-{block.index:06d}.parquet")
-    return len(df)
+    parts = write_url_parts(table, n_buckets, work_dir, f"b-{block.index:06d}", keep=pc.is_null(table.column("_reason")))
+    return {"rows": len(df), "parts": {"urls": parts}}
 
 
 ROW_GROUP = 10000  # rows per row group of a block file; a shard task reads only the groups it needs
-
-
-# ---------------------------------------------------------------- pass 2: dedup
-
-
-def dedup_bucket(bucket: int, work_dir: str) -> int:
-    """Pass 2: in one URL bucket, mark every repeat of a URL after its first occurrence; returns the count."""
-    fs, root = _fs(f"{work_dir}/urls/h-{bucket:04d}")
-    paths = sorted(fs.glob(f"{root}/b-*.parquet"))
-    if not paths:
-        return 0
-    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in paths])
-    df = table.to_pandas().sort_values("_order", kind="stable")
-    repeated = df.duplicated("url", keep="first")
-    firsts = df[~repeated].set_index("url")["uid"]
-    dups = df[repeated]
-    result = pd.DataFrame({"_order": dups["_order"].to_numpy(), "duplicate_of": dups["url"].map(firsts).to_numpy()})
-    # sorted by _order (df is) in row groups, so that a block's reader skips the groups of other blocks
-    write_table_atomic(pa.Table.from_pandas(result, preserve_index=False), f"{work_dir}/dups/h-{bucket:04d}.parquet",
-                       row_group_size=ROW_GROUP)
-    return len(result)
-
-
-def regroup_dups(block: int, work_dir: str) -> int:
-    """Pass 2b: the repeats of one block from every bucket, to `_work/block_dups/b-N.parquet`; a shard then reads one file per block."""
-    fs, root = _fs(f"{work_dir}/dups")
-    lo, hi = block << 32, (block + 1) << 32
-    parts = [pq.read_table(fs.open(p, "rb"), filters=[("_order", ">=", lo), ("_order", "<", hi)])
-             for p in sorted(fs.glob(f"{root}/h-*.parquet"))]
-    table = pa.concat_tables(parts, promote_options="permissive").sort_by("_order") if parts else pa.table({"_order": pa.array([], pa.int64()),
-                                                                              "duplicate_of": pa.array([], pa.string())})
-    write_table_atomic(table, f"{work_dir}/block_dups/b-{block:06d}.parquet")
-    return table.num_rows
 
 
 # ---------------------------------------------------------------- pass 3: output shards
@@ -545,15 +499,8 @@ def write_shard(plan: ShardPlan) -> ShardResult:
     """Pass 3: assemble one shard from its block slices and split kept rows from rejects."""
     parts = [_read_slice(plan.work_dir, b, start, stop) for b, start, stop in plan.slices]
     table = pa.concat_tables(parts, promote_options="permissive")
-    fs, dups_root = _fs(f"{plan.work_dir}/block_dups")
-    duplicate_of = {}
-    for b, start, stop in plan.slices:
-        lo = (b << 32) + start
-        dups = pq.read_table(fs.open(f"{dups_root}/b-{b:06d}.parquet", "rb"),
-                             filters=[("_order", ">=", lo), ("_order", "<", lo + stop - start)])
-        duplicate_of.update(zip(dups.column("_order").to_pylist(), dups.column("duplicate_of").to_pylist()))
-    orders = table.column("_order").to_pylist()
-    dup_col = pa.array([duplicate_of.get(o) for o in orders], pa.string())
+    dups = pa.concat_tables([read_block_dups(plan.work_dir, b, start, stop) for b, start, stop in plan.slices])
+    dup_col = dups.column("duplicate_of").take(pc.index_in(table.column("_order"), value_set=dups.column("_order")))
     reasons = pc.if_else(pc.is_valid(dup_col), "duplicate_url", table.column("_reason").cast(pa.string()))
     rejected = pc.is_valid(reasons)
     data = table.drop_columns(["_reason", "_order"])
@@ -617,7 +564,7 @@ STAGE = Stage("ingest", (), frozenset(), "URL lists", write_shard)
 
 
 def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
-    """The inputs checked and cut into scan blocks, and their identity; the scan, URL dedup and regroup passes as the prepare pass."""
+    """The inputs checked and cut into scan blocks, and their identity; the scan and URL dedup passes as the prepare pass."""
     blocks = ingest_blocks(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
     images = collections.Counter()
@@ -630,12 +577,11 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
 
     def prepare(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
         scratch = work_dir(output_dir)
-        block_rows = map_with_progress(client, scan_block, blocks, desc="ingest scan", unit="block",
-                                       work_dir=scratch, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls)
-        map_with_progress(client, dedup_bucket, list(range(n_buckets)), desc="ingest dedup", unit="bucket", work_dir=scratch)
-        map_with_progress(client, regroup_dups, [b.index for b in blocks], desc="ingest regroup", unit="block", work_dir=scratch)
+        scanned = run_pass(client, scratch, "scan", scan_block, {f"b-{b.index:06d}": b for b in blocks}, desc="ingest scan",
+                           unit="block", work_dir=scratch, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls)
+        find_repeats(client, output_dir, list(scanned.values()), n_buckets, [[b.index] for b in blocks], "ingest")
         write_file_roots(output_dir, blocks)
-        return block_rows
+        return [r["rows"] for r in scanned.values()]
 
     return Plan(inputs=list(inputs), fingerprint={"inputs": identity, "options": output_options(config)},
                 stats_config=asdict(config) | {"inputs": inputs}, prepare=prepare,

@@ -353,12 +353,8 @@ class ShuffleWriter:
 
     def close(self) -> dict[str, list]:
         """Commit the file (none when no rows); the index {consumer: [path, offset, length, rows]}."""
-        if self.index:
-            self.file.flush()
-            if hasattr(self.file, "fileno"):
-                os.fsync(self.file.fileno())
         self.file.close()
-        if self.index:
+        if self.index:  # commit_file fsyncs a local file before its rename (an object store's file has no descriptor)
             commit_file(self.fs, self.tmp, self.path)
         else:
             self.fs.rm(self.tmp)
