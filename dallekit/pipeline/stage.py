@@ -16,6 +16,7 @@ runner then owns the rest, the same for every stage:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from dallekit.errors import BadInputError
 from dallekit.io import check_columns, list_shards, shard_stem
 from dallekit.pipeline.funnel import write_funnel
-from dallekit.pipeline.passes import claim_work_dir, hold_folder, read_marks, remove_work_dir, write_mark
+from dallekit.pipeline.passes import claim_work_dir, hold_folder, remove_work_dir
 from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, check_output_folder, input_identity, run_stage
 
 
@@ -119,14 +120,10 @@ def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: 
 def _run_claimed(stage: Stage, plan: Plan, output_dir: str, client: Any, versions: dict) -> dict:
     """The stage's passes in a folder this run holds: the plan's pass over all shards, the shards, the funnel."""
     started = time.time()
-    scratch = claim_work_dir(output_dir)
-    prepared = None
-    if plan.prepare is not None:
-        marks = read_marks(scratch, verify=False)
-        if "prepare" in marks:
-            prepared = marks["prepare"].result["value"]
-        else:
-            prepared = write_mark(scratch, "prepare", {"value": plan.prepare(client, output_dir)}, [])["value"]
+    claim_work_dir(output_dir)
+    # Always run: its passes skip their tasks whose marks vouch for whole files and redo the rest, so
+    # a scratch file deleted after the pass still gets rewritten before a shard task reads it.
+    prepared = None if plan.prepare is None else json.loads(json.dumps(plan.prepare(client, output_dir)))
     # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
     scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)
     config = plan.stats_config | ({"prepared": prepared} if scalar else {}) | {"versions": versions}
