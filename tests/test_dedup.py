@@ -353,3 +353,74 @@ def test_detail_thumbnails_from_the_scans_split_what_colour_joins(tmp_path, clie
     dedup(client, names, str(tmp_path), 4, 6.0, 6.0)
     assert read_marks(tmp_path, names) == {"b": ("near_duplicate_image", "a", 0), "d": ("near_duplicate_image", "c", 1)}
 
+
+# ---------------------------------------------------------------- marks that vouch for their files
+
+
+class _Stopped(Exception):
+    """The driver stopped before a pass, as if killed there."""
+
+
+def _redone_tasks(monkeypatch) -> dict[str, list[str]]:
+    """Record, per pass of the next runs, the tasks that had no mark vouching for their files (the ones run again)."""
+    from dallekit.pipeline.dedup import state
+
+    redone, real = {}, state.run_pass
+
+    def spy(client, folder, pass_name, fn, items, **kwargs):
+        redone[pass_name] = sorted(set(items) - set(read_pass_marks(folder, pass_name)))
+        return real(client, folder, pass_name, fn, items, **kwargs)
+
+    monkeypatch.setattr(state, "run_pass", spy)
+    return redone
+
+
+@pytest.mark.parametrize("folder, damage, restarts", [
+    ("table_entries", "truncate", False),  # its pass's consumer (tables) has not run: that one task is redone
+    ("representatives", "delete", True),  # collapse's input was consumed already: the run starts over
+    ("marks", "delete", True),  # exact's marks, read by the final pass after exact's other output was consumed
+])
+def test_a_damaged_intermediate_whose_mark_is_present_is_redone(tmp_path, client, monkeypatch, folder, damage, restarts):
+    from dallekit.pipeline.dedup.state import DedupRun
+
+    monkeypatch.setattr(dedup_module, "ROWS_PER_TASK", 250)
+    rows = clustered_rows(300, seed=41)
+    names = write_scans(tmp_path, rows, shards=4)
+    real_run = DedupRun.run
+
+    def stop_before_tables(self, pass_name, *args, **kwargs):
+        if pass_name == "tables":
+            raise _Stopped
+        return real_run(self, pass_name, *args, **kwargs)
+
+    monkeypatch.setattr(DedupRun, "run", stop_before_tables)
+    with pytest.raises(_Stopped):
+        dedup(client, names, str(tmp_path), 4, 6.0)
+    monkeypatch.setattr(DedupRun, "run", real_run)
+    victim = sorted((tmp_path / "dedup" / folder).glob("*"))[0]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    redone = _redone_tasks(monkeypatch)
+    found = dedup(client, names, str(tmp_path), 4, 6.0)
+    assert read_marks(tmp_path, names) == reference(rows, 4, 6.0)
+    assert found == {name: len(read_marks(tmp_path, [name])) for name in names}
+    if restarts:
+        assert redone["split"] == [str(g) for g in range(len(redone["split"]))] and redone["split"]
+    else:
+        assert redone["split"] == [] and redone["collapse"] == [] and redone["table_partition"] == [victim.stem]
+
+
+def test_a_deleted_dups_file_of_a_finished_run_is_redone(tmp_path, client):
+    rows = clustered_rows(100, seed=43)
+    names = write_scans(tmp_path, rows, shards=3)
+    dedup(client, names, str(tmp_path), 4, 6.0)
+    (tmp_path / "dups" / f"{names[1]}.parquet").unlink()  # the run's result mark vouches for it
+    dedup(client, names, str(tmp_path), 4, 6.0)
+    assert read_marks(tmp_path, names) == reference(rows, 4, 6.0)
+
+
+def test_the_dedup_package_does_not_import_clean():
+    script = "import sys, dallekit.pipeline.dedup; sys.exit('dallekit.pipeline.clean' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0
