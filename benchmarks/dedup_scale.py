@@ -36,10 +36,10 @@ from common import measured
 from dallekit.config import ClusterConfig
 from dallekit.images import THUMB_BYTES, color_distance, thumbs_array
 from dallekit.io import write_table_atomic
-from dallekit.pipeline.clean import check_unique_uids
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.dedup import dedup, dedup_stats
 from dallekit.pipeline.passes import map_with_progress
+from dallekit.pipeline.uids import check_unique_uids
 
 _HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], np.uint8)
 PLACEHOLDERS = 10_000

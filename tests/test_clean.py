@@ -31,11 +31,11 @@ from dallekit.images import (
 )
 from dallekit.pipeline.clean import (
     caption_reason,
-    check_unique_uids,
     clean,
     repair_caption,
     scan_shard,
 )
+from dallekit.pipeline.uids import check_unique_uids
 from tests.helpers import check_accounting, hamming
 from tests.stage_data import (
     HUGE_IMAGES,

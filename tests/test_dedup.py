@@ -17,15 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError, ClusterConfig
+from dallekit.config import ClusterConfig
+from dallekit.errors import BadInputError
 from dallekit.images import THUMB_BYTES, color_distance
 from dallekit.io import write_rows_file
 from dallekit.pipeline import dedup as dedup_module
 from dallekit.pipeline.clean import detail_key
 from dallekit.pipeline.dedup import dedup, dedup_stats
+from dallekit.pipeline.dedup.candidates import color_distance_bound, color_summary
 from dallekit.pipeline.hash_blocks import block_edges, choose_blocks, equal_key_pairs, table_key, tables_led_by
+from dallekit.pipeline.passes import PROGRESS
+from dallekit.pipeline.passes import read_marks as read_pass_marks
 
-PASSES = ["split", "exact", "prepare", "collapse", "tabmap", "tables", "confirm_a", "confirm_b"]  # then cc<r>, gather, walk, final
+PASSES = ["split", "exact", "signatures", "collapse", "table_partition", "tables", "pair_thumbnails", "confirm"]  # then components<r>, gather, walk, final
 
 
 # ---------------------------------------------------------------- data and the reference
@@ -251,6 +255,11 @@ def test_a_repeated_or_missing_uid_is_bad_input_naming_its_shards(tmp_path, clie
         dedup(client, names, str(tmp_path / "b"), 4, 6.0)
 
 
+def finished(work: Path) -> bool:
+    """Whether the dedup in `work` recorded its result (the mark of its run's last step)."""
+    return "result" in read_pass_marks(str(work / "dedup"), "run", verify=False, remove_damaged=False)
+
+
 def _driver(address: str, names: list[str], work: Path) -> subprocess.Popen:
     script = ("import sys; from distributed import Client; from dallekit.pipeline import dedup as d; d.ROWS_PER_TASK = 250; "
               f"d.dedup(Client({address!r}), {names!r}, {str(work)!r}, 4, 6.0)")
@@ -261,13 +270,13 @@ def test_a_rerun_after_the_driver_is_killed_midway_gives_the_same_marks(tmp_path
     rows = clustered_rows(400, seed=21)
     names = write_scans(tmp_path / "killed", rows, shards=6)
     proc = _driver(client.scheduler.address, names, tmp_path / "killed")
-    done = tmp_path / "killed" / "dedup" / "_done"
+    done = tmp_path / "killed" / "dedup" / PROGRESS  # the marks of each pass
     deadline = time.time() + 240
     while not list((done / "tables").glob("*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-dedup; its running tasks may still finish
     proc.wait()
-    assert not (tmp_path / "killed" / "dedup" / "result.json").exists()
+    assert not finished(tmp_path / "killed")
     started = [p for p in PASSES if list((done / p).glob("*.json"))]
     assert started[:2] == ["split", "exact"], started
     markers = sorted((done / started[-1]).glob("*.json"))
@@ -276,7 +285,7 @@ def test_a_rerun_after_the_driver_is_killed_midway_gives_the_same_marks(tmp_path
     monkeypatch.setattr(dedup_module, "ROWS_PER_TASK", 250)
     dedup(client, names, str(tmp_path / "killed"), 4, 6.0)
     assert read_marks(tmp_path / "killed", names) == reference(rows, 4, 6.0)
-    again = dedup(client, names, str(tmp_path / "killed"), 4, 6.0)  # finished: answered from result.json
+    again = dedup(client, names, str(tmp_path / "killed"), 4, 6.0)  # finished: answered from its result mark
     assert again == {name: len(read_marks(tmp_path / "killed", [name])) for name in names}
 
 
@@ -290,10 +299,10 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, monkeypatch):
 
     def kill_one_worker(client) -> None:  # once the tables pass has begun: its tasks and later ones lose a worker
         deadline = time.time() + 120
-        while not list((tmp_path / "dedup" / "_done" / "tables").glob("*.json")) and time.time() < deadline:
+        while not list((tmp_path / "dedup" / PROGRESS / "tables").glob("*.json")) and time.time() < deadline:
             time.sleep(0.01)
         victim = min(client.scheduler_info()["workers"])
-        midway = not (tmp_path / "dedup" / "result.json").exists()
+        midway = not finished(tmp_path)
         try:
             client.run(os._exit, 1, workers=[victim])
         except Exception:  # noqa: BLE001, S110 - the worker dies before it answers
@@ -309,17 +318,15 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, monkeypatch):
 
 
 def test_colour_summary_bound_never_exceeds_the_colour_distance():
-    from dallekit.pipeline.dedup import _color_bound, _color_summary
-
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (5000, THUMB_BYTES), dtype=np.uint8)
     b = np.clip(a.astype(np.int16) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
     b[::3] = rng.integers(0, 256, (len(b[::3]), THUMB_BYTES), dtype=np.uint8)  # unrelated pictures too
     flat = np.repeat(rng.integers(0, 256, (5000, 1, 3), dtype=np.uint8), 64, axis=1).reshape(5000, THUMB_BYTES)
     for x, y in ((a, b), (flat, a), (flat, flat[::-1])):
-        bound, exact = _color_bound(_color_summary(x), _color_summary(y)), color_distance(x, y)
+        bound, exact = color_distance_bound(color_summary(x), color_summary(y)), color_distance(x, y)
         assert (bound <= exact).all()
-    assert np.allclose(_color_bound(_color_summary(flat), _color_summary(flat[::-1])), color_distance(flat, flat[::-1]))  # tight on flat colours
+    assert np.allclose(color_distance_bound(color_summary(flat), color_summary(flat[::-1])), color_distance(flat, flat[::-1]))  # tight on flat colours
 
 
 @pytest.mark.parametrize("rows_per_task", [2, 10**6])  # several tasks a pass, and the one-task run
@@ -345,3 +352,75 @@ def test_detail_thumbnails_from_the_scans_split_what_colour_joins(tmp_path, clie
         names.append(f"part-{i:05d}")
     dedup(client, names, str(tmp_path), 4, 6.0, 6.0)
     assert read_marks(tmp_path, names) == {"b": ("near_duplicate_image", "a", 0), "d": ("near_duplicate_image", "c", 1)}
+
+
+# ---------------------------------------------------------------- marks that vouch for their files
+
+
+class _Stopped(Exception):
+    """The driver stopped before a pass, as if killed there."""
+
+
+def _redone_tasks(monkeypatch) -> dict[str, list[str]]:
+    """Record, per pass of the next runs, the tasks that had no mark vouching for their files (the ones run again)."""
+    from dallekit.pipeline.dedup import state
+
+    redone, real = {}, state.run_pass
+
+    def spy(client, folder, pass_name, fn, items, **kwargs):
+        redone[pass_name] = sorted(set(items) - set(read_pass_marks(folder, pass_name)))
+        return real(client, folder, pass_name, fn, items, **kwargs)
+
+    monkeypatch.setattr(state, "run_pass", spy)
+    return redone
+
+
+@pytest.mark.parametrize("folder, damage, restarts", [
+    ("table_entries", "truncate", False),  # its pass's consumer (tables) has not run: that one task is redone
+    ("representatives", "delete", True),  # collapse's input was consumed already: the run starts over
+    ("marks", "delete", True),  # exact's marks, read by the final pass after exact's other output was consumed
+])
+def test_a_damaged_intermediate_whose_mark_is_present_is_redone(tmp_path, client, monkeypatch, folder, damage, restarts):
+    from dallekit.pipeline.dedup.state import DedupRun
+
+    monkeypatch.setattr(dedup_module, "ROWS_PER_TASK", 250)
+    rows = clustered_rows(300, seed=41)
+    names = write_scans(tmp_path, rows, shards=4)
+    real_run = DedupRun.run
+
+    def stop_before_tables(self, pass_name, *args, **kwargs):
+        if pass_name == "tables":
+            raise _Stopped
+        return real_run(self, pass_name, *args, **kwargs)
+
+    monkeypatch.setattr(DedupRun, "run", stop_before_tables)
+    with pytest.raises(_Stopped):
+        dedup(client, names, str(tmp_path), 4, 6.0)
+    monkeypatch.setattr(DedupRun, "run", real_run)
+    victim = sorted((tmp_path / "dedup" / folder).glob("*"))[0]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    redone = _redone_tasks(monkeypatch)
+    found = dedup(client, names, str(tmp_path), 4, 6.0)
+    assert read_marks(tmp_path, names) == reference(rows, 4, 6.0)
+    assert found == {name: len(read_marks(tmp_path, [name])) for name in names}
+    if restarts:
+        assert redone["split"] == [str(g) for g in range(len(redone["split"]))] and redone["split"]
+    else:
+        assert redone["split"] == [] and redone["collapse"] == [] and redone["table_partition"] == [victim.stem]
+
+
+def test_a_deleted_dups_file_of_a_finished_run_is_redone(tmp_path, client):
+    rows = clustered_rows(100, seed=43)
+    names = write_scans(tmp_path, rows, shards=3)
+    dedup(client, names, str(tmp_path), 4, 6.0)
+    (tmp_path / "dups" / f"{names[1]}.parquet").unlink()  # the run's result mark vouches for it
+    dedup(client, names, str(tmp_path), 4, 6.0)
+    assert read_marks(tmp_path, names) == reference(rows, 4, 6.0)
+
+
+def test_the_dedup_package_does_not_import_clean():
+    script = "import sys, dallekit.pipeline.dedup; sys.exit('dallekit.pipeline.clean' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0

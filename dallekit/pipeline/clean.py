@@ -30,13 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import BadInputError, CleanConfig, output_options
+from dallekit.config import CleanConfig, output_options
 from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
 from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
+from dallekit.pipeline.uids import check_unique_uids
 
 # Reasons in the order the rules run; the funnel follows this order.
 RULES = [
@@ -129,28 +130,6 @@ def _stored_signature(path: str) -> bool:
     schema = shard_schema(path)[0]
     return {"width", "height"} <= set(schema.names) and all(
         name in schema.names and schema.field(name).type == SIGNATURE_TYPES[name] for name in SIGNATURE)
-
-
-def check_unique_uids(uids: pa.ChunkedArray, shards: pa.ChunkedArray | str) -> None:
-    """Raise BadInputError naming a repeated (or missing) uid and its shard(s): clean marks and joins rows by uid.
-
-    `shards` is the shard file of every row, or one name for all of them. Cheap when the uids are
-    unique (one hash count); only a failure looks further.
-    """
-    def where(rows: pa.ChunkedArray) -> str:
-        return shards if isinstance(shards, str) else " and ".join(sorted(set(shards.filter(rows).to_pylist())))
-
-    hint = "was this folder written by `dallekit download`?"
-    if uids.null_count:
-        raise BadInputError(f"{where(pc.is_null(uids))}: {uids.null_count} row(s) without a uid ({hint})")
-    if pc.count_distinct(uids).as_py() == len(uids):
-        return
-    counts = pc.value_counts(uids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    uid, times = min(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist()))
-    raise BadInputError(
-        f"{where(pc.equal(uids, uid))}: uid {uid} appears {'twice' if times == 2 else f'{times} times'} (uids must be unique; {hint})"
-    )
 
 
 def write_clean_shard(payload: tuple[str, str]) -> ShardResult:

@@ -1,4 +1,4 @@
-"""Multi-index hashing of 64-bit pHashes for the near-duplicate passes (`pipeline/dedup.py`).
+"""Multi-index hashing of 64-bit pHashes for the near-duplicate passes (`pipeline/dedup/candidates.py`).
 
 Two hashes within `distance` bits agree exactly on at least k - distance of k blocks (the
 pigeonhole principle), so each table keys the rows by a choice of k - distance blocks, and only
