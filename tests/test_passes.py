@@ -84,6 +84,50 @@ def test_a_damaged_mark_is_removed_and_its_task_redone(tmp_path):
     assert calls(log) == ["2"]
 
 
+def edit_mark(path, edit) -> None:
+    mark = json.loads(path.read_text())
+    edit(mark)
+    path.write_text(json.dumps(mark))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(outputs={}),
+    lambda m: m["outputs"].update({"out/1.parquet": [1, 2]}),
+    lambda m: m["outputs"]["out/1.parquet"].update(bytes="990"),
+    lambda m: m.update(result={}),
+    lambda m: m.pop("outputs"),
+], ids=["no outputs", "a list", "bytes as text", "no result", "no outputs key"])
+def test_a_mark_edited_by_hand_is_not_trusted_and_its_task_redone(tmp_path, edit, request):
+    log = tmp_path / "log"
+    run_numbers(tmp_path, log)
+    if "no outputs" in request.node.name:  # the mark no longer names the shard it lost
+        (tmp_path / "out" / "1.parquet").unlink()
+    edit_mark(tmp_path / "_progress" / "numbers" / "1.json", edit)
+    log.write_text("")
+    results = run_numbers(tmp_path, log)
+    assert calls(log) == ["1"] and results["1"]["rows"] == 100 and (tmp_path / "out" / "1.parquet").exists()
+
+
+@pytest.mark.parametrize("name", ["../../elsewhere.bin", "absolute"])
+def test_a_mark_naming_a_file_outside_its_folder_makes_dallekit_read_nothing_there(tmp_path, monkeypatch, name):
+    folder, elsewhere = tmp_path / "a" / "run", tmp_path / "elsewhere.bin"
+    elsewhere.write_bytes(b"not dallekit's" * 100)
+    log = folder / "log"
+    folder.mkdir(parents=True)
+    run_numbers(folder, log)
+    name = str(elsewhere) if name == "absolute" else name
+    outputs = {name: passes.vouch(str(tmp_path), [str(elsewhere)])["elsewhere.bin"]}
+    forged = {"task": "1", "result": {"rows": 100}, "outputs": outputs, "seal": getattr(passes, "_seal", str)("1", {"rows": 100}, outputs)}
+    (folder / "_progress" / "numbers" / "1.json").write_text(json.dumps(forged))
+    opened = []
+    real_open = passes.fsspec.implementations.local.LocalFileSystem._open
+    monkeypatch.setattr(passes.fsspec.implementations.local.LocalFileSystem, "_open",
+                        lambda self, path, *a, **k: (opened.append(str(path)), real_open(self, path, *a, **k))[1])
+    log.write_text("")
+    run_numbers(folder, log)
+    assert calls(log) == ["1"] and not [p for p in opened if "elsewhere" in p]
+
+
 def test_a_stage_mark_of_the_previous_version_resumes(tmp_path):
     shard = tmp_path / "part-00000.parquet"
     write_table_atomic(pa.table({"uid": ["a"]}), str(shard))

@@ -117,6 +117,19 @@ def vouch(folder: str, paths: list[str]) -> dict[str, dict]:
     return found
 
 
+def _scope(root: str) -> str:
+    """Where a pass over `root` may name files by absolute path: its folder's parent (dedup's state vouches for `dups/` beside it)."""
+    return root.rsplit("/", 1)[0] if root.count("/") > 1 else root
+
+
+def _inside(root: str, name: Any) -> bool:
+    """Whether a file a mark names stays in its pass's scope, without `..`: a mark never makes dallekit read or delete elsewhere."""
+    if not isinstance(name, str) or not name or "\\" in name or ".." in name.split("/"):
+        return False
+    scope = _scope(root)
+    return not name.startswith("/") or name.startswith(f"{scope}/")
+
+
 def _file_whole(fs: Any, root: str, relative: str, record: dict) -> bool:
     """Whether a vouched file is there with its recorded size and footer."""
     path = relative if relative.startswith("/") else f"{root}/{relative}"
@@ -142,17 +155,34 @@ class Mark:
     outputs: dict[str, dict]
 
 
-def _parse_mark(data: Any, task: str) -> Mark | None:
-    """A mark read from disk, or None when it is damaged; a stage shard's mark from before the engine is read too."""
+def _seal(task: str, result: dict, outputs: dict) -> str:
+    """The xxh3 of a mark's content: a mark edited by hand (or half-written by a foreign tool) no longer matches it."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(json.dumps([task, result, outputs], sort_keys=True).encode())
+
+
+def _valid_outputs(root: str, outputs: Any) -> bool:
+    """Whether a mark's outputs are {path inside the pass's scope: {bytes: int, ...}}."""
+    return isinstance(outputs, dict) and all(
+        _inside(root, rel) and isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool)
+        and isinstance(rec.get("tail", ""), str) for rel, rec in outputs.items())
+
+
+def _parse_mark(data: Any, task: str, root: str) -> Mark | None:
+    """A mark read from disk, or None when it is damaged or edited; a stage shard's mark from before the engine is read too."""
     if not isinstance(data, dict):
         return None
-    if data.get("task") == task and isinstance(data.get("result"), dict) and isinstance(data.get("outputs"), dict):
+    if data.get("task") == task and isinstance(data.get("result"), dict) and _valid_outputs(root, data.get("outputs")):
+        if data.get("seal") != _seal(task, data["result"], data["outputs"]):
+            return None
         return Mark(task, data["result"], data["outputs"])
     legacy_keys = {"shard", "rows_in", "rows_out", "rows_rejected", "reasons", "counters", "bytes"}
     if legacy_keys <= set(data) and data["shard"] == task:  # dallekit <= 0.29 stage marks: the shard's bytes and checksum inline
         record = {k: data[k] for k in ("bytes", "mtime", "checksum") if k in data}
         result = {k: v for k, v in data.items() if k not in ("bytes", "mtime", "checksum")}
-        return Mark(task, result, {f"{task}.parquet": record})
+        outputs = {f"{task}.parquet": record}
+        return Mark(task, result, outputs) if _valid_outputs(root, outputs) else None
     return None
 
 
@@ -167,7 +197,7 @@ def read_marks(folder: str, pass_name: str | None = None, verify: bool = True, r
         task = path.rsplit("/", 1)[-1].removesuffix(".json")
         try:
             with fs.open(path, "r") as f:
-                mark = _parse_mark(json.load(f), task)
+                mark = _parse_mark(json.load(f), task, root)
         except ValueError:
             mark = None
         if mark is not None and verify and not consumed and not all(_file_whole(fs, root, rel, rec) for rel, rec in mark.outputs.items()):
@@ -183,7 +213,8 @@ def read_marks(folder: str, pass_name: str | None = None, verify: bool = True, r
 def write_mark(folder: str, task: str, result: dict, outputs: list[str], pass_name: str | None = None) -> dict:
     """Record that `task` is complete, vouching for its output files (already committed); returns the result as a rerun reads it."""
     result = json.loads(json.dumps(result, default=str))
-    mark = {"task": task, "result": result, "outputs": vouch(folder, sorted(set(outputs)))}
+    vouched = vouch(folder, sorted(set(outputs)))
+    mark = {"task": task, "result": result, "outputs": vouched, "seal": _seal(task, result, vouched)}
     with collect_written():  # a mark written inside another task (retry rewrites download's) is not that task's output
         write_json_atomic(mark, f"{_marks_dir(folder, pass_name)}/{task}.json")
     return result
@@ -191,11 +222,11 @@ def write_mark(folder: str, task: str, result: dict, outputs: list[str], pass_na
 
 def recorded_checksum(folder: str, task: str, relative: str, info: dict) -> str | None:
     """The checksum a mark recorded for a file, when the file still has the size and time it recorded; else None."""
-    fs, _ = fsspec.core.url_to_fs(folder)
+    fs, root = fsspec.core.url_to_fs(folder)
     path = fsspec.core.url_to_fs(f"{_marks_dir(folder, None)}/{task}.json")[1]
     try:
         with fs.open(path, "r") as f:
-            mark = _parse_mark(json.load(f), task)
+            mark = _parse_mark(json.load(f), task, root.rstrip("/"))
     except (ValueError, OSError):
         return None
     record = mark.outputs.get(relative) if mark else None
