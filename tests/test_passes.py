@@ -175,6 +175,38 @@ def test_a_lease_of_a_run_that_is_gone_is_taken_over(tmp_path, gone, capsys):
     assert "taking over" in capsys.readouterr().out
 
 
+def a_lease(**fields) -> str:
+    import socket
+
+    return json.dumps({"run": "x", "what": "clean", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                       "heartbeat": time.time()} | fields)
+
+
+@pytest.mark.parametrize("lease", [
+    a_lease(pid=2**70), a_lease(pid=-1), a_lease(pid=0, host="elsewhere", heartbeat=time.time() + 10**9),
+    '{"run": "x", "host": "elsewhere", "pid": 5, "heartbeat": NaN}', "", "[1, 2]",
+], ids=["a pid too large", "a negative pid", "a heartbeat far in the future", "a NaN heartbeat", "empty", "a list"])
+def test_a_lease_no_live_run_could_have_written_is_taken_over_without_a_traceback(tmp_path, lease, capsys):
+    (tmp_path / passes.LEASE).write_text(lease)
+    with FolderLease(str(tmp_path), "filter") as mine:
+        assert json.loads((tmp_path / passes.LEASE).read_text())["run"] == mine.owner["run"]
+    assert "taking over" in capsys.readouterr().out and not (tmp_path / passes.LEASE).exists()
+
+
+def test_a_live_lease_with_an_unreadable_start_time_is_refused_in_one_line(tmp_path):
+    (tmp_path / passes.LEASE).write_text(a_lease(started="yesterday"))
+    with pytest.raises(BadInputError, match=f"pid {os.getpid()} .*since an unknown time"):
+        FolderLease(str(tmp_path), "filter").acquire()
+
+
+def test_a_folder_where_the_lease_belongs_is_refused_and_kept(tmp_path):
+    (tmp_path / passes.LEASE).mkdir()
+    (tmp_path / passes.LEASE / "notes.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="_lease.json: is a folder, expected dallekit's lease file"):
+        FolderLease(str(tmp_path), "filter").acquire()
+    assert (tmp_path / passes.LEASE / "notes.txt").read_text() == "mine"
+
+
 def toy_stage() -> Stage:
     def keep(payload):
         return ShardResult(rows_in=10, kept=pa.table({"uid": [f"{payload}-{i}" for i in range(10)]}))

@@ -430,10 +430,12 @@ def read_shuffle_parts(refs: list[list], schema: pa.Schema) -> pa.Table:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether a process of this host is running."""
+    """Whether a process of this host is running (0 and negative numbers name groups, not a process: never alive)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -468,8 +470,8 @@ class FolderLease:
 
     def _stale(self, held: dict) -> bool:
         heartbeat = held.get("heartbeat")
-        if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > LEASE_STALE_SECONDS:
-            return True
+        if not isinstance(heartbeat, (int, float)) or not abs(time.time() - heartbeat) <= LEASE_STALE_SECONDS:
+            return True  # no heartbeat, an old one, or one no clock could have written (NaN, far in the future)
         return held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"])
 
     def _create(self) -> bool:
@@ -484,6 +486,8 @@ class FolderLease:
 
     def acquire(self) -> FolderLease:
         """Take the lease, or bad input naming the run that holds it."""
+        if self.fs.isdir(self.path):  # never removed as a stale lease: it is not dallekit's
+            raise BadInputError(f"{self.path}: is a folder, expected dallekit's lease file; move it away, then rerun")
         for _ in range(3):
             if self._create():
                 break
@@ -491,7 +495,10 @@ class FolderLease:
             if held is None:
                 continue
             if not self._stale(held):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+                try:
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started")))
+                except (TypeError, ValueError, OverflowError, OSError):
+                    since = "an unknown time"
                 raise BadInputError(f"{self.folder}: another dallekit run is writing it ({held.get('what')}, pid {held.get('pid')} "
                                     f"on {held.get('host')}, since {since}); wait for it to end or stop it, then rerun")
             print(f"{self.what}: taking over {self.path} from a run that is gone (pid {held.get('pid')} on {held.get('host')})")
