@@ -175,6 +175,14 @@ def test_a_lease_of_a_run_that_is_gone_is_taken_over(tmp_path, gone, capsys):
     assert "taking over" in capsys.readouterr().out
 
 
+def test_the_temporary_files_of_a_run_killed_while_writing_its_json_are_removed(tmp_path):
+    (tmp_path / "_stats.json.073ba9bb19c04d3aa2441f27dcf1cd5d.tmp").write_text("{")
+    (tmp_path / "_tmp-0123-part-00001.parquet").write_text("")
+    (tmp_path / "part-00000.parquet").write_text("")
+    passes.remove_debris(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
+
+
 def a_lease(**fields) -> str:
     import socket
 

@@ -239,7 +239,7 @@ def remove_debris(folder: str) -> None:
     """Delete the temporary files an interrupted run left in a folder, its rejects and its marks."""
     fs, root = fsspec.core.url_to_fs(folder)
     root = root.rstrip("/")
-    for pattern in ("_tmp-*", "_rejects/_tmp-*", f"{PROGRESS}/*.tmp", f"{PROGRESS}/*/*.tmp"):
+    for pattern in ("_tmp-*", "_rejects/_tmp-*", "*.json.*.tmp", f"{PROGRESS}/*.tmp", f"{PROGRESS}/*/*.tmp"):  # io's writers' names
         for p in fs.glob(f"{root}/{pattern}"):
             fs.rm(p)
 
