@@ -215,6 +215,21 @@ def test_a_folder_where_the_lease_belongs_is_refused_and_kept(tmp_path):
     assert (tmp_path / passes.LEASE / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_whose_lease_is_taken_over_while_it_runs_marks_nothing_more_and_stops(tmp_path):
+    def write_then_lose_the_lease(payload, folder):
+        write_table_atomic(pa.table({"n": [payload]}), f"{folder}/out/{payload}.parquet")
+        if payload == 1:  # as if this run slept past its heartbeat and another run took the folder over
+            (tmp_path / passes.LEASE).write_text(a_lease(run="the other run", what="clean --overwrite"))
+        return {"rows": 1}
+
+    with FolderLease(str(tmp_path), "filter"):
+        with pytest.raises(BadInputError, match=r"another run took over its lease .*\(clean --overwrite, pid"):
+            run_pass(None, str(tmp_path), "numbers", write_then_lose_the_lease, {str(i): i for i in range(3)}, desc="numbers",
+                     folder=str(tmp_path))
+    assert sorted(read_marks(str(tmp_path), "numbers")) == ["0"]  # the task that ran after the takeover is not vouched for
+    assert json.loads((tmp_path / passes.LEASE).read_text())["run"] == "the other run"  # and the new owner's lease stays
+
+
 def toy_stage() -> Stage:
     def keep(payload):
         return ShardResult(rows_in=10, kept=pa.table({"uid": [f"{payload}-{i}" for i in range(10)]}))

@@ -313,13 +313,19 @@ def map_with_progress(
     return [f.result() for f in futures]
 
 
-def _run_marked(item: tuple[str, str | None, str, Any], task_fn: Callable, **kwargs: Any) -> dict:
-    """Run one task, collecting the files it commits, then write its mark: the outputs are complete once the mark exists."""
-    folder, pass_name, task, payload = item
+def _run_marked(item: tuple[str, str | None, str, Any, tuple | None], task_fn: Callable, **kwargs: Any) -> dict:
+    """Run one task, collecting the files it commits, then write its mark: the outputs are complete once the mark exists.
+
+    With the run's lease (its file and run id), the mark is written only while the lease is still
+    this run's: a run whose lease was taken over marks nothing that the new owner would trust.
+    """
+    folder, pass_name, task, payload, lease = item
     start = time.perf_counter()
     with collect_written() as written:
         result = task_fn(payload, **kwargs)
     result = dict(result) | {"task_seconds": round(time.perf_counter() - start, 3)}
+    if lease is not None:
+        _check_lease_ours(*lease)
     return write_mark(folder, task, result, written, pass_name)
 
 
@@ -331,15 +337,18 @@ def run_pass(client: Any, folder: str, pass_name: str | None, fn: Callable[..., 
     arguments are positional-only, so a task's keyword arguments may reuse their names). With
     `client` None the tasks run here, in order (inside one Dask task of a small run).
     """
+    lease = held_lease(folder)
     done = {key: mark.result for key, mark in read_marks(folder, pass_name).items() if key in items}
     pending = [key for key in items if key not in done]
-    payloads = [(folder, pass_name, key, items[key]) for key in pending]
+    payloads = [(folder, pass_name, key, items[key], lease) for key in pending]
     if client is None:
         out = [_run_marked(p, task_fn=fn, **kwargs) for p in payloads]
     else:
         out = map_with_progress(client, _run_marked, payloads, desc=desc, unit=unit, already_done=len(done), retries=retries,
                                 task_fn=fn, **kwargs)
     done.update(zip(pending, out))
+    if lease is not None:
+        _check_lease_ours(*lease)
     return {key: done[key] for key in items}
 
 
@@ -442,6 +451,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD: dict[str, FolderLease] = {}  # the leases this process holds, by folder path
+
+
+def held_lease(folder: str) -> tuple[str, str, str] | None:
+    """(lease file, run id, folder) of this process's lease over `folder` or a folder above it; None when it holds none."""
+    root = fsspec.core.url_to_fs(folder)[1].rstrip("/")
+    for held_root, lease in _HELD.items():
+        if root == held_root or root.startswith(held_root + "/"):
+            return lease.path, lease.owner["run"], lease.folder
+    return None
+
+
+def _check_lease_ours(path: str, run: str, folder: str) -> None:
+    """Bad input when the lease at `path` is no longer run `run`'s: another run took the folder over, so this one stops writing."""
+    fs = fsspec.core.url_to_fs(folder)[0]
+    try:
+        with fs.open(path, "r") as f:
+            held = json.load(f)
+    except (ValueError, OSError):
+        held = None
+    if not isinstance(held, dict) or held.get("run") != run:
+        who = f" ({held.get('what')}, pid {held.get('pid')} on {held.get('host')})" if isinstance(held, dict) else ""
+        raise BadInputError(f"{folder}: another run took over its lease {path}{who} while this one ran; "
+                            "stopped so the two do not mix: rerun once that one has ended")
+
+
+def check_held(folder: str) -> None:
+    """Bad input when this process's lease over `folder` was taken over by another run (no-op when it holds none)."""
+    lease = held_lease(folder)
+    if lease is not None:
+        _check_lease_ours(*lease)
+
+
 class FolderLease:
     """A run's claim on its output folder: `_lease.json` with owner and heartbeat, renewed by a thread, removed on release.
 
@@ -507,6 +549,7 @@ class FolderLease:
             raise BadInputError(f"{self.folder}: could not take its lease {self.path}; another run keeps claiming it")
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.folder}", daemon=True)
         self._thread.start()
+        _HELD[fsspec.core.url_to_fs(self.folder)[1].rstrip("/")] = self
         return self
 
     def _beat(self) -> None:
@@ -519,6 +562,7 @@ class FolderLease:
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
+        _HELD.pop(fsspec.core.url_to_fs(self.folder)[1].rstrip("/"), None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from dallekit.errors import BadInputError, environment_error
 from dallekit.io import commit_file, file_checksum, list_shards, shard_stem, write_json_atomic, write_table_atomic, write_tables_atomic
-from dallekit.pipeline.passes import LEASE, read_marks, recorded_checksum, remove_debris, run_pass
+from dallekit.pipeline.passes import LEASE, check_held, read_marks, recorded_checksum, remove_debris, run_pass
 
 FINGERPRINT = "_fingerprint.json"
 
@@ -384,6 +384,7 @@ def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: A
 
 def write_success(output_dir: str) -> None:
     """Close a folder: `_SUCCESS`, durable like every file a mark or reader trusts."""
+    check_held(output_dir)  # a run whose lease was taken over never closes the folder
     fs, root = fsspec.core.url_to_fs(output_dir)
     tmp = f"{root.rstrip('/')}/_tmp-{uuid.uuid4().hex}-SUCCESS"
     with fs.open(tmp, "w") as f:
