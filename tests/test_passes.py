@@ -183,6 +183,41 @@ def test_the_temporary_files_of_a_run_killed_while_writing_its_json_are_removed(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
 
 
+def test_remove_debris_leaves_the_lease_its_heartbeat_thread_is_writing(tmp_path):
+    (tmp_path / f"{passes.LEASE}.073ba9bb19c04d3aa2441f27dcf1cd5d.tmp").write_text("{")
+    passes.remove_debris(str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("layout", [b"\xb9\x00\xff", "a folder"], ids=["binary", "a folder"])
+def test_scratch_with_a_damaged_layout_file_is_redone_without_a_traceback(tmp_path, layout):
+    (tmp_path / passes.WORK).mkdir()
+    (tmp_path / passes.WORK / "old.bin").write_text("old")
+    marker = tmp_path / passes.WORK / passes.LAYOUT
+    marker.mkdir() if layout == "a folder" else marker.write_bytes(layout)
+    passes.claim_work_dir(str(tmp_path))
+    assert marker.read_text() == str(passes.WORK_LAYOUT) and not (tmp_path / passes.WORK / "old.bin").exists()
+
+
+def test_a_heartbeat_that_cannot_be_written_is_skipped_not_a_thread_traceback(tmp_path, monkeypatch):
+    import errno
+
+    lease = FolderLease(str(tmp_path), "filter")
+    assert lease._create()
+    tries = []
+
+    def full_disk(obj, path):
+        tries.append(path)
+        if len(tries) == 2:
+            lease._stop.set()
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(passes, "LEASE_HEARTBEAT_SECONDS", 0.001)
+    monkeypatch.setattr(passes, "write_json_atomic", full_disk)
+    lease._beat()  # what the thread runs: it goes on beating after a failed write
+    assert len(tries) == 2
+
+
 def a_lease(**fields) -> str:
     import socket
 
@@ -235,6 +270,18 @@ def toy_stage() -> Stage:
         return ShardResult(rows_in=10, kept=pa.table({"uid": [f"{payload}-{i}" for i in range(10)]}))
 
     return Stage("toy", (), frozenset(), "toy tasks", keep)
+
+
+def test_a_folder_in_place_of_success_is_refused_in_one_line_when_the_stage_reopens(tmp_path, client):
+    out = tmp_path / "out"
+    tasks = [ShardTask(f"part-{i:05d}", i) for i in range(2)]
+    begin_stage("toy", str(out), {"v": 1}, [])
+    run_stage(toy_stage(), str(out), tasks, client)
+    (out / "_SUCCESS").unlink()
+    (out / "_SUCCESS").mkdir()
+    (out / "part-00001.parquet").unlink()
+    with pytest.raises(BadInputError, match="_SUCCESS: is a folder, expected the file dallekit writes there"):
+        begin_stage("toy", str(out), {"v": 1}, [])
 
 
 def test_a_finished_stage_whose_shard_was_deleted_is_reopened_not_reported_complete(tmp_path, client):

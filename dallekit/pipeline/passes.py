@@ -63,7 +63,7 @@ def claim_work_dir(output_dir: str) -> str:
     """A stage's scratch folder, ready for its passes; scratch written by an earlier dallekit version is removed (redone, never mixed)."""
     fs, root = fsspec.core.url_to_fs(work_dir(output_dir))
     layout = f"{root}/{LAYOUT}"
-    if fs.exists(root) and not (fs.exists(layout) and fs.cat_file(layout).decode().strip() == str(WORK_LAYOUT)):
+    if fs.exists(root) and not (fs.isfile(layout) and fs.cat_file(layout).strip() == str(WORK_LAYOUT).encode()):
         print(f"{output_dir}: its {WORK}/ was left by an earlier dallekit version; redoing that work")
         fs.rm(root, recursive=True)
     if not fs.exists(layout):
@@ -241,7 +241,8 @@ def remove_debris(folder: str) -> None:
     root = root.rstrip("/")
     for pattern in ("_tmp-*", "_rejects/_tmp-*", "*.json.*.tmp", f"{PROGRESS}/*.tmp", f"{PROGRESS}/*/*.tmp"):  # io's writers' names
         for p in fs.glob(f"{root}/{pattern}"):
-            fs.rm(p)
+            if not p.rsplit("/", 1)[-1].startswith(LEASE):  # the heartbeat thread's file, being written now
+                fs.rm(p)
 
 
 def drop_outputs(folder: str, pass_name: str, *data: str) -> None:
@@ -558,7 +559,10 @@ class FolderLease:
             held = self._read()
             if not held or held.get("run") != self.owner["run"]:
                 return
-            write_json_atomic(self.owner | {"heartbeat": time.time()}, self.path)
+            try:
+                write_json_atomic(self.owner | {"heartbeat": time.time()}, self.path)
+            except OSError:  # a full disk or a passing error: the next beat tries again; the run itself reports the disk
+                continue
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""

@@ -351,6 +351,8 @@ def _complete_shards_whole(output_dir: str, stage: str) -> bool:
     print(f"{stage}: {output_dir} was complete but {expected - len(whole) if isinstance(expected, int) else 'some'} "
           "of its shards are missing, truncated or replaced; redoing them")
     for name in ("_SUCCESS", "_stats.json"):
+        if fs.isdir(f"{root}/{name}"):
+            raise BadInputError(f"{root}/{name}: is a folder, expected the file dallekit writes there; move it away, then rerun")
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
     return False
