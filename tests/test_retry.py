@@ -259,3 +259,25 @@ def test_a_round_the_previous_version_began_is_resumed(tmp_path, client, capsys)
     assert (first["retries"] == 0).all()  # its shard was marked done by the previous version: not fetched again
     assert kept["retries"].sum() == 2 and stats["retry"]["history"][0]["retried"] == 4  # the old mark's 2 and 2 more
     assert not (images / "_retry").exists() and stats["retry"]["rounds"] == 1
+
+
+@pytest.mark.slow
+def test_a_damaged_round_file_or_stats_config_is_one_line_naming_it_and_changes_nothing(tmp_path, client, capsys):
+    import shutil
+
+    from tests.test_guard_stage import one_line, run_cli
+
+    with ShapesServer(failing_routes(), max_seconds=300) as server:
+        images, _ = downloaded(tmp_path, client, server)
+    stats = json.loads((images / "_stats.json").read_text())
+    damages = {"_retry/round.json": [b"\xb9{", b"[1]", b'{"round": "x"}'], "_stats.json": [json.dumps(stats | {"config": [1]}).encode()]}
+    for name, contents in damages.items():
+        for content in contents:
+            folder = tmp_path / f"case-{len(list(tmp_path.glob('case-*')))}"
+            shutil.copytree(images, folder)
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).write_bytes(content)
+            before = folder_files(folder, leave_out=())
+            code, err = run_cli(["download", "--retry-failed", folder, "--workers", "1"], capsys)
+            one_line(code, err, f"{folder / name}: ", "expected", after_progress=True)
+            assert folder_files(folder, leave_out=()) == before

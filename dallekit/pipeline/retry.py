@@ -203,17 +203,29 @@ def _check_round(download_dir: str, client, given: dict) -> Round:
     stats = read_stats(download_dir)
     if stats.get("stage") != "download":
         raise BadInputError(f"{download_dir}: holds a `{stats.get('stage')}` stage; --retry-failed takes the output of `dallekit download`")
+    if not isinstance(stats.get("config", {}), dict):
+        raise BadInputError(f"{download_dir}/_stats.json: its config is {json.dumps(stats['config'])[:60]}, "
+                            "expected a JSON object of the download's options")
     config = _retry_config(stats.get("config", {}), given, f"{download_dir}/_stats.json config")
     _check_resizer(fs, root, download_dir)
     paths = list_shards(download_dir)
     marks = _check_marks(download_dir, paths, resuming)
     _check_versions(fs, root, download_dir, client)
-    if resuming:
-        with fs.open(f"{root}/{ROUND}", "r") as f:
-            number = json.load(f)["round"]
-    else:
-        number = (stats.get("retry") or {}).get("rounds", 0) + 1
+    number = _round_number(fs, f"{root}/{ROUND}") if resuming else (stats.get("retry") or {}).get("rounds", 0) + 1
     return Round(number, resuming, stats, config, paths, marks)
+
+
+def _round_number(fs, path: str) -> int:
+    """The number of the round under way, from `_retry/round.json`; bad input naming the file when it is damaged."""
+    try:
+        with fs.open(path, "rb") as f:
+            number = json.loads(f.read()).get("round")
+    except (ValueError, AttributeError):
+        number = None
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise BadInputError(f"{path}: damaged (expected {{\"round\": <the round's number, 1 or more>}}); "
+                            "write the number of the round under way there and rerun, or rerun the download")
+    return number
 
 
 def retry_failed(download_dir: str, client, given: dict | None = None) -> dict:
