@@ -168,3 +168,12 @@ def test_an_export_written_by_the_previous_version_is_written_again(tmp_path, cl
     assert "written by an earlier dallekit version" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.glob("part-*.tar")} == first and result["samples"] == 8
     assert "already complete" in (export(str(src), str(out), ExportConfig(), client) and capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("claim", [b"{", b"\xb9", b"[1]"], ids=["cut", "binary", "a list"])
+def test_a_damaged_claim_is_one_line_naming_it(tmp_path, client, claim):
+    (src, _), out = stage_with_images(tmp_path / "filter"), tmp_path / "wds"
+    export(str(src), str(out), ExportConfig(), client)
+    (out / "_export.json").write_bytes(claim)
+    with pytest.raises(BadInputError, match=r"wds/_export.json: damaged \(expected dallekit's JSON object"):
+        export(str(src), str(out), ExportConfig(), client)

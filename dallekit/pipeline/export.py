@@ -121,8 +121,11 @@ def _claim_folder(output_dir: str, claim: dict) -> dict:
         with fs.open(f"{root}/{CLAIM}", "r") as f:
             stored = json.load(f)
     except ValueError:
-        stored = {}
-    if not isinstance(stored, dict) or {k: stored.get(k) for k in ("input", "format")} != json.loads(json.dumps(
+        stored = None
+    if not isinstance(stored, dict):
+        raise BadInputError(f"{root}/{CLAIM}: damaged (expected dallekit's JSON object naming the export's input and format); "
+                            "give another folder, or remove this one to export afresh")
+    if {k: stored.get(k) for k in ("input", "format")} != json.loads(json.dumps(
             {k: claim[k] for k in ("input", "format")})):
         raise BadInputError(f"--out {output_dir}: holds an export of another input or format; give another folder")
     if stored.get("layout") != LAYOUT:  # its marks vouch for nothing: the engine drops them and every tar is written again
