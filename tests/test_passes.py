@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -216,6 +217,17 @@ def test_a_heartbeat_that_cannot_be_written_is_skipped_not_a_thread_traceback(tm
     monkeypatch.setattr(passes, "write_json_atomic", full_disk)
     lease._beat()  # what the thread runs: it goes on beating after a failed write
     assert len(tries) == 2
+
+
+def test_a_file_where_the_marks_belong_is_one_line_and_a_finished_stage_keeps_its_success(tmp_path, client):
+    out = tmp_path / "out"
+    begin_stage("toy", str(out), {"v": 1}, [])
+    run_stage(toy_stage(), str(out), [ShardTask("part-00000", 0)], client)
+    shutil.rmtree(out / "_progress")
+    (out / "_progress").write_text("mine")
+    with pytest.raises(BadInputError, match="out/_progress: is a file, expected the folder of dallekit's marks"):
+        begin_stage("toy", str(out), {"v": 1}, [])
+    assert (out / "_SUCCESS").exists() and (out / "_stats.json").exists()
 
 
 def a_lease(**fields) -> str:

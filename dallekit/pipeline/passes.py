@@ -191,6 +191,8 @@ def read_marks(folder: str, pass_name: str | None = None, verify: bool = True, r
     fs, root = fsspec.core.url_to_fs(folder)
     root = root.rstrip("/")
     marks_dir = fsspec.core.url_to_fs(_marks_dir(folder, pass_name))[1]
+    if fs.isfile(marks_dir):
+        raise BadInputError(f"{marks_dir}: is a file, expected the folder of dallekit's marks; move it away, then rerun")
     found = {}
     consumed = fs.exists(f"{marks_dir}/{CONSUMED}")  # later passes read its outputs and they were removed: nothing to re-check
     for path in sorted(fs.glob(f"{marks_dir}/*.json")):
