@@ -22,7 +22,7 @@ import tomllib
 
 from dallekit.errors import BadInputError
 
-__all__ = ["BadInputError"]  # re-exported: stages raise it from here
+__all__ = ["BadInputError"]  # re-exported only for pipeline/dedup.py, export.py and retry.py, being rewritten; import it from dallekit.errors
 
 
 class OptionError(ValueError):

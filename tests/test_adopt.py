@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import AdoptConfig, BadInputError, CleanConfig, IngestConfig
+from dallekit.config import AdoptConfig, CleanConfig, IngestConfig
 from dallekit.demo.synthetic import ShapesServer, make_dataset
+from dallekit.errors import BadInputError
 from dallekit.pipeline.adopt import adopt, plan_adopt
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.ingest import ingest, make_uid

@@ -6,12 +6,12 @@ import pytest
 
 from dallekit.cli import build_parser
 from dallekit.config import (
-    BadInputError,
     DownloadConfig,
     IngestConfig,
     build_config,
     load_toml,
 )
+from dallekit.errors import BadInputError
 
 
 def parse(*argv):

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError, ClusterConfig
+from dallekit.config import ClusterConfig
+from dallekit.errors import BadInputError
 from dallekit.images import THUMB_BYTES, color_distance
 from dallekit.io import write_rows_file
 from dallekit.pipeline import dedup as dedup_module

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dallekit.training.dvae as train_module
-from dallekit.config import BadInputError, TrainDVAEConfig
+from dallekit.config import TrainDVAEConfig
+from dallekit.errors import BadInputError
 from dallekit.models.dvae import DVAE, BottleneckBlock, dvae_config, gumbel_softmax, logit_laplace_nll, map_pixels
 from dallekit.training.dvae import train_dvae
 from dallekit.training.loop import read_metrics

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dallekit.config import BadInputError, EncodeConfig
+from dallekit.config import EncodeConfig
+from dallekit.errors import BadInputError
 from dallekit.generation.decode import decode_tokens
 from dallekit.images import load_square
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config

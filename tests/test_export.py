@@ -9,7 +9,8 @@ import tarfile
 
 import pytest
 
-from dallekit.config import BadInputError, ExportConfig
+from dallekit.config import ExportConfig
+from dallekit.errors import BadInputError
 from dallekit.pipeline.export import export
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError, FilterConfig
+from dallekit.config import FilterConfig
+from dallekit.errors import BadInputError
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.pipeline import filter as filter_module
 from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold

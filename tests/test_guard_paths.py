@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dallekit.cli import main
-from dallekit.config import BadInputError, ClusterConfig, IngestConfig
+from dallekit.config import ClusterConfig, IngestConfig
 from dallekit.demo.synthetic import encode, random_spec, render
+from dallekit.errors import BadInputError
 from dallekit.pipeline.ingest import (
     FILE_ROOTS,
     OUTSIDE_FOLDER,

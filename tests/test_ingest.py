@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dallekit.cli import main
-from dallekit.config import BadInputError, IngestConfig
+from dallekit.config import IngestConfig
+from dallekit.errors import BadInputError
 from dallekit.pipeline import ingest as ingest_module
 from dallekit.pipeline.ingest import ingest, ingest_blocks, make_uid, plan_ingest
 from tests.helpers import check_accounting, read_stage

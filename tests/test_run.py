@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 
 STAGES = ["ingest", "download", "clean", "filter", "tokens"]
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dallekit.training.transformer as train_module
-from dallekit.config import BadInputError, TrainConfig
+from dallekit.config import TrainConfig
+from dallekit.errors import BadInputError
 from dallekit.models.transformer import DalleTransformer, attention_masks, dalle_config
 from dallekit.tokenize.tokens import TokenBatches, token_metadata, token_table
 from dallekit.training.loop import read_metrics

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dallekit import config
-from dallekit.config import RUN_STEPS, BadInputError, ClusterConfig, build_config
+from dallekit.config import RUN_STEPS, ClusterConfig, build_config
+from dallekit.errors import BadInputError
 from dallekit.io import iter_captions, list_shards
 from dallekit.jobs.report import write_report
 from dallekit.jobs.timing import StepTimer

@@ -49,7 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import AdoptConfig, BadInputError, output_options
+from dallekit.config import AdoptConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
 from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema, write_table_atomic
 from dallekit.pipeline.download import status_counters

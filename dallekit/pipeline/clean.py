@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import BadInputError, CleanConfig, output_options
+from dallekit.config import CleanConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup

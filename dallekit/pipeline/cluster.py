@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Iterator
 
-from dallekit.config import BadInputError, ClusterConfig
+from dallekit.config import ClusterConfig
+from dallekit.errors import BadInputError
 
 
 def _unguarded_script() -> str | None:

@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dallekit.config import BadInputError, IngestConfig, output_options
+from dallekit.config import IngestConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.io import write_json_atomic, write_table_atomic
 from dallekit.pipeline.shards import ShardResult, ShardTask, map_with_progress, shard_name
 from dallekit.pipeline.stage import Plan, Stage, run_plan, work_dir

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 from dallekit.models.weights import save_model, write_json
 
 
