@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 import dallekit.training.tokenizer as train_module
-from dallekit.cli import main
 from dallekit.config import EncodeConfig, TrainTokenizerConfig
 from dallekit.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
@@ -27,13 +26,8 @@ from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import token_metadata, token_table
 from dallekit.training.loop import read_metrics
 from dallekit.training.tokenizer import train_tokenizer
+from tests.helpers import run_cli
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def shapes_stage(folder, n: int = 40):
