@@ -19,26 +19,6 @@ def _summary(stats: dict) -> int:
     return 0
 
 
-class LazyClient:
-    """A Dask client that starts its cluster on first use, so that bad input and finished stages never start one."""
-
-    def __init__(self, cluster_config):
-        self._config, self._context, self._client = cluster_config, None, None
-
-    def __getattr__(self, name: str):
-        if self._client is None:
-            from dallekit.pipeline.cluster import dask_client
-
-            self._context = dask_client(self._config)
-            self._client = self._context.__enter__()
-        return getattr(self._client, name)
-
-    def close(self) -> None:
-        """Shut the cluster down if it was started."""
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-
-
 # The positional arguments of each Dask stage's plan, from its command line (its config comes last).
 STAGE_INPUTS = {
     "ingest": lambda args: [args.inputs],
@@ -52,16 +32,14 @@ STAGE_INPUTS = {
 
 def stage(args: argparse.Namespace, configs: dict, toml) -> int:
     """Any Dask stage: plan it (bad input fails before a cluster starts), then run it on a client started only when a task runs."""
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.stage import run_plan, stage_named
 
     spec, plan_stage = stage_named(args.command)
     config = configs[args.command]
     plan = plan_stage(*STAGE_INPUTS[args.command](args), config)
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         return _summary(run_plan(spec, plan, args.out, client, config.overwrite))
-    finally:
-        client.close()
 
 
 def download(args: argparse.Namespace, configs: dict, toml) -> int:
@@ -79,25 +57,21 @@ def download(args: argparse.Namespace, configs: dict, toml) -> int:
         return stage(args, configs, toml)
     if args.urls or args.out:
         raise BadInputError(f"download --retry-failed {args.retry_failed}: rewrites that folder in place; give no URLS or --out")
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.retry import retry_failed
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DownloadConfig) if hasattr(args, f.name)}
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         return _summary(retry_failed(args.retry_failed, client, given))
-    finally:
-        client.close()
 
 
 def export(args, configs, toml) -> int:
     """dallekit export."""
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.export import export as write_tars
 
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         result = write_tars(args.stage_dir, args.out, configs["export"], client)
-    finally:
-        client.close()
     print(f"export: {result['samples']} samples in {result['shards']} WebDataset tars in {args.out}"
           + (f" ({result['no_image']} rows without an image left out)" if result["no_image"] else ""))
     return 0

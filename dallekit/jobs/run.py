@@ -15,20 +15,19 @@ kept, the trainers continue from their last checkpoint, and steps with a finishe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dallekit import config
-from dallekit.config import RUN_STEPS, ClusterConfig, build_config
+from dallekit.config import RUN_STEPS, build_config
 from dallekit.errors import BadInputError
 from dallekit.io import iter_captions, list_shards
 from dallekit.jobs.report import write_report
 from dallekit.jobs.timing import StepTimer
 from dallekit.pipeline.clean import clean
-from dallekit.pipeline.cluster import dask_client
+from dallekit.pipeline.cluster import LazyClient
 from dallekit.pipeline.download import download
 from dallekit.pipeline.encode import encode
 from dallekit.pipeline.filter import filter_stage
@@ -82,34 +81,6 @@ def run_folders(out: str) -> dict[str, str]:
     if (Path(out) / "dvae" / "config.json").is_file() and not Path(folders["tokenizer"]).exists():
         folders["tokenizer"] = f"{out.rstrip('/')}/dvae"  # a run folder from before the FSQ tokenizer resumes with its dVAE
     return folders
-
-
-class _Cluster:
-    """The run's Dask client, started when a stage needs one and stopped while a trainer runs.
-
-    The trainers run in this process; idle workers would take about 5% of a core each from them
-    (heartbeats, memory and system monitors), and keep the memory of the stages before.
-    """
-
-    def __init__(self, config: ClusterConfig):
-        self.config, self._stack, self._client = config, contextlib.ExitStack(), None
-
-    def client(self):
-        """The running client, started now if there is none."""
-        if self._client is None:
-            self._client = self._stack.enter_context(dask_client(self.config))
-        return self._client
-
-    def stop(self) -> None:
-        """Stop the cluster (a later client() starts a new one)."""
-        self._stack.close()
-        self._client = None
-
-    def __enter__(self) -> _Cluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 STAGE_MARKERS = ("_fingerprint.json", "_stats.json", "_SUCCESS", "_export.json")
@@ -173,28 +144,28 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
     stages = result["stages"]
     dvae_dir = p.run.dvae or d["tokenizer"]
     timer = timer or StepTimer()
-    with _Cluster(p.cluster) as cluster:
-        with timer.step("ingest", cluster.client()):
-            stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, cluster.client(), plan=ingest_plan))
+    with LazyClient(p.cluster) as client:  # stopped while a trainer runs in this process
+        with timer.step("ingest", client):
+            stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, plan=ingest_plan))
         if "download" in steps:
-            with timer.step("download", cluster.client()):
-                stages.append(download(d["ingest"], d["download"], p.download, cluster.client()))
+            with timer.step("download", client):
+                stages.append(download(d["ingest"], d["download"], p.download, client))
         if "clean" in steps:
-            with timer.step("clean", cluster.client()):
-                stages.append(clean(d["download"], d["clean"], p.clean, cluster.client()))
+            with timer.step("clean", client):
+                stages.append(clean(d["download"], d["clean"], p.clean, client))
         if p.run.train_clip and "train-clip" in steps and not (Path(d["clip"]) / "open_clip_model.safetensors").exists():
             from dallekit.training.clip import train_clip
 
-            cluster.stop()
+            client.stop()
             with timer.step("train-clip"):
                 result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
         if "filter" in steps:
-            with timer.step("filter", cluster.client()):
-                stages.append(filter_stage(d["clean"], d["filter"], p.filter, cluster.client()))
+            with timer.step("filter", client):
+                stages.append(filter_stage(d["clean"], d["filter"], p.filter, client))
         if "train-tokenizer" in steps and p.run.dvae is None:
             from dallekit.training.tokenizer import train_tokenizer
 
-            cluster.stop()
+            client.stop()
             with timer.step("train-tokenizer"):
                 resume = _checkpoint_exists(d["tokenizer"])
                 result["tokenizer"] = train_tokenizer(d["filter"], d["tokenizer"], replace(p.train_tokenizer, resume=resume))
@@ -207,8 +178,8 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
                 with timer.step("train-bpe"):
                     train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
         if "encode" in steps:
-            with timer.step("encode", cluster.client()):
-                stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, cluster.client()))
+            with timer.step("encode", client):
+                stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client))
     for stats in stages:
         print(format_summary(stats))
     if "train" in steps:
