@@ -35,6 +35,7 @@ from dallekit.config import (
     TrainTokenizerConfig,
     add_options,
     build_config,
+    check_sections,
     load_toml,
 )
 from dallekit.errors import BadInputError, environment_error
@@ -152,15 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=command.name == "run",
                        help="TOML file; its sections named like the subcommands (and [cluster]) give defaults")
     return parser
-
-
-def check_sections(toml: dict, where: str, allowed: list[str] = SECTION_NAMES) -> None:
-    """Every section of a --config file must be one the command accepts, and a table."""
-    for name, value in toml.items():
-        if name not in allowed:
-            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(allowed)})")
-        if not isinstance(value, dict):
-            raise BadInputError(f"{where}: {name} must be a [{name}] table")
 
 
 def run(argv: list[str] | None = None) -> int:

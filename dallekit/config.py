@@ -238,6 +238,15 @@ def parse_toml(text: str, where: str) -> dict:
         raise BadInputError(f"{where}: not valid TOML ({err})") from None
 
 
+def check_sections(toml: dict, where: str, allowed: list[str]) -> None:
+    """Every section of a TOML file must be one the command (or `dallekit run`) accepts, and a table."""
+    for name, value in toml.items():
+        if name not in allowed:
+            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(allowed)})")
+        if not isinstance(value, dict):
+            raise BadInputError(f"{where}: {name} must be a [{name}] table")
+
+
 SECTION_ALIASES = {"train-dvae": "train-tokenizer"}  # the names of sections before the FSQ tokenizer, still read
 
 

@@ -62,13 +62,9 @@ SECTIONS: dict[str, type] = {name.replace("_", "-"): kind for name, kind in typi
 def load_pipeline(toml: dict, where: str, args: argparse.Namespace | None = None) -> Pipeline:
     """Build a Pipeline from a parsed TOML file; `args` (the command line) overrides [run] and [cluster]."""
     toml = config.resolve_section_aliases(toml, where)
-    unknown = sorted(set(toml) - set(SECTIONS))
-    if unknown:
-        raise BadInputError(f"{where}: unknown section [{unknown[0]}] (expected: {', '.join(SECTIONS)})")
+    config.check_sections(toml, where, list(SECTIONS))
     configs = {}
     for name, config_class in SECTIONS.items():
-        if not isinstance(toml.get(name, {}), dict):
-            raise BadInputError(f"{where}: {name} must be a [{name}] table")
         override = args if name in ("run", "cluster") and args is not None else argparse.Namespace()
         configs[name.replace("-", "_")] = build_config(config_class, override, toml.get(name), f"{where} [{name}]")
     return Pipeline(**configs)  # an empty [run] inputs is refused by its option check
