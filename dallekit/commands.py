@@ -10,6 +10,7 @@ import argparse
 import os
 
 from dallekit.errors import BadInputError
+from dallekit.pipeline.stage import STAGES
 
 
 def _summary(stats: dict) -> int:
@@ -227,7 +228,8 @@ def demo(args, configs, toml) -> int:
     return 0
 
 
-HANDLERS = {name: stage for name in STAGE_INPUTS} | {"download": download} | {
+# every stage of pipeline.stage.STAGES runs through `stage`; download has its --retry-failed mode
+HANDLERS = {name: stage for name in STAGES} | {"download": download} | {
     "train-tokenizer": train_tokenizer, "train-dvae": train_tokenizer, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
     "export": export, "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
 }

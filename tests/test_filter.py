@@ -16,7 +16,7 @@ from dallekit.config import FilterConfig
 from dallekit.errors import BadInputError
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.pipeline import filter as filter_module
-from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold
+from dallekit.pipeline.filter import SCORE_BIN_WIDTH, global_threshold
 from tests.helpers import check_accounting, read_stage
 from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
@@ -31,7 +31,7 @@ def row(uid, caption=GOOD, original=(300, 300), **extra):
 
 def run_filter(tmp_path, client, shards, config):
     write_stage(tmp_path / "clean", shards)
-    stats = filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
+    stats = filter_module.filter(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
     kept, rejects = check_accounting(tmp_path / "filter", sum(len(s) for s in shards))
     return kept, rejects.set_index("uid")["reason"].to_dict(), stats
 

@@ -13,7 +13,7 @@ import pytest
 from dallekit.config import CleanConfig, FilterConfig, IngestConfig
 from dallekit.errors import BadInputError
 from dallekit.pipeline.clean import clean
-from dallekit.pipeline.filter import filter_stage
+from dallekit.pipeline.filter import filter
 from dallekit.pipeline.ingest import ingest
 from tests.helpers import check_accounting, read_stage, run_cli
 from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
@@ -84,12 +84,12 @@ def test_clean_and_filter_reruns_name_the_changed_option(tmp_path, client):
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)  # the same options resume
     check_accounting(tmp_path / "clean", 12)
     config = FilterConfig(clip=False, min_side=0, languages=["any"])
-    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
+    filter(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
     interrupt(tmp_path / "filter")
     with pytest.raises(BadInputError, match="min_side 0 -> 32"):
-        filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, languages=["any"]), client)
+        filter(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, languages=["any"]), client)
     # a runtime-only option (batch size, device) does not change the fingerprint
-    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=0, languages=["any"], clip_batch_size=8), client)
+    filter(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=0, languages=["any"], clip_batch_size=8), client)
     check_accounting(tmp_path / "filter", 12)
 
 
@@ -297,12 +297,12 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
 
     src = downloaded(tmp_path / "run")
     clean(str(src), str(tmp_path / "run" / "clean"), CleanConfig(), client)
-    filter_stage(str(tmp_path / "run" / "clean"), str(tmp_path / "run" / "filter"), FilterConfig(clip=False, min_side=1), client)
+    filter(str(tmp_path / "run" / "clean"), str(tmp_path / "run" / "filter"), FilterConfig(clip=False, min_side=1), client)
     interrupt(tmp_path / "run" / "filter")
     shutil.move(tmp_path / "run", tmp_path / "moved")  # another disk: every absolute path changes
     moved = tmp_path / "moved"
     clean(str(moved / "download"), str(moved / "clean"), CleanConfig(), client)  # complete: not refused, not redone
-    filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)  # resumes
+    filter(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)  # resumes
     check_accounting(moved / "filter", 12)
     assert json.loads((moved / "filter" / "_fingerprint.json").read_text())["input"]["path"] == str(moved / "clean")
     interrupt(moved / "filter")
@@ -315,7 +315,7 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
     shard.write_bytes(bytes(data))
     assert shard.stat().st_size == size  # the same size: only the content (and its time) tell
     with pytest.raises(BadInputError, match=r"input.shards"):
-        filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
+        filter(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
 
 
 def test_a_mark_whose_shard_is_gone_or_cut_is_redone(tmp_path, client):

@@ -224,16 +224,40 @@ def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
 
 
 def test_example_configs_load():
-    import tomllib
-
+    """Every packaged config loads, and each value it sets reaches the pipeline's config of its section."""
+    from dallekit.config import load_toml
     from dallekit.jobs.run import load_pipeline
 
     root = Path(__file__).parent.parent / "dallekit" / "configs"
-    for path in sorted(root.glob("*.toml")):
-        toml = tomllib.loads(path.read_text())
-        toml.pop("quick", None)
-        toml.setdefault("run", {}).setdefault("inputs", ["urls.csv"])
-        load_pipeline(toml, str(path))
+    paths = {path.name: path for path in root.glob("*.toml")}
+    assert {"demo.toml", "cc3m.toml", "small-real.toml"} <= set(paths), sorted(paths)
+    for path in paths.values():
+        toml = load_toml(str(path))
+        toml.pop("quick", None)  # the demo's --quick overrides, not a section
+        assert {"run", "ingest", "download", "filter", "train-tokenizer", "train", "sample", "evaluate"} <= set(toml), path.name
+        toml["run"].setdefault("inputs", ["urls.csv"])
+        pipeline = load_pipeline(toml, str(path))
+        for section, values in toml.items():
+            options = getattr(pipeline, section.replace("-", "_"))
+            for key, value in values.items():
+                assert getattr(options, key) == value, f"{path.name} [{section}] {key}"
+
+
+def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_step_table():
+    import importlib
+
+    from dallekit.cli import COMMANDS
+    from dallekit.commands import HANDLERS, STAGE_INPUTS
+    from dallekit.config import RUN_STEPS
+    from dallekit.jobs.run import RUN_STEP_TABLE
+    from dallekit.pipeline.stage import STAGES
+
+    assert [step.name for step in RUN_STEP_TABLE] == RUN_STEPS  # [run] stop_after's choices are the steps, in order
+    assert {step.name for step in RUN_STEP_TABLE if step.dask} <= set(STAGES)
+    dask_commands = {c.name for c in COMMANDS if c.dask}
+    for name, module in STAGES.items():
+        assert name in dask_commands and name in HANDLERS and name in STAGE_INPUTS, name
+        assert callable(getattr(importlib.import_module(module), name)), f"{module} has no function named {name}"
 
 
 def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):

@@ -15,9 +15,12 @@ kept, the trainers continue from their last checkpoint, and steps with a finishe
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import typing
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dallekit import config
@@ -26,13 +29,10 @@ from dallekit.errors import BadInputError
 from dallekit.io import iter_captions, list_shards
 from dallekit.jobs.report import write_report
 from dallekit.jobs.timing import StepTimer
-from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import LazyClient
-from dallekit.pipeline.download import download
-from dallekit.pipeline.encode import encode
-from dallekit.pipeline.filter import filter_stage
-from dallekit.pipeline.ingest import ingest, plan_ingest
+from dallekit.pipeline.ingest import plan_ingest
 from dallekit.pipeline.shards import format_summary
+from dallekit.pipeline.stage import STAGES
 
 if typing.TYPE_CHECKING:
     from dallekit.generation.sample import PixelJudge
@@ -126,95 +126,178 @@ def _checkpoint_exists(folder: str) -> bool:
     return (Path(folder) / "checkpoint" / "state.json").exists()
 
 
+@dataclass
+class RunState:
+    """What the steps of one run share: the pipeline, its folders, the cluster, the results so far."""
+
+    pipeline: Pipeline
+    folders: dict[str, str]
+    client: LazyClient
+    timer: StepTimer
+    judge: PixelJudge | None
+    plans: dict[str, typing.Any]  # stages planned before the cluster starts (ingest: bad input fails first)
+    result: dict = field(default_factory=lambda: {"stages": []})
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """The image tokenizer a run encodes with: [run] dvae, or the one it trains."""
+        return self.pipeline.run.dvae or self.folders["tokenizer"]
+
+    @property
+    def encode_config(self) -> config.EncodeConfig:
+        """[encode], with the BPE the run trains as its text tokenizer when [run] bpe_vocab_size is set."""
+        return replace(self.pipeline.encode, text_tokenizer=self.folders["bpe"]) if self.pipeline.run.bpe_vocab_size else self.pipeline.encode
+
+    @functools.cached_property
+    def val_paths(self) -> list[str]:
+        """The validation token shards: [train] val, or the shards the trainer held out."""
+        from dallekit.training.transformer import split_shards
+
+        if self.pipeline.train.val:
+            return list_shards(self.pipeline.train.val)
+        token_paths = list_shards(self.folders["tokens"])
+        return split_shards(token_paths, self.pipeline.train.val_fraction, self.pipeline.train.seed)[1] or token_paths
+
+    @functools.cached_property
+    def scorer(self):
+        """The CLIP that reranks samples and scores the evaluation ([filter]'s, or the run's own), None without one."""
+        from dallekit.models.clip import load_clip
+
+        f = self.pipeline.filter
+        return load_clip(f.clip_model, f.clip_pretrained, f.clip_checkpoint) if f.clip else None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of `dallekit run`: a Dask stage from pipeline.stage.STAGES, or work in this process (a trainer, sampling, the report)."""
+
+    name: str  # as in [run] stop_after (config.RUN_STEPS) and timings.json
+    run: Callable[[RunState], None]
+    needed: Callable[[RunState], bool] = lambda state: True  # False: skipped (not asked for, or its output is complete)
+    dask: bool = False  # runs on the cluster; before any other step the cluster is stopped, so the driver has the cores
+
+
+def stage_step(name: str, inputs: Callable[[RunState], list], folder: str | None = None,
+               options: Callable[[RunState], typing.Any] | None = None) -> Step:
+    """The Dask stage `name` (an entry of STAGES) as a step: `inputs` gives its input arguments in a run, `folder` its output
+    folder in run_folders (default: its name) and `options` its config (default: its section)."""
+    options = options or (lambda state: getattr(state.pipeline, name))
+
+    def run(state: RunState) -> None:
+        entry = getattr(importlib.import_module(STAGES[name]), name)  # each stage module's function named after the stage
+        out = state.folders[folder or name]
+        with state.timer.step(name, state.client):
+            stats = entry(*inputs(state), out, options(state), state.client, plan=state.plans.get(name))
+        state.result["stages"].append(stats)
+
+    return Step(name, run, dask=True)
+
+
+def _train_clip(state: RunState) -> None:
+    from dallekit.training.clip import train_clip
+
+    with state.timer.step("train-clip"):
+        state.result["train-clip"] = train_clip(state.folders["clean"], state.folders["clip"], state.pipeline.train_clip)
+
+
+def _train_tokenizer(state: RunState) -> None:
+    from dallekit.training.tokenizer import train_tokenizer
+
+    folder = state.folders["tokenizer"]
+    with state.timer.step("train-tokenizer"):
+        options = replace(state.pipeline.train_tokenizer, resume=_checkpoint_exists(folder))
+        state.result["tokenizer"] = train_tokenizer(state.folders["filter"], folder, options)
+
+
+def _train_bpe(state: RunState) -> None:
+    from dallekit.tokenize.text import train_bpe
+
+    with state.timer.step("train-bpe"):
+        train_bpe(iter_captions(state.folders["filter"]), state.folders["bpe"], vocab_size=state.pipeline.run.bpe_vocab_size)
+
+
+def _train(state: RunState) -> None:
+    from dallekit.training.transformer import train_transformer
+
+    folder = state.folders["model"]
+    with state.timer.step("train"):
+        state.result["train"] = train_transformer(state.folders["tokens"], folder, replace(state.pipeline.train, resume=_checkpoint_exists(folder)))
+
+
+def _sample(state: RunState) -> None:
+    from dallekit.generation.evaluate import held_out_captions
+    from dallekit.generation.sample import sample
+
+    prompts = state.pipeline.sample.prompts or held_out_captions(state.val_paths, 16)
+    with state.timer.step("sample"):
+        sample(state.folders["model"], state.tokenizer_dir, prompts, state.folders["samples"], state.pipeline.sample, state.scorer, judge=state.judge)
+
+
+def _evaluate(state: RunState) -> None:
+    from dallekit.generation.evaluate import evaluate
+
+    eval_file = Path(state.folders["eval"]) / "eval.json"
+    if state.scorer is None:
+        print("run: evaluate skipped: it needs a CLIP ([filter] clip = true, or [run] train_clip = true)")
+    elif eval_file.exists():
+        state.result["evaluate"] = json.loads(eval_file.read_text())
+    else:
+        with state.timer.step("evaluate"):
+            state.result["evaluate"] = evaluate(state.folders["model"], state.tokenizer_dir, state.val_paths, state.folders["eval"],
+                                                state.scorer, state.pipeline.evaluate, judge=state.judge)
+
+
+def _report(state: RunState) -> None:
+    print(f"run: report in {write_report(state.pipeline.run.out)}")
+
+
+def _missing(folder: str, name: str) -> Callable[[RunState], bool]:
+    """Needed while the step's finished file `name` is not in its folder."""
+    return lambda state: not (Path(state.folders[folder]) / name).exists()
+
+
+# Every step of `dallekit run`, in order (the names of config.RUN_STEPS). A Dask stage is one entry
+# of pipeline.stage.STAGES and one stage_step here; a step in this process is a function and an entry.
+RUN_STEP_TABLE = [
+    stage_step("ingest", lambda state: [state.pipeline.run.inputs]),
+    stage_step("download", lambda state: [state.folders["ingest"]]),
+    stage_step("clean", lambda state: [state.folders["download"]]),
+    Step("train-clip", _train_clip, lambda state: state.pipeline.run.train_clip and _missing("clip", "open_clip_model.safetensors")(state)),
+    stage_step("filter", lambda state: [state.folders["clean"]]),
+    Step("train-tokenizer", _train_tokenizer, lambda state: state.pipeline.run.dvae is None),
+    Step("train-bpe", _train_bpe, lambda state: bool(state.pipeline.run.bpe_vocab_size) and _missing("bpe", "tokenizer.json")(state)),
+    stage_step("encode", lambda state: [state.folders["filter"], state.tokenizer_dir], "tokens", lambda state: state.encode_config),
+    Step("train", _train),
+    Step("sample", _sample, _missing("samples", "samples.jsonl")),
+    Step("evaluate", _evaluate),
+    Step("report", _report),
+]
+
+
 def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer | None = None) -> dict:
     """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats, the final metrics and the step timings."""
-    steps = set(RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1])
-    d = run_folders(p.run.out)
+    last = [s.name for s in RUN_STEP_TABLE].index(run_step(p.run.stop_after))
+    folders = run_folders(p.run.out)
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
-        p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=d["clip"]))
+        p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=folders["clip"]))
     check_run_folder(p.run.out)
     check_run_models(p)
     Path(p.run.out).mkdir(parents=True, exist_ok=True)
-    ingest_plan = plan_ingest(p.run.inputs, p.ingest)  # bad input fails before a cluster starts
-    result: dict = {"stages": []}
-    stages = result["stages"]
-    dvae_dir = p.run.dvae or d["tokenizer"]
+    plans = {"ingest": plan_ingest(p.run.inputs, p.ingest)}  # bad input fails before a cluster starts
     timer = timer or StepTimer()
-    with LazyClient(p.cluster) as client:  # stopped while a trainer runs in this process
-        with timer.step("ingest", client):
-            stages.append(ingest(p.run.inputs, d["ingest"], p.ingest, client, plan=ingest_plan))
-        if "download" in steps:
-            with timer.step("download", client):
-                stages.append(download(d["ingest"], d["download"], p.download, client))
-        if "clean" in steps:
-            with timer.step("clean", client):
-                stages.append(clean(d["download"], d["clean"], p.clean, client))
-        if p.run.train_clip and "train-clip" in steps and not (Path(d["clip"]) / "open_clip_model.safetensors").exists():
-            from dallekit.training.clip import train_clip
-
-            client.stop()
-            with timer.step("train-clip"):
-                result["train-clip"] = train_clip(d["clean"], d["clip"], p.train_clip)
-        if "filter" in steps:
-            with timer.step("filter", client):
-                stages.append(filter_stage(d["clean"], d["filter"], p.filter, client))
-        if "train-tokenizer" in steps and p.run.dvae is None:
-            from dallekit.training.tokenizer import train_tokenizer
-
-            client.stop()
-            with timer.step("train-tokenizer"):
-                resume = _checkpoint_exists(d["tokenizer"])
-                result["tokenizer"] = train_tokenizer(d["filter"], d["tokenizer"], replace(p.train_tokenizer, resume=resume))
-        encode_config = p.encode
-        if p.run.bpe_vocab_size and "train-bpe" in steps:
-            encode_config = replace(p.encode, text_tokenizer=d["bpe"])
-            if not (Path(d["bpe"]) / "tokenizer.json").exists():
-                from dallekit.tokenize.text import train_bpe
-
-                with timer.step("train-bpe"):
-                    train_bpe(iter_captions(d["filter"]), d["bpe"], vocab_size=p.run.bpe_vocab_size)
-        if "encode" in steps:
-            with timer.step("encode", client):
-                stages.append(encode(d["filter"], dvae_dir, d["tokens"], encode_config, client))
-    for stats in stages:
-        print(format_summary(stats))
-    if "train" in steps:
-        result |= _train_and_sample(p, d, dvae_dir, steps, judge, timer)
-    result["timings"] = timer.rows
+    steps = RUN_STEP_TABLE[: last + 1]
+    last_stage = max(i for i, s in enumerate(steps) if s.dask)
+    with LazyClient(p.cluster) as client:
+        state = RunState(p, folders, client, timer, judge, plans)
+        for i, step in enumerate(steps):
+            if step.needed(state):
+                if not step.dask:
+                    client.stop()  # the trainers run in this process: idle workers would take CPU and memory from them
+                step.run(state)
+            if i == last_stage:
+                client.stop()
+                for stats in state.result["stages"]:
+                    print(format_summary(stats))
+    state.result["timings"] = timer.rows
     timer.save(p.run.out)
-    if "report" in steps:
-        report = write_report(p.run.out)
-        print(f"run: report in {report}")
-    return result
-
-
-def _train_and_sample(p: Pipeline, d: dict[str, str], dvae_dir: str, steps: set[str], judge: PixelJudge | None, timer: StepTimer) -> dict:
-    """The steps after the Dask stages: train, sample, evaluate (each skipped when done)."""
-    from dallekit.generation.evaluate import evaluate, held_out_captions
-    from dallekit.generation.sample import sample
-    from dallekit.models.clip import load_clip
-    from dallekit.training.transformer import split_shards, train_transformer
-
-    result: dict = {}
-    with timer.step("train"):
-        result["train"] = train_transformer(d["tokens"], d["model"], replace(p.train, resume=_checkpoint_exists(d["model"])))
-    if p.train.val:
-        val_paths = list_shards(p.train.val)
-    else:  # the shards the trainer held out
-        token_paths = list_shards(d["tokens"])
-        val_paths = split_shards(token_paths, p.train.val_fraction, p.train.seed)[1] or token_paths
-    scorer = load_clip(p.filter.clip_model, p.filter.clip_pretrained, p.filter.clip_checkpoint) if p.filter.clip else None
-    if "sample" in steps and not (Path(d["samples"]) / "samples.jsonl").exists():
-        prompts = p.sample.prompts or held_out_captions(val_paths, 16)
-        with timer.step("sample"):
-            sample(d["model"], dvae_dir, prompts, d["samples"], p.sample, scorer, judge=judge)
-    if "evaluate" in steps:
-        eval_file = Path(d["eval"]) / "eval.json"
-        if scorer is None:
-            print("run: evaluate skipped: it needs a CLIP ([filter] clip = true, or [run] train_clip = true)")
-        elif eval_file.exists():
-            result["evaluate"] = json.loads(eval_file.read_text())
-        else:
-            with timer.step("evaluate"):
-                result["evaluate"] = evaluate(d["model"], dvae_dir, val_paths, d["eval"], scorer, p.evaluate, judge=judge)
-    return result
+    return state.result

@@ -297,7 +297,7 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
                 prepare=prepare if top_fraction else None)
 
 
-def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:
+def filter(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:
     """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
     return run_plan(STAGE, plan or plan_filter(input_dir, config), output_dir, client, config.overwrite)
 
