@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None) -> int:
+def dispatch(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand; returns the exit code."""
     from dallekit import commands
 
@@ -176,7 +176,7 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:
-        code = run(argv)
+        code = dispatch(argv)
     except BadInputError as err:
         print(f"dallekit: error: {err}", file=sys.stderr)
         code = 2

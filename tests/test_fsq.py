@@ -377,7 +377,7 @@ def test_tokenizer_weights_that_do_not_fit_are_named(tmp_path):
 def test_a_run_checks_its_tokenizer_folder_and_weights_files_before_any_stage(tmp_path):
     """A transformer folder as [run] dvae, or a pickle as [train-tokenizer] perceptual_weights, failed only after ingest, download, clean and filter."""
     from dallekit.errors import BadInputError
-    from dallekit.jobs.run import check_run_models, load_pipeline
+    from dallekit.jobs.steps import check_run_models, load_pipeline
     from dallekit.models.transformer import DalleTransformer, config_dict, dalle_config
 
     model = DalleTransformer(dalle_config("tiny", text_vocab=49408, image_vocab=128, grid=8))
@@ -404,7 +404,7 @@ def test_every_level_combination_of_the_paper_fits_uint16():
 
 
 def test_run_folders_keep_the_dvae_folder_of_an_older_run(tmp_path):
-    from dallekit.jobs.run import run_folders
+    from dallekit.jobs.steps import run_folders
 
     assert run_folders(str(tmp_path / "new"))["tokenizer"] == f"{tmp_path}/new/tokenizer"
     dvae_folder(tmp_path / "old" / "dvae")  # a run folder from before the FSQ tokenizer: it resumes with its dVAE
@@ -415,7 +415,7 @@ def test_small_real_recipe_is_a_valid_pipeline_that_keeps_short_captions():
     from pathlib import Path
 
     from dallekit.config import load_toml
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     recipe = Path(__file__).parent.parent / "dallekit" / "configs" / "small-real.toml"
     toml = load_toml(str(recipe))

@@ -203,7 +203,7 @@ def read_rows(folder: Path, columns: list[str], rejects: bool) -> list[list]:
 
 
 def test_pipeline_config_errors_are_bad_input(tmp_path):
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     with pytest.raises(BadInputError, match=r"unknown section \[trian\]"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "trian": {}}, "p.toml")
@@ -226,7 +226,7 @@ def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
 def test_example_configs_load():
     """Every packaged config loads, and each value it sets reaches the pipeline's config of its section."""
     from dallekit.config import load_toml
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     root = Path(__file__).parent.parent / "dallekit" / "configs"
     paths = {path.name: path for path in root.glob("*.toml")}
@@ -249,7 +249,7 @@ def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_
     from dallekit.cli import COMMANDS
     from dallekit.commands import HANDLERS, STAGE_INPUTS
     from dallekit.config import RUN_STEPS
-    from dallekit.jobs.run import RUN_STEP_TABLE
+    from dallekit.jobs.steps import RUN_STEP_TABLE
     from dallekit.pipeline.stage import STAGES
 
     assert [step.name for step in RUN_STEP_TABLE] == RUN_STEPS  # [run] stop_after's choices are the steps, in order
@@ -262,7 +262,7 @@ def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_
 
 def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):
     from dallekit.config import RUN_SECTION_NAMES
-    from dallekit.jobs.run import SECTIONS
+    from dallekit.jobs.steps import SECTIONS
 
     assert sorted(SECTIONS) == sorted(RUN_SECTION_NAMES)  # what the CLI checks is what the Pipeline reads
     (tmp_path / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")

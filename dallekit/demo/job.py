@@ -2,7 +2,7 @@
 
 `dallekit demo` generates the shapes set, serves it over HTTP on loopback, writes its URL list
 and runs the packaged pipeline config `dallekit/configs/demo.toml` (with its [quick] overrides
-for `--quick`) through `dallekit.jobs.run`, so the demo is `dallekit run` on local data.
+for `--quick`) through `dallekit.jobs.steps`, so the demo is `dallekit run` on local data.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dallekit.config import ClusterConfig, DemoOptions, parse_toml
 from dallekit.demo.synthetic import COLORS, SHAPES, SHAPES_JUDGE, ShapesServer, make_dataset
-from dallekit.jobs.run import Pipeline, load_pipeline, run_pipeline
+from dallekit.jobs.steps import Pipeline, load_pipeline, run_pipeline
 from dallekit.jobs.timing import StepTimer, format_timings, process_cpu_seconds
 
 

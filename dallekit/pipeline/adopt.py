@@ -589,7 +589,7 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
 
 
 def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
-    """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the prepare pass) rejected."""
+    """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the global pass) rejected."""
     task, scratch = payload
     meta, positions, repaired = _metadata(task.path)
     fs, root = _fs(f"{scratch}/block_dups/b-{task.index:06d}.parquet")
@@ -606,7 +606,7 @@ STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_sh
 
 
 def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
-    """The img2dataset shards, their layout and columns checked; the URL dedup passes as the prepare pass."""
+    """The img2dataset shards, their layout and columns checked; the URL dedup passes as the global pass."""
     paths = list_img2dataset_shards(input_dir)
     numbers = [shard_index(p) for p in paths]
     if len(set(numbers)) != len(numbers):  # 00001.parquet and 1.parquet would both become part-00001
@@ -620,7 +620,7 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
     identity = {"path": os.path.realpath(input_dir) if "://" not in input_dir else input_dir, "layout": layout,
                 "shards": [(p.rsplit("/", 1)[-1], shard_schema(p)[1], *_file_state(fs, p), *_companion_state(fs, p, layout)) for p in paths]}
 
-    def prepare(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
+    def global_pass(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
         scratch = work_dir(output_dir)
         groups = _groups(tasks, rows)
         map_with_progress(client, scan_shards, groups, desc="adopt scan", unit="group", work_dir=scratch, n_buckets=n_buckets)
@@ -629,7 +629,7 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
         return sum(repeats)
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},
-                stats_config=asdict(config) | {"input": input_dir, "layout": layout}, prepare=prepare,
+                stats_config=asdict(config) | {"input": input_dir, "layout": layout}, global_pass=global_pass,
                 tasks=lambda _, output_dir: [ShardTask(shard_name(shard_index(t.path)), (t, work_dir(output_dir))) for t in tasks])
 
 

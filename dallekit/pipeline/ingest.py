@@ -617,7 +617,7 @@ STAGE = Stage("ingest", (), frozenset(), "URL lists", write_shard)
 
 
 def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
-    """The inputs checked and cut into scan blocks, and their identity; the scan, URL dedup and regroup passes as the prepare pass."""
+    """The inputs checked and cut into scan blocks, and their identity; the scan, URL dedup and regroup passes as the global pass."""
     blocks = ingest_blocks(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
     images = collections.Counter()
@@ -628,7 +628,7 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
     total_bytes = sum(f.size for f in files) + sum(b.images * 200 for b in blocks)
     n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))  # no cap: a bucket's rows, not their number, is bounded
 
-    def prepare(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
+    def global_pass(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
         scratch = work_dir(output_dir)
         block_rows = map_with_progress(client, scan_block, blocks, desc="ingest scan", unit="block",
                                        work_dir=scratch, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls)
@@ -638,7 +638,7 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
         return block_rows
 
     return Plan(inputs=list(inputs), fingerprint={"inputs": identity, "options": output_options(config)},
-                stats_config=asdict(config) | {"inputs": inputs}, prepare=prepare,
+                stats_config=asdict(config) | {"inputs": inputs}, global_pass=global_pass,
                 tasks=lambda block_rows, output_dir: plan_shards(block_rows, config.shard_size, work_dir(output_dir)))
 
 

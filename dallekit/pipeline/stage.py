@@ -7,7 +7,7 @@ runner then owns the rest, the same for every stage:
 
 1. claim `--out` (`begin_stage`): an identical finished run returns its stats, a run with other
    inputs or options is refused;
-2. the plan's prepare pass, when it has one (work over all shards, such as clean's dedup), in
+2. the plan's global pass, when it has one (work over all shards, such as clean's dedup), in
    `_work/`; its JSON result is kept in `_work/prepare.json`, so a rerun skips it;
 3. one Dask task per output shard (`run_stage`): atomic shards, rejects, progress marks,
    `_stats.json`, `_SUCCESS`;
@@ -60,8 +60,8 @@ class Plan:
     inputs: list[str]  # the folders and files it reads (`--out` may be none of them)
     fingerprint: dict  # what the output depends on: input identities and the options that change it
     stats_config: dict  # the options as `_stats.json` records them
-    tasks: Callable[[Any, str], list[ShardTask]]  # (the prepare pass's result or None, output_dir) -> the shard tasks
-    prepare: Callable[[Any, str], Any] | None = None  # (client, output_dir) -> a JSON-able result, once per output
+    tasks: Callable[[Any, str], list[ShardTask]]  # (the global pass's result or None, output_dir) -> the shard tasks
+    global_pass: Callable[[Any, str], Any] | None = None  # work over all shards before the shard tasks: (client, output_dir) -> a JSON-able result, once per output
 
 
 def shard_tasks(paths: list[str], payload: Callable[[str], Any]) -> list[ShardTask]:
@@ -122,12 +122,12 @@ def run_plan(stage: Stage, plan: Plan, output_dir: str, client: Any, overwrite: 
     scratch = work_dir(output_dir)
     fs, root = fsspec.core.url_to_fs(scratch)
     prepared = None
-    if plan.prepare is not None:
+    if plan.global_pass is not None:
         if fs.exists(f"{root}/prepare.json"):
             with fs.open(f"{root}/prepare.json", "r") as f:
                 prepared = json.load(f)["result"]
         else:
-            prepared = json.loads(json.dumps(plan.prepare(client, output_dir)))  # the value a rerun reads back
+            prepared = json.loads(json.dumps(plan.global_pass(client, output_dir)))  # the value a rerun reads back
             write_json_atomic({"result": prepared}, f"{scratch}/prepare.json")
     # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
     scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)

@@ -96,7 +96,7 @@ def check_run_folder(out: str) -> None:
 
 def check_run_models(p: Pipeline) -> None:
     """The models and weights files a run reads rather than trains ([run] dvae, [train-tokenizer]'s files, [encode] text_tokenizer, a CLIP checkpoint), checked before any stage runs."""
-    steps = RUN_STEPS[: RUN_STEPS.index(run_step(p.run.stop_after)) + 1]
+    steps = RUN_STEPS[: RUN_STEPS.index(current_step_name(p.run.stop_after)) + 1]
     if p.run.dvae is not None and "encode" in steps:
         from dallekit.tokenize.image import ImageTokenizer
 
@@ -117,7 +117,7 @@ def check_run_models(p: Pipeline) -> None:
         raise BadInputError(f"[filter] clip_checkpoint {checkpoint}: no such file or folder")
 
 
-def run_step(name: str) -> str:
+def current_step_name(name: str) -> str:
     """A step's current name (train-dvae is train-tokenizer's old one)."""
     return "train-tokenizer" if name == "train-dvae" else name
 
@@ -172,7 +172,7 @@ class Step:
     """One step of `dallekit run`: a Dask stage from pipeline.stage.STAGES, or work in this process (a trainer, sampling, the report)."""
 
     name: str  # as in [run] stop_after (config.RUN_STEPS) and timings.json
-    run: Callable[[RunState], None]
+    work: Callable[[RunState], None]
     needed: Callable[[RunState], bool] = lambda state: True  # False: skipped (not asked for, or its output is complete)
     dask: bool = False  # runs on the cluster; before any other step the cluster is stopped, so the driver has the cores
 
@@ -183,14 +183,14 @@ def stage_step(name: str, inputs: Callable[[RunState], list], folder: str | None
     folder in run_folders (default: its name) and `options` its config (default: its section)."""
     options = options or (lambda state: getattr(state.pipeline, name))
 
-    def run(state: RunState) -> None:
+    def work(state: RunState) -> None:
         entry = getattr(importlib.import_module(STAGES[name]), name)  # each stage module's function named after the stage
         out = state.folders[folder or name]
         with state.timer.step(name, state.client):
             stats = entry(*inputs(state), out, options(state), state.client, plan=state.plans.get(name))
         state.result["stages"].append(stats)
 
-    return Step(name, run, dask=True)
+    return Step(name, work, dask=True)
 
 
 def _train_clip(state: RunState) -> None:
@@ -276,7 +276,7 @@ RUN_STEP_TABLE = [
 
 def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer | None = None) -> dict:
     """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats, the final metrics and the step timings."""
-    last = [s.name for s in RUN_STEP_TABLE].index(run_step(p.run.stop_after))
+    last = [s.name for s in RUN_STEP_TABLE].index(current_step_name(p.run.stop_after))
     folders = run_folders(p.run.out)
     if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
         p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=folders["clip"]))
@@ -293,7 +293,7 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
             if step.needed(state):
                 if not step.dask:
                     client.stop()  # the trainers run in this process: idle workers would take CPU and memory from them
-                step.run(state)
+                step.work(state)
             if i == last_stage:
                 client.stop()
                 for stats in state.result["stages"]:
