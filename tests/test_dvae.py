@@ -23,6 +23,7 @@ def shapes_stage(folder, n: int, shard_rows: int = 500):
     return folder
 
 
+@pytest.mark.slow
 def test_presets_shapes_and_hard_codes():
     for preset, grid in (("tiny", 8), ("small", 16), ("dalle", 32)):
         assert dvae_config(preset).grid == grid

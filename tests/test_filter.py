@@ -36,6 +36,7 @@ def run_filter(tmp_path, client, shards, config):
     return kept, rejects.set_index("uid")["reason"].to_dict(), stats
 
 
+@pytest.mark.slow
 def test_image_and_caption_rules_at_their_boundaries(tmp_path, client):
     rows = [
         row("side-ok", original=(256, 400)), row("side-low", original=(255, 400)),
@@ -109,6 +110,7 @@ def test_laion_safety_and_watermark_columns(tmp_path, client):
     assert reasons == {"unsafe": "punsafe", "watermark": "pwatermark"}
 
 
+@pytest.mark.slow
 def test_clip_threshold_with_a_random_tiny_model(tmp_path, client):
     """Random weights are seeded, so every worker scores alike and a threshold splits the rows exactly."""
     rows = [row(f"r{i}", caption=f"a red circle on a blue background number {i}") for i in range(12)]

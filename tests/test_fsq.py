@@ -113,6 +113,7 @@ def test_presets_cover_the_issues_grids_and_code_counts():
 # ------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     data = shapes_stage(tmp_path / "filtered")
     train_tokenizer(str(data), str(tmp_path / "straight"), small_options(hflip=True))
@@ -162,6 +163,7 @@ def raw_weights(folder, options: TrainTokenizerConfig) -> dict:
     return model.tokenizer.state_dict()
 
 
+@pytest.mark.slow
 def test_published_weights_are_the_moving_average(tmp_path):
     data = shapes_stage(tmp_path / "filtered")
     for name, decay in (("ema", 0.9), ("plain", 0.0)):

@@ -75,6 +75,7 @@ def downloaded(tmp_path, n: int = 12):
     return tmp_path / "download"
 
 
+@pytest.mark.slow
 def test_clean_and_filter_reruns_name_the_changed_option(tmp_path, client):
     src = downloaded(tmp_path)
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
@@ -203,6 +204,7 @@ def test_download_rerun_with_another_image_size_is_refused(tmp_path, client, edg
     assert set(kept["width"]) == {64}  # never a mix of 64 px and 128 px shards
 
 
+@pytest.mark.slow
 def test_encode_rerun_with_another_dvae_is_refused(tmp_path, client):
     import torch
 
@@ -275,6 +277,7 @@ def test_a_column_of_the_wrong_type_is_one_line(tmp_path, capsys):
         one_line(code, err, "column jpg holds string, expected binary")
 
 
+@pytest.mark.slow
 def test_trainers_do_not_write_into_a_stage_or_replace_a_model(tmp_path, client, capsys):
     src = downloaded(tmp_path)
     code, err = run_cli(capsys, "train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50")

@@ -215,6 +215,7 @@ def test_pipeline_config_errors_are_bad_input(tmp_path):
         load_pipeline({"run": {"inputs": ["x.csv"], "stop_after": "trian"}}, "p.toml")
 
 
+@pytest.mark.slow
 def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
     config = tmp_path / "p.toml"
     config.write_text(f'[run]\ninputs = ["{tmp_path / "nope.csv"}"]\n')
@@ -283,6 +284,7 @@ def run_folder_config(tmp_path: Path, **run) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_a_bad_run_dvae_is_refused_before_any_stage_runs(tmp_path):
     (tmp_path / "not-a-dvae").mkdir()
     config = run_folder_config(tmp_path, dvae=tmp_path / "not-a-dvae")
