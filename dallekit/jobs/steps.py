@@ -5,7 +5,8 @@ The TOML file has one section per step, named like its subcommand (`[ingest]`, `
 `[evaluate]`), plus `[cluster]` and `[run]` (the run folder, the inputs, which steps run).
 Steps run in that order; train-clip only with `[run] train_clip = true`, when the CLIP trained
 on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation.
-The run folder gets one sub-folder per step (DESIGN.md) and `report.html`.
+The run folder gets one sub-folder per step (DESIGN.md) and `report.html`. The steps are one
+table, RUN_STEP_TABLE: each Dask stage is a `stage_step` over its entry of pipeline.stage.STAGES.
 
 Rerunning the same command resumes: complete stages are skipped, a stage's complete shards are
 kept, the trainers continue from their last checkpoint, and steps with a finished output
