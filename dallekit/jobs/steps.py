@@ -249,6 +249,7 @@ def _evaluate(state: RunState) -> None:
 
 
 def _report(state: RunState) -> None:
+    state.timer.save(state.pipeline.run.out)  # the report's time table reads timings.json
     print(f"run: report in {write_report(state.pipeline.run.out)}")
 
 
