@@ -35,7 +35,7 @@ from dallekit.demo.synthetic import ShapesServer, make_dataset
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
-from dallekit.pipeline.filter import filter_stage
+from dallekit.pipeline.filter import filter
 from dallekit.pipeline.ingest import ingest
 
 
@@ -85,7 +85,7 @@ def main() -> None:
 
         def clean_filter_rate() -> float:
             seconds["clean"].append(timed(clean, str(work / "download"), str(work / "clean"), CleanConfig(), client))
-            seconds["filter"].append(timed(filter_stage, str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client))
+            seconds["filter"].append(timed(filter, str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client))
             return args.n / (seconds["clean"][-1] + seconds["filter"][-1])
 
         results = alternate(args.rounds, download_rate, clean_filter_rate)

@@ -36,7 +36,7 @@ from dallekit.io import list_shards, read_shard  # noqa: E402
 from dallekit.models.clip import cached_clip  # noqa: E402
 from dallekit.pipeline.clean import clean  # noqa: E402
 from dallekit.pipeline.cluster import dask_client  # noqa: E402
-from dallekit.pipeline.filter import filter_stage, plan_filter  # noqa: E402
+from dallekit.pipeline.filter import filter, plan_filter  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
         def stage() -> float:
             shutil.rmtree(work / "filter", ignore_errors=True)
             start = time.perf_counter()
-            stats = filter_stage(str(work / "clean"), str(work / "filter"), config, client, plan=plan)
+            stats = filter(str(work / "clean"), str(work / "filter"), config, client, plan=plan)
             seconds = time.perf_counter() - start
             assert stats["rows_out"] == n, stats
             return n / seconds

@@ -38,7 +38,7 @@ from dallekit.config import CleanConfig, ClusterConfig, DownloadConfig, FilterCo
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.cluster import dask_client
 from dallekit.pipeline.download import download
-from dallekit.pipeline.filter import filter_stage
+from dallekit.pipeline.filter import filter
 from dallekit.pipeline.ingest import ingest
 
 TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD": "medium skin tone",
@@ -107,8 +107,8 @@ def main() -> None:
             ingest([str(work / "folder")], str(work / "ingest"), IngestConfig(), client)
             download(str(work / "ingest"), str(work / "download"), DownloadConfig(), client)
             cleaned = clean(str(work / "download"), str(work / "clean"), CleanConfig(), client)
-            filtered = filter_stage(str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client)
-            previous = filter_stage(str(work / "clean"), str(work / "filter-previous"),
+            filtered = filter(str(work / "clean"), str(work / "filter"), FilterConfig(clip=False), client)
+            previous = filter(str(work / "clean"), str(work / "filter-previous"),
                                     FilterConfig(clip=False, min_lang_score=0.0, min_lang_letters=0), client)
         print("--- funnel")
         for stage in ("ingest", "download", "clean", "filter"):

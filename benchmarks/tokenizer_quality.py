@@ -87,7 +87,7 @@ def lay_out(folder: Path, pictures: list[tuple[str, bytes]]) -> None:
 def recipe(work: Path, args):
     """The packaged small-real recipe as a Pipeline, with the benchmark's run folder and step counts."""
     from dallekit.config import load_toml
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     toml = load_toml(str(ROOT / "dallekit" / "configs" / "small-real.toml"))
     toml["run"] = toml["run"] | {"out": str(work / "run"), "inputs": [str(work / "folder")]}
@@ -98,7 +98,7 @@ def recipe(work: Path, args):
 
 def data_steps(p) -> dict:
     """ingest, download, clean, train-clip and filter of the recipe (the run's own code path, stopped before the tokenizer)."""
-    from dallekit.jobs.run import run_pipeline
+    from dallekit.jobs.steps import run_pipeline
 
     started = time.time()
     result = run_pipeline(replace(p, run=replace(p.run, stop_after="filter")))

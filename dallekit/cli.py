@@ -35,6 +35,7 @@ from dallekit.config import (
     TrainTokenizerConfig,
     add_options,
     build_config,
+    check_sections,
     load_toml,
 )
 from dallekit.errors import BadInputError, environment_error
@@ -154,16 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_sections(toml: dict, where: str, allowed: list[str] = SECTION_NAMES) -> None:
-    """Every section of a --config file must be one the command accepts, and a table."""
-    for name, value in toml.items():
-        if name not in allowed:
-            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(allowed)})")
-        if not isinstance(value, dict):
-            raise BadInputError(f"{where}: {name} must be a [{name}] table")
-
-
-def run(argv: list[str] | None = None) -> int:
+def dispatch(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand; returns the exit code."""
     from dallekit import commands
 
@@ -184,7 +176,7 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:
-        code = run(argv)
+        code = dispatch(argv)
     except BadInputError as err:
         print(f"dallekit: error: {err}", file=sys.stderr)
         code = 2

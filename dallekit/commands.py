@@ -10,6 +10,7 @@ import argparse
 import os
 
 from dallekit.errors import BadInputError
+from dallekit.pipeline.stage import STAGES
 
 
 def _summary(stats: dict) -> int:
@@ -17,26 +18,6 @@ def _summary(stats: dict) -> int:
 
     print(format_summary(stats))
     return 0
-
-
-class LazyClient:
-    """A Dask client that starts its cluster on first use, so that bad input and finished stages never start one."""
-
-    def __init__(self, cluster_config):
-        self._config, self._context, self._client = cluster_config, None, None
-
-    def __getattr__(self, name: str):
-        if self._client is None:
-            from dallekit.pipeline.cluster import dask_client
-
-            self._context = dask_client(self._config)
-            self._client = self._context.__enter__()
-        return getattr(self._client, name)
-
-    def close(self) -> None:
-        """Shut the cluster down if it was started."""
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
 
 
 # The positional arguments of each Dask stage's plan, from its command line (its config comes last).
@@ -52,16 +33,14 @@ STAGE_INPUTS = {
 
 def stage(args: argparse.Namespace, configs: dict, toml) -> int:
     """Any Dask stage: plan it (bad input fails before a cluster starts), then run it on a client started only when a task runs."""
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.stage import run_plan, stage_named
 
     spec, plan_stage = stage_named(args.command)
     config = configs[args.command]
     plan = plan_stage(*STAGE_INPUTS[args.command](args), config)
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         return _summary(run_plan(spec, plan, args.out, client, config.overwrite))
-    finally:
-        client.close()
 
 
 def download(args: argparse.Namespace, configs: dict, toml) -> int:
@@ -79,31 +58,27 @@ def download(args: argparse.Namespace, configs: dict, toml) -> int:
         return stage(args, configs, toml)
     if args.urls or args.out:
         raise BadInputError(f"download --retry-failed {args.retry_failed}: rewrites that folder in place; give no URLS or --out")
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.retry import retry_failed
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DownloadConfig) if hasattr(args, f.name)}
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         return _summary(retry_failed(args.retry_failed, client, given))
-    finally:
-        client.close()
 
 
 def export(args, configs, toml) -> int:
     """dallekit export."""
+    from dallekit.pipeline.cluster import LazyClient
     from dallekit.pipeline.export import export as write_tars
 
-    client = LazyClient(configs["cluster"])
-    try:
+    with LazyClient(configs["cluster"]) as client:
         result = write_tars(args.stage_dir, args.out, configs["export"], client)
-    finally:
-        client.close()
     print(f"export: {result['samples']} samples in {result['shards']} WebDataset tars in {args.out}"
           + (f" ({result['no_image']} rows without an image left out)" if result["no_image"] else ""))
     return 0
 
 
-def _prepare(args: argparse.Namespace, *inputs: str) -> None:
+def _check_output_folder(args: argparse.Namespace, *inputs: str) -> None:
     from dallekit.pipeline.shards import prepare_output
 
     prepare_output(args.out, [i for i in inputs if i])
@@ -119,7 +94,7 @@ def train_tokenizer(args, configs, toml) -> int:
     """dallekit train-tokenizer (and its old name, train-dvae)."""
     from dallekit.training.tokenizer import train_tokenizer as train
 
-    _prepare(args, args.filtered, configs["train-tokenizer"].perceptual_weights, configs["train-tokenizer"].discriminator_init)
+    _check_output_folder(args, args.filtered, configs["train-tokenizer"].perceptual_weights, configs["train-tokenizer"].discriminator_init)
     _no_model_yet(args, configs["train-tokenizer"].resume)
     metrics = train(args.filtered, args.out, configs["train-tokenizer"])
     print(f"{args.command}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -130,7 +105,7 @@ def train_clip(args, configs, toml) -> int:
     """dallekit train-clip."""
     from dallekit.training.clip import train_clip as train
 
-    _prepare(args, args.filtered)
+    _check_output_folder(args, args.filtered)
     metrics = train(args.filtered, args.out, configs["train-clip"])
     print("train-clip: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return 0
@@ -140,7 +115,7 @@ def train(args, configs, toml) -> int:
     """dallekit train."""
     from dallekit.training.transformer import train_transformer
 
-    _prepare(args, args.tokens)
+    _check_output_folder(args, args.tokens)
     _no_model_yet(args, configs["train"].resume)
     metrics = train_transformer(args.tokens, args.out, configs["train"])
     print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -184,7 +159,7 @@ def sample(args, configs, toml) -> int:
 
     options = configs["sample"]
     prompts = list(options.prompts) + list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    _prepare(args, args.model, args.dvae)
+    _check_output_folder(args, args.model, args.dvae)
     scorer = _scorer(configs["clip"], required=False)
     records = generate(args.model, args.dvae, prompts, args.out, replace(options, prompts=prompts), scorer, judge=SHAPES_JUDGE)
     print(f"sample: {len(records)} images for {len(prompts)} prompts in {args.out}" + ("" if scorer else " (no CLIP given: not reranked)"))
@@ -197,7 +172,7 @@ def evaluate(args, configs, toml) -> int:
     from dallekit.generation.evaluate import evaluate as run_evaluation
 
     options = configs["evaluate"]
-    _prepare(args, args.model, args.dvae, args.tokens)
+    _check_output_folder(args, args.model, args.dvae, args.tokens)
     scorer = _scorer(configs["clip"], required=True)
     results = run_evaluation(args.model, args.dvae, args.tokens, args.out, scorer, options, judge=SHAPES_JUDGE)
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
@@ -209,7 +184,7 @@ def decode(args, configs, toml) -> int:
     """dallekit decode."""
     from dallekit.generation.decode import decode_tokens
 
-    _prepare(args, args.tokens, args.dvae)
+    _check_output_folder(args, args.tokens, args.dvae)
     written = decode_tokens(args.tokens, args.dvae, args.out, configs["decode"].limit)
     print(f"decode: {len(written)} images and grid.png in {args.out}")
     return 0
@@ -220,7 +195,7 @@ def train_bpe(args, configs, toml) -> int:
     from dallekit.io import iter_captions
     from dallekit.tokenize.text import train_bpe as train
 
-    _prepare(args, args.captions)
+    _check_output_folder(args, args.captions)
     tokenizer = train(iter_captions(args.captions), args.out, configs["train-bpe"].vocab_size)
     print(f"train-bpe: {tokenizer.vocab_size} tokens in {tokenizer.path}")
     return 0
@@ -230,16 +205,16 @@ def convert_openai_dvae(args, configs, toml) -> int:
     """dallekit convert-openai-dvae."""
     from dallekit.models.openai_dvae import convert_openai_dvae as convert
 
-    _prepare(args)
+    _check_output_folder(args)
     config = convert(args.encoder, args.decoder, args.out)
     print(f"convert-openai-dvae: {config.codebook_size} codes, {config.grid}x{config.grid} grid, written to {args.out}")
     return 0
 
 
-def run(args, configs, toml) -> int:
-    """dallekit run."""
+def every_step(args, configs, toml) -> int:
+    """dallekit run: every step of one TOML file."""
     from dallekit.demo.synthetic import SHAPES_JUDGE
-    from dallekit.jobs.run import load_pipeline, run_pipeline
+    from dallekit.jobs.steps import load_pipeline, run_pipeline
 
     run_pipeline(load_pipeline(toml, args.config, args), judge=SHAPES_JUDGE)
     return 0
@@ -253,7 +228,8 @@ def demo(args, configs, toml) -> int:
     return 0
 
 
-HANDLERS = {name: stage for name in STAGE_INPUTS} | {"download": download} | {
+# every stage of pipeline.stage.STAGES runs through `stage`; download has its --retry-failed mode
+HANDLERS = {name: stage for name in STAGES} | {"download": download} | {
     "train-tokenizer": train_tokenizer, "train-dvae": train_tokenizer, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
-    "export": export, "convert-openai-dvae": convert_openai_dvae, "run": run, "demo": demo,
+    "export": export, "convert-openai-dvae": convert_openai_dvae, "run": every_step, "demo": demo,
 }

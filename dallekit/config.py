@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomllib is the standard library's copy of tomli, from 3.11
+    import tomli as tomllib
 
 from dallekit.errors import BadInputError
-
-__all__ = ["BadInputError"]  # re-exported: stages raise it from here
 
 
 class OptionError(ValueError):
@@ -219,12 +220,29 @@ def load_toml(path: str | None) -> dict:
     if Path(path).exists() and not Path(path).is_file():  # a folder, a FIFO or a device would hang or fail to read
         raise BadInputError(f"{path}: not a regular file, expected a TOML file")
     try:
-        toml = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BadInputError(f"{path}: config file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise BadInputError(f"{path}: not valid TOML ({err})") from None
-    return resolve_section_aliases(toml, path)
+    return resolve_section_aliases(parse_toml(text, path), path)
+
+
+def parse_toml(text: str, where: str) -> dict:
+    """TOML text as a dict (tomllib, or tomli on Python 3.10); malformed TOML is bad input naming `where`."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise BadInputError(f"{where}: not valid TOML ({err})") from None
+
+
+def check_sections(toml: dict, where: str, allowed: list[str]) -> None:
+    """Every section of a TOML file must be one the command (or `dallekit run`) accepts, and a table."""
+    for name, value in toml.items():
+        if name not in allowed:
+            raise BadInputError(f"{where}: unknown section [{name}] (expected: {', '.join(allowed)})")
+        if not isinstance(value, dict):
+            raise BadInputError(f"{where}: {name} must be a [{name}] table")
 
 
 SECTION_ALIASES = {"train-dvae": "train-tokenizer"}  # the names of sections before the FSQ tokenizer, still read

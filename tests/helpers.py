@@ -1,4 +1,4 @@
-"""Helpers the tests share: read a stage folder with plain pyarrow and check its row accounting."""
+"""Helpers the tests share: read a stage folder with plain pyarrow, check its row accounting, call the CLI in-process."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
+
+from dallekit.cli import main
 
 
 def read_stage(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -38,3 +41,11 @@ def check_accounting(path, rows_in: int, exact_duplicate_rows: bool = False) -> 
 def hamming(a: int, b: int) -> int:
     """Bits that differ between two 64-bit hashes."""
     return (a ^ b).bit_count()
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """Exit code and stderr of one in-process `dallekit` call (what earlier calls printed is dropped first)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    return exit_info.value.code, capsys.readouterr().err

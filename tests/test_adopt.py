@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import AdoptConfig, BadInputError, CleanConfig, IngestConfig
+from dallekit.config import AdoptConfig, CleanConfig, IngestConfig
 from dallekit.demo.synthetic import ShapesServer, make_dataset
+from dallekit.errors import BadInputError
 from dallekit.pipeline.adopt import adopt, plan_adopt
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.ingest import ingest, make_uid
@@ -340,7 +341,7 @@ def test_laion_style_webdataset_goes_through_the_chain_without_redownload(tmp_pa
     from dallekit.config import EncodeConfig, ExportConfig, FilterConfig, TrainConfig, TrainDVAEConfig
     from dallekit.pipeline.encode import encode
     from dallekit.pipeline.export import export
-    from dallekit.pipeline.filter import filter_stage
+    from dallekit.pipeline.filter import filter
     from dallekit.training.dvae import train_dvae
     from dallekit.training.transformer import train_transformer
 
@@ -349,7 +350,7 @@ def test_laion_style_webdataset_goes_through_the_chain_without_redownload(tmp_pa
     server_gone = [r["URL"] for r in rows]  # the loopback server is stopped: nothing can be downloaded again
     out, _ = adopted(tmp_path, client, source)
     clean(str(out), str(tmp_path / "clean"), CleanConfig(), client)
-    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, max_aspect=4.0, languages=["any"]), client)
+    filter(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, max_aspect=4.0, languages=["any"]), client)
     filtered, _ = check_accounting(tmp_path / "filter", read_stage(tmp_path / "clean")[2]["rows_out"])
     assert len(filtered) >= 20 and set(filtered["url"]) <= set(server_gone)
     train_dvae(str(tmp_path / "filter"), str(tmp_path / "dvae"), TrainDVAEConfig(preset="tiny", max_steps=4, batch_size=8, checkpoint_every=4,

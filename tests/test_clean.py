@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from dallekit.config import BadInputError, CleanConfig
+from dallekit.config import CleanConfig
 from dallekit.demo.synthetic import ShapeSpec, encode, random_spec, render
+from dallekit.errors import BadInputError
 from dallekit.images import (
     color_distance,
     decode_reduced,

@@ -6,12 +6,12 @@ import pytest
 
 from dallekit.cli import build_parser
 from dallekit.config import (
-    BadInputError,
     DownloadConfig,
     IngestConfig,
     build_config,
     load_toml,
 )
+from dallekit.errors import BadInputError
 
 
 def parse(*argv):
@@ -49,3 +49,34 @@ def test_bad_toml_file(tmp_path):
         load_toml(str(tmp_path / "bad.toml"))
     with pytest.raises(BadInputError, match="config file not found"):
         load_toml(str(tmp_path / "missing.toml"))
+
+
+def test_toml_is_read_with_tomli_where_the_standard_library_has_no_tomllib(monkeypatch, tmp_path):
+    """Python 3.10 has no tomllib: config falls back to tomli, whose API tomllib copied."""
+    import importlib.util
+    import sys
+    import types
+
+    import tomllib
+
+    import dallekit.config
+
+    calls = []
+    tomli = types.ModuleType("tomli")
+    tomli.TOMLDecodeError = tomllib.TOMLDecodeError
+    tomli.loads = lambda text: calls.append(text) or tomllib.loads(text)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ModuleNotFoundError, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomli)
+    # a second copy of the module, so the one every other module imported keeps its classes
+    spec = importlib.util.spec_from_file_location("dallekit_config_without_tomllib", dallekit.config.__file__)
+    fallback = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fallback)  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(fallback)
+    assert fallback.tomllib is tomli
+    path = tmp_path / "c.toml"
+    path.write_text("[ingest]\nshard_size = 7\n")
+    assert fallback.load_toml(str(path)) == {"ingest": {"shard_size": 7}}
+    assert calls == ["[ingest]\nshard_size = 7\n"]
+    path.write_text("[ingest\n")
+    with pytest.raises(BadInputError, match="not valid TOML"):
+        fallback.load_toml(str(path))

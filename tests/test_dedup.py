@@ -289,6 +289,7 @@ def test_a_rerun_after_the_driver_is_killed_midway_gives_the_same_marks(tmp_path
     assert again == {name: len(read_marks(tmp_path / "killed", [name])) for name in names}
 
 
+@pytest.mark.slow
 def test_a_worker_killed_midway_changes_nothing(tmp_path, monkeypatch):
     from dallekit.pipeline.cluster import dask_client
 

@@ -188,6 +188,7 @@ def test_download_of_a_non_stage_folder_is_bad_input(tmp_path, capsys):
     assert exit_info.value.code == 2 and "no part-*.parquet shards" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_exifread_per_row_warnings_are_counted_not_printed(tmp_path, client):
     """img2dataset's EXIF read logs `File format not recognized.` per PNG: the stage counts it once, stderr stays quiet."""
     from dallekit.demo.synthetic import Route, ShapesServer

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dallekit.training.dvae as train_module
-from dallekit.config import BadInputError, TrainDVAEConfig
+from dallekit.config import TrainDVAEConfig
+from dallekit.errors import BadInputError
 from dallekit.models.dvae import DVAE, BottleneckBlock, dvae_config, gumbel_softmax, logit_laplace_nll, map_pixels
 from dallekit.training.dvae import train_dvae
 from dallekit.training.loop import read_metrics
@@ -22,6 +23,7 @@ def shapes_stage(folder, n: int, shard_rows: int = 500):
     return folder
 
 
+@pytest.mark.slow
 def test_presets_shapes_and_hard_codes():
     for preset, grid in (("tiny", 8), ("small", 16), ("dalle", 32)):
         assert dvae_config(preset).grid == grid

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dallekit.config import BadInputError, EncodeConfig
+from dallekit.config import EncodeConfig
+from dallekit.errors import BadInputError
 from dallekit.generation.decode import decode_tokens
 from dallekit.images import load_square
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
@@ -69,6 +70,7 @@ def test_token_files_read_with_plain_pandas_and_pyarrow(tmp_path, client, random
     np.testing.assert_array_equal(row["image_tokens"], expected)
 
 
+@pytest.mark.slow
 def test_mismatched_metadata_is_a_clear_error(tmp_path, client, random_dvae):
     src = filtered_stage(tmp_path / "filtered")
     encode(str(src), str(random_dvae), str(tmp_path / "a"), EncodeConfig(), client)
@@ -84,6 +86,7 @@ def test_mismatched_metadata_is_a_clear_error(tmp_path, client, random_dvae):
         decode_tokens(str(tmp_path / "b"), str(random_dvae), str(tmp_path / "png"))
 
 
+@pytest.mark.slow
 def test_decode_gives_the_dvae_reconstruction(tmp_path, client, random_dvae):
     src = filtered_stage(tmp_path / "filtered")
     encode(str(src), str(random_dvae), str(tmp_path / "tokens"), EncodeConfig(), client)

@@ -9,7 +9,8 @@ import tarfile
 
 import pytest
 
-from dallekit.config import BadInputError, ExportConfig
+from dallekit.config import ExportConfig
+from dallekit.errors import BadInputError
 from dallekit.pipeline.export import export
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
@@ -29,6 +30,7 @@ def read_webdataset(folder):
     return list(wds.WebDataset(sorted(str(p) for p in folder.glob("part-*.tar")), shardshuffle=False))
 
 
+@pytest.mark.slow
 def test_webdataset_reads_back_the_same_images_and_captions(tmp_path, client):
     src, rows = stage_with_images(tmp_path / "filter")
     result = export(str(src), str(tmp_path / "wds"), ExportConfig(), client)

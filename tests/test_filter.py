@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError, FilterConfig
+from dallekit.config import FilterConfig
+from dallekit.errors import BadInputError
 from dallekit.models.clip import load_clip, save_clip
 from dallekit.pipeline import filter as filter_module
-from dallekit.pipeline.filter import SCORE_BIN_WIDTH, filter_stage, global_threshold
+from dallekit.pipeline.filter import SCORE_BIN_WIDTH, global_threshold
 from tests.helpers import check_accounting, read_stage
 from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
 
@@ -30,11 +31,12 @@ def row(uid, caption=GOOD, original=(300, 300), **extra):
 
 def run_filter(tmp_path, client, shards, config):
     write_stage(tmp_path / "clean", shards)
-    stats = filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
+    stats = filter_module.filter(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
     kept, rejects = check_accounting(tmp_path / "filter", sum(len(s) for s in shards))
     return kept, rejects.set_index("uid")["reason"].to_dict(), stats
 
 
+@pytest.mark.slow
 def test_image_and_caption_rules_at_their_boundaries(tmp_path, client):
     rows = [
         row("side-ok", original=(256, 400)), row("side-low", original=(255, 400)),
@@ -108,6 +110,7 @@ def test_laion_safety_and_watermark_columns(tmp_path, client):
     assert reasons == {"unsafe": "punsafe", "watermark": "pwatermark"}
 
 
+@pytest.mark.slow
 def test_clip_threshold_with_a_random_tiny_model(tmp_path, client):
     """Random weights are seeded, so every worker scores alike and a threshold splits the rows exactly."""
     rows = [row(f"r{i}", caption=f"a red circle on a blue background number {i}") for i in range(12)]

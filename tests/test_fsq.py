@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 import dallekit.training.tokenizer as train_module
-from dallekit.cli import main
 from dallekit.config import EncodeConfig, TrainTokenizerConfig
 from dallekit.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from dallekit.models.dvae import DVAE, dvae_config, save_dvae_config
@@ -27,13 +26,8 @@ from dallekit.tokenize.image import ImageTokenizer
 from dallekit.tokenize.tokens import token_metadata, token_table
 from dallekit.training.loop import read_metrics
 from dallekit.training.tokenizer import train_tokenizer
+from tests.helpers import run_cli
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def shapes_stage(folder, n: int = 40):
@@ -119,6 +113,7 @@ def test_presets_cover_the_issues_grids_and_code_counts():
 # ------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     data = shapes_stage(tmp_path / "filtered")
     train_tokenizer(str(data), str(tmp_path / "straight"), small_options(hflip=True))
@@ -168,6 +163,7 @@ def raw_weights(folder, options: TrainTokenizerConfig) -> dict:
     return model.tokenizer.state_dict()
 
 
+@pytest.mark.slow
 def test_published_weights_are_the_moving_average(tmp_path):
     data = shapes_stage(tmp_path / "filtered")
     for name, decay in (("ema", 0.9), ("plain", 0.0)):
@@ -383,7 +379,7 @@ def test_tokenizer_weights_that_do_not_fit_are_named(tmp_path):
 def test_a_run_checks_its_tokenizer_folder_and_weights_files_before_any_stage(tmp_path):
     """A transformer folder as [run] dvae, or a pickle as [train-tokenizer] perceptual_weights, failed only after ingest, download, clean and filter."""
     from dallekit.errors import BadInputError
-    from dallekit.jobs.run import check_run_models, load_pipeline
+    from dallekit.jobs.steps import check_run_models, load_pipeline
     from dallekit.models.transformer import DalleTransformer, config_dict, dalle_config
 
     model = DalleTransformer(dalle_config("tiny", text_vocab=49408, image_vocab=128, grid=8))
@@ -410,7 +406,7 @@ def test_every_level_combination_of_the_paper_fits_uint16():
 
 
 def test_run_folders_keep_the_dvae_folder_of_an_older_run(tmp_path):
-    from dallekit.jobs.run import run_folders
+    from dallekit.jobs.steps import run_folders
 
     assert run_folders(str(tmp_path / "new"))["tokenizer"] == f"{tmp_path}/new/tokenizer"
     dvae_folder(tmp_path / "old" / "dvae")  # a run folder from before the FSQ tokenizer: it resumes with its dVAE
@@ -421,7 +417,7 @@ def test_small_real_recipe_is_a_valid_pipeline_that_keeps_short_captions():
     from pathlib import Path
 
     from dallekit.config import load_toml
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     recipe = Path(__file__).parent.parent / "dallekit" / "configs" / "small-real.toml"
     toml = load_toml(str(recipe))

@@ -13,6 +13,7 @@ from dallekit.config import (
     load_toml,
 )
 from dallekit.errors import BadInputError
+from tests.helpers import run_cli
 
 STAGE_IN = ["in", "--out", "out"]
 TRAINED = ["--model", "m", "--dvae", "d", "--out", "out"]
@@ -82,12 +83,6 @@ def test_bad_option_is_one_line_and_exit_2(capsys, command, args, needle):
     assert exit_info.value.code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert needle in err, err
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

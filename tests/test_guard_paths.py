@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dallekit.cli import main
-from dallekit.config import BadInputError, ClusterConfig, IngestConfig
+from dallekit.config import ClusterConfig, IngestConfig
 from dallekit.demo.synthetic import encode, random_spec, render
+from dallekit.errors import BadInputError
 from dallekit.pipeline.ingest import (
     FILE_ROOTS,
     OUTSIDE_FOLDER,
@@ -23,19 +23,13 @@ from dallekit.pipeline.ingest import (
     ingest_blocks,
     scan_block,
 )
-from tests.helpers import check_accounting
+from tests.helpers import check_accounting, run_cli
 
 SECRET = "the secret caption outside the folder"
 
 
 def shape(seed: int) -> bytes:
     return encode(render(random_spec(random.Random(seed), width=48, height=48)))
-
-
-def run_cli(args, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- folder ingest
@@ -188,7 +182,7 @@ def test_every_command_refuses_a_pickled_clip_pretrained(tmp_path, capsys, pickl
     else:
         args = ["evaluate", "--model", str(tmp_path / "model"), "--dvae", str(tmp_path / "dvae"), "--tokens", str(tmp_path / "tokens"),
                 "--out", str(tmp_path / "e"), *clip]
-    code, err = run_cli(args, capsys)
+    code, err = run_cli(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(pickle_trap) in err and "pickled weights are not loaded" in err
 

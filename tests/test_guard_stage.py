@@ -10,22 +10,13 @@ import subprocess
 import pandas as pd
 import pytest
 
-from dallekit.cli import main
 from dallekit.config import CleanConfig, FilterConfig, IngestConfig
 from dallekit.errors import BadInputError
 from dallekit.pipeline.clean import clean
-from dallekit.pipeline.filter import filter_stage
+from dallekit.pipeline.filter import filter
 from dallekit.pipeline.ingest import ingest
-from tests.helpers import check_accounting, read_stage
+from tests.helpers import check_accounting, read_stage, run_cli
 from tests.stage_data import HUGE_IMAGES, downloaded_row, forbid_large_decodes, png_header_only, shape_jpeg, write_stage
-
-
-def run_cli(args, capsys) -> tuple[int, str]:
-    """Exit code and stderr of one in-process `dallekit` call."""
-    capsys.readouterr()  # what earlier calls printed
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def one_line(code: int, err: str, *needles: str, after_progress: bool = False) -> None:
@@ -64,7 +55,7 @@ def test_ingest_rerun_with_other_options_is_refused_and_overwrite_starts_afresh(
     check_accounting(out, 30)
     assert len(list(out.glob("part-*.parquet"))) == 5  # 7+7+7+7+2: every shard is the new size
     # a complete stage rerun with other options is refused too, not reported as complete
-    code, err = run_cli(["ingest", src, "--out", out, "--shard-size", "10"], capsys)
+    code, err = run_cli(capsys, "ingest", src, "--out", out, "--shard-size", "10")
     one_line(code, err, "shard_size 7 -> 10", "--overwrite")
     # the same options: already complete
     assert ingest([str(src)], str(out), IngestConfig(shard_size=7), client)["rows_in"] == 30
@@ -84,6 +75,7 @@ def downloaded(tmp_path, n: int = 12):
     return tmp_path / "download"
 
 
+@pytest.mark.slow
 def test_clean_and_filter_reruns_name_the_changed_option(tmp_path, client):
     src = downloaded(tmp_path)
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
@@ -93,12 +85,12 @@ def test_clean_and_filter_reruns_name_the_changed_option(tmp_path, client):
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)  # the same options resume
     check_accounting(tmp_path / "clean", 12)
     config = FilterConfig(clip=False, min_side=0, languages=["any"])
-    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
+    filter(str(tmp_path / "clean"), str(tmp_path / "filter"), config, client)
     interrupt(tmp_path / "filter")
     with pytest.raises(BadInputError, match="min_side 0 -> 32"):
-        filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, languages=["any"]), client)
+        filter(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=32, languages=["any"]), client)
     # a runtime-only option (batch size, device) does not change the fingerprint
-    filter_stage(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=0, languages=["any"], clip_batch_size=8), client)
+    filter(str(tmp_path / "clean"), str(tmp_path / "filter"), FilterConfig(clip=False, min_side=0, languages=["any"], clip_batch_size=8), client)
     check_accounting(tmp_path / "filter", 12)
 
 
@@ -106,26 +98,26 @@ def test_out_must_not_be_an_input_or_another_stage(tmp_path, client, capsys):
     src = downloaded(tmp_path)
     before = sorted(p.name for p in src.iterdir())
     for out in (src, src / "inner"):
-        code, err = run_cli(["clean", src, "--out", out], capsys)
+        code, err = run_cli(capsys, "clean", src, "--out", out)
         one_line(code, err, "the input")
     assert sorted(p.name for p in src.iterdir()) == before  # the input is untouched
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
-    code, err = run_cli(["filter", tmp_path / "clean", "--out", src, "--no-clip"], capsys)
+    code, err = run_cli(capsys, "filter", tmp_path / "clean", "--out", src, "--no-clip")
     one_line(code, err, "holds a `download` stage", "give another folder")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
     for flags in ([], ["--overwrite"]):
-        code, err = run_cli(["clean", src, "--out", tmp_path / "notes", *flags], capsys)
+        code, err = run_cli(capsys, "clean", src, "--out", tmp_path / "notes", *flags)
         one_line(code, err, "files that are not a dallekit stage")
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
 def test_input_must_be_the_upstream_stage(tmp_path, client, capsys):
     src = downloaded(tmp_path)
-    code, err = run_cli(["filter", src, "--out", tmp_path / "f", "--no-clip"], capsys)
+    code, err = run_cli(capsys, "filter", src, "--out", tmp_path / "f", "--no-clip")
     one_line(code, err, "holds a `download` stage", "`dallekit clean`")
     (src / "_SUCCESS").unlink()  # an unfinished download
-    code, err = run_cli(["clean", src, "--out", tmp_path / "c"], capsys)
+    code, err = run_cli(capsys, "clean", src, "--out", tmp_path / "c")
     one_line(code, err, "not a finished stage folder", "`dallekit download`")
 
 
@@ -140,7 +132,7 @@ def test_unreadable_shards_are_one_line_errors(tmp_path, capsys, command, damage
     name = {"garbage": "part-00001.parquet", "empty": "part-00001.parquet", "misnamed": "part-abc.parquet"}[damage]
     (folder / name).write_bytes({"garbage": b"PAR1 this is not parquet at all PAR1", "empty": b""}.get(damage, b""))
     extra = {"encode": ["--dvae", tmp_path], "filter": ["--no-clip"]}.get(command, [])
-    code, err = run_cli([command, folder, "--out", tmp_path / "out", *extra], capsys)
+    code, err = run_cli(capsys, command, folder, "--out", tmp_path / "out", *extra)
     one_line(code, err, name)
 
 
@@ -148,9 +140,9 @@ def test_output_that_is_a_file_or_under_one(tmp_path, capsys):
     src = downloaded(tmp_path)
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
-        code, err = run_cli(["clean", src, "--out", out], capsys)
+        code, err = run_cli(capsys, "clean", src, "--out", out)
         one_line(code, err, "--out", "file")
-    code, err = run_cli(["train-bpe", src, "--out", tmp_path / "file" / "bpe"], capsys)
+    code, err = run_cli(capsys, "train-bpe", src, "--out", tmp_path / "file" / "bpe")
     one_line(code, err, "--out")
 
 
@@ -172,13 +164,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 def test_full_and_read_only_disks_are_one_line_errors(tmp_path, capsys):
     src = downloaded(tmp_path, n=40)
     with tmpfs(tmp_path / "full", "size=48k") as full:  # room for the fingerprint, not for the shards
-        code, err = run_cli(["clean", src, "--out", full / "clean", "--workers", "1"], capsys)
+        code, err = run_cli(capsys, "clean", src, "--out", full / "clean", "--workers", "1")
         one_line(code, err, "No space left on device", after_progress=True)
         assert f"{full / 'clean'}/_work/" in err, err  # names the file it could not write, not a function
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
-        code, err = run_cli(["clean", src, "--out", ro / "clean"], capsys)
+        code, err = run_cli(capsys, "clean", src, "--out", ro / "clean")
         one_line(code, err, "--out", "Read-only file system")
-        code, err = run_cli(["train-bpe", src, "--out", ro / "bpe"], capsys)
+        code, err = run_cli(capsys, "train-bpe", src, "--out", ro / "bpe")
         one_line(code, err, "--out", "Read-only file system")
 
 
@@ -212,6 +204,7 @@ def test_download_rerun_with_another_image_size_is_refused(tmp_path, client, edg
     assert set(kept["width"]) == {64}  # never a mix of 64 px and 128 px shards
 
 
+@pytest.mark.slow
 def test_encode_rerun_with_another_dvae_is_refused(tmp_path, client):
     import torch
 
@@ -257,7 +250,7 @@ def test_an_edited_input_of_the_same_size_is_a_changed_input(tmp_path, client):
 def test_damaged_stage_files_are_one_line_or_redone(tmp_path, client, capsys):
     src = downloaded(tmp_path)
     (src / "_stats.json").write_text("[]")
-    code, err = run_cli(["clean", src, "--out", tmp_path / "c"], capsys)
+    code, err = run_cli(capsys, "clean", src, "--out", tmp_path / "c")
     one_line(code, err, "_stats.json", "not a stage's stats")
     src = downloaded(tmp_path / "again")
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
@@ -266,7 +259,7 @@ def test_damaged_stage_files_are_one_line_or_redone(tmp_path, client, capsys):
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
     check_accounting(tmp_path / "clean", 12)
     (tmp_path / "clean" / "_fingerprint.json").write_text("[1]")
-    code, err = run_cli(["clean", src, "--out", tmp_path / "clean"], capsys)
+    code, err = run_cli(capsys, "clean", src, "--out", tmp_path / "clean")
     one_line(code, err, "_fingerprint.json", "not a stage fingerprint")
 
 
@@ -280,24 +273,25 @@ def test_a_column_of_the_wrong_type_is_one_line(tmp_path, capsys):
     pq.write_table(table, src / "part-00000.parquet")
     for command in (["clean", src, "--out", tmp_path / "c"], ["train-dvae", src, "--out", tmp_path / "d"],
                     ["train-clip", src, "--out", tmp_path / "e"]):
-        code, err = run_cli(command, capsys)
+        code, err = run_cli(capsys, *command)
         one_line(code, err, "column jpg holds string, expected binary")
 
 
+@pytest.mark.slow
 def test_trainers_do_not_write_into_a_stage_or_replace_a_model(tmp_path, client, capsys):
     src = downloaded(tmp_path)
-    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50"], capsys)
+    code, err = run_cli(capsys, "train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50")
     assert code == 0, err
-    code, err = run_cli(["train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50"], capsys)
+    code, err = run_cli(capsys, "train-dvae", src, "--out", src.parent / "other", "--max-steps", "1", "--val-percent", "50")
     one_line(code, err, "holds a trained model", "--resume")
     clean(str(src), str(tmp_path / "clean"), CleanConfig(), client)
-    code, err = run_cli(["train-dvae", src, "--out", tmp_path / "clean", "--max-steps", "1"], capsys)
+    code, err = run_cli(capsys, "train-dvae", src, "--out", tmp_path / "clean", "--max-steps", "1")
     one_line(code, err, "holds a dallekit stage")
 
 
 def test_train_clip_with_fewer_pairs_than_a_batch_is_one_line(tmp_path, capsys):
     src = downloaded(tmp_path, n=4)
-    code, err = run_cli(["train-clip", src, "--out", tmp_path / "clip", "--batch-size", "8", "--max-steps", "1"], capsys)
+    code, err = run_cli(capsys, "train-clip", src, "--out", tmp_path / "clip", "--batch-size", "8", "--max-steps", "1")
     one_line(code, err, "4 image-caption pairs, fewer than --batch-size 8")
 
 
@@ -306,12 +300,12 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
 
     src = downloaded(tmp_path / "run")
     clean(str(src), str(tmp_path / "run" / "clean"), CleanConfig(), client)
-    filter_stage(str(tmp_path / "run" / "clean"), str(tmp_path / "run" / "filter"), FilterConfig(clip=False, min_side=1), client)
+    filter(str(tmp_path / "run" / "clean"), str(tmp_path / "run" / "filter"), FilterConfig(clip=False, min_side=1), client)
     interrupt(tmp_path / "run" / "filter")
     shutil.move(tmp_path / "run", tmp_path / "moved")  # another disk: every absolute path changes
     moved = tmp_path / "moved"
     clean(str(moved / "download"), str(moved / "clean"), CleanConfig(), client)  # complete: not refused, not redone
-    filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)  # resumes
+    filter(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)  # resumes
     check_accounting(moved / "filter", 12)
     assert json.loads((moved / "filter" / "_fingerprint.json").read_text())["input"]["path"] == str(moved / "clean")
     interrupt(moved / "filter")
@@ -324,7 +318,7 @@ def test_a_moved_run_folder_resumes_and_an_edited_upstream_shard_is_refused(tmp_
     shard.write_bytes(bytes(data))
     assert shard.stat().st_size == size  # the same size: only the content (and its time) tell
     with pytest.raises(BadInputError, match=r"input.shards"):
-        filter_stage(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
+        filter(str(moved / "clean"), str(moved / "filter"), FilterConfig(clip=False, min_side=1), client)
 
 
 def test_a_mark_whose_shard_is_gone_or_cut_is_redone(tmp_path, client):

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.cli import main
-from dallekit.config import BadInputError, IngestConfig
+from dallekit.config import IngestConfig
+from dallekit.errors import BadInputError
 from dallekit.pipeline import ingest as ingest_module
 from dallekit.pipeline.ingest import ingest, ingest_blocks, make_uid, plan_ingest
-from tests.helpers import check_accounting, read_stage
+from tests.helpers import check_accounting, read_stage, run_cli
 
 ROWS = [
     ("a red circle on a blue background", "http://example.com/1.jpg"),
@@ -201,12 +201,6 @@ def test_rerun_of_complete_stage_is_a_no_op(tmp_path, client):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == written  # nothing rewritten
 
 
-def run_cli(args, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "name, content, extra, message",
     [
@@ -223,14 +217,14 @@ def run_cli(args, capsys) -> tuple[int, str]:
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, name, content, extra, message):
     src = tmp_path / name
     src.write_bytes(content if isinstance(content, bytes) else content.encode())
-    code, err = run_cli(["ingest", str(src), "--out", str(tmp_path / "out"), *extra], capsys)
+    code, err = run_cli(capsys, "ingest", str(src), "--out", str(tmp_path / "out"), *extra)
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert name in err and message in err
 
 
 def test_missing_input_and_bad_option(tmp_path, capsys):
-    code, err = run_cli(["ingest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    code, err = run_cli(capsys, "ingest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"))
     assert code == 2 and "no such file or folder" in err and "nope.csv" in err
-    code, err = run_cli(["ingest", "x.csv", "--out", "o", "--shard-size", "many"], capsys)
+    code, err = run_cli(capsys, "ingest", "x.csv", "--out", "o", "--shard-size", "many")
     assert code == 2 and "--shard-size" in err and err.count("\n") == 1

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
 README = Path(__file__).parent.parent / "README.md"
@@ -18,6 +20,7 @@ def stage_function_example() -> str:
     return next(b for b in blocks if "dask_client(" in b and "from dallekit.pipeline.clean import clean" in b)
 
 
+@pytest.mark.slow
 def test_readme_stage_function_example_runs_as_a_script(tmp_path):
     rows = [downloaded_row(f"{i:016x}", f"a shape number {i}", shape_jpeg(i, size=32), size=(32, 32)) for i in range(4)]
     write_stage(tmp_path / "runs" / "demo" / "download", [rows])
@@ -27,6 +30,7 @@ def test_readme_stage_function_example_runs_as_a_script(tmp_path):
     assert "4 rows kept" in proc.stdout and (tmp_path / "runs" / "clean-again" / "_SUCCESS").exists()
 
 
+@pytest.mark.slow
 def test_an_unguarded_script_is_told_to_add_the_main_guard(tmp_path):
     rows = [downloaded_row(f"{i:016x}", f"a shape number {i}", shape_jpeg(i, size=32), size=(32, 32)) for i in range(2)]
     write_stage(tmp_path / "runs" / "demo" / "download", [rows])

@@ -12,8 +12,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError, CleanConfig, DownloadConfig
+from dallekit.config import CleanConfig, DownloadConfig
 from dallekit.demo.synthetic import Route, ShapesServer
+from dallekit.errors import BadInputError
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.download import download
 from dallekit.pipeline.fetch import TDM_REFUSED

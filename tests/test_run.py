@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 
 STAGES = ["ingest", "download", "clean", "filter", "tokens"]
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -203,7 +203,7 @@ def read_rows(folder: Path, columns: list[str], rejects: bool) -> list[list]:
 
 
 def test_pipeline_config_errors_are_bad_input(tmp_path):
-    from dallekit.jobs.run import load_pipeline
+    from dallekit.jobs.steps import load_pipeline
 
     with pytest.raises(BadInputError, match=r"unknown section \[trian\]"):
         load_pipeline({"run": {"inputs": ["x.csv"]}, "trian": {}}, "p.toml")
@@ -215,6 +215,7 @@ def test_pipeline_config_errors_are_bad_input(tmp_path):
         load_pipeline({"run": {"inputs": ["x.csv"], "stop_after": "trian"}}, "p.toml")
 
 
+@pytest.mark.slow
 def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
     config = tmp_path / "p.toml"
     config.write_text(f'[run]\ninputs = ["{tmp_path / "nope.csv"}"]\n')
@@ -224,21 +225,45 @@ def test_run_cli_with_missing_inputs_is_one_line_exit_2(tmp_path):
 
 
 def test_example_configs_load():
-    import tomllib
-
-    from dallekit.jobs.run import load_pipeline
+    """Every packaged config loads, and each value it sets reaches the pipeline's config of its section."""
+    from dallekit.config import load_toml
+    from dallekit.jobs.steps import load_pipeline
 
     root = Path(__file__).parent.parent / "dallekit" / "configs"
-    for path in sorted(root.glob("*.toml")):
-        toml = tomllib.loads(path.read_text())
-        toml.pop("quick", None)
-        toml.setdefault("run", {}).setdefault("inputs", ["urls.csv"])
-        load_pipeline(toml, str(path))
+    paths = {path.name: path for path in root.glob("*.toml")}
+    assert {"demo.toml", "cc3m.toml", "small-real.toml"} <= set(paths), sorted(paths)
+    for path in paths.values():
+        toml = load_toml(str(path))
+        toml.pop("quick", None)  # the demo's --quick overrides, not a section
+        assert {"run", "ingest", "download", "filter", "train-tokenizer", "train", "sample", "evaluate"} <= set(toml), path.name
+        toml["run"].setdefault("inputs", ["urls.csv"])
+        pipeline = load_pipeline(toml, str(path))
+        for section, values in toml.items():
+            options = getattr(pipeline, section.replace("-", "_"))
+            for key, value in values.items():
+                assert getattr(options, key) == value, f"{path.name} [{section}] {key}"
+
+
+def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_step_table():
+    import importlib
+
+    from dallekit.cli import COMMANDS
+    from dallekit.commands import HANDLERS, STAGE_INPUTS
+    from dallekit.config import RUN_STEPS
+    from dallekit.jobs.steps import RUN_STEP_TABLE
+    from dallekit.pipeline.stage import STAGES
+
+    assert [step.name for step in RUN_STEP_TABLE] == RUN_STEPS  # [run] stop_after's choices are the steps, in order
+    assert {step.name for step in RUN_STEP_TABLE if step.dask} <= set(STAGES)
+    dask_commands = {c.name for c in COMMANDS if c.dask}
+    for name, module in STAGES.items():
+        assert name in dask_commands and name in HANDLERS and name in STAGE_INPUTS, name
+        assert callable(getattr(importlib.import_module(module), name)), f"{module} has no function named {name}"
 
 
 def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):
     from dallekit.config import RUN_SECTION_NAMES
-    from dallekit.jobs.run import SECTIONS
+    from dallekit.jobs.steps import SECTIONS
 
     assert sorted(SECTIONS) == sorted(RUN_SECTION_NAMES)  # what the CLI checks is what the Pipeline reads
     (tmp_path / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
@@ -259,6 +284,7 @@ def run_folder_config(tmp_path: Path, **run) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_a_bad_run_dvae_is_refused_before_any_stage_runs(tmp_path):
     (tmp_path / "not-a-dvae").mkdir()
     config = run_folder_config(tmp_path, dvae=tmp_path / "not-a-dvae")

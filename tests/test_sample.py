@@ -38,6 +38,7 @@ def test_pixel_judge_reads_the_generated_shapes():
     assert not is_right(np.asarray(render(spec)), f"a {spec.foreground} {wrong_shape} on a {spec.background} background")
 
 
+@pytest.mark.slow
 def test_kv_cache_generates_the_same_image_tokens_as_full_recompute():
     torch.manual_seed(0)
     model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
@@ -48,6 +49,7 @@ def test_kv_cache_generates_the_same_image_tokens_as_full_recompute():
     assert torch.equal(cached, full)  # the speed-up is measured in benchmarks/kv_cache.py
 
 
+@pytest.mark.slow
 def test_prompts_generated_together_get_the_candidates_each_gets_alone():
     torch.manual_seed(0)
     model = DalleTransformer(dalle_config("tiny", text_vocab=256, image_vocab=128, grid=8)).eval()
@@ -60,6 +62,7 @@ def test_prompts_generated_together_get_the_candidates_each_gets_alone():
         model.generate(text, generator=[torch.Generator() for _ in range(4)])
 
 
+@pytest.mark.slow
 def test_generate_images_gives_each_prompt_n_candidates_whatever_the_batch_size():
     from dallekit.models.dvae import DVAE, dvae_config
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dallekit.training.transformer as train_module
-from dallekit.config import BadInputError, TrainConfig
+from dallekit.config import TrainConfig
+from dallekit.errors import BadInputError
 from dallekit.models.transformer import DalleTransformer, attention_masks, dalle_config
 from dallekit.tokenize.tokens import TokenBatches, token_metadata, token_table
 from dallekit.training.loop import read_metrics
@@ -94,6 +95,7 @@ def test_attention_window_masks_far_image_tokens_in_all_layers_but_the_last():
         train_module.model_config_for(META, TrainConfig(attention_window=-1))
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_samples(tmp_path):
     data = token_shards(tmp_path / "tokens", 1, 4)
     options = TrainConfig(max_steps=150, batch_size=4, lr=3e-3, warmup_steps=10, p_uncond=0.0, text_len=8, val_fraction=0,
@@ -159,6 +161,7 @@ def test_autocast_dtype_follows_the_option_and_the_device(monkeypatch):
     assert weights.autocast_dtype(cpu, "bf16") is None
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     data = token_shards(tmp_path / "tokens", 6, 24)
     base = dict(max_steps=12, batch_size=8, warmup_steps=3, text_len=8, val_fraction=0.2, val_batches=2,
@@ -308,6 +311,7 @@ def scripted_validation(monkeypatch, losses: list[float]) -> list[tuple[int, dic
     return calls
 
 
+@pytest.mark.slow
 def test_best_validation_step_is_published_and_checkpoint_holds_the_latest(tmp_path, monkeypatch):
     import json
 
@@ -329,6 +333,7 @@ def test_best_validation_step_is_published_and_checkpoint_holds_the_latest(tmp_p
     assert any(not torch.equal(latest[k], published[k]) for k in latest)
 
 
+@pytest.mark.slow
 def test_early_stop_ends_when_patience_runs_out_and_resume_keeps_the_best(tmp_path, monkeypatch):
     import json
 

@@ -2,7 +2,7 @@
 
 `dallekit demo` generates the shapes set, serves it over HTTP on loopback, writes its URL list
 and runs the packaged pipeline config `dallekit/configs/demo.toml` (with its [quick] overrides
-for `--quick`) through `dallekit.jobs.run`, so the demo is `dallekit run` on local data.
+for `--quick`) through `dallekit.jobs.steps`, so the demo is `dallekit run` on local data.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-import tomllib
-
-from dallekit.config import ClusterConfig, DemoOptions
+from dallekit.config import ClusterConfig, DemoOptions, parse_toml
 from dallekit.demo.synthetic import COLORS, SHAPES, SHAPES_JUDGE, ShapesServer, make_dataset
-from dallekit.jobs.run import Pipeline, load_pipeline, run_pipeline
+from dallekit.jobs.steps import Pipeline, load_pipeline, run_pipeline
 from dallekit.jobs.timing import StepTimer, format_timings, process_cpu_seconds
 
 
@@ -45,7 +43,7 @@ DEMO_BACKGROUNDS = 4
 
 def demo_pipeline(config: DemoOptions, cluster: ClusterConfig, inputs: list[str]) -> Pipeline:
     """The packaged demo config, with --quick's overrides, the run folder, the inputs and the demo prompts."""
-    toml = tomllib.loads(resources.files("dallekit").joinpath("configs/demo.toml").read_text())
+    toml = parse_toml(resources.files("dallekit").joinpath("configs/demo.toml").read_text(), "dallekit/configs/demo.toml")
     quick = toml.pop("quick", {})
     if config.quick:
         for name, values in quick.items():

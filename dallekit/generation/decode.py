@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 from dallekit.images import save_image_grid
 from dallekit.io import list_shards, read_shard
 from dallekit.tokenize.image import ImageTokenizer

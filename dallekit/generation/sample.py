@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dallekit.config import BadInputError, SampleConfig
+from dallekit.config import SampleConfig
+from dallekit.errors import BadInputError
 from dallekit.images import save_image_grid
 from dallekit.models.transformer import DalleConfig, DalleTransformer
 from dallekit.models.weights import (

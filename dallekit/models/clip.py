@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 from dallekit.models.weights import pick_device
 
 CONFIG_DIR = Path(__file__).with_name("clip_configs")

@@ -13,7 +13,7 @@ import collections
 
 import torch
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config
 from dallekit.models.weights import save_model
 

@@ -11,13 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dallekit.errors import BadInputError
-
-
-def write_json(path: Path, obj) -> None:
-    """Write obj as indented JSON, atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+from dallekit.io import write_json_atomic
 
 
 def save_model(out_dir: str | Path, model: torch.nn.Module, config: dict) -> None:
@@ -27,7 +21,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, config: dict) -> Non
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, out / "model.safetensors")
-    write_json(out / "config.json", config)
+    write_json_atomic(config, str(out / "config.json"))
 
 
 def load_model_state(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

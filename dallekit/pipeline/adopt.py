@@ -49,7 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dallekit.config import AdoptConfig, BadInputError, output_options
+from dallekit.config import AdoptConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size
 from dallekit.io import check_columns, open_shard, read_row_groups, read_shard, shard_schema
 from dallekit.pipeline.download import status_counters
@@ -583,7 +584,7 @@ def _adopted_slices(task: AdoptShard, meta: pa.Table, positions: np.ndarray, dup
 
 
 def adopt_shard(payload: tuple[AdoptShard, str]) -> ShardResult:
-    """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the prepare pass) rejected."""
+    """One img2dataset shard as download's layout, a slice at a time, its repeated URLs (found by the global pass) rejected."""
     task, scratch = payload
     meta, positions, repaired = _metadata(task.path)
     fs, root = _fs(f"{scratch}/block_dups/b-{task.index:06d}.parquet")
@@ -600,7 +601,7 @@ STAGE = Stage("adopt", (), frozenset(), "an img2dataset output folder", adopt_sh
 
 
 def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
-    """The img2dataset shards, their layout and columns checked; the URL dedup passes as the prepare pass."""
+    """The img2dataset shards, their layout and columns checked; the URL dedup passes as the global pass."""
     paths = list_img2dataset_shards(input_dir)
     numbers = [shard_index(p) for p in paths]
     if len(set(numbers)) != len(numbers):  # 00001.parquet and 1.parquet would both become part-00001
@@ -614,7 +615,7 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
     identity = {"path": os.path.realpath(input_dir) if "://" not in input_dir else input_dir, "layout": layout,
                 "shards": [(p.rsplit("/", 1)[-1], shard_schema(p)[1], *_file_state(fs, p), *_companion_state(fs, p, layout)) for p in paths]}
 
-    def prepare(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
+    def global_pass(client, output_dir: str) -> int:  # the repeated URLs, as ingest finds them
         scratch = work_dir(output_dir)
         groups = _groups(tasks, rows)
         scanned = run_pass(client, scratch, "scan", scan_shards, {f"g-{g[0].index:06d}": g for g in groups}, desc="adopt scan",
@@ -622,7 +623,7 @@ def plan_adopt(input_dir: str, config: AdoptConfig) -> Plan:
         return find_repeats(client, output_dir, list(scanned.values()), n_buckets, [[t.index for t in g] for g in groups], "adopt")
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},
-                stats_config=asdict(config) | {"input": input_dir, "layout": layout}, prepare=prepare,
+                stats_config=asdict(config) | {"input": input_dir, "layout": layout}, global_pass=global_pass,
                 tasks=lambda _, output_dir: [ShardTask(shard_name(shard_index(t.path)), (t, work_dir(output_dir))) for t in tasks])
 
 

@@ -8,7 +8,7 @@ Three passes, like ingest:
    thumbnail) from download's columns, or computes it by decoding the image where a shard lacks
    them (adopt's folders, older downloads); it writes only these columns to `_work/scan/`
    (the detail thumbnails in a file of their own per shard, `<shard>.detail.arrow`).
-2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's prepare pass): distributed passes over the hashes (never the images)
+2. dedup (`dallekit.pipeline.dedup`; with the scan, the stage's global pass): distributed passes over the hashes (never the images)
    check that every uid is unique and mark, in uid order, exact duplicates (same sha256) and
    near duplicates (pHash within `--near-dup-distance` bits of a kept image whose colour
    thumbnail agrees within `--near-dup-color-distance` and whose detail thumbnail, aligned,
@@ -173,11 +173,11 @@ STAGE = Stage("clean", ("download", "adopt"), frozenset({"uid", "caption", "stat
 
 
 def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
-    """The downloaded shards to clean, with the scan and dedup passes as the prepare pass; checks the input first."""
+    """The downloaded shards to clean, with the scan and dedup passes as the global pass; checks the input first."""
     identity, paths, _ = STAGE.input_of(input_dir)
     names = [shard_stem(p) for p in paths]
 
-    def prepare(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
+    def global_pass(client, output_dir: str) -> int:  # passes 1 and 2: the marked rows
         scratch = work_dir(output_dir)  # a rerun skips the shards whose scan files its marks vouch for
         run_pass(client, scratch, "scan", _scan_task, {shard_stem(p): p for p in paths}, desc="clean scan", unit="shard",
                  work_dir=scratch, config=config)
@@ -186,7 +186,7 @@ def plan_clean(input_dir: str, config: CleanConfig) -> Plan:
         return sum(found.values())
 
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": output_options(config)},
-                stats_config=asdict(config) | {"input": input_dir}, prepare=prepare,
+                stats_config=asdict(config) | {"input": input_dir}, global_pass=global_pass,
                 tasks=lambda _, output_dir: shard_tasks(paths, lambda p: (p, work_dir(output_dir))))
 
 

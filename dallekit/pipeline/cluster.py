@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Iterator
 
-from dallekit.config import BadInputError, ClusterConfig
+from dallekit.config import ClusterConfig
+from dallekit.errors import BadInputError
 
 
 def _unguarded_script() -> str | None:
@@ -70,3 +71,31 @@ def dask_client(config: ClusterConfig | None = None, quiet: bool = False) -> Ite
         if not quiet:
             print(f"dask: local cluster, {workers} workers, dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+class LazyClient:
+    """A Dask client that starts its cluster on first use, and can be stopped and used again (a new cluster then starts).
+
+    Bad input and finished stages then never start a cluster; `dallekit run` stops it while a
+    trainer runs in the driver, where idle workers would take about 5% of a core each from it
+    (heartbeats, memory and system monitors) and keep the memory of the stages before.
+    """
+
+    def __init__(self, config: ClusterConfig):
+        self._config, self._stack, self._client = config, contextlib.ExitStack(), None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(self._config))
+        return getattr(self._client, name)
+
+    def stop(self) -> None:
+        """Shut the cluster down if it was started."""
+        self._stack.close()
+        self._client = None
+
+    def __enter__(self) -> LazyClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

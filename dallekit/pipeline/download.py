@@ -56,7 +56,8 @@ import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.feather as feather  # noqa: E402
 
-from dallekit.config import BadInputError, DownloadConfig, output_options  # noqa: E402
+from dallekit.config import DownloadConfig, output_options  # noqa: E402
+from dallekit.errors import BadInputError  # noqa: E402
 from dallekit.images import signature_columns  # noqa: E402
 from dallekit.io import read_shard, shard_index  # noqa: E402
 from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402

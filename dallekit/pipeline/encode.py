@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from dallekit.config import BadInputError, EncodeConfig, output_options
+from dallekit.config import EncodeConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, load_square, undecodable_reason
 from dallekit.io import read_shard, shard_schema
 from dallekit.pipeline.shards import ShardResult

@@ -28,7 +28,8 @@ import tarfile
 import fsspec
 import pyarrow as pa
 
-from dallekit.config import BadInputError, ExportConfig
+from dallekit.config import ExportConfig
+from dallekit.errors import BadInputError
 from dallekit.io import atomic_file, check_columns, list_shards, read_shard, shard_stem, write_json_atomic
 from dallekit.pipeline.passes import LEASE, hold_folder, read_marks, remove_debris, run_pass
 from dallekit.pipeline.shards import check_output_folder, damaged_shards, input_identity, prepare_output, write_success

@@ -274,7 +274,7 @@ def _weights_id(config: FilterConfig) -> str | None:
 def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs.
 
-    With --clip-top-fraction the plan has a prepare pass: score every shard (resumable per
+    With --clip-top-fraction the plan has a global pass: score every shard (resumable per
     shard), then the global threshold, which the shard tasks apply to the saved scores.
     """
     identity, paths, _ = STAGE.input_of(input_dir)
@@ -283,7 +283,7 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
 
         cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)  # fail fast, here
 
-    def prepare(client, output_dir: str) -> float:
+    def global_pass(client, output_dir: str) -> float:
         tasks = [FilterShard(p, config, work_dir(output_dir)) for p in paths]
         # a rerun skips the shards whose score files its marks vouch for (scored by an earlier, interrupted run)
         run_pass(client, work_dir(output_dir), "clip", _clip_task, {shard_stem(t.path): t for t in tasks}, desc="filter clip", unit="shard")
@@ -300,10 +300,10 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     top_fraction = config.clip and config.clip_top_fraction is not None
     return Plan(inputs=[input_dir], stats_config=asdict(config) | {"input": input_dir}, tasks=tasks,
                 fingerprint={"input": identity, "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}},
-                prepare=prepare if top_fraction else None)
+                global_pass=global_pass if top_fraction else None)
 
 
-def filter_stage(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:
+def filter(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:
     """Run the filter stage; prints and saves the funnel (`_funnel.json`, `_funnel.png`)."""
     return run_plan(STAGE, plan or plan_filter(input_dir, config), output_dir, client, config.overwrite)
 

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dallekit.config import BadInputError, IngestConfig, output_options
+from dallekit.config import IngestConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.io import write_json_atomic, write_table_atomic
 from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult, ShardTask, shard_name
@@ -564,7 +565,7 @@ STAGE = Stage("ingest", (), frozenset(), "URL lists", write_shard)
 
 
 def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
-    """The inputs checked and cut into scan blocks, and their identity; the scan and URL dedup passes as the prepare pass."""
+    """The inputs checked and cut into scan blocks, and their identity; the scan, URL dedup and regroup passes as the global pass."""
     blocks = ingest_blocks(inputs, config)
     files = list({id(b.file): b.file for b in blocks}.values())
     images = collections.Counter()
@@ -575,7 +576,7 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
     total_bytes = sum(f.size for f in files) + sum(b.images * 200 for b in blocks)
     n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))  # no cap: a bucket's rows, not their number, is bounded
 
-    def prepare(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
+    def global_pass(client, output_dir: str) -> list[int]:  # passes 1 and 2: rows per block
         scratch = work_dir(output_dir)
         scanned = run_pass(client, scratch, "scan", scan_block, {f"b-{b.index:06d}": b for b in blocks}, desc="ingest scan",
                            unit="block", work_dir=scratch, n_buckets=n_buckets, allow_file_urls=config.allow_file_urls)
@@ -584,7 +585,7 @@ def plan_ingest(inputs: list[str], config: IngestConfig) -> Plan:
         return [r["rows"] for r in scanned.values()]
 
     return Plan(inputs=list(inputs), fingerprint={"inputs": identity, "options": output_options(config)},
-                stats_config=asdict(config) | {"inputs": inputs}, prepare=prepare,
+                stats_config=asdict(config) | {"inputs": inputs}, global_pass=global_pass,
                 tasks=lambda block_rows, output_dir: plan_shards(block_rows, config.shard_size, work_dir(output_dir)))
 
 

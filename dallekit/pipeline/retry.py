@@ -35,7 +35,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dallekit.config import BadInputError, DownloadConfig, build_config
+from dallekit.config import DownloadConfig, build_config
+from dallekit.errors import BadInputError
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
 from dallekit.pipeline.passes import Mark, clear_marks, hold_folder, read_marks, run_pass, write_mark

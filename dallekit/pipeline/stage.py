@@ -5,11 +5,11 @@ reasons in funnel order and the function that computes one output shard. A stage
 its inputs and options into a `Plan` before any cluster starts (so bad input fails first); the
 runner then owns the rest, the same for every stage:
 
-1. claim `--out` (`begin_stage`): an identical finished run returns its stats, a run with other
-   inputs or options is refused;
-2. the plan's prepare pass, when it has one (work over all shards, such as clean's dedup), in
-   `_work/`; its JSON result is kept in `_work/prepare.json`, so a rerun skips it;
-3. one Dask task per output shard (`run_stage`): atomic shards, rejects, progress marks,
+1. take the folder's lease and claim `--out` (`begin_stage`): an identical finished run whose
+   shards are whole returns its stats, a run with other inputs or options is refused;
+2. the plan's global pass, when it has one (work over all shards, such as clean's dedup), as
+   engine passes in the scratch folder: a rerun skips their tasks whose marks vouch for whole files;
+3. one task per output shard (`run_stage`, a pass of the engine): atomic shards, rejects, marks,
    `_stats.json`, `_SUCCESS`;
 4. `_work/` removed, and the funnel printed and saved for stages with rules.
 """
@@ -59,8 +59,8 @@ class Plan:
     inputs: list[str]  # the folders and files it reads (`--out` may be none of them)
     fingerprint: dict  # what the output depends on: input identities and the options that change it
     stats_config: dict  # the options as `_stats.json` records them
-    tasks: Callable[[Any, str], list[ShardTask]]  # (the prepare pass's result or None, output_dir) -> the shard tasks
-    prepare: Callable[[Any, str], Any] | None = None  # (client, output_dir) -> a JSON-able result, once per output
+    tasks: Callable[[Any, str], list[ShardTask]]  # (the global pass's result or None, output_dir) -> the shard tasks
+    global_pass: Callable[[Any, str], Any] | None = None  # work over all shards before the shard tasks: (client, output_dir) -> a JSON-able result, once per output
 
 
 def shard_tasks(paths: list[str], payload: Callable[[str], Any]) -> list[ShardTask]:
@@ -123,7 +123,7 @@ def _run_claimed(stage: Stage, plan: Plan, output_dir: str, client: Any, version
     claim_work_dir(output_dir)
     # Always run: its passes skip their tasks whose marks vouch for whole files and redo the rest, so
     # a scratch file deleted after the pass still gets rewritten before a shard task reads it.
-    prepared = None if plan.prepare is None else json.loads(json.dumps(plan.prepare(client, output_dir)))
+    prepared = None if plan.global_pass is None else json.loads(json.dumps(plan.global_pass(client, output_dir)))
     # a one-number result (clean's marked rows, filter's global CLIP threshold) is worth keeping; ingest's rows per block are not
     scalar = isinstance(prepared, (int, float, str)) and not isinstance(prepared, bool)
     config = plan.stats_config | ({"prepared": prepared} if scalar else {}) | {"versions": versions}

@@ -11,7 +11,7 @@ import hashlib
 import html
 from pathlib import Path
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 
 
 class ClipBpeTokenizer:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dallekit.config import BadInputError, TrainClipConfig
+from dallekit.config import TrainClipConfig
+from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, decode_rgb, undecodable_reason
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.clip import load_clip, save_clip

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dallekit.config import BadInputError, TrainDVAEConfig
+from dallekit.config import TrainDVAEConfig
+from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, load_square, save_image_grid, undecodable_reason
 from dallekit.io import check_columns, list_shards, read_shard
 from dallekit.models.dvae import DVAE, DVAEConfig, dvae_config, save_dvae_config

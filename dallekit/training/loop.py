@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dallekit.config import BadInputError
-from dallekit.models.weights import save_model, write_json
+from dallekit.errors import BadInputError
+from dallekit.io import write_json_atomic
+from dallekit.models.weights import save_model
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -70,11 +71,11 @@ def save_checkpoint(out_dir: str | Path, model, optimizer: torch.optim.Optimizer
         tensors |= {f"ema.{k}": v.contiguous() for k, v in ema.shadow.items()}
     save_file(tensors, str(tmp / "state.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    write_json(tmp / "state.json", {
+    write_json_atomic({
         "step": step, "param_groups": opt["param_groups"], "scalars": scalars,
         "python_rng": _encode_random_state(random.getstate()), "extra": extra, "saved_at": time.time(),
         "ema_updates": ema.updates if ema is not None else None,
-    })
+    }, str(tmp / "state.json"))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dallekit.config import DVAE_PRESET_NAMES, BadInputError, TrainTokenizerConfig
+from dallekit.config import DVAE_PRESET_NAMES, TrainTokenizerConfig
+from dallekit.errors import BadInputError
 from dallekit.images import save_image_grid
 from dallekit.io import check_columns, list_shards
 from dallekit.models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dallekit.config import BadInputError
+from dallekit.errors import BadInputError
 from dallekit.models.transformer import config_dict
 from dallekit.models.weights import autocast, autocast_dtype
 from dallekit.progress import progress
