@@ -12,21 +12,16 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
+from dallekit import config as config_module
 from dallekit.config import (
     RUN_SECTION_NAMES,
     SECTION_NAMES,
-    AdoptConfig,
-    CleanConfig,
     ClipOptions,
     ClusterConfig,
     DecodeConfig,
     DemoOptions,
-    DownloadConfig,
-    EncodeConfig,
     EvaluateConfig,
     ExportConfig,
-    FilterConfig,
-    IngestConfig,
     RunConfig,
     SampleConfig,
     TrainBPEConfig,
@@ -39,6 +34,7 @@ from dallekit.config import (
     load_toml,
 )
 from dallekit.errors import BadInputError, environment_error
+from dallekit.pipeline.registry import STAGES, StageEntry
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,22 +58,15 @@ class Command:
     out_required: bool = True  # False where another mode needs no --out (download --retry-failed)
 
 
-STAGE_OUT = "output folder of {} shards"
-COMMANDS = [
-    Command("ingest", "URL lists (CC3M, LAION, CSV/TSV/JSONL/Parquet, image folders) -> URL shards",
-            [("inputs", "+", "files, globs or folders (local paths or fsspec URLs)")], {"ingest": IngestConfig}, STAGE_OUT.format("URL"), dask=True),
-    Command("download", "URL shards -> image shards with img2dataset's downloader (or --retry-failed DIR: fetch failures again)",
-            [("urls", "?", "folder written by `dallekit ingest`")], {"download": DownloadConfig}, STAGE_OUT.format("image"), dask=True,
-            out_required=False,
-            extra=[(("--retry-failed",), {"metavar": "DIR", "help": "a finished download folder: fetch again, in place, the rows that "
-                                          "failed by timeout, connection error, 5xx or 429 (give no URLS or --out)"})]),
-    Command("adopt", "an img2dataset output folder (parquet, webdataset or files) -> image shards, with no re-download",
-            [("img2dataset_output", "", "folder img2dataset wrote (00000.parquet, ...)")], {"adopt": AdoptConfig}, STAGE_OUT.format("image"),
-            dask=True),
-    Command("clean", "downloaded shards -> repaired captions, no failed downloads or duplicates",
-            [("downloaded", "", "folder written by `dallekit download`")], {"clean": CleanConfig}, STAGE_OUT.format("cleaned"), dask=True),
-    Command("filter", "cleaned shards -> rows passing image, caption, language and CLIP rules",
-            [("cleaned", "", "folder written by `dallekit clean`")], {"filter": FilterConfig}, STAGE_OUT.format("filtered"), dask=True),
+def stage_command(entry: StageEntry) -> Command:
+    """A Dask stage's subcommand, from its entry of STAGES."""
+    config_class = getattr(config_module, entry.config)
+    return Command(entry.name, entry.summary, list(entry.inputs), {entry.name: config_class}, f"output folder of {entry.shards} shards",
+                   extra=list(entry.extra), dask=True, out_required=entry.out_required)
+
+
+# Every subcommand: the Dask stages from STAGES (pipeline/registry.py), then the trainers and tools.
+COMMANDS = [stage_command(entry) for entry in STAGES.values()] + [
     Command("train-tokenizer", "train an image tokenizer (FSQ autoencoder or discrete VAE, by preset) on the images of filtered shards",
             [("filtered", "", "folder of image shards (from `dallekit filter`)")], {"train-tokenizer": TrainTokenizerConfig},
             "run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl, grids"),
@@ -87,9 +76,6 @@ COMMANDS = [
     Command("train-clip", "train a small open_clip model on the kept pairs (an offline reranker and filter)",
             [("filtered", "", "folder of image shards with captions (from `dallekit filter`)")], {"train-clip": TrainClipConfig},
             "open_clip folder: open_clip_config.json + open_clip_model.safetensors"),
-    Command("encode", "filtered image shards -> token Parquet (image tokenizer codes + BPE ids)",
-            [("filtered", "", "folder of image shards (from `dallekit filter`)")], {"encode": EncodeConfig}, STAGE_OUT.format("token"),
-            extra=[(("--tokenizer", "--dvae"), {"dest": "dvae", "required": True, "help": "image tokenizer folder, FSQ or dVAE (from `dallekit train-tokenizer` or `convert-openai-dvae`)"})], dask=True),
     Command("train", "train the DALL-E transformer on token Parquet (torchrun for several GPUs)",
             [("tokens", "", "folder of token shards (from `dallekit encode`)")], {"train": TrainConfig},
             "run folder: model.safetensors, config.json, checkpoint/, metrics.jsonl"),

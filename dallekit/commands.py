@@ -10,7 +10,7 @@ import argparse
 import os
 
 from dallekit.errors import BadInputError
-from dallekit.pipeline.stage import STAGES
+from dallekit.pipeline.registry import STAGES
 
 
 def _summary(stats: dict) -> int:
@@ -20,15 +20,10 @@ def _summary(stats: dict) -> int:
     return 0
 
 
-# The positional arguments of each Dask stage's plan, from its command line (its config comes last).
-STAGE_INPUTS = {
-    "ingest": lambda args: [args.inputs],
-    "download": lambda args: [args.urls],
-    "adopt": lambda args: [args.img2dataset_output],
-    "clean": lambda args: [args.downloaded],
-    "filter": lambda args: [args.cleaned],
-    "encode": lambda args: [args.filtered, args.dvae],
-}
+def stage_inputs(name: str, args: argparse.Namespace) -> list:
+    """A Dask stage's plan inputs from its command line, as its entry of STAGES declares them (its config comes last)."""
+    entry = STAGES[name]
+    return [getattr(args, dest) for dest, _, _ in entry.inputs] + [getattr(args, dest) for dest in entry.option_inputs]
 
 
 def stage(args: argparse.Namespace, configs: dict, toml) -> int:
@@ -38,7 +33,7 @@ def stage(args: argparse.Namespace, configs: dict, toml) -> int:
 
     spec, plan_stage = stage_named(args.command)
     config = configs[args.command]
-    plan = plan_stage(*STAGE_INPUTS[args.command](args), config)
+    plan = plan_stage(*stage_inputs(args.command, args), config)
     with LazyClient(configs["cluster"]) as client:
         return _summary(run_plan(spec, plan, args.out, client, config.overwrite))
 

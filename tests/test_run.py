@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -246,19 +247,38 @@ def test_example_configs_load():
 
 def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_step_table():
     import importlib
+    import inspect
 
     from dallekit.cli import COMMANDS
-    from dallekit.commands import HANDLERS, STAGE_INPUTS
+    from dallekit.commands import HANDLERS
     from dallekit.config import RUN_STEPS
     from dallekit.jobs.steps import RUN_STEP_TABLE
-    from dallekit.pipeline.stage import STAGES
+    from dallekit.pipeline.registry import STAGES
 
     assert [step.name for step in RUN_STEP_TABLE] == RUN_STEPS  # [run] stop_after's choices are the steps, in order
     assert {step.name for step in RUN_STEP_TABLE if step.dask} <= set(STAGES)
     dask_commands = {c.name for c in COMMANDS if c.dask}
-    for name, module in STAGES.items():
-        assert name in dask_commands and name in HANDLERS and name in STAGE_INPUTS, name
-        assert callable(getattr(importlib.import_module(module), name)), f"{module} has no function named {name}"
+    for name, entry in STAGES.items():
+        module = importlib.import_module(entry.module)
+        assert name in dask_commands and name in HANDLERS, name
+        assert callable(getattr(module, name)), f"{entry.module} has no function named {name}"
+        plan_inputs = list(inspect.signature(getattr(module, f"plan_{name}")).parameters)[:-1]  # its config comes last
+        assert len(plan_inputs) == len(entry.inputs) + len(entry.option_inputs), (name, plan_inputs)
+
+
+def test_a_new_stage_entry_is_a_subcommand_with_its_inputs_and_options():
+    from dallekit.cli import stage_command
+    from dallekit.commands import stage_inputs
+    from dallekit.pipeline.registry import STAGES, StageEntry
+
+    entry = StageEntry("caption-stats", "cleaned shards -> caption statistics", (("cleaned", "", "a clean folder"),), "statistics",
+                       "CleanConfig")
+    command = stage_command(entry)
+    assert (command.name, command.dask, command.positionals) == ("caption-stats", True, [("cleaned", "", "a clean folder")])
+    assert command.out_help == "output folder of statistics shards" and list(command.sections) == ["caption-stats"]
+    args = argparse.Namespace(filtered="runs/f", dvae="runs/tok", cleaned="runs/c")
+    assert stage_inputs("encode", args) == ["runs/f", "runs/tok"]  # positionals, then the options that are inputs
+    assert "caption-stats" not in STAGES
 
 
 def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):

@@ -26,6 +26,7 @@ from dallekit.errors import BadInputError
 from dallekit.io import check_columns, list_shards, shard_stem
 from dallekit.pipeline.funnel import write_funnel
 from dallekit.pipeline.passes import claim_work_dir, hold_folder, remove_work_dir
+from dallekit.pipeline.registry import STAGES  # noqa: F401 (the one list of stages, also read from here)
 from dallekit.pipeline.shards import ShardResult, ShardTask, begin_stage, check_output_folder, input_identity, run_stage
 
 
@@ -134,15 +135,9 @@ def _run_claimed(stage: Stage, plan: Plan, output_dir: str, client: Any, version
     return stats
 
 
-# Every stage in pipeline order, by module: each defines STAGE and plan_<name>(...) -> Plan. The
-# CLI and `dallekit run` both read this table; modules load when used (encode imports torch).
-# adopt stands in for ingest and download when img2dataset has already downloaded the images.
-STAGES = {name: f"dallekit.pipeline.{name}" for name in ("ingest", "download", "adopt", "clean", "filter", "encode")}
-
-
 def stage_named(name: str) -> tuple[Stage, Callable[..., Plan]]:
-    """A stage and its plan function, from STAGES."""
+    """A stage and its plan function, from its entry of STAGES (`pipeline/registry.py`)."""
     import importlib
 
-    module = importlib.import_module(STAGES[name])
+    module = importlib.import_module(STAGES[name].module)
     return module.STAGE, getattr(module, f"plan_{name}")
