@@ -261,8 +261,8 @@ def test_every_stage_is_one_entry_of_stages_and_every_run_step_one_entry_of_the_
     for name, entry in STAGES.items():
         module = importlib.import_module(entry.module)
         assert name in dask_commands and name in HANDLERS, name
-        assert callable(getattr(module, name)), f"{entry.module} has no function named {name}"
-        plan_inputs = list(inspect.signature(getattr(module, f"plan_{name}")).parameters)[:-1]  # its config comes last
+        assert callable(getattr(module, entry.python_name)), f"{entry.module} has no function named {name}"
+        plan_inputs = list(inspect.signature(getattr(module, f"plan_{entry.python_name}")).parameters)[:-1]  # its config comes last
         assert len(plan_inputs) == len(entry.inputs) + len(entry.option_inputs), (name, plan_inputs)
 
 
@@ -278,7 +278,7 @@ def test_a_new_stage_entry_is_a_subcommand_with_its_inputs_and_options():
     assert command.out_help == "output folder of statistics shards" and list(command.sections) == ["caption-stats"]
     args = argparse.Namespace(filtered="runs/f", dvae="runs/tok", cleaned="runs/c")
     assert stage_inputs("encode", args) == ["runs/f", "runs/tok"]  # positionals, then the options that are inputs
-    assert "caption-stats" not in STAGES
+    assert "caption-stats" not in STAGES and entry.module == "dallekit.pipeline.caption_stats"
 
 
 def test_run_config_sections_the_run_refuses_are_not_offered(tmp_path):

@@ -185,7 +185,7 @@ def stage_step(name: str, inputs: Callable[[RunState], list], folder: str | None
     options = options or (lambda state: getattr(state.pipeline, name))
 
     def work(state: RunState) -> None:
-        entry = getattr(importlib.import_module(STAGES[name].module), name)  # each stage module's function named after the stage
+        entry = getattr(importlib.import_module(STAGES[name].module), STAGES[name].python_name)  # each stage module's function named after the stage
         out = state.folders[folder or name]
         with state.timer.step(name, state.client):
             stats = entry(*inputs(state), out, options(state), state.client, plan=state.plans.get(name))

@@ -26,9 +26,14 @@ class StageEntry:
     out_required: bool = True  # False where another mode needs no --out (download --retry-failed)
 
     @property
+    def python_name(self) -> str:
+        """The stage's name as Python spells it: its module, `plan_<name>` and its entry function `<name>`."""
+        return self.name.replace("-", "_")
+
+    @property
     def module(self) -> str:
         """The stage's module."""
-        return f"dallekit.pipeline.{self.name}"
+        return f"dallekit.pipeline.{self.python_name}"
 
 
 _RETRY_HELP = "a finished download folder: fetch again, in place, the rows that failed by timeout, connection error, 5xx or 429 (give no URLS or --out)"

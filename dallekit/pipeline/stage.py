@@ -140,4 +140,4 @@ def stage_named(name: str) -> tuple[Stage, Callable[..., Plan]]:
     import importlib
 
     module = importlib.import_module(STAGES[name].module)
-    return module.STAGE, getattr(module, f"plan_{name}")
+    return module.STAGE, getattr(module, f"plan_{STAGES[name].python_name}")
