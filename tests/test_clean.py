@@ -463,7 +463,7 @@ def test_a_rerun_of_the_scan_skips_whole_scans_and_redoes_damaged_ones(tmp_path,
     plan, out = plan_clean(str(tmp_path / "download"), CleanConfig()), tmp_path / "clean"
     out.mkdir()
     claim_work_dir(str(out))
-    marked = plan.prepare(client, str(out))  # the scan and dedup passes, as the stage runs them
+    marked = plan.global_pass(client, str(out))  # the scan and dedup passes, as the stage runs them
     scan = out / "_work" / "scan"
     first = {p.name: p.read_bytes() for p in scan.glob("part-*")}
     untouched = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in scan.glob("part-00001.*")}
@@ -471,6 +471,6 @@ def test_a_rerun_of_the_scan_skips_whole_scans_and_redoes_damaged_ones(tmp_path,
         (scan / "part-00000.parquet").unlink()
     else:
         (scan / "part-00000.detail.arrow").write_bytes(first["part-00000.detail.arrow"][:500])
-    assert plan.prepare(client, str(out)) == marked  # as a rerun after a kill between the scan and the stage's mark
+    assert plan.global_pass(client, str(out)) == marked  # as a rerun after a kill between the scan and the stage's mark
     assert {p.name: p.read_bytes() for p in scan.glob("part-*")} == first
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in scan.glob("part-00001.*")} == untouched  # not scanned again

@@ -261,11 +261,11 @@ def test_a_rerun_of_the_clip_pass_skips_whole_scores_and_redoes_truncated_ones(t
     plan, out = plan_filter(str(tmp_path / "clean"), FilterConfig(**TINY, clip_top_fraction=0.5)), tmp_path / "filter"
     out.mkdir()
     claim_work_dir(str(out))
-    threshold = plan.prepare(client, str(out))  # the CLIP pass and the global threshold, as the stage runs them
+    threshold = plan.global_pass(client, str(out))  # the CLIP pass and the global threshold, as the stage runs them
     scores = out / "_work" / "clip"
     first = {p.name: p.read_bytes() for p in scores.glob("part-*")}
     whole = (scores / "part-00001.parquet").stat()
     (scores / "part-00000.parquet").write_bytes(first["part-00000.parquet"][:100])  # cut short: its mark stays
-    assert plan.prepare(client, str(out)) == threshold
+    assert plan.global_pass(client, str(out)) == threshold
     assert {p.name: p.read_bytes() for p in scores.glob("part-*")} == first
     assert ((scores / "part-00001.parquet").stat().st_ino, (scores / "part-00001.parquet").stat().st_mtime_ns) == (whole.st_ino, whole.st_mtime_ns)
