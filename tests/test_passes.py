@@ -284,11 +284,17 @@ def toy_stage() -> Stage:
     return Stage("toy", (), frozenset(), "toy tasks", keep)
 
 
-def test_a_folder_in_place_of_success_is_refused_in_one_line_when_the_stage_reopens(tmp_path, client):
-    out = tmp_path / "out"
-    tasks = [ShardTask(f"part-{i:05d}", i) for i in range(2)]
+def finished_toy_stage(out, client, shards: int) -> list[ShardTask]:
+    """A finished stage of `shards` shards of 10 rows in `out`; its tasks, to run it again."""
+    tasks = [ShardTask(f"part-{i:05d}", i) for i in range(shards)]
     begin_stage("toy", str(out), {"v": 1}, [])
     run_stage(toy_stage(), str(out), tasks, client)
+    return tasks
+
+
+def test_a_folder_in_place_of_success_is_refused_in_one_line_when_the_stage_reopens(tmp_path, client):
+    out = tmp_path / "out"
+    finished_toy_stage(out, client, 2)
     (out / "_SUCCESS").unlink()
     (out / "_SUCCESS").mkdir()
     (out / "part-00001.parquet").unlink()
@@ -298,9 +304,7 @@ def test_a_folder_in_place_of_success_is_refused_in_one_line_when_the_stage_reop
 
 def test_a_finished_stage_whose_shard_was_deleted_is_reopened_not_reported_complete(tmp_path, client):
     out = tmp_path / "out"
-    tasks = [ShardTask(f"part-{i:05d}", i) for i in range(4)]
-    begin_stage("toy", str(out), {"v": 1}, [])
-    run_stage(toy_stage(), str(out), tasks, client)
+    tasks = finished_toy_stage(out, client, 4)
     (out / "part-00002.parquet").unlink()
     assert begin_stage("toy", str(out), {"v": 1}, []) is None  # reopened: the caller runs the stage again
     assert not (out / "_SUCCESS").exists()

@@ -16,8 +16,9 @@ from dallekit.config import CleanConfig, ExportConfig
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.export import export
 from dallekit.pipeline.passes import LEASE, hold_folder
+from tests.helpers import run_cli
 from tests.stage_data import downloaded_row, shape_jpeg, write_stage
-from tests.test_guard_stage import one_line, run_cli
+from tests.test_guard_stage import one_line
 
 
 def stage(folder, name: str = "download", n: int = 8):
@@ -40,7 +41,7 @@ def test_an_export_into_a_held_folder_is_refused_naming_its_owner(tmp_path, clie
         out.mkdir()
     before = files(out)
     with hold_folder(str(out), "test"):  # a second export running into the same folder
-        code, err = run_cli(["export", src, "--out", out], capsys)
+        code, err = run_cli(capsys, *["export", src, "--out", out])
         one_line(code, err, f"{out}: another dallekit run is writing it (test, pid {os.getpid()} on {socket.gethostname()}")
         assert files(out) == before
     assert not (out / LEASE).exists()
@@ -55,7 +56,7 @@ def test_a_stage_into_a_held_folder_is_refused_with_or_without_overwrite(tmp_pat
     (out / "_SUCCESS").unlink()  # as if its run were still under way
     before = files(out)
     with hold_folder(str(out), "clean"):
-        code, err = run_cli(["clean", src, "--out", out] + (["--overwrite", "--near-dup-distance", "2"] if overwrite else []), capsys)
+        code, err = run_cli(capsys, *["clean", src, "--out", out] + (["--overwrite", "--near-dup-distance", "2"] if overwrite else []))
         one_line(code, err, f"{out}: another dallekit run is writing it (clean, pid {os.getpid()}")
         assert files(out) == before  # an --overwrite removed nothing
     assert clean(str(src), str(out), CleanConfig(), client)["rows_in"] == 8

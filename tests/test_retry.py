@@ -208,7 +208,8 @@ def folder_files(folder, leave_out=("_lease.json",)) -> dict:
 
 @pytest.mark.parametrize("damage", ["mark", "shard"])
 def test_a_failed_precondition_leaves_the_folder_as_it_was(tmp_path, client, capsys, damage):
-    from tests.test_guard_stage import one_line, run_cli
+    from tests.helpers import run_cli
+    from tests.test_guard_stage import one_line
 
     with ShapesServer(failing_routes(), max_seconds=300) as server:
         images, _ = downloaded(tmp_path, client, server)
@@ -218,7 +219,7 @@ def test_a_failed_precondition_leaves_the_folder_as_it_was(tmp_path, client, cap
         data = (images / "part-00001.parquet").read_bytes()
         (images / "part-00001.parquet").write_bytes(data[: len(data) // 2])
     before = folder_files(images, leave_out=())
-    code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+    code, err = run_cli(capsys, *["download", "--retry-failed", images, "--workers", "1"])
     one_line(code, err, "part-00001.parquet is not the shard its mark vouches for", "rerun the download")
     assert folder_files(images, leave_out=()) == before  # _SUCCESS still there, no _retry/, nothing removed or added
     assert (images / "_SUCCESS").exists() and not (images / "_retry").exists()
@@ -226,16 +227,17 @@ def test_a_failed_precondition_leaves_the_folder_as_it_was(tmp_path, client, cap
 
 def test_a_retry_into_a_held_folder_is_refused_naming_its_owner(tmp_path, client, capsys):
     from dallekit.pipeline.passes import hold_folder
-    from tests.test_guard_stage import one_line, run_cli
+    from tests.helpers import run_cli
+    from tests.test_guard_stage import one_line
 
     with ShapesServer(failing_routes(), max_seconds=300) as server:
         images, urls = downloaded(tmp_path, client, server)
         before = folder_files(images)
         with hold_folder(str(images), "another retry"):  # as a second retry running beside it
-            code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+            code, err = run_cli(capsys, *["download", "--retry-failed", images, "--workers", "1"])
             one_line(code, err, "another dallekit run is writing it (another retry", f"pid {os.getpid()}")
             assert folder_files(images) == before
-            code, err = run_cli(["download", "--retry-failed", images, "--workers", "1"], capsys)
+            code, err = run_cli(capsys, *["download", "--retry-failed", images, "--workers", "1"])
             assert code == 2 and folder_files(images) == before  # refused again: nothing was claimed by the first refusal
         assert not (images / "_lease.json").exists()
         server.routes["/flaky.jpg"] = Route(GOOD, headers=JPEG)
@@ -266,7 +268,8 @@ def test_a_round_the_previous_version_began_is_resumed(tmp_path, client, capsys)
 def test_a_damaged_round_file_or_stats_config_is_one_line_naming_it_and_changes_nothing(tmp_path, client, capsys):
     import shutil
 
-    from tests.test_guard_stage import one_line, run_cli
+    from tests.helpers import run_cli
+    from tests.test_guard_stage import one_line
 
     with ShapesServer(failing_routes(), max_seconds=300) as server:
         images, _ = downloaded(tmp_path, client, server)
@@ -279,6 +282,6 @@ def test_a_damaged_round_file_or_stats_config_is_one_line_naming_it_and_changes_
             (folder / name).parent.mkdir(exist_ok=True)
             (folder / name).write_bytes(content)
             before = folder_files(folder, leave_out=())
-            code, err = run_cli(["download", "--retry-failed", folder, "--workers", "1"], capsys)
+            code, err = run_cli(capsys, *["download", "--retry-failed", folder, "--workers", "1"])
             one_line(code, err, f"{folder / name}: ", "expected", after_progress=True)
             assert folder_files(folder, leave_out=()) == before
