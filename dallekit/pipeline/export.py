@@ -31,7 +31,7 @@ import pyarrow as pa
 from dallekit.config import ExportConfig
 from dallekit.errors import BadInputError
 from dallekit.io import atomic_file, check_columns, list_shards, read_shard, shard_stem, write_json_atomic
-from dallekit.pipeline.passes import LEASE, hold_folder, read_marks, remove_debris, run_pass
+from dallekit.pipeline.passes import LEASE, hold_folder, remove_debris, run_pass
 from dallekit.pipeline.shards import check_output_folder, damaged_shards, input_identity, prepare_output, write_success
 from dallekit.pipeline.stage import STAGES
 
@@ -175,9 +175,6 @@ def export(stage_dir: str, output_dir: str, config: ExportConfig, client) -> dic
 def _write_tars(output_dir: str, claim: dict, tasks: dict[str, str], client) -> dict:
     """The pass over the input shards (the tars not yet whole), then the counts in the claim and `_SUCCESS`."""
     remove_debris(output_dir)  # an interrupted run's partial tars
-    already = set(read_marks(output_dir, verify=False, remove_damaged=False)) & set(tasks)
-    if already:
-        print(f"export: resuming, {len(already)} of {len(tasks)} tars marked written (each is re-checked)")
     done = run_pass(client, output_dir, None, export_shard, tasks, desc="export", unit="shard", output_dir=output_dir)
     counts = {key: sum(done[name][key] for name in tasks) for key in COUNTS}
     result = {k: claim[k] for k in ("input", "format", "layout")} | counts | {"shards": len(tasks)}

@@ -343,6 +343,8 @@ def run_pass(client: Any, folder: str, pass_name: str | None, fn: Callable[..., 
     lease = held_lease(folder)
     done = {key: mark.result for key, mark in read_marks(folder, pass_name).items() if key in items}
     pending = [key for key in items if key not in done]
+    if done and pending and client is not None:  # the driver of a rerun says what it keeps (not each pass of a one-task run)
+        print(f"{desc}: resuming, {len(done)} of {len(items)} {unit}s already complete")
     payloads = [(folder, pass_name, key, items[key], lease) for key in pending]
     if client is None:
         out = [_run_marked(p, task_fn=fn, **kwargs) for p in payloads]

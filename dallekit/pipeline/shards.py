@@ -372,9 +372,6 @@ def run_stage(stage: Any, output_dir: str, tasks: Iterable[ShardTask], client: A
     fs.makedirs(f"{root}/_rejects", exist_ok=True)
     remove_debris(output_dir)
     names = {t.name for t in tasks}
-    already = set(read_marks(output_dir, verify=True, remove_damaged=False)) & names  # marks whose files are whole
-    if already:
-        print(f"{stage.name}: resuming, {len(already)} of {len(tasks)} shards already complete")
     done = run_pass(client, output_dir, None, _run_shard, {t.name: t for t in tasks}, desc=stage.name, unit="shard",
                     retries=retries, output_dir=output_dir, process=stage.process, parquet_kwargs=stage.parquet_kwargs)
     marks = [done[name] for name in sorted(names)]
