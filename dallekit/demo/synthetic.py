@@ -10,6 +10,7 @@ work to do; the zero-shot foreground/shape pairs never appear in the generated t
 from __future__ import annotations
 
 import io
+import ipaddress
 import random
 import threading
 import time
@@ -144,17 +145,21 @@ class Route:
     delay: float = 0.0  # seconds to wait before answering (a slow server)
 
 
+NOT_FOUND = Route(b"not found", 404, {"Content-Type": "text/plain"})
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         server: ShapesServer = self.server.owner  # type: ignore[attr-defined]
         server.count_request()
-        route = server.routes.get(self.path.split("?", 1)[0])
-        if route is None:
-            route = Route(b"not found", 404, {"Content-Type": "text/plain"})
+        self.answer(server.routes.get(self.path.split("?", 1)[0], NOT_FOUND), server.max_delay)
+
+    def answer(self, route: Route, max_delay: float) -> None:
+        """Send the route's answer after its delay (at most max_delay)."""
         if route.delay:
-            time.sleep(min(route.delay, server.max_delay))
+            time.sleep(min(route.delay, max_delay))
         try:
             self.send_response(route.status)
             for key, value in route.headers.items():
@@ -170,14 +175,25 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ShapesServer:
-    """A loopback HTTP server for generated images that stops by itself after `max_seconds` or `max_requests`."""
+    """A loopback HTTP server for generated images that stops by itself after `max_seconds` or `max_requests`.
 
-    def __init__(self, routes: dict[str, Route] | None = None, port: int = 0, max_seconds: float = 3600, max_requests: int = 10**7):
+    `address` is any 127.x.x.x address (on Linux all of them are this machine's loopback), so
+    several servers can stand for several hosts; any other address is refused.
+    """
+
+    handler: type[_Handler] = _Handler
+
+    def __init__(self, routes: dict[str, Route] | None = None, port: int = 0, max_seconds: float = 3600, max_requests: int = 10**7,
+                 address: str = "127.0.0.1"):
+        if ipaddress.ip_address(address) not in ipaddress.ip_network("127.0.0.0/8"):
+            raise ValueError(f"address {address!r}: expected a loopback address 127.x.x.x")
         self.routes: dict[str, Route] = dict(routes or {})
         self.max_seconds, self.max_requests, self.max_delay = max_seconds, max_requests, 30.0
+        self.address = address
         self.requests = 0
+        self._received = 0  # every request in the server's life: the bound, which resetting `requests` does not lift
         self._lock = threading.Lock()
-        self._httpd = self._bind(port)
+        self._httpd = self._bind(address, port, self.handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -185,25 +201,26 @@ class ShapesServer:
         self._timer.daemon = True
 
     @staticmethod
-    def _bind(port: int) -> ThreadingHTTPServer:
+    def _bind(address: str, port: int, handler: type[_Handler]) -> ThreadingHTTPServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             request_queue_size = 1024  # many download threads connect at once
 
         try:
-            return Server(("127.0.0.1", port), _Handler)
+            return Server((address, port), handler)
         except OSError:  # the preferred port is taken: any free one
-            return Server(("127.0.0.1", 0), _Handler)
+            return Server((address, 0), handler)
 
     def url(self, path: str) -> str:
         """The full URL of a path on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.address}:{self.port}{path}"
 
     def count_request(self) -> None:
         """Count a request and stop once the bound is reached."""
         with self._lock:
             self.requests += 1
-            if self.requests >= self.max_requests:
+            self._received += 1
+            if self._received >= self.max_requests:
                 threading.Thread(target=self.stop, daemon=True).start()
 
     def start(self) -> ShapesServer:
