@@ -124,8 +124,10 @@ class DownloadConfig(StageOptions):
     resize_mode: str = option("center_crop", "img2dataset resize mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
     resize_only_if_bigger: bool = option(False, "only downscale, never upscale")
     threads: int = option(64, "download threads per shard task (img2dataset's thread_count)", bounds="[1, 4096]", output=False)
-    timeout: float = option(10, "seconds one URL may take in all, connecting and reading its whole body", bounds="(0, 86400]", output=False)
-    retries: int = option(0, "extra download attempts per URL", bounds="[0, 100]", output=False)
+    timeout: float = option(10, "seconds of network time one URL may take in all: redirects, retries and backoff included, "
+                            "waiting for its host's turn not", bounds="(0, 86400]", output=False)
+    retries: int = option(0, "extra tries per URL after a timeout, a failed connection or a 5xx, with backoff within --timeout "
+                          "(429/503 answers are tried again anyway)", bounds="[0, 100]", output=False)
     encode_format: str = option("jpg", "format of the stored image bytes", choices=["jpg", "png", "webp"])
     encode_quality: int | None = option(None, "JPEG/WebP quality 0-100 (default 95), or PNG compression 0-9 (default 3)", bounds="[0, 100]")
     min_image_size: int = option(0, "reject images whose shorter side is below this (pixels)", bounds="[0, inf)")
@@ -142,6 +144,13 @@ class DownloadConfig(StageOptions):
     )
     allow_file_urls: bool = option(False, "read file:// URLs anywhere (else only inside the folders `ingest --format folder` read)")
     honour_tdm_reservation: bool = option(True, "treat a `tdm-reservation: 1` response header (W3C TDMRep) as an opt-out")
+    robots_txt: str = option("obey", "honour each host's robots.txt for img2dataset, the --user-agent-token and '*' (obey) or not (ignore)",
+                             choices=["obey", "ignore"])
+    per_host_connections: int = option(4, "requests in flight to one host at most, per worker process", bounds="[1, 1024]", output=False)
+    per_host_rate: float | None = option(None, "requests a second to one host at most, per worker process (default: no limit until a 429)",
+                                         bounds="(0, inf)", output=False)
+    max_retry_after: float = option(60, "longest wait a 429/503 Retry-After header gets before the host's next request, in seconds",
+                                    bounds="[0, 86400]", output=False)
 
     def check(self) -> None:
         """The quality's range depends on the format."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import email.utils
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ class HostRules:
     rate_limit: float | None = None  # token bucket, requests per second; a request finding no token gets 429
     burst: int | None = None  # bucket capacity (default: max(1, round(rate_limit)))
     retry_after: str | None = None  # Retry-After header value sent with every 429 (e.g. "1" or an HTTP date)
+    retry_after_date: bool = False  # send `retry_after` (seconds) as the HTTP date that many seconds after each 429
     max_in_flight: int | None = None  # 429 when more than this many requests are being served at once
     service_time: float = 0.0  # seconds each request that passes the limits takes to answer (so concurrency is visible)
     silent: bool = False  # listen but never accept(): connections open (up to the backlog) and nothing is ever answered
@@ -140,6 +143,9 @@ class LoopbackHost(ShapesServer):
     def _too_many(self) -> Route:
         headers = {"Content-Type": "text/plain"}
         if self.rules.retry_after is not None:
-            headers["Retry-After"] = self.rules.retry_after
+            value = self.rules.retry_after
+            if self.rules.retry_after_date:  # rounded up to the next whole second, as an HTTP date can only say
+                value = email.utils.formatdate(math.ceil(time.time() + float(value)), usegmt=True)
+            headers["Retry-After"] = value
         return Route(b"too many requests", 429, headers)
 

@@ -34,6 +34,7 @@ from dallekit.config import CleanConfig, output_options
 from dallekit.images import DETAIL_BYTES, MAX_DECODE_PIXELS, THUMB_BYTES, signature_columns
 from dallekit.io import read_rows_file, read_shard, shard_schema, shard_stem, write_rows_file, write_table_atomic
 from dallekit.pipeline.dedup import dedup
+from dallekit.pipeline.fetch import row_outcome
 from dallekit.pipeline.passes import run_pass, work_dir
 from dallekit.pipeline.shards import ShardResult
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks
@@ -41,7 +42,7 @@ from dallekit.pipeline.uids import check_unique_uids
 
 # Reasons in the order the rules run; the funnel follows this order.
 RULES = [
-    "failed_to_download", "failed_to_resize", "image_too_large", "undecodable", "empty_caption", "caption_too_long",
+    "robots_txt", "opted_out", "rate_limited", "failed_to_download", "failed_to_resize", "image_too_large", "undecodable", "empty_caption", "caption_too_long",
     "boilerplate_caption", "duplicate_image", "near_duplicate_image",
 ]
 SIGNATURE = ["phash", "color_thumb", "detail_thumb"]  # what the near-duplicate rule compares (dallekit.images.Signature)
@@ -84,9 +85,12 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
     """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
     stored = _stored_signature(path)
-    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (SIGNATURE + ["width", "height"] if stored else ["jpg"]))
+    messages_kept = "error_message" in shard_schema(path).names  # what download's failed rows say: robots_txt, rate_limited, ...
+    table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (["error_message"] if messages_kept else [])
+                       + (SIGNATURE + ["width", "height"] if stored else ["jpg"]))
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])
     statuses = table.column("status").to_pylist()
+    messages = table.column("error_message").to_pylist() if messages_kept else [None] * table.num_rows
     failures: list[str | None] = []  # why a row has no signature: image_too_large (by its header) or undecodable
     if stored:  # download computed them from the same bytes with the same function: no image is decoded
         signature = {name: table.column(name).combine_chunks() for name in SIGNATURE}
@@ -102,6 +106,8 @@ def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
         fixed = repair_caption(caption, config.lowercase)
         if status != "success":
             reason = status if status in RULES else "failed_to_download"
+            outcome = row_outcome(messages[i]) if reason == "failed_to_download" else None
+            reason = outcome if outcome in RULES else reason
         else:
             reason = None if decoded else (failures[i] or "undecodable")
         reasons.append(reason or caption_reason(fixed, config))

@@ -60,7 +60,9 @@ from dallekit.config import DownloadConfig, output_options  # noqa: E402
 from dallekit.errors import BadInputError  # noqa: E402
 from dallekit.images import signature_columns  # noqa: E402
 from dallekit.io import read_shard, shard_index  # noqa: E402
-from dallekit.pipeline.fetch import FetchPolicy, fetching  # noqa: E402
+from dallekit.pipeline.fetch import FetchPolicy, fetching, row_outcome  # noqa: E402
+from dallekit.pipeline.optouts import agent_names  # noqa: E402
+from dallekit.pipeline.politeness import HostLimits  # noqa: E402
 from dallekit.pipeline.row_logs import counting_row_logs  # noqa: E402
 from dallekit.pipeline.shards import ShardResult, top_counts  # noqa: E402
 from dallekit.pipeline.stage import Plan, Stage, run_plan, shard_tasks  # noqa: E402
@@ -92,7 +94,6 @@ def _make_downloader(config: DownloadConfig, output_folder: str, column_list: li
     from dallekit.pipeline.img2dataset_glue import ShardTableWriter, downloader_class
     from dallekit.resize import Resizer
 
-    directives = [d for d in config.disallowed_header_directives if d.lower() != "none"]
     return downloader_class()(
         sample_writer_class=functools.partial(ShardTableWriter, deliver),
         resizer=Resizer(config),
@@ -107,9 +108,9 @@ def _make_downloader(config: DownloadConfig, output_folder: str, column_list: li
         compute_hash=config.compute_hash or None,
         verify_hash_type=None,
         encode_format=config.encode_format,
-        retries=config.retries,
-        user_agent_token=config.user_agent_token,
-        disallowed_header_directives=directives or None,
+        retries=0,  # the fetch opener retries, with backoff
+        user_agent_token=config.user_agent_token,  # img2dataset puts it in the User-Agent
+        disallowed_header_directives=None,  # the fetch opener reads X-Robots-Tag on every hop (optouts)
     )
 
 
@@ -145,6 +146,15 @@ def error_kind(message: str) -> str:
     return _ROW_DETAIL.sub("<…>", message)
 
 
+def fetch_policy(config: DownloadConfig, file_roots: tuple[str, ...] = ()) -> FetchPolicy:
+    """What the download's options let a task fetch, and how politely."""
+    directives = frozenset(d.strip().lower() for d in config.disallowed_header_directives) - {"none"}
+    limits = HostLimits(config.per_host_connections, config.per_host_rate, config.max_retry_after)
+    return FetchPolicy(config.max_image_bytes, config.allow_file_urls, tuple(file_roots), config.honour_tdm_reservation,
+                       robots_txt=config.robots_txt == "obey", agents=agent_names(config.user_agent_token),
+                       header_directives=directives, limits=limits, retries=config.retries)
+
+
 def fetch_rows(source: pa.Table, task: DownloadShard, logs: collections.Counter | None = None) -> pa.Table:
     """Download the rows of `source` with img2dataset as shard `task.shard_id`; every row back once, in input order.
 
@@ -153,7 +163,7 @@ def fetch_rows(source: pa.Table, task: DownloadShard, logs: collections.Counter 
     remove_stale_folders(tempfile.gettempdir())
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
     config = task.config
-    policy = FetchPolicy(config.max_image_bytes, config.allow_file_urls, tuple(task.file_roots), config.honour_tdm_reservation)
+    policy = fetch_policy(config, task.file_roots)
     try:
         feather_path = os.path.join(tmp, "input.arrow")
         feather.write_feather(source, feather_path, compression="uncompressed")
@@ -186,10 +196,12 @@ def with_signatures(table: pa.Table) -> pa.Table:
 
 
 def status_counters(table: pa.Table) -> dict[str, dict[str, int]]:
-    """A download shard's counters: rows per status, and per kind of error message."""
+    """A download shard's counters: rows per status, per kind of error message, and per outcome (robots_txt, rate_limited, ...)."""
     statuses = collections.Counter(table.column("status").to_pylist())
-    errors = collections.Counter(error_kind(e) for e in table.column("error_message").to_pylist() if e is not None)
-    return {"status": dict(statuses), "error_message": top_counts(errors)}
+    messages = [e for e in table.column("error_message").to_pylist() if e is not None]
+    errors = collections.Counter(error_kind(e) for e in messages)
+    outcomes = collections.Counter(o for o in map(row_outcome, messages) if o)
+    return {"status": dict(statuses), "error_message": top_counts(errors)} | ({"outcome": dict(outcomes)} if outcomes else {})
 
 
 def download_shard(task: DownloadShard) -> ShardResult:
@@ -247,6 +259,11 @@ STAGE = Stage("download", ("ingest",), frozenset({"uid", "url", "caption"}), "UR
 RESIZER_VERSION = "reduced-jpeg-decode-registered"  # issue 28: reduced sides rounded up by libjpeg are resized from the full size
 
 
+# how opt-outs are read, in the fingerprint: a folder downloaded under img2dataset's X-Robots-Tag parser
+# and without robots.txt is not resumed under ours (bump it when a rule reads headers or robots.txt differently)
+OPT_OUTS_VERSION = "robots-txt-google-x-robots-tag"  # issue 31
+
+
 def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
     """One task per URL shard; checks the shards have the columns ingest writes and reads the file:// roots."""
     for name in ("threads", "image_size"):
@@ -259,6 +276,7 @@ def plan_download(input_dir: str, config: DownloadConfig) -> Plan:
         "encode_quality": config.quality,
         "disallowed_header_directives": sorted({d.strip().lower() for d in config.disallowed_header_directives}),
         "resizer": RESIZER_VERSION,
+        "opt_outs": OPT_OUTS_VERSION,
     }
     return Plan(inputs=[input_dir], fingerprint={"input": identity, "options": options}, stats_config=asdict(config) | {"input": input_dir},
                 tasks=lambda _, __: shard_tasks(paths, lambda p: DownloadShard(p, shard_index(p), key_digits, config, roots)))

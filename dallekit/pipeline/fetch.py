@@ -1,22 +1,37 @@
 """fetch: the urllib opener a download task installs for img2dataset's own download code.
 
 img2dataset's `download_image` calls `urllib.request.urlopen(request, timeout=...)`, which uses
-the opener installed in the process. `fetching(policy)` installs one built by
-`build_fetch_opener` (urllib's public extension API: `build_opener` with our handlers) for the
+the opener installed in the process. `fetching(policy)` installs a `PoliteOpener` for the
 duration of a download task, and puts urllib's default back (`install_opener(None)`) when the
 last task of the process ends; tasks that overlap in one process share it, and a task with
-another policy waits for them. The opener differs from urllib's default in three ways:
+another policy waits for them. img2dataset is given `retries=0` and no header directives: the
+opener does both. For one URL it:
 
-- `timeout` is a total deadline for one URL: it starts when the first request of a redirect
-  chain is opened, is carried through redirects, and bounds the connect (and TLS handshake),
-  the request and every read of the headers and body, each recv getting only what is left.
-  Past it the read raises TimeoutError("timed out"). DNS resolution is bounded only by the
-  system resolver. A retry (`--retries`) is a new fetch with its own deadline.
+- follows redirects itself (at most 10 hops, http and https only), each hop a request of its
+  own: checked against its origin's robots.txt (`optouts`, unless `--robots-txt ignore`),
+  started only when its host's politeness allows (`politeness.Hosts`: connections in flight,
+  rate, Retry-After), and refused when its headers opt out (X-Robots-Tag directives, TDMRep's
+  `tdm-reservation: 1`), so an opt-out on any hop of a redirect counts;
+- tries again after a 429, or a 503 with Retry-After (the host pauses or slows first), up to
+  `URL_RATE_LIMITED_TRIES` answers, whatever `--retries` says: the server asked to come back;
+- retries (`--retries`) a timeout, a failed or reset connection and other 5xx answers (a bare
+  503 among them: it says nothing about pace, and one broken object should not slow a CDN), after an
+  exponential backoff with jitter that must fit in what is left of the URL's `timeout`;
+- reads the whole body (capped) before it frees the host's connection, and hands img2dataset
+  a response over those bytes.
+
+`timeout` is the URL's total budget of network time: every hop's connect (and TLS handshake),
+request and every read of its headers and body, each recv getting only what is left, plus the
+backoffs between retries. Past it a read raises TimeoutError("timed out"). Waiting for the
+host's turn (its connections, its rate, its Retry-After) is not counted: the host's limits and
+`--max-retry-after` bound it, and a host that stops answering is given up (`politeness`). DNS
+resolution is bounded only by the system resolver.
+
+Below it, `build_fetch_opener` (urllib's public extension API: `build_opener` with our
+handlers) makes one request per call:
+
 - bodies are capped at `max_bytes`: a larger Content-Length is refused before reading, and a
   body that grows past the cap is abandoned (the caller holds at most max_bytes + 1 bytes).
-- a response with the W3C TDMRep header `tdm-reservation: 1` is refused when `honour_tdm` (the
-  default), as img2dataset refuses X-Robots-Tag's noai: the row fails with a message naming the
-  header. img2dataset's downloader reads only X-Robots-Tag (its #308), so the opener checks it.
 - only http and https are fetched (proxies from the environment are used for those alone).
   file:// is read only when `allow_file_urls`, or when the file's real path (symlinks and
   `..` resolved) lies inside one of `file_roots`, and only if it is a regular file; ftp://,
@@ -33,27 +48,66 @@ import http.client
 import io
 import mimetypes
 import os
+import random
 import stat
 import threading
 import time
 import urllib.error
 import urllib.request
 import urllib.response
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
 
-DEADLINE = "dallekit_deadline"  # attribute carrying a request chain's deadline (time.monotonic())
+from dallekit.pipeline.optouts import (
+    IMG2DATASET_AGENT,
+    ROBOTS_DISALLOWED,
+    ROBOTS_MAX_BYTES,
+    ROBOTS_UNAVAILABLE,
+    TDM_REFUSED,
+    X_ROBOTS_REFUSED,
+    RobotsCache,
+    RobotsFile,
+    header_opt_out,
+)
+from dallekit.pipeline.politeness import HOST_SILENT, RATE_LIMITED, HostLimits, Hosts, retry_after_seconds
+
+__all__ = ["TDM_REFUSED", "FetchPolicy", "PoliteOpener", "Refused", "build_fetch_opener", "fetching", "row_outcome"]
+
+DEADLINE = "dallekit_deadline"  # attribute carrying a request's deadline (time.monotonic())
 CHUNK = 64 * 1024  # bytes read per call while counting a body against the cap
-TDM_REFUSED = "Use of image disallowed by tdm-reservation: 1 header (W3C TDMRep: text and data mining rights reserved)"
+MAX_REDIRECTS = 10  # hops one URL may take (urllib's default)
+ROBOTS_REDIRECTS = 5  # hops a robots.txt may take (RFC 9309: at least five)
+URL_RATE_LIMITED_TRIES = 4  # 429 (or 503 with Retry-After) answers one URL may get before its row fails as rate limited
+# what a failed row's message says happened, by its start: counted in download's stats, clean's reasons
+OUTCOMES = (
+    (ROBOTS_DISALLOWED, "robots_txt"),
+    (ROBOTS_UNAVAILABLE, "robots_txt_unavailable"),
+    (X_ROBOTS_REFUSED, "opted_out"),
+    (TDM_REFUSED, "opted_out"),
+    (RATE_LIMITED, "rate_limited"),
+    (HOST_SILENT, "host_not_answering"),
+)
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 8.0  # seconds: the first retry waits 0.25-0.5 s, each next one twice that, at most 4-8 s
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """What a download task may fetch: the byte cap and where file:// URLs may point."""
+    """What a download task may fetch and how politely: the byte cap, file:// roots, opt-outs, host limits and retries."""
 
     max_bytes: int
     allow_file_urls: bool = False
     file_roots: tuple[str, ...] = ()
     honour_tdm: bool = True  # refuse responses whose publisher reserves text and data mining (TDMRep)
+    robots_txt: bool = True  # honour robots.txt
+    agents: tuple[str, ...] = (IMG2DATASET_AGENT,)  # names matched in robots.txt groups and X-Robots-Tag prefixes
+    header_directives: frozenset[str] = field(default_factory=frozenset)  # X-Robots-Tag directives that opt an image out
+    limits: HostLimits = field(default_factory=HostLimits)
+    retries: int = 0  # extra tries after a timeout, a failed connection or a 5xx other than 503
+
+
+def row_outcome(message: str | None) -> str | None:
+    """What a failed row's error message says kept it: robots_txt, robots_txt_unavailable, opted_out, rate_limited, host_not_answering; else None."""
+    return next((outcome for start, outcome in OUTCOMES if message and message.startswith(start)), None)
 
 
 class Refused(urllib.error.URLError):
@@ -163,15 +217,12 @@ class _HTTPSHandler(_DeadlineOpen, urllib.request.HTTPSHandler):
     pass
 
 
-class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """urllib's redirects, the new request keeping the chain's deadline."""
+class _NoRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed here: a 3xx raises HTTPError, and `PoliteOpener` follows it as a request of its own."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        """The stdlib's redirected request, with the deadline of the first one."""
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and hasattr(req, DEADLINE):
-            setattr(new, DEADLINE, getattr(req, DEADLINE))
-        return new
+        """No new request: the 3xx answer goes back to the caller."""
+        return None
 
 
 class _CappedResponse:
@@ -205,12 +256,12 @@ class _CappedResponse:
 
 
 class _PolicyHandler(urllib.request.BaseHandler):
-    """Starts each request chain's deadline, refuses TDM reservations and caps the final response's body."""
+    """Starts each request's deadline and caps the body of a response that is not an error or a redirect."""
 
-    handler_order = 1100  # responses after HTTPErrorProcessor (1000): only the end of a redirect chain is capped
+    handler_order = 1100  # responses after HTTPErrorProcessor (1000): errors and redirects raise before
 
-    def __init__(self, max_bytes: int, honour_tdm: bool = True):
-        self.max_bytes, self.honour_tdm = max_bytes, honour_tdm
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
 
     def http_request(self, req):
         """Set the deadline when the chain's first request is opened (redirects carry it on)."""
@@ -222,9 +273,6 @@ class _PolicyHandler(urllib.request.BaseHandler):
         """Refuse a Content-Length above the cap; count the body against it while it is read."""
         if isinstance(response, _CappedResponse):
             return response
-        if self.honour_tdm and any(v.strip() == "1" for v in response.headers.get_all("tdm-reservation") or []):
-            response.close()
-            raise Refused(TDM_REFUSED)
         length = (response.headers.get("Content-Length") or "").strip()
         if length.isdigit() and int(length) > self.max_bytes:
             response.close()
@@ -285,13 +333,197 @@ class _NoUnknownHandler(urllib.request.UnknownHandler):
 
 
 def build_fetch_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
-    """urllib's default opener with our handlers in place of its HTTP(S), redirect, file, ftp, data and proxy ones."""
+    """urllib's default opener with our handlers in place of its HTTP(S), redirect, file, ftp, data and proxy ones; one request per call."""
     proxies = {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https")}
     return urllib.request.build_opener(
-        urllib.request.ProxyHandler(proxies), _HTTPHandler(), _HTTPSHandler(), _RedirectHandler(),
-        _PolicyHandler(policy.max_bytes, policy.honour_tdm), _FileHandler(policy.allow_file_urls, policy.file_roots),
+        urllib.request.ProxyHandler(proxies), _HTTPHandler(), _HTTPSHandler(), _NoRedirectHandler(),
+        _PolicyHandler(policy.max_bytes), _FileHandler(policy.allow_file_urls, policy.file_roots),
         _NoFTPHandler(), _NoDataHandler(), _NoUnknownHandler(),
     )
+
+
+ROBOTS = RobotsCache()  # this worker process's robots.txt files, shared by its tasks
+HOSTS = Hosts()  # this worker process's per-host politeness, shared by its tasks
+
+
+@dataclass
+class _Answer:
+    """One HTTP answer: its status, reason, headers and (for a 2xx) body."""
+
+    status: int
+    reason: str
+    headers: email.message.Message
+    body: bytes = b""
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds its Retry-After header asks to wait, or None."""
+        return retry_after_seconds(self.headers.get("Retry-After"))
+
+    @property
+    def limited(self) -> bool:
+        """A 429, or a 503 that says when to come back: the host asks for fewer requests (a bare 503 is a server error)."""
+        return self.status == 429 or (self.status == 503 and self.retry_after is not None)
+
+    def error(self, url: str) -> urllib.error.HTTPError:
+        """The HTTPError urllib raises for this answer (img2dataset stores its text: "HTTP Error 404: Not Found")."""
+        return urllib.error.HTTPError(url, self.status, self.reason, self.headers, None)
+
+
+def _timed_out(err: BaseException) -> bool:
+    return isinstance(err, TimeoutError) or (isinstance(err, urllib.error.URLError) and isinstance(err.reason, TimeoutError))
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether a failed try may pass on another: a timeout, a failed or reset connection, a 5xx; never a refusal or a 4xx."""
+    if isinstance(err, Refused):
+        return False
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code >= 500
+    if isinstance(err, urllib.error.URLError):
+        return isinstance(err.reason, OSError)
+    return isinstance(err, (OSError, http.client.HTTPException))
+
+
+def host_key(url: str) -> str:
+    """What politeness counts as one host: the URL's host name and port."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    except ValueError:  # a port that is not a number: the request fails on its own
+        port = 0
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def backoff_seconds(attempt: int) -> float:
+    """The wait before retry number `attempt` (1, 2, ...): exponential, with jitter over its upper half."""
+    top = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    return random.uniform(top / 2, top)
+
+
+class _Budget:
+    """Seconds of network time one URL has left (its `timeout`)."""
+
+    def __init__(self, seconds: float):
+        self.left = seconds
+
+    def deadline(self) -> float:
+        """The deadline of the next request: now plus what is left; TimeoutError when nothing is."""
+        if self.left <= 0:
+            raise TimeoutError("timed out")
+        return time.monotonic() + self.left
+
+
+class PoliteOpener:
+    """The opener a download task installs: robots.txt, per-host limits, opt-out headers on every hop, backoff (module docstring)."""
+
+    def __init__(self, policy: FetchPolicy, robots: RobotsCache | None = None, hosts: Hosts | None = None):
+        self.policy, self.inner = policy, build_fetch_opener(policy)
+        self.robots, self.hosts = robots or ROBOTS, hosts or HOSTS
+
+    def open(self, fullurl, data=None, timeout: float = 10.0):
+        """Fetch one URL (urlopen's signature); returns a response over its whole body."""
+        request = fullurl if isinstance(fullurl, urllib.request.Request) else urllib.request.Request(fullurl, data)
+        if request.type not in ("http", "https"):
+            return self.inner.open(request, timeout=timeout)
+        budget = _Budget(float(timeout) if isinstance(timeout, (int, float)) else 10.0)
+        attempt = 0
+        while True:
+            try:
+                return self._fetch(request, budget)
+            except Exception as err:
+                attempt += 1
+                pause = backoff_seconds(attempt)
+                if attempt > self.policy.retries or not _transient(err) or pause >= budget.left:
+                    raise
+            time.sleep(pause)
+            budget.left -= pause
+
+    def _fetch(self, request: urllib.request.Request, budget: _Budget):
+        """One try at a URL: its hops, each checked and paced; 429/503 answers are tried again after the host's pause."""
+        url, hops, limited = request.full_url, 0, 0
+        while True:
+            self._check_robots(url, dict(request.header_items()), budget.left)
+            answer = self._exchange(url, dict(request.header_items()), budget, again=limited > 0)
+            if answer.limited:
+                limited += 1
+                if limited >= URL_RATE_LIMITED_TRIES:
+                    raise Refused(f"{RATE_LIMITED}: HTTP Error {answer.status}: {answer.reason} from {urlsplit(url).hostname}, "
+                                  f"{limited} times for this URL")
+                continue
+            location = answer.headers.get("Location") if 300 <= answer.status < 400 else None
+            if location is None:
+                break
+            url, hops = urljoin(url, location.strip()), hops + 1
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise Refused(f"redirect to a URL scheme not allowed: {_short(url)} (only http and https are fetched)")
+            if hops > MAX_REDIRECTS:
+                raise Refused(f"more than {MAX_REDIRECTS} redirects from {_short(request.full_url)}")
+        if not 200 <= answer.status < 300:
+            raise answer.error(url)
+        return urllib.response.addinfourl(io.BytesIO(answer.body), answer.headers, url, answer.status)
+
+    def _check_robots(self, url: str, headers: dict, timeout: float) -> None:
+        if self.policy.robots_txt:
+            load = functools.partial(self._load_robots, headers=headers, timeout=timeout)
+            refusal = self.robots.get(url, load).refusal(url, self.policy.agents)
+            if refusal:
+                raise Refused(refusal)
+
+    def _load_robots(self, robots_url: str, headers: dict, timeout: float) -> RobotsFile:
+        """Fetch an origin's robots.txt as a request to its host, following up to ROBOTS_REDIRECTS hops; never raises."""
+        url, budget = robots_url, _Budget(timeout)
+        for _ in range(ROBOTS_REDIRECTS + 1):
+            try:
+                answer = self._exchange(url, headers, budget, opt_outs=False, limit=ROBOTS_MAX_BYTES)
+            except Exception as err:  # unreachable, timed out, refused: the origin's rows wait
+                return RobotsFile.from_answer(robots_url, None, error=str(err) or type(err).__name__)
+            location = answer.headers.get("Location") if 300 <= answer.status < 400 else None
+            if location is None:
+                return RobotsFile.from_answer(robots_url, answer.status, answer.body)
+            url = urljoin(url, location.strip())
+        return RobotsFile.from_answer(robots_url, None, error=f"more than {ROBOTS_REDIRECTS} redirects")
+
+    def _exchange(self, url: str, headers: dict, budget: _Budget, again: bool = False, opt_outs: bool = True,
+                  limit: int | None = None) -> _Answer:
+        """One request to `url`'s host once it is its turn; the host learns how it went. Raises on no answer or an opt-out."""
+        host, limits = host_key(url), self.policy.limits
+        started = self.hosts.acquire(host, limits, again)
+        outcome, retry_after = "error", None
+        try:
+            answer = self._request(url, headers, budget, opt_outs, limit)
+            outcome, retry_after = ("limited", answer.retry_after) if answer.limited else ("ok", None)
+            return answer
+        except Refused:
+            outcome = "ok"  # the host answered; we refused what it said
+            raise
+        except Exception as err:
+            outcome = "silent" if _timed_out(err) else "error"
+            raise
+        finally:
+            self.hosts.release(host, started, limits, outcome, retry_after)
+
+    def _request(self, url: str, headers: dict, budget: _Budget, opt_outs: bool, limit: int | None) -> _Answer:
+        """Send one request within the budget; refuse an opt-out before its body is read."""
+        hop = urllib.request.Request(url, headers=headers)
+        started = time.monotonic()
+        setattr(hop, DEADLINE, budget.deadline())
+        try:
+            with self.inner.open(hop, timeout=budget.left) as response:
+                self._refuse_opt_out(response.headers, opt_outs)
+                body = response.read(limit) if limit else response.read()
+                return _Answer(response.status, response.reason, response.headers, body)
+        except urllib.error.HTTPError as err:  # errors and redirects: an answer, its headers read, its body not
+            with contextlib.closing(err):
+                self._refuse_opt_out(err.headers, opt_outs and 300 <= err.code < 400)
+                return _Answer(err.code, str(err.reason), err.headers)
+        finally:
+            budget.left -= time.monotonic() - started
+
+    def _refuse_opt_out(self, headers, check: bool) -> None:
+        refusal = check and header_opt_out(headers, self.policy.agents, self.policy.header_directives, self.policy.honour_tdm)
+        if refusal:
+            raise Refused(refusal)
 
 
 class _Installed:
@@ -309,7 +541,7 @@ def fetching(policy: FetchPolicy):
         while _Installed.users and _Installed.policy != policy:
             _Installed.changed.wait()
         if not _Installed.users:
-            urllib.request.install_opener(build_fetch_opener(policy))
+            urllib.request.install_opener(PoliteOpener(policy))
             _Installed.policy = policy
         _Installed.users += 1
     try:

@@ -2,7 +2,8 @@
 
 Only `failed_to_download` rows whose message says the failure was the network's or the
 server's at that moment are fetched again: timeouts, refused or reset connections, 5xx and 429
-answers, rows the downloader lost. 404s, opt-outs (X-Robots-Tag, TDMRep), refusals (size,
+answers, rows the downloader lost, rows kept by a host that asked to wait or stopped answering
+or whose robots.txt could not be read. 404s, opt-outs (robots.txt rules, X-Robots-Tag, TDMRep), refusals (size,
 scheme) and decode errors stay as they are. One Dask task per shard reads its status and
 message columns, fetches its retryable rows with the download's own options through the same
 img2dataset glue (`download.fetch_rows`), and rewrites the shard atomically with the row order,
@@ -39,7 +40,9 @@ from dallekit.config import DownloadConfig, build_config
 from dallekit.errors import BadInputError
 from dallekit.io import list_shards, read_shard, shard_index, shard_schema, shard_stem, write_json_atomic, write_table_atomic
 from dallekit.pipeline.download import LOST_ROW, RESIZER_VERSION, RETRIES, DownloadShard, fetch_rows, read_file_roots, status_counters
+from dallekit.pipeline.optouts import ROBOTS_UNAVAILABLE
 from dallekit.pipeline.passes import Mark, clear_marks, hold_folder, read_marks, run_pass, write_mark
+from dallekit.pipeline.politeness import HOST_SILENT, RATE_LIMITED
 from dallekit.pipeline.shards import input_identity, read_stats, summarize, write_success
 from dallekit.pipeline.stage import OUTPUT_PACKAGES, check_worker_versions, package_versions
 
@@ -50,7 +53,9 @@ RETRYABLE = re.compile(
     r"^(?:HTTP Error (?:5\d\d|429):"
     r"|(?:<urlopen error )?(?:\[Errno -?\d+\] |\[SSL: [A-Z_]+\] )?(?:timed out|The read operation timed out|"
     r"Connection (?:refused|reset by peer|aborted)|Temporary failure in name resolution|EOF occurred in violation of protocol)"
-    r"|Remote end closed connection without response|IncompleteRead\(|" + re.escape(LOST_ROW) + "$)"
+    r"|Remote end closed connection without response|IncompleteRead\(|" + re.escape(LOST_ROW) + "$"
+    # the host asked to wait, stopped answering, or its robots.txt could not be read (politeness, optouts)
+    r"|" + "|".join(re.escape(m) + ":" for m in (RATE_LIMITED, HOST_SILENT, ROBOTS_UNAVAILABLE)) + ")"
 )
 ROUND = "_retry/round.json"  # the round under way (download's refuse_during_retry reads it too)
 PASS = "retry"  # the engine's pass of a round over the download folder

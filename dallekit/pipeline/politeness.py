@@ -1,0 +1,187 @@
+"""politeness: how hard one worker process presses on each host it downloads from.
+
+`Hosts.acquire(host, limits)` returns when a request to `host` may start, and the caller
+reports how it went with `Hosts.release`. Per host (the URL's host name and port, `fetch.host_key`):
+
+- at most `limits.connections` requests are in flight;
+- with `limits.rate`, starts are at least 1/rate seconds apart;
+- a 429 or 503 with Retry-After (seconds or an HTTP date, capped at `limits.max_retry_after`)
+  pauses the host's next start until then; a 429 without one halves the host's rate (once per round
+  of requests: only a request started after the last cut can cut it again), down to
+  `RATE_FLOOR`. Each answered request then raises it by an eighth, until it is back above the
+  configured rate (or, with none, `RATE_CEILING`), when the limit is lifted;
+- waiting requests start in order of arrival, a rate-limited request that comes back for
+  another try first;
+- a host that leaves `SILENT_LIMIT` requests in a row unanswered (timed out), or answers
+  `RATE_LIMITED_LIMIT` in a row with 429 (or 503 with Retry-After), is given up for `GIVE_UP_SECONDS`: its waiting
+  and later requests fail at once with a message that says why (`HostGivenUp`), and
+  `download --retry-failed` fetches them later. So a host that accepts connections and never
+  answers costs a task about SILENT_LIMIT / connections x timeout, not rows / connections x timeout.
+
+The state is per process, shared by the threads (and overlapping tasks) of a worker. Across
+Dask workers nothing is shared: each worker process keeps its own limits. At most `size` hosts
+are remembered, the least recently used idle ones forgotten first.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+RATE_FLOOR = 0.5  # requests a second a host's rate never halves below
+RATE_CEILING = 1000.0  # a learned rate above this (with no --per-host-rate) is lifted: the connections bound alone
+RECOVERY = 1 / 8  # an answered request raises a cut rate by this fraction
+SILENT_LIMIT = 8  # unanswered (timed-out) requests in a row before a host is given up
+RATE_LIMITED_LIMIT = 32  # 429 answers (or 503 with Retry-After) in a row before a host is given up
+GIVE_UP_SECONDS = 600.0  # how long a given-up host's requests fail at once
+RATE_LIMITED = "Rate limited"  # the message of a row whose host kept answering 429/503
+HOST_SILENT = "Host not answering"  # the message of a row whose host was given up for not answering
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """How hard a worker process may press on one host."""
+
+    connections: int = 4  # requests in flight to one host at most
+    rate: float | None = None  # requests a second to one host at most (None: as many as the connections allow)
+    max_retry_after: float = 60.0  # longest Retry-After honoured, in seconds
+
+
+class HostGivenUp(Exception):
+    """A request to a host this process has given up for now; the message says why."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a Retry-After header value asks to wait (delay-seconds or an HTTP date), or None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass
+class _Host:
+    """One host's state; guarded by its condition."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    queue: list = field(default_factory=list)  # heap of (priority, ticket) of the requests waiting to start
+    in_flight: int = 0
+    next_start: float = 0.0  # time.monotonic() before which no request starts (the rate's spacing)
+    paused_until: float = 0.0  # Retry-After
+    rate: float | None = None  # the learned limit after a 429/503 without Retry-After (None: none)
+    last_cut: float = 0.0  # when the rate was last halved
+    last_start: float = 0.0
+    interval: float = 0.0  # moving average of the time between starts: the rate actually sent
+    silent_in_row: int = 0
+    limited_in_row: int = 0
+    given_up_until: float = 0.0
+    given_up_why: str = ""
+
+
+class Hosts:
+    """Per-host connection, rate and back-off state of this process (see the module docstring)."""
+
+    def __init__(self, size: int = 10000):
+        self.size = size
+        self._hosts: collections.OrderedDict[str, _Host] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._tickets = itertools.count()
+
+    def _host(self, name: str) -> _Host:
+        with self._lock:
+            host = self._hosts.get(name)
+            if host is None:
+                host = self._hosts[name] = _Host()
+                self._forget_idle()
+            self._hosts.move_to_end(name)
+            return host
+
+    def _forget_idle(self) -> None:
+        """Forget the least recently used hosts nobody waits on, beyond `size`."""
+        for name in list(self._hosts)[: max(0, len(self._hosts) - self.size)]:
+            host = self._hosts[name]
+            if not host.in_flight and not host.queue:
+                del self._hosts[name]
+
+    def acquire(self, name: str, limits: HostLimits, again: bool = False) -> float:
+        """Wait until a request to host `name` may start; returns its start time. `again`: a rate-limited request's next try."""
+        host = self._host(name)
+        ticket = (0 if again else 1, next(self._tickets))
+        with host.changed:
+            heapq.heappush(host.queue, ticket)
+            try:
+                now = self._wait_turn(host, ticket, limits)
+            finally:
+                host.queue.remove(ticket)
+                heapq.heapify(host.queue)
+                host.changed.notify_all()
+            host.in_flight += 1
+            if host.last_start:
+                host.interval = 0.8 * host.interval + 0.2 * (now - host.last_start) if host.interval else now - host.last_start
+            host.last_start = now
+            rate = min(r for r in (host.rate, limits.rate, float("inf")) if r is not None)
+            host.next_start = now + (1 / rate if rate != float("inf") else 0.0)
+            return now
+
+    @staticmethod
+    def _wait_turn(host: _Host, ticket: tuple, limits: HostLimits) -> float:
+        """Block (holding the host's condition) until `ticket` is first in line and the host's limits let it start."""
+        while True:
+            now = time.monotonic()
+            if now < host.given_up_until:
+                raise HostGivenUp(host.given_up_why)
+            ready_at = max(host.next_start, host.paused_until)
+            first = host.queue[0] == ticket
+            if first and host.in_flight < limits.connections and now >= ready_at:
+                return now
+            host.changed.wait(ready_at - now if first and now < ready_at else None)
+
+    def release(self, name: str, started: float, limits: HostLimits, answer: str, retry_after: float | None = None) -> None:
+        """Report how a request that started at `started` ended: answer is "ok", "limited" (429/503), "silent" (timed out) or "error"."""
+        host = self._host(name)
+        with host.changed:
+            host.in_flight -= 1
+            now = time.monotonic()
+            if answer == "ok":
+                host.silent_in_row = host.limited_in_row = 0
+                self._recover(host, limits)
+            elif answer == "limited":
+                host.silent_in_row, host.limited_in_row = 0, host.limited_in_row + 1
+                if retry_after:  # a Retry-After of 0 or a past date says nothing about pace: treated as absent
+                    host.paused_until = max(host.paused_until, now + min(retry_after, limits.max_retry_after))
+                elif started >= host.last_cut:
+                    sent = 1 / host.interval if host.interval else limits.connections
+                    current = min(r for r in (host.rate, limits.rate, sent) if r is not None)
+                    host.rate, host.last_cut = max(RATE_FLOOR, current / 2), now
+                if host.limited_in_row >= RATE_LIMITED_LIMIT:
+                    self._give_up(host, now, f"{RATE_LIMITED}: {name} answered {host.limited_in_row} requests in a row with 429/503")
+            elif answer == "silent":
+                host.silent_in_row += 1
+                if host.silent_in_row >= SILENT_LIMIT:
+                    self._give_up(host, now, f"{HOST_SILENT}: {name} left {host.silent_in_row} requests in a row unanswered")
+            host.changed.notify_all()
+
+    @staticmethod
+    def _recover(host: _Host, limits: HostLimits) -> None:
+        if host.rate is None:
+            return
+        host.rate *= 1 + RECOVERY
+        if host.rate > (limits.rate or RATE_CEILING):
+            host.rate = None
+
+    @staticmethod
+    def _give_up(host: _Host, now: float, why: str) -> None:
+        host.given_up_until = now + GIVE_UP_SECONDS
+        host.given_up_why = f"{why}; its rows are not fetched for now (`dallekit download --retry-failed` fetches them later)"
+        host.silent_in_row = host.limited_in_row = 0
