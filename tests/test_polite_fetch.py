@@ -62,13 +62,13 @@ def test_a_missing_robots_txt_allows_everything():
         assert fetch(polite(), host.url("/a.jpg")) == IMAGE and host.by_path["/robots.txt"] == 1
 
 
-@pytest.mark.parametrize("rules, why", [
-    (HostRules(robots_txt=PRIVATE, robots_status=503), "HTTP Error 503"),
-    (HostRules(robots_txt=PRIVATE, robots_delay=2.0), "timed out"),
+@pytest.mark.parametrize("rules, timeout, why", [
+    (HostRules(robots_txt=PRIVATE, robots_status=503), 10, "HTTP Error 503"),
+    (HostRules(robots_txt=PRIVATE, robots_delay=3.0), 0.5, "timed out"),
 ])
-def test_a_robots_txt_that_errors_or_is_too_slow_keeps_the_hosts_rows_for_later(rules, why):
+def test_a_robots_txt_that_errors_or_is_too_slow_keeps_the_hosts_rows_for_later(rules, timeout, why):
     with LoopbackHost("127.0.0.4", images(["/a.jpg", "/b.jpg"]), rules) as host:
-        results = fetch_all(polite(), [host.url("/a.jpg"), host.url("/b.jpg")], timeout=0.5)
+        results = fetch_all(polite(), [host.url("/a.jpg"), host.url("/b.jpg")], timeout=timeout)
         assert all(r.startswith(ROBOTS_UNAVAILABLE) and why in r for r in results), results
         assert host.by_path["/a.jpg"] == host.by_path["/b.jpg"] == 0 and host.by_path["/robots.txt"] == 1
 
@@ -180,3 +180,44 @@ def test_a_host_whose_robots_txt_never_answers_costs_one_timeout():
 def test_hosts_are_told_apart_by_name_and_port():
     assert host_key("http://Example.com/a") == "example.com:80" and host_key("https://example.com:8443/a") == "example.com:8443"
     assert host_key("http://127.0.0.2:5000/a") != host_key("http://127.0.0.3:5000/a")
+
+
+def test_what_kept_a_row_is_retried_only_when_it_may_pass():
+    from dallekit.pipeline.retry import is_retryable
+
+    for message in (f"{RATE_LIMITED}: HTTP Error 429: Too Many Requests from h, 4 times for this URL",
+                    f"{HOST_SILENT}: h:80 left 8 requests in a row unanswered", f"{ROBOTS_UNAVAILABLE}: http://h/robots.txt ..."):
+        assert is_retryable("failed_to_download", message), message
+    for message in (f"{ROBOTS_DISALLOWED}: http://h/robots.txt rule 'Disallow: /'", f"{X_ROBOTS_REFUSED}: noai", TDM_REFUSED):
+        assert not is_retryable("failed_to_download", message), message
+
+
+@pytest.mark.slow
+def test_the_download_stage_counts_what_sites_said_and_clean_names_it(tmp_path, client):
+    from PIL import Image
+
+    from dallekit.config import CleanConfig, DownloadConfig
+    from dallekit.demo.synthetic import encode
+    from dallekit.pipeline.clean import clean
+    from dallekit.pipeline.download import download
+    from tests.helpers import check_accounting, read_stage
+    from tests.test_download import make_url_shards
+
+    def jpeg(i):
+        return Route(encode(Image.new("RGB", (64, 64), (40 * i % 256, 90, 200))), headers={"Content-Type": "image/jpeg"})
+
+    routes = {f"/private/{i}.jpg": jpeg(i) for i in range(3)} | {f"/{i}.jpg": jpeg(i + 3) for i in range(3)}
+    routes["/noai.jpg"] = Route(routes["/0.jpg"].body, headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"})
+    with LoopbackHost("127.0.0.2", routes, HostRules(robots_txt=PRIVATE, rate_limit=4, burst=2)) as host:
+        urls = [host.url(p) for p in routes]
+        shards = make_url_shards(tmp_path, client, urls, shard_size=4)
+        stats = download(str(shards), str(tmp_path / "images"), DownloadConfig(threads=4, timeout=5), client)
+        check_accounting(tmp_path / "images", len(urls))
+        assert stats["counters"]["outcome"] == {"robots_txt": 3, "opted_out": 1} and stats["config"]["robots_txt"] == "obey"
+        assert stats["counters"]["status"] == {"success": 3, "failed_to_download": 4}  # the rate limit cost no row
+        assert not any(host.by_path[f"/private/{i}.jpg"] for i in range(3))
+        clean(str(tmp_path / "images"), str(tmp_path / "clean"), CleanConfig(near_dup_distance=-1), client)
+        _, rejects, _ = read_stage(tmp_path / "clean")
+        assert sorted(rejects["reason"]) == ["opted_out", "robots_txt", "robots_txt", "robots_txt"]
+        ignored = download(str(shards), str(tmp_path / "ignored"), DownloadConfig(threads=4, timeout=5, robots_txt="ignore"), client)
+        assert ignored["config"]["robots_txt"] == "ignore" and ignored["counters"]["status"]["success"] == 6

@@ -66,9 +66,11 @@ class _HostHandler(_Handler):
         host: LoopbackHost = self.server.owner  # type: ignore[attr-defined]
         route = host.arrive(self.path.split("?", 1)[0])
         try:
-            self.answer(route, host.max_delay)
-        finally:
+            if route.delay:
+                time.sleep(min(route.delay, host.max_delay))
+        finally:  # out before the answer is sent: a client that has its answer may start its next request at once
             host.leave()
+        self.answer(dataclasses.replace(route, delay=0.0), host.max_delay)
 
 
 class LoopbackHost(ShapesServer):
@@ -78,7 +80,8 @@ class LoopbackHost(ShapesServer):
     other path first meets `max_in_flight`, then the rate limit, and a request refused by either
     gets 429 (with `retry_after` when set) at once. The counters (`requests`, `by_path`,
     `statuses`, `peak_in_flight`) count a request when it arrives and its status before it is
-    sent, so a client that has its answer finds it counted. A silent host never accepts a
+    sent, so a client that has its answer finds it counted; a request is in flight from its
+    arrival until its answer is about to be sent. A silent host never accepts a
     connection, so it counts nothing. Stops itself after `max_seconds` or `max_requests`.
     """
 

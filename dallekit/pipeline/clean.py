@@ -85,7 +85,7 @@ def caption_reason(caption: str, config: CleanConfig) -> str | None:
 def scan_shard(path: str, work_dir: str, config: CleanConfig) -> int:
     """Pass 1: per-row reason (download, decode, caption), repaired caption and the image's signature columns; returns rows."""
     stored = _stored_signature(path)
-    messages_kept = "error_message" in shard_schema(path).names  # what download's failed rows say: robots_txt, rate_limited, ...
+    messages_kept = "error_message" in shard_schema(path)[0].names  # what download's failed rows say: robots_txt, rate_limited, ...
     table = read_shard(path, columns=["uid", "caption", "status", "sha256"] + (["error_message"] if messages_kept else [])
                        + (SIGNATURE + ["width", "height"] if stored else ["jpg"]))
     check_unique_uids(table.column("uid"), path.rstrip("/").rsplit("/", 1)[-1])

@@ -6,8 +6,9 @@ reports how it went with `Hosts.release`. Per host (the URL's host name and port
 - at most `limits.connections` requests are in flight;
 - with `limits.rate`, starts are at least 1/rate seconds apart;
 - a 429 or 503 with Retry-After (seconds or an HTTP date, capped at `limits.max_retry_after`)
-  pauses the host's next start until then; a 429 without one halves the host's rate (once per round
-  of requests: only a request started after the last cut can cut it again), down to
+  pauses the host's next start until then; a 429 without one halves the host's rate, taken as
+  the requests it answered in the last second (once per round of requests: only a request
+  started after the last cut can cut it again), down to
   `RATE_FLOOR`. Each answered request then raises it by an eighth, until it is back above the
   configured rate (or, with none, `RATE_CEILING`), when the limit is lifted;
 - waiting requests start in order of arrival, a rate-limited request that comes back for
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 RATE_FLOOR = 0.5  # requests a second a host's rate never halves below
 RATE_CEILING = 1000.0  # a learned rate above this (with no --per-host-rate) is lifted: the connections bound alone
-RECOVERY = 1 / 8  # an answered request raises a cut rate by this fraction
+RECOVERY = 1 / 4  # an answered request raises a cut rate by this fraction
 SILENT_LIMIT = 8  # unanswered (timed-out) requests in a row before a host is given up
 RATE_LIMITED_LIMIT = 32  # 429 answers (or 503 with Retry-After) in a row before a host is given up
 GIVE_UP_SECONDS = 600.0  # how long a given-up host's requests fail at once
@@ -81,8 +82,7 @@ class _Host:
     paused_until: float = 0.0  # Retry-After
     rate: float | None = None  # the learned limit after a 429/503 without Retry-After (None: none)
     last_cut: float = 0.0  # when the rate was last halved
-    last_start: float = 0.0
-    interval: float = 0.0  # moving average of the time between starts: the rate actually sent
+    answered: collections.deque = field(default_factory=collections.deque)  # start times of the last second's answered requests
     silent_in_row: int = 0
     limited_in_row: int = 0
     given_up_until: float = 0.0
@@ -127,9 +127,6 @@ class Hosts:
                 heapq.heapify(host.queue)
                 host.changed.notify_all()
             host.in_flight += 1
-            if host.last_start:
-                host.interval = 0.8 * host.interval + 0.2 * (now - host.last_start) if host.interval else now - host.last_start
-            host.last_start = now
             rate = min(r for r in (host.rate, limits.rate, float("inf")) if r is not None)
             host.next_start = now + (1 / rate if rate != float("inf") else 0.0)
             return now
@@ -155,15 +152,17 @@ class Hosts:
             now = time.monotonic()
             if answer == "ok":
                 host.silent_in_row = host.limited_in_row = 0
+                host.answered.append(started)
+                while host.answered and host.answered[0] < now - 1.0:  # a second's worth at most
+                    host.answered.popleft()
                 self._recover(host, limits)
             elif answer == "limited":
                 host.silent_in_row, host.limited_in_row = 0, host.limited_in_row + 1
                 if retry_after:  # a Retry-After of 0 or a past date says nothing about pace: treated as absent
                     host.paused_until = max(host.paused_until, now + min(retry_after, limits.max_retry_after))
                 elif started >= host.last_cut:
-                    sent = 1 / host.interval if host.interval else limits.connections
-                    current = min(r for r in (host.rate, limits.rate, sent) if r is not None)
-                    host.rate, host.last_cut = max(RATE_FLOOR, current / 2), now
+                    host.rate, host.last_cut = max(RATE_FLOOR, self._accepted_rate(host, limits, now) / 2), now
+                    host.next_start = max(host.next_start, now + 1 / host.rate)  # the next start keeps the new pace, not the old one
                 if host.limited_in_row >= RATE_LIMITED_LIMIT:
                     self._give_up(host, now, f"{RATE_LIMITED}: {name} answered {host.limited_in_row} requests in a row with 429/503")
             elif answer == "silent":
@@ -171,6 +170,14 @@ class Hosts:
                 if host.silent_in_row >= SILENT_LIMIT:
                     self._give_up(host, now, f"{HOST_SILENT}: {name} left {host.silent_in_row} requests in a row unanswered")
             host.changed.notify_all()
+
+    @staticmethod
+    def _accepted_rate(host: _Host, limits: HostLimits, now: float) -> float:
+        """Requests a second the host answered lately (those started in the last second), within the limits in force."""
+        while host.answered and host.answered[0] < now - 1.0:
+            host.answered.popleft()
+        limit = min((r for r in (host.rate, limits.rate) if r is not None), default=float("inf"))
+        return min(limit, float(len(host.answered))) if host.answered else min(limit, 2 * RATE_FLOOR)
 
     @staticmethod
     def _recover(host: _Host, limits: HostLimits) -> None:
