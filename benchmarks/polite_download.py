@@ -21,6 +21,7 @@ allowed URLs> in its worst round. Target >= 0.99.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import platform
@@ -67,6 +68,7 @@ class Run:
     disallowed_requests: int
     throttled: int  # 429s the hosts sent
     seconds: float
+    failures: collections.Counter  # the allowed URLs' error messages (their first 72 characters)
 
 
 def make_site(n: int, seed: int = 0) -> Site:
@@ -84,13 +86,15 @@ def make_site(n: int, seed: int = 0) -> Site:
     return site
 
 
-def allowed_successes(folder: Path, allowed: set[str]) -> int:
-    """Rows with status success whose URL is an allowed one, in a folder of Parquet shards."""
+def allowed_outcomes(folder: Path, allowed: set[str]) -> tuple[int, collections.Counter]:
+    """Rows with status success whose URL is an allowed one, and the other allowed rows' messages, in a folder of Parquet shards."""
     import pyarrow.parquet as pq
 
     files = [p for p in folder.glob("*.parquet") if not p.name.startswith("_")]
-    rows = [pq.read_table(p, columns=["url", "status"]).to_pandas() for p in files]
-    return sum(int((r["status"].eq("success") & r["url"].isin(allowed)).sum()) for r in rows)
+    rows = pd.concat([pq.read_table(p, columns=["url", "status", "error_message"]).to_pandas() for p in files])
+    rows = rows[rows["url"].isin(allowed)]
+    failed = rows[rows["status"].ne("success")]["error_message"].fillna("").str.slice(0, 72)
+    return int(rows["status"].eq("success").sum()), collections.Counter(failed)
 
 
 def measure(cmd: list[str], out: Path, hosts: list[LoopbackHost], allowed: set[str]) -> Run:
@@ -99,7 +103,8 @@ def measure(cmd: list[str], out: Path, hosts: list[LoopbackHost], allowed: set[s
         host.reset_counters()
     seconds = run_command(cmd)
     disallowed = sum(count for host in hosts for path, count in list(host.by_path.items()) if path.startswith(DISALLOWED))
-    run = Run(allowed_successes(out, allowed), disallowed, sum(host.statuses[429] for host in hosts), seconds)
+    successes, failures = allowed_outcomes(out, allowed)
+    run = Run(successes, disallowed, sum(host.statuses[429] for host in hosts), seconds, failures)
     shutil.rmtree(out)
     return run
 
@@ -117,6 +122,8 @@ def report(results: list[tuple[Run, Run]], allowed: int, bound: float) -> None:
         for tool, run in zip(("img2dataset", "dallekit"), runs):
             print(f"{i:<7}{tool:<13}{f'{run.successes}/{allowed}':>16}{run.disallowed_requests:>16}{run.throttled:>11}{run.seconds:>9.1f}")
     ours = [b for _, b in results]
+    for i, run in enumerate(ours, 1):
+        print(f"dallekit round {i}: allowed URLs that failed: {dict(run.failures.most_common(3)) or 'none'}")
     print(f"rate-limit bound: {bound:.1f} s")
     print(f"dallekit wall / bound: {', '.join(f'{r.seconds / bound:.2f}' for r in ours)} (target <= 1.25)")
     print(f"dallekit requests to disallowed paths: {', '.join(str(r.disallowed_requests) for r in ours)} (target 0)")

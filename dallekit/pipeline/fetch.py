@@ -77,7 +77,7 @@ DEADLINE = "dallekit_deadline"  # attribute carrying a request's deadline (time.
 CHUNK = 64 * 1024  # bytes read per call while counting a body against the cap
 MAX_REDIRECTS = 10  # hops one URL may take (urllib's default)
 ROBOTS_REDIRECTS = 5  # hops a robots.txt may take (RFC 9309: at least five)
-URL_RATE_LIMITED_TRIES = 4  # 429 (or 503 with Retry-After) answers one URL may get before its row fails as rate limited
+URL_RATE_LIMITED_TRIES = 6  # 429 (or 503 with Retry-After) answers one URL may get before its row fails as rate limited
 # what a failed row's message says happened, by its start: counted in download's stats, clean's reasons
 OUTCOMES = (
     (ROBOTS_DISALLOWED, "robots_txt"),

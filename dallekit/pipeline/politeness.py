@@ -5,12 +5,14 @@ reports how it went with `Hosts.release`. Per host (the URL's host name and port
 
 - at most `limits.connections` requests are in flight;
 - with `limits.rate`, starts are at least 1/rate seconds apart;
-- a 429 or 503 with Retry-After (seconds or an HTTP date, capped at `limits.max_retry_after`)
-  pauses the host's next start until then; a 429 without one halves the host's rate, taken as
-  the requests it answered in the last second (once per round of requests: only a request
-  started after the last cut can cut it again), down to
-  `RATE_FLOOR`. Each answered request then raises it by an eighth, until it is back above the
-  configured rate (or, with none, `RATE_CEILING`), when the limit is lifted;
+- a 429 (or a 503 with Retry-After) halves the host's rate, taken as the requests it answered
+  in the last second (once per round of requests: only a request started after the last cut
+  can cut it again), down to `RATE_FLOOR`; its Retry-After (seconds or an HTTP date, capped at
+  `limits.max_retry_after`) also pauses the host's next start until then. The cut after a
+  pause matters when several workers share a host: resuming at full speed, the first to
+  resume would take the host's whole allowance each time and starve the others. Each answered
+  request then raises a cut rate by a quarter, until it is back above the configured rate (or,
+  with none, `RATE_CEILING`), when the limit is lifted;
 - waiting requests start in order of arrival, a rate-limited request that comes back for
   another try first;
 - a host that leaves `SILENT_LIMIT` requests in a row unanswered (timed out), or answers
@@ -158,9 +160,9 @@ class Hosts:
                 self._recover(host, limits)
             elif answer == "limited":
                 host.silent_in_row, host.limited_in_row = 0, host.limited_in_row + 1
-                if retry_after:  # a Retry-After of 0 or a past date says nothing about pace: treated as absent
+                if retry_after:  # a Retry-After of 0 or a past date says nothing: treated as absent
                     host.paused_until = max(host.paused_until, now + min(retry_after, limits.max_retry_after))
-                elif started >= host.last_cut:
+                if started >= host.last_cut:  # after a pause too: resuming at full speed would drain the host's allowance at once
                     host.rate, host.last_cut = max(RATE_FLOOR, self._accepted_rate(host, limits, now) / 2), now
                     host.next_start = max(host.next_start, now + 1 / host.rate)  # the next start keeps the new pace, not the old one
                 if host.limited_in_row >= RATE_LIMITED_LIMIT:
