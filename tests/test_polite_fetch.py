@@ -221,3 +221,13 @@ def test_the_download_stage_counts_what_sites_said_and_clean_names_it(tmp_path, 
         assert sorted(rejects["reason"]) == ["opted_out", "robots_txt", "robots_txt", "robots_txt"]
         ignored = download(str(shards), str(tmp_path / "ignored"), DownloadConfig(threads=4, timeout=5, robots_txt="ignore"), client)
         assert ignored["config"]["robots_txt"] == "ignore" and ignored["counters"]["status"]["success"] == 6
+
+
+def test_a_worker_remembers_a_bounded_number_of_hosts():
+    hosts, limits = Hosts(size=3), HostLimits()
+    busy = hosts.acquire("busy:80", limits)  # in flight: never forgotten
+    for i in range(10):
+        name = f"h{i}:80"
+        hosts.release(name, hosts.acquire(name, limits), limits, "ok")
+    assert len(hosts._hosts) <= 3 and "busy:80" in hosts._hosts
+    hosts.release("busy:80", busy, limits, "ok")

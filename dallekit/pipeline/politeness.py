@@ -111,10 +111,13 @@ class Hosts:
 
     def _forget_idle(self) -> None:
         """Forget the least recently used hosts nobody waits on, beyond `size`."""
-        for name in list(self._hosts)[: max(0, len(self._hosts) - self.size)]:
-            host = self._hosts[name]
-            if not host.in_flight and not host.queue:
-                del self._hosts[name]
+        excess = len(self._hosts) - self.size
+        if excess > 0:  # the oldest first; a busy one is kept, so look a little further than the excess
+            for name in list(itertools.islice(self._hosts, excess + 16)):
+                host = self._hosts[name]
+                if excess > 0 and not host.in_flight and not host.queue:
+                    del self._hosts[name]
+                    excess -= 1
 
     def acquire(self, name: str, limits: HostLimits, again: bool = False) -> float:
         """Wait until a request to host `name` may start; returns its start time. `again`: a rate-limited request's next try."""
