@@ -50,13 +50,15 @@ import mimetypes
 import os
 import random
 import stat
+import string
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import urllib.response
-from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from dataclasses import dataclass, field, replace
+from urllib.parse import quote, urljoin, urlsplit
 
 from dallekit.pipeline.optouts import (
     IMG2DATASET_AGENT,
@@ -385,6 +387,12 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, (OSError, http.client.HTTPException))
 
 
+def redirect_target(url: str, location: str) -> str:
+    """Where a Location header sends `url`, percent-encoded as urllib's redirect handler does (spaces, UTF-8 read as Latin-1)."""
+    # http.client decodes headers as Latin-1: encoding back recovers the server's bytes, then quote() escapes them
+    return urljoin(url, quote(location.strip(), encoding="iso-8859-1", safe=string.punctuation))
+
+
 def host_key(url: str) -> str:
     """What politeness counts as one host: the URL's host name and port."""
     parts = urlsplit(url)
@@ -419,6 +427,8 @@ class PoliteOpener:
 
     def __init__(self, policy: FetchPolicy, robots: RobotsCache | None = None, hosts: Hosts | None = None):
         self.policy, self.inner = policy, build_fetch_opener(policy)
+        # robots.txt is read up to ROBOTS_MAX_BYTES whatever its Content-Length: --max-image-bytes is for images
+        self.robots_inner = build_fetch_opener(replace(policy, max_bytes=sys.maxsize))
         self.robots, self.hosts = robots or ROBOTS, hosts or HOSTS
 
     def open(self, fullurl, data=None, timeout: float = 10.0):
@@ -454,7 +464,7 @@ class PoliteOpener:
             location = answer.headers.get("Location") if 300 <= answer.status < 400 else None
             if location is None:
                 break
-            url, hops = urljoin(url, location.strip()), hops + 1
+            url, hops = redirect_target(url, location), hops + 1
             if urlsplit(url).scheme not in ("http", "https"):
                 raise Refused(f"redirect to a URL scheme not allowed: {_short(url)} (only http and https are fetched)")
             if hops > MAX_REDIRECTS:
@@ -481,7 +491,9 @@ class PoliteOpener:
             location = answer.headers.get("Location") if 300 <= answer.status < 400 else None
             if location is None:
                 return RobotsFile.from_answer(robots_url, answer.status, answer.body)
-            url = urljoin(url, location.strip())
+            url = redirect_target(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):  # never a local file (--allow-file-urls) read as robots.txt
+                return RobotsFile.from_answer(robots_url, None, error=f"redirect to a URL scheme not allowed: {_short(url)}")
         return RobotsFile.from_answer(robots_url, None, error=f"more than {ROBOTS_REDIRECTS} redirects")
 
     def _exchange(self, url: str, headers: dict, budget: _Budget, again: bool = False, opt_outs: bool = True,
@@ -509,7 +521,8 @@ class PoliteOpener:
         started = time.monotonic()
         setattr(hop, DEADLINE, budget.deadline())
         try:
-            with self.inner.open(hop, timeout=budget.left) as response:
+            opener = self.inner if limit is None else self.robots_inner
+            with opener.open(hop, timeout=budget.left) as response:
                 self._refuse_opt_out(response.headers, opt_outs)
                 body = response.read(limit) if limit else response.read()
                 return _Answer(response.status, response.reason, response.headers, body)

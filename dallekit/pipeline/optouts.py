@@ -148,8 +148,8 @@ class RobotsFile:
     def from_answer(cls, url: str, status: int | None, body: bytes = b"", error: str | None = None) -> RobotsFile:
         """What an answer to a robots.txt request means: rules (2xx), none (4xx other than 429), or unavailable."""
         now = time.monotonic()
-        if status is not None and 200 <= status < 300:
-            return cls(url, Protego.parse(body[:ROBOTS_MAX_BYTES].decode("utf-8", "replace")), fetched=now)
+        if status is not None and 200 <= status < 300:  # utf-8-sig: a leading BOM is not part of the first line (Google)
+            return cls(url, Protego.parse(body[:ROBOTS_MAX_BYTES].decode("utf-8-sig", "replace")), fetched=now)
         if status is not None and 400 <= status < 500 and status != 429:
             return cls(url, fetched=now)
         return cls(url, unavailable=error or f"HTTP Error {status}", fetched=now)

@@ -64,7 +64,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit alone takes '²' (a Latin-1 header byte), which float() refuses
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
