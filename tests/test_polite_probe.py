@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from dallekit.demo.hosts import HostRules, LoopbackHost
 from dallekit.demo.synthetic import Route, ShapesServer
@@ -81,3 +84,35 @@ def test_a_site_that_allow_lists_the_user_agent_token_lets_it_fetch():
     text = "User-agent: mybot\nAllow: /\n\nUser-agent: *\nDisallow: /\n"
     robots = RobotsFile.from_answer("http://h/robots.txt", 200, text.encode())
     assert robots.refusal("http://h/a.jpg", agent_names("mybot")) is None
+
+
+def _png(shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (48, 48), (shade, 90, 160)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_download_then_clean_and_retry_failed_sort_robots_and_opt_out_rows(tmp_path, client):
+    from dallekit.config import CleanConfig, DownloadConfig
+    from dallekit.pipeline.clean import clean
+    from dallekit.pipeline.download import download
+    from dallekit.pipeline.retry import retry_failed
+    from tests.helpers import check_accounting, read_stage
+    from tests.test_download import make_url_shards
+
+    routes = {"/ok.png": Route(_png(10)), "/private/a.png": Route(_png(20)), "/noai.png": Route(_png(30), headers={"X-Robots-Tag": "noai"})}
+    with LoopbackHost("127.0.0.2", routes, HostRules(robots_txt=PRIVATE)) as ruled, \
+         LoopbackHost("127.0.0.3", {"/c.png": Route(_png(40))}, HostRules(robots_txt="x", robots_status=503)) as failing:
+        urls = [ruled.url(p) for p in routes] + [failing.url("/c.png")]
+        shards = make_url_shards(tmp_path, client, urls, shard_size=2)
+        stats = download(str(shards), str(tmp_path / "images"), DownloadConfig(threads=4, timeout=3, image_size=32), client)
+        check_accounting(tmp_path / "images", len(urls))
+        assert stats["counters"]["outcome"] == {"robots_txt": 1, "opted_out": 1, "robots_txt_unavailable": 1}
+        clean(str(tmp_path / "images"), str(tmp_path / "clean"), CleanConfig(), client)  # it raised AttributeError on any download
+        assert read_stage(tmp_path / "clean")[1]["reason"].value_counts().to_dict() == {
+            "robots_txt": 1, "opted_out": 1, "failed_to_download": 1}
+        ruled.reset_counters()
+        failing.reset_counters()
+        retry_failed(str(tmp_path / "images"), client, {"threads": 2})
+        assert ruled.requests == 0 and failing.by_path["/robots.txt"] <= 1  # only the unreadable robots.txt's row is retried
