@@ -150,7 +150,7 @@ def test_a_robots_txt_that_is_missing_errors_or_does_not_answer(status, error, a
 
 
 def test_robots_url_is_per_origin_without_credentials():
-    assert robots_url("https://user:pw@Example.com:8443/a/b.jpg?x=1") == "https://Example.com:8443/robots.txt"
+    assert robots_url("https://user:pw@Example.com:8443/a/b.jpg?x=1") == "https://example.com:8443/robots.txt"
 
 
 def test_the_robots_cache_loads_once_per_origin_and_forgets_the_least_recently_used():

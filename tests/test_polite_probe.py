@@ -116,3 +116,20 @@ def test_download_then_clean_and_retry_failed_sort_robots_and_opt_out_rows(tmp_p
         failing.reset_counters()
         retry_failed(str(tmp_path / "images"), client, {"threads": 2})
         assert ruled.requests == 0 and failing.by_path["/robots.txt"] <= 1  # only the unreadable robots.txt's row is retried
+
+
+def test_a_hop_that_reaches_a_host_with_little_time_left_does_not_make_its_robots_txt_unavailable_for_every_row():
+    robots = HostRules(robots_txt="User-agent: *\nAllow: /\n", robots_delay=0.6)
+    with LoopbackHost("127.0.0.3", {"/img.jpg": Route(IMAGE)}, robots) as cdn, \
+         LoopbackHost("127.0.0.2", {"/slow": Route(b"", 302, {"Location": cdn.url("/img.jpg")}, delay=1.6)}) as origin:
+        opener = polite()
+        fetch(opener, origin.url("/slow"), timeout=2.0)  # reaches the CDN with 0.4 s left: this row may time out
+        assert fetch(opener, cdn.url("/img.jpg"), timeout=2.0) == IMAGE  # the CDN's own rows are not refused for it
+
+
+def test_a_hosts_robots_txt_is_fetched_once_whatever_the_case_of_its_name():
+    routes = {"/a.jpg": Route(IMAGE), "/b.jpg": Route(IMAGE)}
+    with LoopbackHost("127.0.0.1", routes) as host:
+        opener = polite()
+        assert fetch(opener, f"http://localhost:{host.port}/a.jpg") == fetch(opener, f"http://LOCALHOST:{host.port}/b.jpg") == IMAGE
+        assert host.by_path["/robots.txt"] == 1

@@ -22,7 +22,8 @@ opener does both. For one URL it:
 
 `timeout` is the URL's total budget of network time: every hop's connect (and TLS handshake),
 request and every read of its headers and body, each recv getting only what is left, plus the
-backoffs between retries. Past it a read raises TimeoutError("timed out"). Waiting for the
+backoffs between retries. Past it a read raises TimeoutError("timed out"). An origin's robots.txt
+is fetched with a whole `timeout` of its own, whatever earlier hops spent. Waiting for the
 host's turn (its connections, its rate, its Retry-After) is not counted: the host's limits and
 `--max-retry-after` bound it, and a host that stops answering is given up (`politeness`). DNS
 resolution is bounded only by the system resolver.
@@ -413,7 +414,7 @@ class _Budget:
     """Seconds of network time one URL has left (its `timeout`)."""
 
     def __init__(self, seconds: float):
-        self.left = seconds
+        self.total = self.left = seconds
 
     def deadline(self) -> float:
         """The deadline of the next request: now plus what is left; TimeoutError when nothing is."""
@@ -453,7 +454,9 @@ class PoliteOpener:
         """One try at a URL: its hops, each checked and paced; 429/503 answers are tried again after the host's pause."""
         url, hops, limited = request.full_url, 0, 0
         while True:
-            self._check_robots(url, dict(request.header_items()), budget.left)
+            # robots.txt gets the URL's whole timeout: what a slow earlier hop left says nothing about this origin,
+            # and a failure is cached for the origin's every row
+            self._check_robots(url, dict(request.header_items()), budget.total)
             answer = self._exchange(url, dict(request.header_items()), budget, again=limited > 0)
             if answer.limited:
                 limited += 1
@@ -500,6 +503,8 @@ class PoliteOpener:
                   limit: int | None = None) -> _Answer:
         """One request to `url`'s host once it is its turn; the host learns how it went. Raises on no answer or an opt-out."""
         host, limits = host_key(url), self.policy.limits
+        if budget.left <= 0:  # spent on earlier hops: no request, and this host is not counted as silent for it
+            raise TimeoutError("timed out")
         started = self.hosts.acquire(host, limits, again)
         outcome, retry_after = "error", None
         try:

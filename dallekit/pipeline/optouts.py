@@ -117,9 +117,9 @@ def header_opt_out(headers, agents: tuple[str, ...], disallowed: frozenset[str],
 
 
 def robots_url(url: str) -> str:
-    """The robots.txt URL of a URL's origin (scheme, host and port)."""
+    """The robots.txt URL of a URL's origin (scheme, host and port), the host in lowercase."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/robots.txt"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}/robots.txt"  # host names are case-insensitive: one per origin
 
 
 def _deciding_rule(parser: Protego, url: str, agent: str) -> str:
