@@ -133,3 +133,16 @@ def test_a_hosts_robots_txt_is_fetched_once_whatever_the_case_of_its_name():
         opener = polite()
         assert fetch(opener, f"http://localhost:{host.port}/a.jpg") == fetch(opener, f"http://LOCALHOST:{host.port}/b.jpg") == IMAGE
         assert host.by_path["/robots.txt"] == 1
+
+
+def test_the_robots_cache_is_bounded_by_the_bytes_of_its_files_not_only_their_number():
+    loads = []
+
+    def load(url):
+        loads.append(url)
+        return RobotsFile.from_answer(url, 200, b"User-agent: *\nDisallow: /p\n" + b"#" * 600)  # protego keeps ~40x its text
+
+    cache = RobotsCache(size=100, max_bytes=1000)
+    for url in ("http://a.test/1", "http://b.test/1", "http://a.test/2"):
+        cache.get(url, load)
+    assert loads == ["http://a.test/robots.txt", "http://b.test/robots.txt", "http://a.test/robots.txt"]

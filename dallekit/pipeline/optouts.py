@@ -41,6 +41,7 @@ TDM_REFUSED = "Use of image disallowed by tdm-reservation: 1 header (W3C TDMRep:
 ROBOTS_DISALLOWED = "Disallowed by robots.txt"
 ROBOTS_UNAVAILABLE = "robots.txt unavailable"
 ROBOTS_MAX_BYTES = 500 * 1024  # Google reads the first 500 KiB of a robots.txt and ignores the rest
+ROBOTS_CACHE_BYTES = 16 * 2**20  # robots.txt text a process keeps parsed at most: protego holds ~40x the text (500 KiB: ~20 MB)
 ROBOTS_TTL = 24 * 3600.0  # seconds a fetched robots.txt is used (Google: up to a day)
 ROBOTS_ERROR_TTL = 300.0  # seconds an unreadable robots.txt keeps its origin's rows waiting before it is asked again
 VALUE_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
@@ -143,13 +144,15 @@ class RobotsFile:
     parser: Protego | None = None  # None with `unavailable` None: every path is allowed
     unavailable: str | None = None  # why it could not be read ("HTTP Error 503", "timed out"): its origin's rows wait
     fetched: float = 0.0  # time.monotonic() when fetched
+    size: int = 0  # bytes of robots.txt text parsed: what the cache counts against its byte bound
 
     @classmethod
     def from_answer(cls, url: str, status: int | None, body: bytes = b"", error: str | None = None) -> RobotsFile:
         """What an answer to a robots.txt request means: rules (2xx), none (4xx other than 429), or unavailable."""
         now = time.monotonic()
         if status is not None and 200 <= status < 300:  # utf-8-sig: a leading BOM is not part of the first line (Google)
-            return cls(url, Protego.parse(body[:ROBOTS_MAX_BYTES].decode("utf-8-sig", "replace")), fetched=now)
+            text = body[:ROBOTS_MAX_BYTES]
+            return cls(url, Protego.parse(text.decode("utf-8-sig", "replace")), fetched=now, size=len(text))
         if status is not None and 400 <= status < 500 and status != 429:
             return cls(url, fetched=now)
         return cls(url, unavailable=error or f"HTTP Error {status}", fetched=now)
@@ -174,12 +177,13 @@ class RobotsFile:
 class RobotsCache:
     """This process's robots.txt files, per origin: each fetched once by one thread while the others wait, kept for its TTL.
 
-    At most `size` files are kept (the least recently used go first), so memory does not grow
-    with the number of hosts a long download meets.
+    At most `size` files, and files of at most `max_bytes` of text in all, are kept (the least
+    recently used go first), so memory does not grow with the number of hosts a long download
+    meets, nor with how large their robots.txt files are.
     """
 
-    def __init__(self, size: int = 4096):
-        self.size = size
+    def __init__(self, size: int = 4096, max_bytes: int = ROBOTS_CACHE_BYTES):
+        self.size, self.max_bytes, self._bytes = size, max_bytes, 0
         self._files: collections.OrderedDict[str, RobotsFile] = collections.OrderedDict()
         self._loading: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -201,11 +205,16 @@ class RobotsCache:
         try:
             loaded = load(key)
             with self._lock:
-                self._files[key] = loaded
-                self._files.move_to_end(key)
-                while len(self._files) > self.size:
-                    self._files.popitem(last=False)
+                self._store(key, loaded)
         finally:  # waiters wake even when the load failed: one of them loads it then
             with self._lock:
                 self._loading.pop(key).set()
         return loaded
+
+    def _store(self, key: str, loaded: RobotsFile) -> None:
+        """Keep `loaded` (under the lock), forgetting the least recently used files beyond the bounds; the newest always stays."""
+        old = self._files.pop(key, None)
+        self._bytes += loaded.size - (old.size if old else 0)
+        self._files[key] = loaded
+        while len(self._files) > 1 and (len(self._files) > self.size or self._bytes > self.max_bytes):
+            self._bytes -= self._files.popitem(last=False)[1].size
