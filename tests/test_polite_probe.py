@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import time
+from multiprocessing.pool import ThreadPool
 
 import pytest
 from PIL import Image
@@ -146,3 +148,22 @@ def test_the_robots_cache_is_bounded_by_the_bytes_of_its_files_not_only_their_nu
     for url in ("http://a.test/1", "http://b.test/1", "http://a.test/2"):
         cache.get(url, load)
     assert loads == ["http://a.test/robots.txt", "http://b.test/robots.txt", "http://a.test/robots.txt"]
+
+
+class _BusyAtFirst(LoopbackHost):
+    """A host that answers 429 (no Retry-After) to every image request during its first second, then serves."""
+
+    def _route(self, path):
+        if path != "/robots.txt":
+            self.first = getattr(self, "first", None) or time.monotonic()
+            if time.monotonic() - self.first < 1.0:
+                return Route(b"busy", 429)
+        return super()._route(path)
+
+
+def test_a_host_that_is_busy_for_a_second_loses_no_row_while_its_rate_comes_down():
+    paths = [f"/{i}.jpg" for i in range(8)]
+    with _BusyAtFirst("127.0.0.7", {p: Route(IMAGE) for p in paths}) as host, ThreadPool(8) as pool:
+        opener = polite()
+        results = pool.map(lambda p: fetch(opener, host.url(p)), paths)
+        assert results == [IMAGE] * len(paths), [r for r in results if r != IMAGE][:2]
