@@ -12,7 +12,7 @@ from PIL import Image
 from dallekit.demo.hosts import HostRules, LoopbackHost
 from dallekit.demo.synthetic import Route, ShapesServer
 from dallekit.pipeline.fetch import FetchPolicy, PoliteOpener
-from dallekit.pipeline.optouts import ROBOTS_DISALLOWED, ROBOTS_UNAVAILABLE, RobotsCache, RobotsFile, agent_names
+from dallekit.pipeline.optouts import ROBOTS_DISALLOWED, ROBOTS_UNAVAILABLE, RobotsCache, RobotsFile, agent_names, robots_url
 from dallekit.pipeline.politeness import RATE_LIMITED, Hosts, retry_after_seconds
 
 IMAGE = b"image bytes"
@@ -167,3 +167,9 @@ def test_a_host_that_is_busy_for_a_second_loses_no_row_while_its_rate_comes_down
         opener = polite()
         results = pool.map(lambda p: fetch(opener, host.url(p)), paths)
         assert results == [IMAGE] * len(paths), [r for r in results if r != IMAGE][:2]
+
+
+def test_an_origin_written_with_its_default_port_has_the_same_robots_txt():
+    assert robots_url("http://h.test:80/a.jpg") == robots_url("http://H.test/b.jpg") == "http://h.test/robots.txt"
+    assert robots_url("https://[::1]:443/a.jpg") == "https://[::1]/robots.txt"
+    assert robots_url("http://h.test:8080/a.jpg") == "http://h.test:8080/robots.txt"

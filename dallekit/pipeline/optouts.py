@@ -118,9 +118,11 @@ def header_opt_out(headers, agents: tuple[str, ...], disallowed: frozenset[str],
 
 
 def robots_url(url: str) -> str:
-    """The robots.txt URL of a URL's origin (scheme, host and port), the host in lowercase."""
+    """The robots.txt URL of a URL's origin (scheme, host and port), the host in lowercase and a default port left out."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}/robots.txt"  # host names are case-insensitive: one per origin
+    host = parts.netloc.rpartition("@")[2].lower()  # host names are case-insensitive: one file per origin
+    default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
+    return f"{parts.scheme}://{host.removesuffix(default_port) if default_port else host}/robots.txt"
 
 
 def _deciding_rule(parser: Protego, url: str, agent: str) -> str:
