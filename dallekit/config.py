@@ -148,7 +148,7 @@ class DownloadConfig(StageOptions):
                              choices=["obey", "ignore"])
     per_host_connections: int = option(4, "requests in flight to one host at most, per worker process", bounds="[1, 1024]", output=False)
     per_host_rate: float | None = option(None, "requests a second to one host at most, per worker process; unset, a host is slowed only when it answers 429",
-                                         bounds="(0, inf)", output=False)
+                                         bounds="[0.01, inf)", output=False)
     max_retry_after: float = option(60, "longest wait a 429/503 Retry-After header gets before the host's next request, in seconds",
                                     bounds="[0, 86400]", output=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import threading
 import time
@@ -112,6 +113,8 @@ def test_retry_after_values_and_the_cap():
     assert retry_after_seconds("120") == 120.0
     assert retry_after_seconds(email.utils.formatdate(now + 30, usegmt=True), now) == pytest.approx(30, abs=1)
     assert retry_after_seconds(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
+    noon = datetime.datetime(2026, 12, 6, 12, tzinfo=datetime.timezone.utc).timestamp()
+    assert retry_after_seconds("Sun, 06 Dec 2026 12:00:30 -0000", noon) == 30.0  # -0000 is UTC, not local time
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None and retry_after_seconds("-5") is None
     hosts, limits = Hosts(), HostLimits(max_retry_after=2)
     started = hosts.acquire("h:80", limits)

@@ -76,16 +76,17 @@ def test_a_robots_txt_redirecting_to_a_local_file_is_not_read_even_with_file_url
         assert result.startswith(ROBOTS_UNAVAILABLE) and "redirect to a URL scheme not allowed: file:" in result, result
 
 
-@pytest.mark.xfail(strict=True, reason="every name's group must allow a URL: 'img2dataset' without a group of its own falls to '*'; "
-                   "deciding whether it should be consulted only when named needs protego's matched group (private API)")
 def test_a_site_that_allow_lists_the_user_agent_token_lets_it_fetch():
     """A site naming our --user-agent-token in a group that allows it while '*' is disallowed means: this bot may fetch.
 
-    Today the 'img2dataset' name, having no group of its own, falls to '*' and the URL is refused.
+    'img2dataset', having no group of its own, does not fall back to '*' when another of our names has one.
     """
     text = "User-agent: mybot\nAllow: /\n\nUser-agent: *\nDisallow: /\n"
     robots = RobotsFile.from_answer("http://h/robots.txt", 200, text.encode())
     assert robots.refusal("http://h/a.jpg", agent_names("mybot")) is None
+    assert robots.refusal("http://h/a.jpg", agent_names(None)) is not None  # without the token, '*' applies
+    both = "User-agent: mybot\nAllow: /\n\nUser-agent: img2dataset\nDisallow: /\n"  # a group naming img2dataset still counts
+    assert RobotsFile.from_answer("http://h/robots.txt", 200, both.encode()).refusal("http://h/a.jpg", agent_names("mybot"))
 
 
 def _png(shade: int) -> bytes:

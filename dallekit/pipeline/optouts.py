@@ -5,8 +5,9 @@ The one module that reads opt-outs; `fetch.PoliteOpener` asks it about every URL
 - robots.txt (RFC 9309), parsed by Scrapy's `protego`. The group for our user agent applies, else
   `*`; within it the longest matching path wins, `Allow` on a tie, with `*` and `$` wildcards.
   We answer to two names: the `--user-agent-token`, when one is set, and `img2dataset`, whose
-  downloader fetches the images and which sites name when they opt out of it. A URL is fetched
-  only when every name's group allows it. A robots.txt that answers 4xx means no rules; a 5xx,
+  downloader fetches the images and which sites name when they opt out of it. The groups that
+  name one of us apply, and a URL is fetched only when each of them allows it; `*` applies
+  when no group names us. A robots.txt that answers 4xx means no rules; a 5xx,
   a 429 or no answer at all means the origin's rows are not fetched this time (as Google does),
   with their own message so that `download --retry-failed` takes them up later. Files are cached
   per origin (scheme, host, port) for a day, a failure for five minutes; the first 500 KiB are
@@ -125,6 +126,15 @@ def robots_url(url: str) -> str:
     return f"{parts.scheme}://{host.removesuffix(default_port) if default_port else host}/robots.txt"
 
 
+def _has_group(parser: Protego, agent: str) -> bool:
+    """Whether a group of the robots.txt names `agent` itself (not '*'); protego does not expose it, so True when unsure."""
+    try:
+        rules = parser._get_matching_rule_set(agent)
+        return rules is not None and rules.user_agent != "*"
+    except AttributeError:  # another protego release: every name counts, the stricter reading
+        return True
+
+
 def _deciding_rule(parser: Protego, url: str, agent: str) -> str:
     """The group and rule that decide `url` for `agent`, as a person writes them; protego does not expose them, so best effort."""
     try:
@@ -166,7 +176,8 @@ class RobotsFile:
                     f"fetched this time (`dallekit download --retry-failed` fetches them later)")
         if self.parser is None:
             return None
-        for agent in agents:
+        named = [agent for agent in agents if _has_group(self.parser, agent)]
+        for agent in named or agents[:1]:  # the groups that name one of us; '*' when none does (RFC 9309)
             if not self.parser.can_fetch(url, agent):
                 return f"{ROBOTS_DISALLOWED}: {self.url} {_deciding_rule(self.parser, url, agent)}"
         return None

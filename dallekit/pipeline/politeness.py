@@ -29,6 +29,7 @@ are remembered, the least recently used idle ones forgotten first.
 from __future__ import annotations
 
 import collections
+import datetime
 import email.utils
 import heapq
 import itertools
@@ -70,6 +71,8 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000": UTC with no zone named, not this machine's local time
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
