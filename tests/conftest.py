@@ -40,7 +40,7 @@ def edge_routes() -> dict[str, tuple[Route, str, str | None]]:
         "/not-image.jpg": (Route(b"<html>hello</html>", headers={"Content-Type": "text/html"}), "failed_to_resize", "Image decoding error"),
         "/truncated.jpg": (Route(good[:150], headers=jpeg), "failed_to_resize", "Image decoding error"),
         "/huge.jpg": (Route(_image_bytes("RGB", "JPEG", (1500, 1200)), headers=jpeg), "failed_to_resize", "image_too_large: 1500x1200 pixels (1800000) is more than max_image_area 1000000"),
-        "/noai.jpg": (Route(good, headers=jpeg | {"X-Robots-Tag": "noai"}), "failed_to_download", "Use of image disallowed by X-Robots-Tag directive"),
+        "/noai.jpg": (Route(good, headers=jpeg | {"X-Robots-Tag": "noai"}), "failed_to_download", "Use of image disallowed by X-Robots-Tag directive: noai"),
         "/redirect.jpg": (Route(b"", 302, {"Location": "/ok.jpg"}), "success", None),
         "/alpha.png": (Route(_image_bytes("RGBA", "PNG"), headers={"Content-Type": "image/png"}), "success", None),
         "/gray.jpg": (Route(_image_bytes("L", "JPEG"), headers=jpeg), "success", None),

@@ -24,9 +24,9 @@ def images(paths, **route) -> dict[str, Route]:
     return {p: Route(IMAGE, **route) for p in paths}
 
 
-def polite(**policy) -> PoliteOpener:
+def polite(max_bytes: int = 1 << 20, **policy) -> PoliteOpener:
     """An opener with its own robots.txt cache and host state, as a fresh worker process has."""
-    return PoliteOpener(FetchPolicy(1 << 20, **policy), RobotsCache(), Hosts())
+    return PoliteOpener(FetchPolicy(max_bytes, **policy), RobotsCache(), Hosts())
 
 
 def fetch(opener: PoliteOpener, url: str, timeout: float = 5.0):

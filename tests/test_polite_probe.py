@@ -11,26 +11,9 @@ from PIL import Image
 
 from dallekit.demo.hosts import HostRules, LoopbackHost
 from dallekit.demo.synthetic import Route, ShapesServer
-from dallekit.pipeline.fetch import FetchPolicy, PoliteOpener
 from dallekit.pipeline.optouts import ROBOTS_DISALLOWED, ROBOTS_UNAVAILABLE, RobotsCache, RobotsFile, agent_names, robots_url
-from dallekit.pipeline.politeness import RATE_LIMITED, Hosts, retry_after_seconds
-
-IMAGE = b"image bytes"
-PRIVATE = "User-agent: *\nDisallow: /private/\n"
-
-
-def polite(max_bytes: int = 1 << 20, **policy) -> PoliteOpener:
-    """An opener with its own robots.txt cache and host state, as a fresh worker process has."""
-    return PoliteOpener(FetchPolicy(max_bytes, **policy), RobotsCache(), Hosts())
-
-
-def fetch(opener: PoliteOpener, url: str, timeout: float = 5.0):
-    """The body, or the exception's text as img2dataset would store it."""
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return response.read()
-    except Exception as err:  # noqa: BLE001 - img2dataset records str(err) of anything
-        return str(err)
+from dallekit.pipeline.politeness import RATE_LIMITED, retry_after_seconds
+from tests.test_polite_fetch import IMAGE, PRIVATE, fetch, polite
 
 
 def test_a_robots_txt_larger_than_max_image_bytes_is_read_up_to_its_own_limit():
