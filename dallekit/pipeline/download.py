@@ -15,11 +15,13 @@ What is dallekit's own, around img2dataset's Downloader:
 
 - decoding and resizing: `dallekit.resize.Resizer` (img2dataset's Resizer interface; it reads
   the header before decoding, converts 16-bit images and applies EXIF orientation);
-- the network: `dallekit.pipeline.fetch.fetching` installs, for the duration of the task, a
-  urllib opener under which `timeout` is a total deadline per URL (redirects included), bodies
-  are capped at `max_image_bytes`, and only http(s) URLs are fetched, file:// ones only with
-  `allow_file_urls` or inside the folders `ingest --format folder` read (`_file_roots.json`
-  next to the URL shards);
+- the network: `dallekit.pipeline.fetch.fetching` installs, for the duration of the task,
+  `fetch.PoliteOpener`: robots.txt and the opt-out headers (`optouts`) on every redirect hop,
+  per-host connections, rate and Retry-After (`politeness`), retries with backoff, `timeout` as
+  a total budget of network time per URL, bodies capped at `max_image_bytes`, and only http(s)
+  URLs fetched, file:// ones only with `allow_file_urls` or inside the folders
+  `ingest --format folder` read (`_file_roots.json` next to the URL shards); img2dataset gets
+  `retries=0` and no header directives, since the opener does both;
 - the imports: `img2dataset_glue.downloader_class` imports the downloader without the
   package's CLI (albumentations, webdataset and so torch: ~7 s of CPU a worker);
 - temporary folders are named `dallekit-download-<pid>-<random>`, and each task first removes

@@ -105,7 +105,7 @@ class FetchPolicy:
     agents: tuple[str, ...] = (IMG2DATASET_AGENT,)  # names matched in robots.txt groups and X-Robots-Tag prefixes
     header_directives: frozenset[str] = field(default_factory=frozenset)  # X-Robots-Tag directives that opt an image out
     limits: HostLimits = field(default_factory=HostLimits)
-    retries: int = 0  # extra tries after a timeout, a failed connection or a 5xx other than 503
+    retries: int = 0  # extra tries after a timeout, a failed connection or a 5xx (429s and paced 503s are tried anyway)
 
 
 def row_outcome(message: str | None) -> str | None:
@@ -452,12 +452,12 @@ class PoliteOpener:
 
     def _fetch(self, request: urllib.request.Request, budget: _Budget):
         """One try at a URL: its hops, each checked and paced; 429/503 answers are tried again after the host's pause."""
-        url, hops, limited = request.full_url, 0, 0
+        url, hops, limited, headers = request.full_url, 0, 0, dict(request.header_items())
         while True:
             # robots.txt gets the URL's whole timeout: what a slow earlier hop left says nothing about this origin,
             # and a failure is cached for the origin's every row
-            self._check_robots(url, dict(request.header_items()), budget.total)
-            answer = self._exchange(url, dict(request.header_items()), budget, again=limited > 0)
+            self._check_robots(url, headers, budget.total)
+            answer = self._exchange(url, headers, budget, again=limited > 0)
             if answer.limited:
                 limited += 1
                 if limited >= URL_RATE_LIMITED_TRIES:
