@@ -22,6 +22,17 @@ from tests.stage_data import png_header_only, shape_jpeg, write_stage
 RANDOM_TINY = model_identity("dallekit-tiny-clip", None, None)
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """faiss on one OpenMP thread: on a shared 2-core machine its threads' barriers wait out other work, 10x on these tiny indexes."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
     """Unit vectors around a few centres, as CLIP embeddings of a real folder are."""
     rng = np.random.default_rng(seed)
@@ -125,6 +136,7 @@ def tiny_clip(tmp_path_factory):
     return str(folder), load_clip("dallekit-tiny-clip", None, checkpoint=str(folder))
 
 
+@pytest.mark.slow  # torch, open_clip and two CLIP loads: ~10 s
 def test_text_and_image_queries_through_the_index_clip_from_the_cli(tmp_path, capsys, tiny_clip):
     from dallekit.images import decode_rgb
 

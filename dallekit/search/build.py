@@ -138,6 +138,7 @@ def _construction_params(index, choice: IndexChoice) -> None:
         ivf.cp.niter = 10
         ivf.pq.cp.niter = 10
         ivf.pq.cp.max_points_per_centroid = 64  # each sub-quantizer's k-means on 64 points a centroid, not 256
+        ivf.do_polysemous_training = False  # the factory's default: minutes of annealing, for a Hamming filter search never uses
 
 
 def _positions(folder: Folder, wanted: np.ndarray) -> list[np.ndarray]:
