@@ -406,7 +406,8 @@ class FilterConfig(StageOptions):
     clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", bounds="(0, 1]")
     clip_batch_size: int = option(64, "images per CLIP forward pass", bounds="[1, inf)", output=False)
     device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
-    embeddings: str | None = option(None, "a `dallekit embed` folder of this input, made with this CLIP: the CLIP score is read from it, no image is decoded")
+    # not an output option by its path: the fingerprint records the folder by content instead (a moved folder is the same input)
+    embeddings: str | None = option(None, "a `dallekit embed` folder of this input, made with this CLIP: the CLIP score is read from it, no image is decoded", output=False)
 
     def check(self) -> None:
         """Language codes must be ones the identifier can answer."""
