@@ -416,6 +416,17 @@ class FilterConfig(StageOptions):
                 raise OptionError("languages", "an ISO 639-1 code the language identifier knows (such as en, de, fr) or 'any'", code)
 
 
+@dataclass
+class EmbedConfig(StageOptions):
+    """Options of `dallekit embed`: the CLIP (the same options and defaults as filter's) and how it runs."""
+
+    clip_model: str = option("ViT-B-32", "open_clip model name")
+    clip_pretrained: str | None = option("laion2b_s34b_b79k", "open_clip pretrained tag (weights come from a hub)")
+    clip_checkpoint: str | None = option(None, "local CLIP: an open_clip folder (open_clip_config.json + .safetensors) or a .safetensors file for --clip-model")
+    batch_size: int = option(64, "images per CLIP forward pass", bounds="[1, inf)", output=False)
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
+
+
 DVAE_PRESET_NAMES = ["tiny", "small", "dalle"]  # models.dvae.DVAE_PRESETS (config sits below models: names only)
 FSQ_PRESET_NAMES = ["fsq-tiny", "fsq-tiny-240", "fsq-small", "fsq-base"]  # models.fsq.FSQ_PRESETS
 FSQ_ONLY_OPTIONS = ("levels", "image_size", "ema_decay", "disc_start", "disc_weight", "perceptual_weights", "discriminator_init", "hflip")
