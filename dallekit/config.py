@@ -615,7 +615,7 @@ class DemoOptions:
     seed: int = option(0, "seed of the generated set")
 
 
-RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-tokenizer", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
+RUN_STEPS = ["ingest", "download", "clean", "train-clip", "embed", "filter", "train-tokenizer", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
 
 
 @dataclass
@@ -631,7 +631,7 @@ class RunConfig:
 
 
 # The sections `dallekit run` reads: one per step, plus [run] and [cluster].
-RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-tokenizer", "encode", "train", "train-clip",
+RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "embed", "filter", "train-tokenizer", "encode", "train", "train-clip",
                      "sample", "evaluate"]
 # The sections a --config TOML file of a single command may hold: the run's and the other commands'.
 SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export"]
