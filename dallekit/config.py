@@ -626,7 +626,7 @@ class RunConfig:
     inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
     dvae: str | None = option(None, "an existing image tokenizer folder (dVAE or FSQ) to encode with (train-tokenizer is skipped)")
     bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", bounds="[260, 65536]")
-    train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
+    train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; embed, filter, sample and evaluate then use it instead of [filter]'s")
     stop_after: str = option("report", "last step to run (train-dvae: the old name of train-tokenizer)", choices=RUN_STEPS + ["train-dvae"])
 
 
