@@ -12,7 +12,9 @@ like any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,29 @@ class ClipScorer:
         return (self.embed_images(images) * self.embed_texts(captions)).sum(-1).cpu().numpy()
 
 
+@contextlib.contextmanager
+def _root_logging_untouched():
+    """Undo a handler added to the root logger meanwhile.
+
+    open_clip logs with `logging.info` on the root logger, which installs a stderr handler in a
+    process that has none; every library's INFO records (Dask's cluster start and stop) would
+    then be printed.
+    """
+    before = list(logging.root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in logging.root.handlers if h not in before]:
+            logging.root.removeHandler(handler)
+
+
 def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | None = None, device: str = "auto") -> ClipScorer:
     """Build an open_clip model from a local checkpoint, a pretrained tag, or random weights (pretrained=None)."""
+    with _root_logging_untouched():
+        return _build_clip(model_name, pretrained, checkpoint, device)
+
+
+def _build_clip(model_name: str, pretrained: str | None, checkpoint: str | None, device: str) -> ClipScorer:
     import open_clip
 
     register_configs()
@@ -202,10 +225,22 @@ def _missing_on_hub(err: Exception) -> bool:
 
 def cached_clip(model_name: str, pretrained: str | None, checkpoint: str | None, device: str = "auto") -> ClipScorer:
     """load_clip, once per process for the same arguments (Dask tasks on a worker share it)."""
-    key = (model_name, pretrained, checkpoint and os.path.abspath(checkpoint), device)
+    # a checkpoint saved again in place (train-clip into the same folder) is another model: its weights' time is in the key
+    key = (model_name, pretrained, checkpoint and os.path.abspath(checkpoint), _weights_time(checkpoint), device)
     if key not in _CACHE:
         _CACHE[key] = load_clip(model_name, pretrained, checkpoint, device)
     return _CACHE[key]
+
+
+def _weights_time(checkpoint: str | None) -> int | None:
+    """When a local checkpoint's weights were last written (None without one, or when they are missing: load_clip then says so)."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint) / WEIGHTS_NAME if Path(checkpoint).is_dir() else Path(checkpoint)
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def save_clip(scorer_or_model: Any, model_name: str, out_dir: str) -> Path:

@@ -12,6 +12,7 @@ content (its path is recorded, never compared).
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
 from dallekit.io import list_shards, read_shard
-from dallekit.pipeline.shards import path_digest
+from dallekit.pipeline.shards import fingerprint_content, input_identity, path_digest, read_fingerprint
 
 FORMAT = "dallekit.embeddings/1"
 META_KEY = b"dallekit"
@@ -31,7 +32,9 @@ TEXT_COLUMN = "text_embedding"
 def model_identity(clip_model: str, clip_pretrained: str | None, clip_checkpoint: str | None) -> dict:
     """What makes two CLIPs the same: name and pretrained tag, or a local checkpoint's content digest."""
     if clip_checkpoint:
-        return {"model": clip_model, "pretrained": None, "checkpoint": path_digest(clip_checkpoint), "path": str(clip_checkpoint)}
+        # the path is absolute so that `search` finds the checkpoint from any working folder; it is never compared
+        path = clip_checkpoint if "://" in str(clip_checkpoint) else os.path.abspath(clip_checkpoint)
+        return {"model": clip_model, "pretrained": None, "checkpoint": path_digest(clip_checkpoint), "path": str(path)}
     return {"model": clip_model, "pretrained": clip_pretrained or None, "checkpoint": None}
 
 
@@ -107,3 +110,15 @@ def read_embeddings(path: str, text: bool = False) -> tuple[list[str], np.ndarra
     column = TEXT_COLUMN if text else IMAGE_COLUMN
     table = read_shard(path, ["uid", column])
     return table.column("uid").to_pylist(), embedding_matrix(table.column(column))
+
+
+def check_embedded_input(folder: str, input_dir: str, identity: dict, option: str = "--embeddings") -> dict:
+    """The embeddings folder's identity; bad input when it is not a finished `dallekit embed` of `input_dir` as it is now."""
+    embedded = input_identity(folder, ("embed",))
+    recorded = (read_fingerprint(folder) or {}).get("input")
+    if not isinstance(recorded, dict) or fingerprint_content(recorded) != fingerprint_content(identity):
+        source = recorded.get("path", "?") if isinstance(recorded, dict) else "an unrecorded input"
+        raise BadInputError(f"{option} {folder}: embeddings of {source} as it was then, not of {input_dir} as it is now; "
+                            f"run `dallekit embed {input_dir} --out DIR` and pass that folder")
+    return embedded
+
