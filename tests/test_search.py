@@ -195,3 +195,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         code, err = run_cli(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("dallekit: error:")
+
+
+@pytest.mark.slow
+def test_the_embed_stage_then_index_and_search_join_hits_past_its_rejected_rows(tmp_path, capsys, client, tiny_clip):
+    from dallekit.config import EmbedConfig
+    from dallekit.pipeline.embed import embed
+    from tests.stage_data import downloaded_row
+
+    folder, _ = tiny_clip
+    rows = [[downloaded_row(f"u{s}{i:02d}", f"shape {s} {i}", shape_jpeg(10 * s + i, size=48) if i % 4 else b"not an image")
+             for i in range(12)] for s in range(2)]
+    write_stage(tmp_path / "clean", rows)
+    embed(str(tmp_path / "clean"), str(tmp_path / "embed"), EmbedConfig(clip_checkpoint=folder, device="cpu"), client)
+    assert run_cli(capsys, "index", tmp_path / "embed", "--out", tmp_path / "index")[0] == 0
+    (tmp_path / "q.jpg").write_bytes(shape_jpeg(17, size=48))
+    hits = dallekit.search.open(str(tmp_path / "index")).image(str(tmp_path / "q.jpg"), k=5)
+    assert hits["uid"][0] == "u107" and hits["caption"][0] == "shape 1 7" and hits["jpg"][0] == shape_jpeg(17, size=48)
+    assert len(hits) == 5 and all(u[-2:] not in ("00", "04", "08") for u in hits["uid"])  # rejected rows are not in the index

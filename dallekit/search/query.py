@@ -20,7 +20,7 @@ from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, decode_rgb, load_square
 from dallekit.io import atomic_file, open_shard, read_row_groups, read_shard
 from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
-from dallekit.pipeline.shards import FINGERPRINT, fingerprint_content, input_identity
+from dallekit.pipeline.shards import fingerprint_content, input_identity, read_fingerprint
 from dallekit.search.build import EMBED_STAGES, FORMAT, INDEX_FILE, INFO_FILE, ROWS_FILE
 
 REBUILD = "rebuild with `dallekit index`"
@@ -67,16 +67,10 @@ def check_current(index_dir: str, info: dict) -> str:
 
 def stage_of(embed_dir: str) -> str:
     """The stage folder an embeddings folder was computed from, as its fingerprint records it."""
-    path = os.path.join(embed_dir, FINGERPRINT)
-    try:
-        with open(path, encoding="utf-8") as f:
-            fingerprint = json.load(f)
-    except (OSError, ValueError):
-        raise BadInputError(f"{path}: missing or not JSON; cannot tell which stage folder the embeddings were computed from") from None
-    inputs = [v for v in (fingerprint.values() if isinstance(fingerprint, dict) else []) if isinstance(v, dict) and "shards" in v and "path" in v]
-    if not inputs:
-        raise BadInputError(f"{path}: records no input folder; cannot tell which stage folder the embeddings were computed from")
-    return inputs[0]["path"]
+    recorded = (read_fingerprint(embed_dir) or {}).get("input")
+    if not isinstance(recorded, dict) or not recorded.get("path"):
+        raise BadInputError(f"{embed_dir}: its fingerprint records no input folder; cannot tell which stage folder the embeddings were computed from")
+    return recorded["path"]
 
 
 def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
