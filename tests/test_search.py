@@ -96,7 +96,10 @@ def test_hnsw_and_ivfpq_find_the_exact_top_hits_on_clustered_data(tmp_path):
         assert info["kind"] == kind
         index = dallekit.search.open(str(tmp_path / kind))
         found[kind] = [list(index.nearest(q, k=10)["uid"]) for q in queries]
-    for kind in ("hnsw", "ivfpq"):
+    for kind in ("hnsw", "ivfpq"):  # scores are exact cosines of the stored (float16) vectors, whatever the index
+        hits = dallekit.search.open(str(tmp_path / kind)).nearest(queries[0], k=5)
+        stored = vectors[[int(u, 16) for u in hits["uid"]]].astype(np.float16).astype(np.float32)
+        np.testing.assert_allclose(hits["score"], stored @ queries[0], atol=1e-5)
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found["flat"], found[kind])])
         assert overlap >= 0.8, (kind, overlap)
         assert np.mean([a[0] == b[0] for a, b in zip(found["flat"], found[kind])]) >= 0.8

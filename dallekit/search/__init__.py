@@ -22,7 +22,19 @@ import pyarrow as pa
 from dallekit.errors import BadInputError
 from dallekit.search.build import INDEX_FILE, ROWS_FILE, build_index, set_search_params
 from dallekit.search.choice import choose_index, parse_memory
-from dallekit.search.query import check_current, clip_identity, hits_frame, query_image, read_info, stage_of, take, write_grid
+from dallekit.search.query import (
+    check_current,
+    clip_identity,
+    hits_frame,
+    query_image,
+    read_info,
+    stage_of,
+    stored_scores,
+    take,
+    write_grid,
+)
+
+RERANK = 2  # candidates an approximate index returns per hit asked for, rescored exactly from the stored vectors
 
 __all__ = ["SearchIndex", "build_index", "choose_index", "open", "open_index", "parse_memory", "write_grid"]
 
@@ -67,21 +79,30 @@ class SearchIndex:
         return self.vector(self.clip().embed_images([query_image(image)]).cpu().numpy()[0], k)
 
     def nearest(self, vector: np.ndarray, k: int = 16) -> pd.DataFrame:
-        """The k nearest ids to a unit vector, with uid, score and where they are (shard, row), from the index alone."""
+        """The k nearest rows to a unit vector: id, uid, cosine score and where its vector is (embeddings shard, row).
+
+        An approximate index (HNSW, IVF-PQ) is asked for RERANK times k candidates, whose stored
+        vectors are read from the embeddings shards that hold them: each score is then the exact
+        cosine, and the best k of them are kept, so the order is exact among the candidates.
+        """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise BadInputError(f"-k {k}: expected a whole number of hits, at least 1")
         query = np.asarray(vector, np.float32).reshape(1, -1)
         if query.shape[1] != self.info["dim"]:
             raise BadInputError(f"a query vector of {query.shape[1]} dimensions; the index holds {self.info['dim']}")
-        k = int(min(k, self.info["rows"]))
-        set_search_params(self.index, self.info.get("search") or {}, k)
-        scores, ids = self.index.search(query, k)
-        keep = ids[0] >= 0  # an approximate index may find fewer than k
+        exact = self.info["kind"] == "flat"
+        wanted = int(min(k if exact else RERANK * k, self.info["rows"]))
+        set_search_params(self.index, self.info.get("search") or {}, wanted)
+        scores, ids = self.index.search(query, wanted)
+        keep = ids[0] >= 0  # an approximate index may find fewer than asked
         ids, scores = ids[0][keep], scores[0][keep]
         rows = take(os.path.join(self.path, ROWS_FILE), ids, ["uid", "shard", "row"])
-        return pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores,
-                             "shard": rows.column("shard").cast(pa.string()).to_pylist(),
-                             "row": rows.column("row").to_pylist()})
+        found = pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores,
+                              "shard": rows.column("shard").cast(pa.string()).to_pylist(), "row": rows.column("row").to_pylist()})
+        if not exact and len(found):
+            found["score"] = stored_scores(self.embeddings, found, query[0])
+            found = found.sort_values("score", ascending=False, kind="stable")
+        return found.head(int(k)).reset_index(drop=True)
 
     def vector(self, vector: np.ndarray, k: int = 16) -> pd.DataFrame:
         """The k images nearest to a unit vector of the index's CLIP, joined to their stage rows."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, decode_rgb, load_square
 from dallekit.io import atomic_file, open_shard, read_row_groups, read_shard
-from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
+from dallekit.pipeline.embeddings import IMAGE_COLUMN, check_model, describe_model, embedding_matrix, model_identity
 from dallekit.pipeline.shards import fingerprint_content, input_identity, read_fingerprint
 from dallekit.search.build import EMBED_STAGES, FORMAT, INDEX_FILE, INFO_FILE, ROWS_FILE
 
@@ -86,6 +86,15 @@ def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> 
     group_start = {g: int(sum(sizes[h] for h in groups if h < g)) for g in groups}  # where each group begins in the table read
     local = [group_start[g] + p - starts[g] for g, p in zip(np.searchsorted(starts, positions, side="right") - 1, positions)]
     return table.take(pa.array(local, pa.int64()))
+
+
+def stored_scores(embed_dir: str, hits: pd.DataFrame, query: np.ndarray) -> np.ndarray:
+    """The exact cosine of the query with each hit's stored image vector, read from the row groups of the embeddings shards holding one."""
+    scores = np.empty(len(hits), np.float32)
+    for shard, group in hits.groupby("shard", sort=False):
+        column = take(os.path.join(embed_dir, f"{shard}.parquet"), group["row"].to_numpy(), [IMAGE_COLUMN]).column(IMAGE_COLUMN)
+        scores[group.index.to_numpy()] = embedding_matrix(column).astype(np.float32) @ query
+    return scores
 
 
 def query_image(image: Any):
