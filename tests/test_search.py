@@ -82,7 +82,12 @@ def test_top_hit_of_a_stored_vector_is_its_own_row_joined_to_the_stage(tmp_path)
         hits = index.vector(vectors[i], k=5)
         assert hits["uid"][0] == f"{i:016x}" and hits["caption"][0] == f"caption {i}" and hits["width"][0] == i
         assert hits["jpg"][0] == shape_jpeg(i % 7, size=32) and hits["score"].is_monotonic_decreasing and len(hits) == 5
-    assert list(index.vector(vectors[3], k=5000)["uid"]).__len__() == 600  # k beyond the rows: every row once
+    assert index.vector(vectors[3], k=5000)["uid"].nunique() == 600  # k beyond the rows: every row once
+    dallekit.search.write_grid(index.vector(vectors[0], k=3), str(tmp_path / "grid.png"))
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.width >= 3 * 128
 
 
 def test_hnsw_and_ivfpq_find_the_exact_top_hits_on_clustered_data(tmp_path):
