@@ -125,6 +125,15 @@ def test_an_index_older_than_its_embeddings_is_refused(tmp_path, capsys):
     assert dallekit.search.open(str(tmp_path / "index")).info["rows"] == 300
 
 
+def test_a_stage_rerun_since_it_was_embedded_is_refused(tmp_path):
+    stage, embed = make_folders(tmp_path, clustered(100, 16))
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    table = pq.read_table(stage / "part-00000.parquet")
+    pq.write_table(table.set_column(1, "caption", pa.array(["recaptioned"] * table.num_rows)), stage / "part-00000.parquet")
+    with pytest.raises(BadInputError, match="changed since .* was computed from it"):
+        dallekit.search.open(str(tmp_path / "index"))
+
+
 def test_a_clip_other_than_the_embeddings_model_is_refused_naming_both(tmp_path, capsys):
     _, embed = make_folders(tmp_path, clustered(200, 16))
     dallekit.search.build_index(str(embed), str(tmp_path / "index"))

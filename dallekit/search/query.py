@@ -58,19 +58,32 @@ def check_current(index_dir: str, info: dict) -> str:
         current = input_identity(embed_dir, EMBED_STAGES)
     except BadInputError as err:
         raise BadInputError(f"{index_dir}: its embeddings folder is not readable now ({err}); {REBUILD}") from None
-    now, then = (json.loads(json.dumps(fingerprint_content(x), sort_keys=True)) for x in (current, info["embeddings"]["identity"]))
-    if now != then:
+    if _canonical(current) != _canonical(info["embeddings"]["identity"]):
         raise BadInputError(f"{index_dir}: older than its embeddings folder {embed_dir} (embedded again or rerun since the index was built); "
                             f"{REBUILD} {embed_dir} --out {index_dir}")
     return embed_dir
 
 
 def stage_of(embed_dir: str) -> str:
-    """The stage folder an embeddings folder was computed from, as its fingerprint records it."""
+    """The stage folder an embeddings folder was computed from (its fingerprint's input), checked to be as it was then."""
     recorded = (read_fingerprint(embed_dir) or {}).get("input")
     if not isinstance(recorded, dict) or not recorded.get("path"):
         raise BadInputError(f"{embed_dir}: its fingerprint records no input folder; cannot tell which stage folder the embeddings were computed from")
-    return recorded["path"]
+    stage_dir = recorded["path"]
+    kinds = (recorded["stage"],) if recorded.get("stage") else ()
+    try:
+        now = input_identity(stage_dir, kinds, required=bool(kinds))
+    except BadInputError as err:
+        raise BadInputError(f"{embed_dir}: the stage folder its embeddings come from is not readable now ({err})") from None
+    if _canonical(now) != _canonical(recorded):
+        raise BadInputError(f"{stage_dir}: changed since {embed_dir} was computed from it (rerun); "
+                            f"run `dallekit embed {stage_dir} --out DIR`, then {REBUILD} DIR")
+    return stage_dir
+
+
+def _canonical(identity: dict) -> object:
+    """An identity without its locations, as JSON would give it back, to compare a fresh one with a recorded one."""
+    return json.loads(json.dumps(fingerprint_content(identity), sort_keys=True, default=str))
 
 
 def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
