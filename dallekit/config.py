@@ -74,7 +74,16 @@ def _interval(bounds: str | None) -> tuple[float | None, float | None, float | N
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"  # the torch devices an option may name
-MEMORY_SIZE = r"\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[Bb]|[Bb])?\s*"  # a size such as 4GB, 512MB, 2GiB or bytes
+MEMORY_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.I)  # a size such as 4GB, 512MB, 2GiB or bytes
+MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_bytes(text: str) -> int | None:
+    """'4GB', '512MiB', '1.5GB' or a number of bytes, as bytes; None when it is not such a size."""
+    match = MEMORY_SIZE.fullmatch(str(text))
+    if not match or float(match.group(1)) <= 0:
+        return None
+    return int(float(match.group(1)) * MEMORY_UNITS[(match.group(2) or "B").lower()])
 
 
 def output_options(config: Any) -> dict:
@@ -605,8 +614,13 @@ class IndexConfig:
     """Options of `dallekit index`."""
 
     max_memory: str = option("4GB", "memory the index may take when searched (4GB, 512MB, 2GiB): exact search when it fits "
-                             "and the folder is small, else HNSW, else IVF-PQ with the largest code that fits", pattern=MEMORY_SIZE)
+                             "and the folder is small, else HNSW, else IVF-PQ with the largest code that fits")
     kind: str = option("auto", "the index: auto (chosen for --max-memory), flat (exact), hnsw or ivfpq", choices=["auto", "flat", "hnsw", "ivfpq"])
+
+    def check(self) -> None:
+        """The budget must read as a size."""
+        if memory_bytes(self.max_memory) is None:
+            raise OptionError("max_memory", "a size such as 4GB, 512MB or 2GiB")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def read_folder(embed_dir: str) -> Folder:
 
 def build_index(embed_dir: str, out: str, max_memory: str | int = "4GB", kind: str = "auto") -> dict:
     """Build the search index of an embeddings folder into `out`; returns what index.json records."""
-    budget = max_memory if isinstance(max_memory, int) else parse_memory(max_memory)
+    budget = parse_memory(max_memory)
     folder = read_folder(embed_dir)
     prepare_output(out, [embed_dir])
     choice = choose_index(sum(folder.rows), folder.dim, budget, kind)

@@ -17,9 +17,9 @@ measures recall on a sample of its own rows (see `build.tune`).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from dallekit.config import memory_bytes
 from dallekit.errors import BadInputError
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -30,16 +30,14 @@ ID_BYTES = 8  # the id an inverted list keeps with each code
 MIN_POINTS_PER_LIST = 39  # faiss's k-means warns below this many training points a centroid
 TRAIN_POINTS_PER_LIST = 64  # how many the build samples for each list (autofaiss takes up to 100, memory allowing)
 MAX_TRAIN_ROWS = 262_144  # the training sample's bound: k-means on more buys nothing measurable and costs minutes
-MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.I)
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_memory(text: str, option: str = "--max-memory") -> int:
+def parse_memory(text: str | int, option: str = "--max-memory") -> int:
     """'4GB', '512MiB', '1.5GB' or a number of bytes, as bytes; bad input naming the option otherwise."""
-    match = MEMORY.fullmatch(str(text))
-    if not match or float(match.group(1)) <= 0:
+    size = text if isinstance(text, int) and text > 0 else memory_bytes(str(text))
+    if size is None:
         raise BadInputError(f"{option} {text}: expected a size such as 4GB, 512MB or 2GiB")
-    return int(float(match.group(1)) * UNITS[(match.group(2) or "B").lower()])
+    return size
 
 
 def memory_text(size: float) -> str:
