@@ -7,9 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dallekit.errors import BadInputError
 from dallekit.pipeline import semdedup
 from dallekit.pipeline.embeddings import embedding_array, embedding_metadata
 from dallekit.pipeline.semdedup import SemanticParams, semantic_dedup, semantic_path
+from tests.helpers import run_cli
 
 DIM = 32
 IDENTITY = {"model": "test", "pretrained": None, "checkpoint": None}
@@ -173,3 +175,33 @@ def test_resume_after_a_killed_task_and_a_removed_output(tmp_path, monkeypatch):
     (tmp_path / "s" / "semantic" / f"{shards[1][0]}.parquet").unlink()
     semantic_dedup(None, shards, str(tmp_path / "s"), params)  # the result's mark no longer vouches: the run is redone
     assert read_result(tmp_path / "s", shards) == reference
+
+
+def test_more_clusters_than_rows_and_no_eligible_row_are_bad_input(tmp_path):
+    rng = np.random.default_rng(6)
+    shards = write_embeddings(tmp_path / "emb", planted(rng, groups=2, per_group=2, singles=10))
+    with pytest.raises(BadInputError, match="--semantic-dedup-clusters 15: expected at most the 14 rows"):
+        semantic_dedup(None, shards, str(tmp_path / "a"), SemanticParams(eps=0.05, clusters=15))
+    with pytest.raises(BadInputError, match="no row takes part"):
+        semantic_dedup(None, shards, str(tmp_path / "b"), SemanticParams(eps=0.05), eligible=no_rows)
+
+
+def no_rows(name: str, uids: pa.ChunkedArray) -> np.ndarray:
+    return np.zeros(len(uids), bool)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--semantic-dedup-eps", "0"], "--semantic-dedup-eps 0.0: expected a number > 0 and < 1"),
+    (["--semantic-dedup-eps", "1"], "--semantic-dedup-eps 1.0: expected a number > 0 and < 1"),
+    (["--semantic-dedup-eps", "0.05", "--no-embeddings-given"], None),
+    (["--semantic-dedup-clusters", "0"], "--semantic-dedup-clusters 0: expected a number >= 1"),
+    (["--semantic-dedup-keep", "first"], "--semantic-dedup-keep"),
+    (["--semantic-dedup-sample", "0"], "--semantic-dedup-sample 0: expected a number >= 1"),
+])
+def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, expected):
+    if "--no-embeddings-given" in args:  # the dedup needs the image embeddings
+        args, expected = args[:2], "--semantic-dedup-eps 0.05: expected --embeddings DIR as well"
+    else:
+        args = args + ["--embeddings", str(tmp_path / "emb")]
+    code, err = run_cli(capsys, "filter", tmp_path / "clean", "--out", tmp_path / "out", *args)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1

@@ -52,7 +52,7 @@ def assign_task(item: tuple[int, str, str], state_dir: str, filtered: bool, keep
     rows = eligible_rows(state_dir, name, filtered)
     table, image, text = read_vectors(path, rows, text=keep == "clip_score")
     found = cached_centroids(state_dir)
-    cluster, cosine = nearest(image.astype(np.float32), found["coarse"], found["fine"], found["offsets"])
+    cluster, cosine = nearest(image, found["coarse"], found["fine"], found["offsets"])
     score = cosine if keep == "centroid" else clip_score(image, text)
     write_table_atomic(pa.table({"uid": table.column("uid"), "semantic_cluster": pa.array(cluster, pa.int32()),
                                  "centroid_similarity": pa.array(cosine, pa.float32()), "score": pa.array(score, pa.float32())}),

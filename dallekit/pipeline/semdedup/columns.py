@@ -27,6 +27,7 @@ OUTPUT_SCHEMA = pa.schema([("uid", pa.string()), ("semantic_cluster", pa.int32()
                            ("duplicate_of", pa.string()), ("semantic_similarity", pa.float32())])
 ASSIGNED_SCHEMA = pa.schema([("uid", pa.string()), ("semantic_cluster", pa.int32()), ("centroid_similarity", pa.float32()),
                              ("score", pa.float32())])
+READ_BATCH = 8192  # rows of an embeddings shard decoded at a time
 INTERMEDIATE_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
@@ -36,14 +37,21 @@ def row_schema(dim: int) -> pa.Schema:
 
 
 def read_vectors(path: str, rows: np.ndarray | None, text: bool) -> tuple[pa.Table, np.ndarray, np.ndarray | None]:
-    """(uid and image_embedding of the rows, their (n, D) float16 image vectors, text vectors or None) of one embeddings shard."""
-    from dallekit.io import read_shard
+    """(uid and image_embedding of the rows, their (n, D) float16 image vectors, text vectors or None) of one embeddings shard.
 
-    table = read_shard(path, ["uid", IMAGE_COLUMN] + ([TEXT_COLUMN] if text else []))
+    Read in batches of READ_BATCH rows: Arrow's reader of a whole float16 list column peaks at
+    several times the column's size, which would make a shard task's memory grow with its shard.
+    """
+    from dallekit.io import open_shard
+
+    columns = ["uid", IMAGE_COLUMN] + ([TEXT_COLUMN] if text else [])
+    shard = open_shard(path)
+    schema = pa.schema([shard.schema_arrow.field(name) for name in columns])
+    table = pa.Table.from_batches(list(shard.iter_batches(batch_size=READ_BATCH, columns=columns)), schema)
     if rows is not None:
         table = table.take(pa.array(rows, pa.int64()))
-    image = embedding_matrix(table.column(IMAGE_COLUMN)) if table.num_rows else np.zeros((0, table.schema.field(IMAGE_COLUMN).type.list_size), np.float16)
-    words = embedding_matrix(table.column(TEXT_COLUMN)) if text and table.num_rows else None
+    image = embedding_matrix(table.column(IMAGE_COLUMN))
+    words = embedding_matrix(table.column(TEXT_COLUMN)) if text else None
     return table.select(["uid", IMAGE_COLUMN]), image, words
 
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from dallekit.io import atomic_file
-from dallekit.pipeline.semdedup.columns import read_vectors
+from dallekit.pipeline.semdedup.columns import READ_BATCH, read_vectors
 from dallekit.pipeline.semdedup.eligible import eligible_rows
 
 NITER = 20  # k-means iterations at each level
@@ -101,16 +101,21 @@ def shares(k: int, counts: np.ndarray) -> np.ndarray:
 
 
 def nearest(x: np.ndarray, coarse: np.ndarray, fine: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fine cluster, cosine to it) of each row of x: the nearest coarse centroid, then the nearest of its fine ones; ties to the lower id."""
-    top = np.argmax(x @ coarse.T, axis=1) if len(x) else np.zeros(0, np.int64)
+    """(fine cluster, cosine to it) of each row of x: the nearest coarse centroid, then the nearest of its fine ones; ties to the lower id.
+
+    Float32 matmuls READ_BATCH rows at a time, so a float16 shard is never held in float32 whole.
+    """
     cluster, cosine = np.zeros(len(x), np.int32), np.zeros(len(x), np.float32)
-    for j in np.unique(top):
-        rows = np.flatnonzero(top == j)
-        lo, hi = offsets[j], offsets[j + 1]
-        sims = x[rows] @ fine[lo:hi].T
-        best = np.argmax(sims, axis=1)
-        cluster[rows] = lo + best
-        cosine[rows] = sims[np.arange(len(rows)), best]
+    for lo in range(0, len(x), READ_BATCH):
+        part = x[lo : lo + READ_BATCH].astype(np.float32)
+        top = np.argmax(part @ coarse.T, axis=1)
+        for j in np.unique(top):
+            rows = np.flatnonzero(top == j)
+            first, last = offsets[j], offsets[j + 1]
+            sims = part[rows] @ fine[first:last].T
+            best = np.argmax(sims, axis=1)
+            cluster[lo + rows] = first + best
+            cosine[lo + rows] = sims[np.arange(len(rows)), best]
     return cluster, cosine
 
 
