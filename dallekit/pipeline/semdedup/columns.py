@@ -37,19 +37,23 @@ def row_schema(dim: int) -> pa.Schema:
 
 
 def read_vectors(path: str, rows: np.ndarray | None, text: bool) -> tuple[pa.Table, np.ndarray, np.ndarray | None]:
-    """(uid and image_embedding of the rows, their (n, D) float16 image vectors, text vectors or None) of one embeddings shard.
+    """The rows at sorted positions `rows` (None: all) of an embeddings shard: (uid and image_embedding, (n, D) float16 image vectors, text ones or None).
 
-    Read in batches of READ_BATCH rows: Arrow's reader of a whole float16 list column peaks at
-    several times the column's size, which would make a shard task's memory grow with its shard.
+    Read READ_BATCH rows at a time, keeping only the rows asked for: Arrow's reader of a whole
+    float16 list column peaks at several times the column's size.
     """
     from dallekit.io import open_shard
 
     columns = ["uid", IMAGE_COLUMN] + ([TEXT_COLUMN] if text else [])
     shard = open_shard(path)
-    schema = pa.schema([shard.schema_arrow.field(name) for name in columns])
-    table = pa.Table.from_batches(list(shard.iter_batches(batch_size=READ_BATCH, columns=columns)), schema)
-    if rows is not None:
-        table = table.take(pa.array(rows, pa.int64()))
+    batches, start = [], 0
+    for batch in shard.iter_batches(batch_size=READ_BATCH, columns=columns):
+        if rows is not None:
+            mine = rows[(rows >= start) & (rows < start + batch.num_rows)] - start
+            start += batch.num_rows
+            batch = batch.take(pa.array(mine, pa.int64()))
+        batches.append(batch)
+    table = pa.Table.from_batches(batches, pa.schema([shard.schema_arrow.field(name) for name in columns]))
     image = embedding_matrix(table.column(IMAGE_COLUMN))
     words = embedding_matrix(table.column(TEXT_COLUMN)) if text else None
     return table.select(["uid", IMAGE_COLUMN]), image, words
