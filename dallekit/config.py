@@ -406,7 +406,8 @@ class FilterConfig(StageOptions):
     clip_top_fraction: float | None = option(None, "instead of the threshold, keep this fraction with the best CLIP scores, over the whole dataset", bounds="(0, 1]")
     clip_batch_size: int = option(64, "images per CLIP forward pass", bounds="[1, inf)", output=False)
     device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
-    embeddings: str | None = option(None, "a `dallekit embed` folder of this input, made with this CLIP: the CLIP score is read from it, no image is decoded")
+    # not an output option by its path: the fingerprint records the folder by content instead (a moved folder is the same input)
+    embeddings: str | None = option(None, "a `dallekit embed` folder of this input, made with this CLIP: the CLIP score is read from it, no image is decoded", output=False)
     # Semantic dedup (SemDeDup, Abbas et al. 2023) over the --embeddings' image vectors, among the rows every other rule keeps
     semantic_dedup_eps: float | None = option(None, "reject a row as semantic_duplicate when a row its k-means cluster keeps first has image cosine > 1 - this (SemDeDup's eps; off by default)", bounds="(0, 1)")
     semantic_dedup_clusters: int | None = option(None, "k-means clusters (default: the eligible rows / 2,000)", bounds="[1, inf)")
@@ -421,6 +422,17 @@ class FilterConfig(StageOptions):
         for code in self.languages:
             if code.lower() not in known:
                 raise OptionError("languages", "an ISO 639-1 code the language identifier knows (such as en, de, fr) or 'any'", code)
+
+
+@dataclass
+class EmbedConfig(StageOptions):
+    """Options of `dallekit embed`: the CLIP (the same options and defaults as filter's) and how it runs."""
+
+    clip_model: str = option("ViT-B-32", "open_clip model name")
+    clip_pretrained: str | None = option("laion2b_s34b_b79k", "open_clip pretrained tag (weights come from a hub)")
+    clip_checkpoint: str | None = option(None, "local CLIP: an open_clip folder (open_clip_config.json + .safetensors) or a .safetensors file for --clip-model")
+    batch_size: int = option(64, "images per CLIP forward pass", bounds="[1, inf)", output=False)
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
 
 
 DVAE_PRESET_NAMES = ["tiny", "small", "dalle"]  # models.dvae.DVAE_PRESETS (config sits below models: names only)
@@ -611,7 +623,7 @@ class DemoOptions:
     seed: int = option(0, "seed of the generated set")
 
 
-RUN_STEPS = ["ingest", "download", "clean", "train-clip", "filter", "train-tokenizer", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
+RUN_STEPS = ["ingest", "download", "clean", "train-clip", "embed", "filter", "train-tokenizer", "train-bpe", "encode", "train", "sample", "evaluate", "report"]
 
 
 @dataclass
@@ -622,12 +634,12 @@ class RunConfig:
     inputs: list[str] = option([], "URL lists for ingest: files, globs, folders or fsspec URLs", nargs="+")
     dvae: str | None = option(None, "an existing image tokenizer folder (dVAE or FSQ) to encode with (train-tokenizer is skipped)")
     bpe_vocab_size: int | None = option(None, "train a BPE of this size on the filtered captions and encode with it (else [encode] text_tokenizer)", bounds="[260, 65536]")
-    train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; filter, sample and evaluate then use it instead of [filter]'s")
+    train_clip: bool = option(False, "train a CLIP ([train-clip]) on the cleaned pairs; embed, filter, sample and evaluate then use it instead of [filter]'s")
     stop_after: str = option("report", "last step to run (train-dvae: the old name of train-tokenizer)", choices=RUN_STEPS + ["train-dvae"])
 
 
 # The sections `dallekit run` reads: one per step, plus [run] and [cluster].
-RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "filter", "train-tokenizer", "encode", "train", "train-clip",
+RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "embed", "filter", "train-tokenizer", "encode", "train", "train-clip",
                      "sample", "evaluate"]
 # The sections a --config TOML file of a single command may hold: the run's and the other commands'.
 SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export"]

@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from dallekit.demo.synthetic import (
@@ -49,6 +50,9 @@ def test_demo_quick_runs_the_pipeline_stages(quick_demo):
     assert statuses["success"] > 250 and statuses["failed_to_download"] > 0  # the broken URLs
     cleaned, rejects = check_accounting(out / "clean", len(downloaded))
     assert set(rejects["reason"]) == {"failed_to_download"} and len(cleaned) == statuses["success"]
+    embedded, rejects = check_accounting(out / "embed", len(cleaned))  # every cleaned pair embedded once, by the trained CLIP
+    assert len(rejects) == 0 and sorted(embedded["uid"]) == sorted(cleaned["uid"])
+    assert json.loads(pq.read_schema(sorted((out / "embed").glob("part-*.parquet"))[0]).metadata[b"dallekit"])["model"]["checkpoint"]
     filtered, rejects = check_accounting(out / "filter", len(cleaned))
     assert set(rejects["reason"]) <= {"min_side", "aspect"} and len(rejects) > 0  # image sizes vary on purpose
     assert filtered["clip_score"].notna().all() and (filtered["lang"] == "en").all()

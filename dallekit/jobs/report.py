@@ -24,13 +24,14 @@ from dallekit.pipeline.shards import read_stats, stage_complete
 from dallekit.pipeline.stage import STAGES as STAGE_MODULES
 
 STAGES = list(STAGE_MODULES)  # in pipeline order
+# the funnel's chain; embed is a branch beside it (filter reads clean's rows, not embed's), so it is no step of the funnel
 STAGE_FOLDERS = {"ingest": "ingest", "download": "download", "adopt": "adopt", "clean": "clean", "filter": "filter", "encode": "tokens"}
 
 
 def run_funnel(run_dir: Path) -> list[dict]:
     """Rows remaining after each complete stage of a run, with the rows each stage rejected."""
     steps: list[dict] = []
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in STAGE_FOLDERS]:
         folder = run_dir / STAGE_FOLDERS[stage]
         if not folder.exists():  # a run has ingest and download, or adopt
             continue

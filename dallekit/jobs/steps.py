@@ -1,10 +1,12 @@
 """`dallekit run --config pipeline.toml`: every step of a run as one job on one Dask cluster.
 
 The TOML file has one section per step, named like its subcommand (`[ingest]`, `[download]`,
-`[clean]`, `[train-clip]`, `[filter]`, `[train-tokenizer]` (or its old name `[train-dvae]`), `[encode]`, `[train]`, `[sample]`,
+`[clean]`, `[train-clip]`, `[embed]`, `[filter]`, `[train-tokenizer]` (or its old name `[train-dvae]`), `[encode]`, `[train]`, `[sample]`,
 `[evaluate]`), plus `[cluster]` and `[run]` (the run folder, the inputs, which steps run).
 Steps run in that order; train-clip only with `[run] train_clip = true`, when the CLIP trained
-on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation.
+on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation; embed
+only with [filter] clip on: it embeds the cleaned rows once with the filter's CLIP (its own
+section sets how, never which CLIP), and the filter reads its CLIP scores from that folder.
 The run folder gets one sub-folder per step (DESIGN.md) and `report.html`. The steps are one
 table, RUN_STEP_TABLE: each Dask stage is a `stage_step` over its entry of pipeline.stage.STAGES.
 
@@ -48,6 +50,7 @@ class Pipeline:
     ingest: config.IngestConfig
     download: config.DownloadConfig
     clean: config.CleanConfig
+    embed: config.EmbedConfig
     filter: config.FilterConfig
     train_tokenizer: config.TrainTokenizerConfig
     encode: config.EncodeConfig
@@ -68,12 +71,35 @@ def load_pipeline(toml: dict, where: str, args: argparse.Namespace | None = None
     for name, config_class in SECTIONS.items():
         override = args if name in ("run", "cluster") and args is not None else argparse.Namespace()
         configs[name.replace("-", "_")] = build_config(config_class, override, toml.get(name), f"{where} [{name}]")
-    return Pipeline(**configs)  # an empty [run] inputs is refused by its option check
+    pipeline = Pipeline(**configs)  # an empty [run] inputs is refused by its option check
+    check_embed_clip(toml.get("embed") or {}, pipeline, where)
+    return pipeline
+
+
+EMBED_CLIP_OPTIONS = ("clip_model", "clip_pretrained", "clip_checkpoint")
+
+
+def run_filter_clip(p: Pipeline) -> config.FilterConfig:
+    """[filter] as the run uses it: with `[run] train_clip`, the CLIP the run trains replaces [filter]'s."""
+    if not p.run.train_clip:
+        return p.filter
+    clip = run_folders(p.run.out)["clip"]
+    return replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=clip)
+
+
+def check_embed_clip(section: dict, p: Pipeline, where: str) -> None:
+    """Bad input when [embed] names another CLIP than the filter's: the run embeds with the filter's, so the two cannot differ."""
+    used = run_filter_clip(p)
+    for name in EMBED_CLIP_OPTIONS:
+        if name in section and section[name] != getattr(used, name):
+            whose = "the CLIP [run] train_clip trains" if p.run.train_clip else "[filter]'s"
+            raise BadInputError(f"{where} [embed]: {name} = {section[name]!r}, but the run embeds with {whose} "
+                                f"({name} = {getattr(used, name)!r}); set the CLIP in [filter] only")
 
 
 def run_folders(out: str) -> dict[str, str]:
     """Where each step writes inside a run folder (DESIGN.md's layout)."""
-    names = ["ingest", "download", "clean", "filter", "tokenizer", "bpe", "tokens", "model", "clip", "samples", "eval"]
+    names = ["ingest", "download", "clean", "embed", "filter", "tokenizer", "bpe", "tokens", "model", "clip", "samples", "eval"]
     folders = {name: f"{out.rstrip('/')}/{name}" for name in names}
     if (Path(out) / "dvae" / "config.json").is_file() and not Path(folders["tokenizer"]).exists():
         folders["tokenizer"] = f"{out.rstrip('/')}/dvae"  # a run folder from before the FSQ tokenizer resumes with its dVAE
@@ -149,6 +175,18 @@ class RunState:
         """[encode], with the BPE the run trains as its text tokenizer when [run] bpe_vocab_size is set."""
         return replace(self.pipeline.encode, text_tokenizer=self.folders["bpe"]) if self.pipeline.run.bpe_vocab_size else self.pipeline.encode
 
+    @property
+    def embed_config(self) -> config.EmbedConfig:
+        """[embed], with the filter's CLIP (the run's own when it trains one): the filter reads these embeddings' scores."""
+        f = self.pipeline.filter
+        return replace(self.pipeline.embed, clip_model=f.clip_model, clip_pretrained=f.clip_pretrained, clip_checkpoint=f.clip_checkpoint)
+
+    @property
+    def filter_config(self) -> config.FilterConfig:
+        """[filter], reading its CLIP scores from the run's embeddings when it scores with CLIP."""
+        f = self.pipeline.filter
+        return replace(f, embeddings=self.folders["embed"]) if f.clip else f
+
     @functools.cached_property
     def val_paths(self) -> list[str]:
         """The validation token shards: [train] val, or the shards the trainer held out."""
@@ -179,9 +217,10 @@ class Step:
 
 
 def stage_step(name: str, inputs: Callable[[RunState], list], folder: str | None = None,
-               options: Callable[[RunState], typing.Any] | None = None) -> Step:
+               options: Callable[[RunState], typing.Any] | None = None,
+               needed: Callable[[RunState], bool] = lambda state: True) -> Step:
     """The Dask stage `name` (an entry of STAGES) as a step: `inputs` gives its input arguments in a run, `folder` its output
-    folder in run_folders (default: its name) and `options` its config (default: its section)."""
+    folder in run_folders (default: its name), `options` its config (default: its section) and `needed` whether it runs."""
     options = options or (lambda state: getattr(state.pipeline, name))
 
     def work(state: RunState) -> None:
@@ -191,7 +230,7 @@ def stage_step(name: str, inputs: Callable[[RunState], list], folder: str | None
             stats = entry(*inputs(state), out, options(state), state.client, plan=state.plans.get(name))
         state.result["stages"].append(stats)
 
-    return Step(name, work, dask=True)
+    return Step(name, work, needed, dask=True)
 
 
 def _train_clip(state: RunState) -> None:
@@ -265,7 +304,9 @@ RUN_STEP_TABLE = [
     stage_step("download", lambda state: [state.folders["ingest"]]),
     stage_step("clean", lambda state: [state.folders["download"]]),
     Step("train-clip", _train_clip, lambda state: state.pipeline.run.train_clip and _missing("clip", "open_clip_model.safetensors")(state)),
-    stage_step("filter", lambda state: [state.folders["clean"]]),
+    stage_step("embed", lambda state: [state.folders["clean"]], options=lambda state: state.embed_config,
+               needed=lambda state: state.pipeline.filter.clip),
+    stage_step("filter", lambda state: [state.folders["clean"]], options=lambda state: state.filter_config),
     Step("train-tokenizer", _train_tokenizer, lambda state: state.pipeline.run.dvae is None),
     Step("train-bpe", _train_bpe, lambda state: bool(state.pipeline.run.bpe_vocab_size) and _missing("bpe", "tokenizer.json")(state)),
     stage_step("encode", lambda state: [state.folders["filter"], state.tokenizer_dir], "tokens", lambda state: state.encode_config),
@@ -280,8 +321,7 @@ def run_pipeline(p: Pipeline, judge: PixelJudge | None = None, timer: StepTimer 
     """Run (or resume) every step up to `run.stop_after`; returns each Dask stage's stats, the final metrics and the step timings."""
     last = [s.name for s in RUN_STEP_TABLE].index(current_step_name(p.run.stop_after))
     folders = run_folders(p.run.out)
-    if p.run.train_clip:  # the CLIP trained on the cleaned pairs scores the filter and reranks the samples
-        p = replace(p, filter=replace(p.filter, clip=True, clip_model=p.train_clip.model, clip_pretrained=None, clip_checkpoint=folders["clip"]))
+    p = replace(p, filter=run_filter_clip(p))  # with [run] train_clip, the CLIP trained on the cleaned pairs embeds, filters and reranks
     check_run_folder(p.run.out)
     check_run_models(p)
     Path(p.run.out).mkdir(parents=True, exist_ok=True)

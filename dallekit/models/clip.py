@@ -202,10 +202,22 @@ def _missing_on_hub(err: Exception) -> bool:
 
 def cached_clip(model_name: str, pretrained: str | None, checkpoint: str | None, device: str = "auto") -> ClipScorer:
     """load_clip, once per process for the same arguments (Dask tasks on a worker share it)."""
-    key = (model_name, pretrained, checkpoint and os.path.abspath(checkpoint), device)
+    # a checkpoint saved again in place (train-clip into the same folder) is another model: its weights' time is in the key
+    key = (model_name, pretrained, checkpoint and os.path.abspath(checkpoint), _weights_time(checkpoint), device)
     if key not in _CACHE:
         _CACHE[key] = load_clip(model_name, pretrained, checkpoint, device)
     return _CACHE[key]
+
+
+def _weights_time(checkpoint: str | None) -> int | None:
+    """When a local checkpoint's weights were last written (None without one, or when they are missing: load_clip then says so)."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint) / WEIGHTS_NAME if Path(checkpoint).is_dir() else Path(checkpoint)
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def save_clip(scorer_or_model: Any, model_name: str, out_dir: str) -> Path:

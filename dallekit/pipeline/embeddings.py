@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
 from dallekit.io import list_shards, read_shard
-from dallekit.pipeline.shards import path_digest
+from dallekit.pipeline.shards import fingerprint_content, input_identity, path_digest, read_fingerprint
 
 FORMAT = "dallekit.embeddings/1"
 META_KEY = b"dallekit"
@@ -107,3 +107,15 @@ def read_embeddings(path: str, text: bool = False) -> tuple[list[str], np.ndarra
     column = TEXT_COLUMN if text else IMAGE_COLUMN
     table = read_shard(path, ["uid", column])
     return table.column("uid").to_pylist(), embedding_matrix(table.column(column))
+
+
+def check_embedded_input(folder: str, input_dir: str, identity: dict, option: str = "--embeddings") -> dict:
+    """The embeddings folder's identity; bad input when it is not a finished `dallekit embed` of `input_dir` as it is now."""
+    embedded = input_identity(folder, ("embed",))
+    recorded = (read_fingerprint(folder) or {}).get("input")
+    if not isinstance(recorded, dict) or fingerprint_content(recorded) != fingerprint_content(identity):
+        source = recorded.get("path", "?") if isinstance(recorded, dict) else "an unrecorded input"
+        raise BadInputError(f"{option} {folder}: embeddings of {source} as it was then, not of {input_dir} as it is now; "
+                            f"run `dallekit embed {input_dir} --out DIR` and pass that folder")
+    return embedded
+

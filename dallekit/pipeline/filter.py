@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.config import FilterConfig, output_options
+from dallekit.errors import BadInputError
 from dallekit.images import ImageTooLarge, UndecodableImage, check_decode_size, decode_rgb
 from dallekit.io import read_shard, shard_stem, write_table_atomic
 from dallekit.pipeline.passes import map_with_progress, run_pass, work_dir
@@ -189,6 +190,47 @@ def clip_scores(table: pa.Table, rows: list[int], config: FilterConfig) -> np.nd
     return out
 
 
+def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.ndarray:
+    """CLIP scores of the given rows read from --embeddings (its shard of the same name): image . text; NaN where embed could not embed the image.
+
+    Every row of the shard must be in the embeddings shard or in its rejects, and nothing else
+    may be there: embeddings of other rows are bad input, naming the shard.
+    """
+    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, embedding_matrix
+
+    folder = task.config.embeddings.rstrip("/")
+    path = f"{folder}/{shard_stem(task.path)}.parquet"
+    embedded = read_shard(path, ["uid", IMAGE_COLUMN, TEXT_COLUMN])
+    rejected = _embedding_rejects(f"{folder}/_rejects/{shard_stem(task.path)}.parquet")
+    uids = table.column("uid").to_pylist()
+    position = {uid: k for k, uid in enumerate(embedded.column("uid").to_pylist())}
+    if set(position) | rejected != set(uids):
+        stray = sorted((set(position) | rejected) ^ set(uids))[0]
+        raise BadInputError(f"--embeddings {path}: its uids are not the rows of {task.path} (uid {stray} is in one, not the other); "
+                            "embed this input again")
+    picked = [position.get(uids[i], -1) for i in rows]
+    image = embedding_matrix(embedded.column(IMAGE_COLUMN)).astype(np.float32)
+    text = embedding_matrix(embedded.column(TEXT_COLUMN)).astype(np.float32)
+    scores = (image * text).sum(axis=1) if len(position) else np.zeros(0, np.float32)
+    out = np.full(len(rows), np.nan, dtype=np.float32)
+    found = np.array([k >= 0 for k in picked], bool)
+    out[found] = scores[np.array(picked, np.int64)[found]]
+    return out
+
+
+def _embedding_rejects(path: str) -> set[str]:
+    """The uids embed rejected from one shard (none when it wrote no rejects file)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        return set()
+    return set(read_shard(path, ["uid"]).column("uid").to_pylist())
+
+
+def row_clip_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.ndarray:
+    """The CLIP scores of the given rows: from --embeddings when given, else by running CLIP on their images."""
+    return embedding_scores(task, table, rows) if task.config.embeddings else clip_scores(table, rows, task.config)
+
+
 def scorer_input_size(scorer) -> int:
     """The side CLIP's preprocessing resizes to; JPEGs need not decode larger than twice that."""
     size = getattr(scorer.model.visual, "image_size", 224)
@@ -204,7 +246,7 @@ def clip_pass(task: FilterShard) -> int:
     """First pass of --clip-top-fraction: score the rows that pass the other rules, save the scores."""
     table, _, reasons = score_shard(task)
     rows = [i for i, r in enumerate(reasons) if r is None]
-    scores = clip_scores(table, rows, task.config) if rows else np.zeros(0, np.float32)
+    scores = row_clip_scores(task, table, rows) if rows else np.zeros(0, np.float32)
     uids = table.column("uid").take(rows) if rows else pa.array([], pa.string())
     write_table_atomic(pa.table({"uid": uids, "clip_score": pa.array(scores, pa.float32())}), _scores_path(task))
     return len(rows)
@@ -232,7 +274,7 @@ def filter_shard(task: FilterShard) -> ShardResult:
             uids = table.column("uid").to_pylist()
             clip[rows] = [by_uid[uids[i]] for i in rows]
         elif rows:
-            clip[rows] = clip_scores(table, rows, config)
+            clip[rows] = row_clip_scores(task, table, rows)
         for i in rows:
             if np.isnan(clip[i]):
                 reasons[i] = "undecodable"
@@ -297,6 +339,19 @@ def _weights_id(config: FilterConfig) -> str | None:
     return path_digest(config.clip_checkpoint) if config.clip and config.clip_checkpoint else None
 
 
+def _check_embeddings(input_dir: str, identity: dict, config: FilterConfig) -> dict | None:
+    """The --embeddings folder's identity, checked: a finished embed of this input, by this run's CLIP; None without it."""
+    if not config.embeddings:
+        return None
+    if not config.clip:
+        raise BadInputError(f"--embeddings {config.embeddings}: given with --no-clip; the embeddings are read only for the CLIP score")
+    from dallekit.pipeline.embeddings import check_embedded_input, check_model, model_identity
+
+    embedded = check_embedded_input(config.embeddings, input_dir, identity)
+    check_model(config.embeddings, model_identity(config.clip_model, config.clip_pretrained, config.clip_checkpoint), "--embeddings")
+    return embedded
+
+
 def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs.
 
@@ -305,7 +360,8 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     --semantic-dedup-eps the global pass then runs the semantic dedup (`semantic_pass`).
     """
     identity, paths, _ = STAGE.input_of(input_dir)
-    if config.clip:
+    embedded = _check_embeddings(input_dir, identity, config)
+    if config.clip and not config.embeddings:
         from dallekit.models.clip import cached_clip
 
         cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)  # fail fast, here
@@ -332,7 +388,8 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
 
     top_fraction = config.clip and config.clip_top_fraction is not None
     return Plan(inputs=[input_dir], stats_config=asdict(config) | {"input": input_dir}, tasks=tasks,
-                fingerprint={"input": identity, "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}},
+                fingerprint={"input": identity, "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}}
+                | ({"embeddings": embedded} if embedded else {}),
                 global_pass=global_pass if top_fraction or config.semantic_dedup_eps is not None else None)
 
 

@@ -50,6 +50,8 @@ STAGES = {entry.name: entry for entry in [
                (("img2dataset_output", "", "folder img2dataset wrote (00000.parquet, ...)"),), "image", "AdoptConfig"),
     StageEntry("clean", "downloaded shards -> repaired captions, no failed downloads or duplicates",
                (("downloaded", "", "folder written by `dallekit download`"),), "cleaned", "CleanConfig"),
+    StageEntry("embed", "image shards -> CLIP image and caption embeddings (for filter --embeddings, semantic dedup, search)",
+               (("images", "", "folder written by `dallekit clean` (or filter, download, adopt)"),), "embeddings", "EmbedConfig"),
     StageEntry("filter", "cleaned shards -> rows passing image, caption, language and CLIP rules",
                (("cleaned", "", "folder written by `dallekit clean`"),), "filtered", "FilterConfig"),
     StageEntry("encode", "filtered image shards -> token Parquet (image tokenizer codes + BPE ids)",

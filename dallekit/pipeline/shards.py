@@ -258,6 +258,12 @@ def _read_fingerprint(fs: Any, root: str, output_dir: str, advice: str = "remove
     return stored
 
 
+def read_fingerprint(folder: str) -> dict | None:
+    """A stage folder's recorded fingerprint (None when it has none); bad input when it is not one."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    return _read_fingerprint(fs, root.rstrip("/"), folder, advice="rerun the stage that wrote this folder")
+
+
 def _prepare_folder(fs: Any, root: str, output_dir: str) -> None:
     """Create --out, or bad input when it is a file, lies under a file, or cannot be written."""
     if fs.exists(root) and not fs.isdir(root):

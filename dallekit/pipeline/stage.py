@@ -78,6 +78,7 @@ OUTPUT_PACKAGES = {
     "adopt": ("pillow",),
     "clean": ("ftfy", "pillow", "opencv-python-headless"),
     "filter": ("py3langid", "ftfy", "pillow", "opencv-python-headless", "open_clip_torch", "torch"),
+    "embed": ("pillow", "opencv-python-headless", "open_clip_torch", "torch"),
     "encode": ("pillow", "torch", "tokenizers", "open_clip_torch", "ftfy"),  # the default text tokenizer is open_clip's BPE
 }
 
