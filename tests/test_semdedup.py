@@ -7,11 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dallekit.config import EmbedConfig, FilterConfig
 from dallekit.errors import BadInputError
+from dallekit.pipeline import filter as filter_module
 from dallekit.pipeline import semdedup
+from dallekit.pipeline.embed import embed
 from dallekit.pipeline.embeddings import embedding_array, embedding_metadata
+from dallekit.pipeline.filter import FILTER_RULES
 from dallekit.pipeline.semdedup import SemanticParams, semantic_dedup, semantic_path
-from tests.helpers import run_cli
+from tests.helpers import check_accounting, run_cli
+from tests.stage_data import downloaded_row, shape_jpeg, write_stage
 
 DIM = 32
 IDENTITY = {"model": "test", "pretrained": None, "checkpoint": None}
@@ -205,3 +210,25 @@ def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, expe
         args = args + ["--embeddings", str(tmp_path / "emb")]
     code, err = run_cli(capsys, "filter", tmp_path / "clean", "--out", tmp_path / "out", *args)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_filter_drops_semantic_duplicates_among_rows_every_other_rule_keeps(tmp_path, client):
+    groups = (("a", 1, 3), ("b", 2, 2), ("c", 3, 1), ("d", 4, 1), ("e", 5, 1), ("f", 6, 1))
+    rows = [downloaded_row(f"{g}{i}", f"a shape called {g}{i}", shape_jpeg(seed, size=96)) for g, seed, n in groups for i in range(n)]
+    rows.append(downloaded_row("x0", "short", shape_jpeg(1, size=96)))  # group a's picture, but its caption fails caption_words
+    write_stage(tmp_path / "clean", [rows[:5], rows[5:]], stage="clean")
+    tiny = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None, device="cpu")
+    embed(str(tmp_path / "clean"), str(tmp_path / "embed"), EmbedConfig(**tiny), client)
+    config = FilterConfig(**tiny, min_side=0, min_caption_words=3, languages=["any"], clip_threshold=-1.0,
+                          embeddings=str(tmp_path / "embed"), semantic_dedup_eps=0.01)  # only identical pictures (~0.94 at most else)
+    filter_module.filter(str(tmp_path / "clean"), str(tmp_path / "out"), config, client)
+    kept, rejects = check_accounting(tmp_path / "out", len(rows))
+    reasons = dict(zip(rejects["uid"], rejects["reason"]))
+    assert reasons.pop("x0") == "caption_words" and rejects.set_index("uid").loc["x0", ["semantic_cluster", "duplicate_of"]].isna().all()
+    assert set(reasons.values()) == {"semantic_duplicate"} and len(reasons) == 3
+    of = dict(zip(rejects["uid"], rejects["duplicate_of"]))
+    assert {uid[0] for uid in reasons} == {"a", "b"} and all(of[uid][0] == uid[0] and of[uid] in set(kept["uid"]) for uid in reasons)
+    assert (rejects.set_index("uid").loc[list(reasons), "semantic_similarity"] > 0.99).all()
+    assert kept["semantic_cluster"].notna().all() and kept["centroid_similarity"].between(-1, 1.01).all()
+    assert FILTER_RULES[-1].name == "semantic_duplicate"

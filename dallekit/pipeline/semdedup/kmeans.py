@@ -50,12 +50,12 @@ def spread(counts: list[int], wanted: int) -> list[int]:
 
 
 def draw_sample(state_dir: str, shards: list[tuple[str, str, int]], sample: int, seed: int, filtered: bool) -> np.ndarray:
-    """At most `sample` eligible rows (float32 image vectors) from a spread of shards, one shard read at a time."""
+    """At most `sample` eligible rows (float32 image vectors) from a spread of shards, one shard read at a time into one array."""
     chosen = spread([n for _, _, n in shards], 2 * sample)
     available = sum(shards[s][2] for s in chosen)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(available, size=min(sample, available), replace=False))
-    parts, start = [], 0
+    x, start, filled = None, 0, 0
     for s in chosen:
         name, path, n = shards[s]
         mine = picked[(picked >= start) & (picked < start + n)] - start
@@ -63,8 +63,10 @@ def draw_sample(state_dir: str, shards: list[tuple[str, str, int]], sample: int,
         if len(mine):
             rows = eligible_rows(state_dir, name, filtered)
             _, image, _ = read_vectors(path, mine if rows is None else rows[mine], text=False)
-            parts.append(image.astype(np.float32))
-    return np.concatenate(parts)  # the driver runs no k-means without eligible rows
+            x = np.empty((len(picked), image.shape[1]), np.float32) if x is None else x
+            x[filled : filled + len(image)] = image
+            filled += len(image)
+    return x  # the driver runs no k-means without eligible rows
 
 
 def train(x: np.ndarray, k: int, seed: int) -> np.ndarray:
