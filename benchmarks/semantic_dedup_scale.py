@@ -4,7 +4,7 @@ Writes a synthetic embeddings folder (`dallekit embed`'s format, 512-d float16):
 N / 1,000 topic centres (cosine ~0.5 to their centre), and 5% planted near-copies of a row 1-3
 places before (cosine ~0.97-0.999 to it). Each size runs the semantic dedup core (every row
 eligible, eps 0.05, auto k) on a fresh LocalCluster of 2 worker processes (start-up not timed);
-the peak RSS is the largest worker's ru_maxrss (and a 0.5 s poll of its RSS). The check: whole
+the peak RSS is the largest worker's VmHWM (and a 0.5 s poll of its RSS). The check: whole
 clusters picked at random up to 20,000 rows, the rule computed over them in numpy (every pair,
 float64), compared with the run's duplicate_of for every row of them. Last lines: the peak RSS
 ratio largest/smallest size (target <= 1.3) and ratio=<rows/s at the largest size / rows/s at
@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import measured
+from common import rss
 
 from dallekit.config import ClusterConfig
 from dallekit.pipeline.cluster import dask_client
@@ -105,6 +106,34 @@ def brute_force_check(shards: list[tuple[str, str]], scratch: str, eps: float, s
             dups += expected is not None
             wrong += expected != row["duplicate_of"]
     return f"  brute force over {len(chosen)} clusters, {held} rows: {dups} duplicates, {wrong} rows differ"
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since it started (VmHWM): ru_maxrss would also count, through fork and exec,
+    the RSS of the process that spawned it (here the benchmark, which has just written gigabytes of vectors)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def measured(run, client) -> tuple[float, int]:
+    """(seconds, the largest worker's peak RSS in bytes) of run(): VmHWM, and RSS polled every 0.5 s."""
+    peak, stop = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            try:
+                peak[0] = max([peak[0], *client.run(rss).values()])
+            except Exception:  # noqa: BLE001, S110 - a poll racing the cluster's shutdown: the next one counts
+                pass
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    return seconds, max(peak[0], *client.run(peak_rss).values())
 
 
 def run_size(work: Path, n: int, shard_rows: int, workers: int, eps: float) -> dict:

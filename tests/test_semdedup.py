@@ -232,3 +232,11 @@ def test_filter_drops_semantic_duplicates_among_rows_every_other_rule_keeps(tmp_
     assert (rejects.set_index("uid").loc[list(reasons), "semantic_similarity"] > 0.99).all()
     assert kept["semantic_cluster"].notna().all() and kept["centroid_similarity"].between(-1, 1.01).all()
     assert FILTER_RULES[-1].name == "semantic_duplicate"
+
+
+def test_the_sample_is_read_from_shards_spread_over_the_input():
+    from dallekit.pipeline.semdedup.kmeans import spread
+
+    assert spread([100_000] * 40, 200_000) == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
+    assert len(spread([10] * 100, 400)) == 40
+    assert spread([0, 5, 0, 5, 7], 100) == [1, 3, 4]

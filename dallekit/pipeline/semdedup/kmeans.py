@@ -25,6 +25,7 @@ from dallekit.pipeline.semdedup.columns import READ_BATCH, read_vectors
 from dallekit.pipeline.semdedup.eligible import eligible_rows
 
 NITER = 20  # k-means iterations at each level
+SAMPLE_SHARDS = 16  # the sample comes from at least this many shards (all when fewer), so that it is not one corner of the input
 MIN_POINTS_PER_CENTROID = 4  # a cluster count above sample / this is refused: too few sampled rows to place the centroids
 
 
@@ -34,19 +35,15 @@ def centroids_path(state_dir: str) -> str:
 
 
 def spread(counts: list[int], wanted: int) -> list[int]:
-    """Shards evenly spaced over the rows whose eligible rows add up to at least `wanted` (all of them when fewer)."""
-    total = sum(counts)
-    if total <= wanted:
-        return [s for s, n in enumerate(counts) if n]
-    ends = np.cumsum(counts)
-    chosen: list[int] = []
-    for point in np.linspace(0, total - 1, num=len(counts)):
-        s = int(np.searchsorted(ends, point, side="right"))
-        if s not in chosen and counts[s]:
-            chosen.append(s)
-            if sum(counts[c] for c in chosen) >= wanted:
-                break
-    return sorted(chosen)
+    """At least SAMPLE_SHARDS evenly spaced shards (of those with eligible rows) whose rows add up to at least `wanted` (all when fewer)."""
+    have = [s for s, n in enumerate(counts) if n]
+    if sum(counts) <= wanted:
+        return have
+    for m in range(max(SAMPLE_SHARDS, len(have) * wanted // sum(counts)), len(have) + 1):
+        chosen = sorted({have[int(i)] for i in np.linspace(0, len(have) - 1, m).round()})
+        if sum(counts[s] for s in chosen) >= wanted:
+            return chosen
+    return have
 
 
 def draw_sample(state_dir: str, shards: list[tuple[str, str, int]], sample: int, seed: int, filtered: bool) -> np.ndarray:

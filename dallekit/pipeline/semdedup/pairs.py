@@ -69,11 +69,13 @@ def within(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """For rows x in keep order: the first earlier row with cosine > threshold (-1: none), and that cosine."""
     n = len(x)
     best, sim = np.full(n, -1, np.int64), np.zeros(n, np.float32)
-    step = max(1, CHUNK_CELLS // max(1, n))
+    # chunks of at most CHUNK_CELLS cosines, and at least 8 per cluster above 2,048 rows: each chunk
+    # multiplies its rows by the rows up to its own, so the work is ~9/16 of the square, not all of it
+    step = max(1, min(CHUNK_CELLS // max(1, n), max(256, -(-n // 8))))
     for a in range(0, n, step):
         b = min(n, a + step)
         hit = x[a:b] @ x[:b].T > threshold - MARGIN  # (b - a, b): each row against itself and every row before it
-        hit[np.arange(b)[None, :] >= np.arange(a, b)[:, None]] = False  # only rows before it count
+        hit[:, a:b] &= np.tri(b - a, k=-1, dtype=bool)  # only rows before it count
         best[a:b], sim[a:b] = first_confirmed(hit, x[a:b], x[:b], threshold)
     return best, sim
 
