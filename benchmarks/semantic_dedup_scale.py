@@ -168,7 +168,7 @@ def measure(results_path: Path, key: str, run) -> dict:
 
 def main() -> None:
     """Every size in turn, then the scaling lines."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated row counts")
     parser.add_argument("--work", default="/tmp/semdedup-scale", help="scratch folder (4M rows need about 14 GB)")
     parser.add_argument("--shard-rows", type=int, default=100_000, help="rows per embeddings shard")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -232,6 +234,8 @@ def test_filter_drops_semantic_duplicates_among_rows_every_other_rule_keeps(tmp_
     assert (rejects.set_index("uid").loc[list(reasons), "semantic_similarity"] > 0.99).all()
     assert kept["semantic_cluster"].notna().all() and kept["centroid_similarity"].between(-1, 1.01).all()
     assert FILTER_RULES[-1].name == "semantic_duplicate"
+    with pytest.raises(BadInputError, match="--semantic-dedup-clusters 10: expected at most the 9 rows that take part"):
+        filter_module.filter(str(tmp_path / "clean"), str(tmp_path / "out2"), replace(config, semantic_dedup_clusters=10), client)
 
 
 def test_the_sample_is_read_from_shards_spread_over_the_input():
