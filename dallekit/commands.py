@@ -196,6 +196,35 @@ def train_bpe(args, configs, toml) -> int:
     return 0
 
 
+def index(args, configs, toml) -> int:
+    """dallekit index."""
+    from dallekit.search import build_index
+
+    options = configs["index"]
+    info = build_index(args.embeddings, args.out, options.max_memory, options.kind)
+    print(f"index: {info['factory']} over {info['rows']} vectors of {info['dim']} dimensions in {args.out} ({info['seconds']:.1f} s)")
+    return 0
+
+
+def search(args, configs, toml) -> int:
+    """dallekit search: a table of the hits and their grid PNG."""
+    from dallekit.search import open_index, write_grid
+
+    options = configs["search"]
+    if bool(args.query) == bool(options.image):
+        raise BadInputError("search: give a text to search for or --image FILE (one of them)")
+    found = open_index(args.index, options.clip_model, options.clip_pretrained, options.clip_checkpoint, options.device)
+    hits = found.image(options.image, options.k) if options.image else found.text(args.query, options.k)
+    print(f"{'uid':<20} {'score':>7}  caption")
+    for _, hit in hits.iterrows():
+        caption = str(hit.get("caption", "") or "").replace("\n", " ")
+        print(f"{str(hit['uid']):<20} {hit['score']:>7.3f}  {caption[:100]}")
+    if len(hits):
+        write_grid(hits, options.grid)
+        print(f"search: {len(hits)} hits; their grid in {options.grid}")
+    return 0
+
+
 def convert_openai_dvae(args, configs, toml) -> int:
     """dallekit convert-openai-dvae."""
     from dallekit.models.openai_dvae import convert_openai_dvae as convert
@@ -226,5 +255,5 @@ def demo(args, configs, toml) -> int:
 # every stage of pipeline.stage.STAGES runs through `stage`; download has its --retry-failed mode
 HANDLERS = {name: stage for name in STAGES} | {"download": download} | {
     "train-tokenizer": train_tokenizer, "train-dvae": train_tokenizer, "train-clip": train_clip, "train": train, "sample": sample, "evaluate": evaluate, "decode": decode, "train-bpe": train_bpe,
-    "export": export, "convert-openai-dvae": convert_openai_dvae, "run": every_step, "demo": demo,
+    "export": export, "index": index, "search": search, "convert-openai-dvae": convert_openai_dvae, "run": every_step, "demo": demo,
 }

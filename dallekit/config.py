@@ -74,6 +74,7 @@ def _interval(bounds: str | None) -> tuple[float | None, float | None, float | N
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"  # the torch devices an option may name
+MEMORY_SIZE = r"\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[Bb]|[Bb])?\s*"  # a size such as 4GB, 512MB, 2GiB or bytes
 
 
 def output_options(config: Any) -> dict:
@@ -607,6 +608,28 @@ class DecodeConfig:
 
 
 @dataclass
+class IndexConfig:
+    """Options of `dallekit index`."""
+
+    max_memory: str = option("4GB", "memory the index may take when searched (4GB, 512MB, 2GiB): exact search when it fits "
+                             "and the folder is small, else HNSW, else IVF-PQ with the largest code that fits", pattern=MEMORY_SIZE)
+    kind: str = option("auto", "the index: auto (chosen for --max-memory), flat (exact), hnsw or ivfpq", choices=["auto", "flat", "hnsw", "ivfpq"])
+
+
+@dataclass
+class SearchConfig:
+    """Options of `dallekit search`."""
+
+    k: int = option(16, "hits to show", bounds="[1, inf)")
+    image: str | None = option(None, "search by this image file instead of a text (its size is read from its header before decoding)")
+    grid: str = option("search.png", "PNG file for the grid of hits, each with its score and caption (in the current folder by default)")
+    clip_model: str | None = option(None, "the CLIP to embed the query (default: the index's; must be the model of its embeddings)")
+    clip_pretrained: str | None = option(None, "its pretrained tag (default: the index's)")
+    clip_checkpoint: str | None = option(None, "a local open_clip folder or .safetensors (default: the index's)")
+    device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE)
+
+
+@dataclass
 class TrainBPEConfig:
     """Options of `dallekit train-bpe`."""
 
@@ -642,4 +665,4 @@ class RunConfig:
 RUN_SECTION_NAMES = ["run", "cluster", "ingest", "download", "clean", "embed", "filter", "train-tokenizer", "encode", "train", "train-clip",
                      "sample", "evaluate"]
 # The sections a --config TOML file of a single command may hold: the run's and the other commands'.
-SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export"]
+SECTION_NAMES = RUN_SECTION_NAMES + ["adopt", "decode", "train-bpe", "export", "index", "search"]

@@ -1,0 +1,166 @@
+"""Searching an index: the CLIP of its embeddings embeds a text or an image, faiss finds the nearest images, and the hits are
+joined to the rows of the stage the embeddings were computed from, reading only the shards that hold a hit.
+
+An index is refused when its folder is not a finished index, its files changed since the build,
+or its embeddings folder's identity changed (re-embedded, rerun): the ids would name other rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dallekit.errors import BadInputError
+from dallekit.images import UndecodableImage, decode_rgb, load_square
+from dallekit.io import atomic_file, open_shard, read_row_groups, read_shard
+from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
+from dallekit.pipeline.shards import FINGERPRINT, fingerprint_content, input_identity
+from dallekit.search.build import EMBED_STAGES, FORMAT, INDEX_FILE, INFO_FILE, ROWS_FILE
+
+REBUILD = "rebuild with `dallekit index`"
+
+
+def read_info(index_dir: str) -> dict:
+    """A finished index folder's index.json, its files checked by size; bad input naming what is missing or changed."""
+    if not os.path.isdir(index_dir):
+        raise BadInputError(f"{index_dir}: no such index folder; build one with `dallekit index EMBED_DIR --out {index_dir}`")
+    path = os.path.join(index_dir, INFO_FILE)
+    if not os.path.isfile(path):
+        raise BadInputError(f"{index_dir}: not a finished search index (no {INFO_FILE}); build it with `dallekit index EMBED_DIR --out {index_dir}`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("format") != FORMAT:
+            raise ValueError
+        files, rows, dim = info["files"], int(info["rows"]), int(info["dim"])
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise BadInputError(f"{path}: not a dallekit search index ({FORMAT}); {REBUILD}") from None
+    for name in (INDEX_FILE, ROWS_FILE):
+        file = os.path.join(index_dir, name)
+        recorded = (files.get(name) or {}).get("bytes")
+        if not os.path.isfile(file) or os.path.getsize(file) != recorded:
+            raise BadInputError(f"{file}: missing or changed since the index was built ({recorded} bytes recorded); {REBUILD}")
+    if rows < 1 or dim < 1:
+        raise BadInputError(f"{path}: records {rows} rows of {dim} dimensions; {REBUILD}")
+    return info
+
+
+def check_current(index_dir: str, info: dict) -> str:
+    """The embeddings folder's path when its identity is the one the index was built from; bad input otherwise."""
+    embed_dir = info["embeddings"]["path"]
+    try:
+        current = input_identity(embed_dir, EMBED_STAGES)
+    except BadInputError as err:
+        raise BadInputError(f"{index_dir}: its embeddings folder is not readable now ({err}); {REBUILD}") from None
+    now, then = (json.loads(json.dumps(fingerprint_content(x), sort_keys=True)) for x in (current, info["embeddings"]["identity"]))
+    if now != then:
+        raise BadInputError(f"{index_dir}: older than its embeddings folder {embed_dir} (embedded again or rerun since the index was built); "
+                            f"{REBUILD} {embed_dir} --out {index_dir}")
+    return embed_dir
+
+
+def stage_of(embed_dir: str) -> str:
+    """The stage folder an embeddings folder was computed from, as its fingerprint records it."""
+    path = os.path.join(embed_dir, FINGERPRINT)
+    try:
+        with open(path, encoding="utf-8") as f:
+            fingerprint = json.load(f)
+    except (OSError, ValueError):
+        raise BadInputError(f"{path}: missing or not JSON; cannot tell which stage folder the embeddings were computed from") from None
+    inputs = [v for v in (fingerprint.values() if isinstance(fingerprint, dict) else []) if isinstance(v, dict) and "shards" in v and "path" in v]
+    if not inputs:
+        raise BadInputError(f"{path}: records no input folder; cannot tell which stage folder the embeddings were computed from")
+    return inputs[0]["path"]
+
+
+def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """Rows of a Parquet file at `positions` (in that order), reading only the row groups that hold them."""
+    shard = open_shard(path)
+    sizes = [shard.metadata.row_group(i).num_rows for i in range(shard.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    positions = np.asarray(positions, np.int64)
+    if len(positions) and (positions.min() < 0 or positions.max() >= starts[-1]):
+        raise BadInputError(f"{path}: holds {starts[-1]} rows, fewer than the index expects; {REBUILD}")
+    groups = sorted(set(np.searchsorted(starts, positions, side="right") - 1))
+    table = read_row_groups(shard, path, groups, columns)
+    group_start = {g: int(sum(sizes[h] for h in groups if h < g)) for g in groups}  # where each group begins in the table read
+    local = [group_start[g] + p - starts[g] for g, p in zip(np.searchsorted(starts, positions, side="right") - 1, positions)]
+    return table.take(pa.array(local, pa.int64()))
+
+
+def query_image(image: Any):
+    """A PIL image from a path, bytes or a PIL image; a file's size is read from its header before it is decoded."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    where = "the image bytes"
+    if isinstance(image, (str, os.PathLike)):
+        where = f"--image {image}"
+        try:
+            image = Path(image).read_bytes()
+        except OSError as err:
+            raise BadInputError(f"{where}: cannot read it ({err.strerror})") from None
+    try:
+        return decode_rgb(bytes(image))  # checks the header's size first (images.check_decode_size): nothing decoded over 64 Mpx
+    except UndecodableImage as err:
+        raise BadInputError(f"{where}: not an image dallekit decodes ({err})") from None
+
+
+def clip_identity(info: dict, embed_dir: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> dict:
+    """The CLIP to embed queries with: the index's, or the one the options name, which must be the same model."""
+    stored = info["model"]
+    if model or pretrained or checkpoint:
+        given = model_identity(model or stored["model"], pretrained, checkpoint)
+        option = "--clip-checkpoint" if checkpoint else "--clip-model/--clip-pretrained"
+        check_model(embed_dir, given, f"{option} (index {info['embeddings']['path']})")
+        return given
+    if stored.get("checkpoint"):
+        path = stored.get("path")
+        if not path or not os.path.exists(path):
+            raise BadInputError(f"the index's CLIP, {describe_model(stored)}, is not there now; pass --clip-checkpoint with the same model")
+        given = model_identity(stored["model"], None, path)
+        check_model(embed_dir, given, f"the index's --clip-checkpoint {path}")
+        return given
+    return stored
+
+
+def hits_frame(stage_dir: str, hits: pd.DataFrame) -> pd.DataFrame:
+    """The hits (uid, score, shard) joined to their rows of the stage folder, reading only the shards that hold one."""
+    parts = []
+    for shard, group in hits.groupby("shard", sort=False):
+        path = os.path.join(stage_dir, f"{shard}.parquet")
+        if not os.path.isfile(path):
+            raise BadInputError(f"{path}: missing; the embeddings' stage folder changed since they were computed: embed again, then {REBUILD}")
+        uids = read_shard(path, ["uid"]).column("uid").to_pylist()
+        where = {uid: i for i, uid in enumerate(uids)}
+        missing = [u for u in group["uid"] if u not in where]
+        if missing:
+            raise BadInputError(f"{path}: has no row with uid {missing[0]}; the stage folder changed since it was embedded: embed again, then {REBUILD}")
+        rows = take(path, np.array([where[u] for u in group["uid"]])).to_pandas()
+        parts.append(group[["uid", "score"]].reset_index(drop=True).join(rows.drop(columns=["uid"])))
+    joined = pd.concat(parts, ignore_index=True).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    first = [c for c in ("uid", "score", "caption", "jpg") if c in joined.columns]
+    return joined[first + [c for c in joined.columns if c not in first]]
+
+
+def write_grid(hits: pd.DataFrame, path: str, side: int = 128) -> None:
+    """The hits' images, each labelled with its score and caption, as one PNG (an undecodable image is a grey tile)."""
+    from dallekit.images import labelled_grid
+
+    images, labels = [], []
+    for _, hit in hits.iterrows():
+        try:
+            images.append(load_square(hit.get("jpg"), side))
+        except (UndecodableImage, TypeError):
+            images.append(np.full((side, side, 3), 128, np.uint8))
+        labels.append(f"{hit['score']:.3f} {hit.get('caption') or ''}")
+    grid = labelled_grid(images, labels, columns=min(8, max(1, len(images))), side=side)
+    with atomic_file(os.path.abspath(path)) as f:
+        grid.save(f, format="PNG")

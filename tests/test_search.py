@@ -1,0 +1,185 @@
+"""dallekit index and search: the index kinds, the joined hits, the CLIP queries and the bad inputs (issue 32)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dallekit.search
+from dallekit.errors import BadInputError
+from dallekit.pipeline.embeddings import embedding_array, embedding_metadata, model_identity
+from dallekit.pipeline.passes import hold_folder
+from dallekit.pipeline.shards import input_identity
+from dallekit.search.choice import choose_index
+from tests.helpers import run_cli
+from tests.stage_data import png_header_only, shape_jpeg, write_stage
+
+RANDOM_TINY = model_identity("dallekit-tiny-clip", None, None)
+
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
+    """Unit vectors around a few centres, as CLIP embeddings of a real folder are."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_folders(tmp_path, images: np.ndarray, texts: np.ndarray | None = None, shards: int = 3, identity: dict = RANDOM_TINY,
+                 jpegs: list[bytes] | None = None):
+    """A filter stage folder (uid, caption, jpg, width) and its embeddings folder, written as `dallekit embed` would."""
+    n, dim = images.shape
+    texts = images if texts is None else texts
+    stage, embed = tmp_path / "filter", tmp_path / "embed"
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    rows = [[{"uid": f"{i:016x}", "caption": f"caption {i}", "jpg": jpegs[i] if jpegs else shape_jpeg(i % 7, size=32), "width": i}
+             for i in range(lo, hi)] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    write_stage(stage, rows, stage="filter")
+    embed.mkdir()
+    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        table = pa.table({"uid": [f"{i:016x}" for i in range(lo, hi)], "image_embedding": embedding_array(images[lo:hi]),
+                          "text_embedding": embedding_array(texts[lo:hi])})
+        pq.write_table(table.replace_schema_metadata(embedding_metadata(identity, dim)), embed / f"part-{s:05d}.parquet")
+    (embed / "_fingerprint.json").write_text(json.dumps({"input": input_identity(str(stage), ("filter",)), "model": identity}))
+    (embed / "_stats.json").write_text(json.dumps({"stage": "embed", "shards": shards, "rows_in": n, "rows_out": n, "rows_rejected": 0}))
+    (embed / "_SUCCESS").write_text("")
+    return stage, embed
+
+
+def test_auto_picks_exact_then_hnsw_then_ivfpq_as_the_budget_shrinks():
+    assert choose_index(50_000, 512, 4 * 10**9).kind == "flat"
+    assert choose_index(1_000_000, 512, 4 * 10**9).factory == "HNSW32"
+    assert choose_index(1_000_000, 512, 10**9).kind == "ivfpq"
+    assert choose_index(1_000_000, 512, 10**9).estimated_bytes <= 10**9
+    assert choose_index(1_000_000, 512, 10**8).params["m"] < choose_index(1_000_000, 512, 10**9).params["m"]
+    with pytest.raises(BadInputError, match="too small for 1000000 vectors"):
+        choose_index(1_000_000, 512, 10**6)
+
+
+def test_top_hit_of_a_stored_vector_is_its_own_row_joined_to_the_stage(tmp_path):
+    vectors = clustered(600, 32)
+    stage, embed = make_folders(tmp_path, vectors)
+    info = dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    assert info["kind"] == "flat" and info["rows"] == 600 and sorted(os.listdir(tmp_path / "index")) == ["index.faiss", "index.json", "rows.parquet"]
+    index = dallekit.search.open(str(tmp_path / "index"))
+    for i in (0, 299, 599):
+        hits = index.vector(vectors[i], k=5)
+        assert hits["uid"][0] == f"{i:016x}" and hits["caption"][0] == f"caption {i}" and hits["width"][0] == i
+        assert hits["jpg"][0] == shape_jpeg(i % 7, size=32) and hits["score"].is_monotonic_decreasing and len(hits) == 5
+    assert list(index.vector(vectors[3], k=5000)["uid"]).__len__() == 600  # k beyond the rows: every row once
+
+
+def test_hnsw_and_ivfpq_find_the_exact_top_hits_on_clustered_data(tmp_path):
+    vectors = clustered(3000, 32, clusters=40)
+    _, embed = make_folders(tmp_path, vectors, texts=clustered(3000, 32, seed=1, clusters=40))
+    rng = np.random.default_rng(2)
+    queries = vectors[rng.choice(3000, 20, replace=False)] + 0.05 * rng.standard_normal((20, 32)).astype(np.float32)  # near a stored row
+    found = {}
+    for kind in ("flat", "hnsw", "ivfpq"):
+        info = dallekit.search.build_index(str(embed), str(tmp_path / kind), kind=kind)
+        assert info["kind"] == kind
+        index = dallekit.search.open(str(tmp_path / kind))
+        found[kind] = [list(index.nearest(q, k=10)["uid"]) for q in queries]
+    for kind in ("hnsw", "ivfpq"):
+        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found["flat"], found[kind])])
+        assert overlap >= 0.8, (kind, overlap)
+        assert np.mean([a[0] == b[0] for a, b in zip(found["flat"], found[kind])]) >= 0.8
+
+
+def test_an_index_older_than_its_embeddings_is_refused(tmp_path, capsys):
+    vectors = clustered(300, 16)
+    _, embed = make_folders(tmp_path, vectors)
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    shard = embed / "part-00001.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(1, "image_embedding", embedding_array(clustered(table.num_rows, 16, seed=9))), shard)
+    with pytest.raises(BadInputError, match="older than its embeddings folder.*rebuild with `dallekit index`"):
+        dallekit.search.open(str(tmp_path / "index"))
+    code, err = run_cli(capsys, "search", tmp_path / "index", "a shape")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "rebuild with `dallekit index`" in err
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))  # the rebuild is the fix
+    assert dallekit.search.open(str(tmp_path / "index")).info["rows"] == 300
+
+
+def test_a_clip_other_than_the_embeddings_model_is_refused_naming_both(tmp_path, capsys):
+    _, embed = make_folders(tmp_path, clustered(200, 16))
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    with pytest.raises(BadInputError, match="dallekit-tiny-clip .*dallekit-tiny-rn-clip"):
+        dallekit.search.open(str(tmp_path / "index"), clip_model="dallekit-tiny-rn-clip")
+    code, err = run_cli(capsys, "search", tmp_path / "index", "a shape", "--clip-model", "dallekit-tiny-rn-clip")
+    assert code == 2 and "dallekit-tiny-clip" in err and "dallekit-tiny-rn-clip" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """The tiny CLIP with random weights, saved as a local checkpoint folder."""
+    from dallekit.models.clip import load_clip, save_clip
+
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    save_clip(load_clip("dallekit-tiny-clip", None), "dallekit-tiny-clip", str(folder))
+    return str(folder), load_clip("dallekit-tiny-clip", None, checkpoint=str(folder))
+
+
+def test_text_and_image_queries_through_the_index_clip_from_the_cli(tmp_path, capsys, tiny_clip):
+    from dallekit.images import decode_rgb
+
+    folder, scorer = tiny_clip
+    jpegs = [shape_jpeg(i, size=48) for i in range(40)]
+    images = scorer.embed_images([decode_rgb(j) for j in jpegs]).numpy()
+    texts = scorer.embed_texts([f"caption {i}" for i in range(40)]).numpy()
+    _, embed = make_folders(tmp_path, images, texts, shards=2, identity=model_identity("dallekit-tiny-clip", None, folder), jpegs=jpegs)
+    assert run_cli(capsys, "index", embed, "--out", tmp_path / "index")[0] == 0
+    (tmp_path / "query.jpg").write_bytes(jpegs[17])
+    code, err = run_cli(capsys, "search", tmp_path / "index", "--image", tmp_path / "query.jpg", "-k", "3", "--grid", tmp_path / "hits.png")
+    out = capsys.readouterr().out if code else ""
+    assert code == 0, err
+    hits = dallekit.search.open(str(tmp_path / "index")).image(str(tmp_path / "query.jpg"), k=3)
+    assert hits["uid"][0] == f"{17:016x}" and hits["score"][0] > 0.99, out
+    assert (tmp_path / "hits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, err = run_cli(capsys, "search", tmp_path / "index", "caption 5", "-k", "4", "--grid", tmp_path / "text.png")
+    assert code == 0, err and (tmp_path / "text.png").exists()
+    expected = np.argsort(-(images @ scorer.embed_texts(["caption 5"]).numpy()[0]))[0]
+    assert dallekit.search.open(str(tmp_path / "index")).text("caption 5", k=4)["uid"][0] == f"{expected:016x}"
+    (tmp_path / "huge.png").write_bytes(png_header_only(20000, 20000))
+    code, err = run_cli(capsys, "search", tmp_path / "index", "--image", tmp_path / "huge.png")
+    assert code == 2 and "huge.png" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["k0", "missing", "no_json", "corrupt_json", "truncated", "empty", "not_embeddings", "held"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    stage, embed = make_folders(tmp_path, clustered(100, 16))
+    index = tmp_path / "index"
+    dallekit.search.build_index(str(embed), str(index))
+    args = ["search", index, "a shape"]
+    if case == "k0":
+        args += ["-k", "0"]
+    elif case == "missing":
+        args[1] = tmp_path / "nowhere"
+    elif case == "no_json":
+        (index / "index.json").unlink()
+    elif case == "corrupt_json":
+        (index / "index.json").write_text("{not json")
+    elif case == "truncated":
+        (index / "index.faiss").write_bytes((index / "index.faiss").read_bytes()[:100])
+    elif case == "empty":
+        for shard in embed.glob("part-*.parquet"):
+            table = pq.read_table(shard)
+            pq.write_table(table.slice(0, 0), shard)
+        args = ["index", embed, "--out", tmp_path / "index2"]
+    elif case == "not_embeddings":
+        args = ["index", stage, "--out", tmp_path / "index2"]
+    else:
+        args = ["index", embed, "--out", index]
+    if case == "held":
+        with hold_folder(str(index), "index"):
+            code, err = run_cli(capsys, *args)
+        assert "another dallekit run is writing it" in err
+    else:
+        code, err = run_cli(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dallekit: error:")
