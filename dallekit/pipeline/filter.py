@@ -196,11 +196,11 @@ def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.
     Every row of the shard must be in the embeddings shard or in its rejects, and nothing else
     may be there: embeddings of other rows are bad input, naming the shard.
     """
-    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, embedding_matrix
+    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix
 
     folder = task.config.embeddings.rstrip("/")
     path = f"{folder}/{shard_stem(task.path)}.parquet"
-    embedded = read_shard(path, ["uid", IMAGE_COLUMN, TEXT_COLUMN])
+    embedded = check_table(path, read_shard(path, ["uid", IMAGE_COLUMN, TEXT_COLUMN]))
     rejected = _embedding_rejects(f"{folder}/_rejects/{shard_stem(task.path)}.parquet")
     uids = table.column("uid").to_pylist()
     position = {uid: k for k, uid in enumerate(embedded.column("uid").to_pylist())}

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, embedding_matrix
+from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix
 from dallekit.pipeline.hashing import mix64
 
 REASON = "semantic_duplicate"
@@ -53,7 +53,7 @@ def read_vectors(path: str, rows: np.ndarray | None, text: bool) -> tuple[pa.Tab
             start += batch.num_rows
             batch = batch.take(pa.array(mine, pa.int64()))
         batches.append(batch)
-    table = pa.Table.from_batches(batches, pa.schema([shard.schema_arrow.field(name) for name in columns]))
+    table = check_table(path, pa.Table.from_batches(batches, pa.schema([shard.schema_arrow.field(name) for name in columns])))
     image = embedding_matrix(table.column(IMAGE_COLUMN))
     words = embedding_matrix(table.column(TEXT_COLUMN)) if text else None
     return table.select(["uid", IMAGE_COLUMN]), image, words

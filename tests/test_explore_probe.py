@@ -1,0 +1,83 @@
+"""Hostile-input probe of issue 32 (embed, filter --embeddings, semantic dedup, index/search): each test is a defect found by probing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dallekit.search
+from dallekit.errors import BadInputError
+from dallekit.pipeline.filter import embedding_scores
+from dallekit.pipeline.semdedup.columns import read_vectors
+from tests.test_search import clustered, make_folders
+
+
+def _vectors(values: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.astype(dtype).reshape(-1)), values.shape[1])
+
+
+def _tamper(table: pa.Table, case: str) -> pa.Table:
+    """The first embeddings shard edited by hand the way `case` names."""
+    n, meta = table.num_rows, table.schema.metadata
+
+    def put(name, column):
+        return table.set_column(table.schema.get_field_index(name), name, column).replace_schema_metadata(meta)
+
+    rng = np.random.default_rng(1)
+    if case == "wrong_dim":
+        table = put("image_embedding", _vectors(rng.standard_normal((n, 8))))
+        return put("text_embedding", _vectors(rng.standard_normal((n, 8))))
+    if case == "float32":
+        return put("image_embedding", _vectors(rng.standard_normal((n, 16)), np.float32))
+    if case == "nan_vectors":
+        return put("image_embedding", _vectors(np.full((n, 16), np.nan)))
+    if case == "null_vector":
+        return put("image_embedding", pa.array([None] + table.column("image_embedding").to_pylist()[1:], table.schema.field("image_embedding").type))
+    if case == "variable_list":
+        return put("image_embedding", pa.array(table.column("image_embedding").to_pylist(), pa.list_(pa.float16())))
+    if case == "null_uid":
+        return put("uid", pa.array([None] + table.column("uid").to_pylist()[1:], pa.string()))
+    if case == "duplicate_uid":
+        return pa.concat_tables([table, table.slice(0, 1)]).replace_schema_metadata(meta)
+    assert case == "no_metadata"
+    return table.replace_schema_metadata(None)
+
+
+CASES = ["wrong_dim", "float32", "nan_vectors", "null_vector", "variable_list", "null_uid", "duplicate_uid", "no_metadata"]
+
+
+def tampered_folders(tmp_path, case: str):
+    stage, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    shard = embed / "part-00000.parquet"
+    pq.write_table(_tamper(pq.read_table(shard), case), shard)
+    return stage, embed
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_filter_refuses_a_tampered_embeddings_shard_naming_it(tmp_path, case):
+    # before: wrong_dim/float32/duplicate_uid/no_metadata scored silently, nan_vectors rejected rows as "undecodable",
+    # null_uid/null_vector/variable_list raised a traceback (TypeError, ValueError, AttributeError)
+    stage, embed = tampered_folders(tmp_path, case)
+    path = stage / "part-00000.parquet"
+    table = pq.read_table(path)
+    task = SimpleNamespace(path=str(path), config=SimpleNamespace(embeddings=str(embed)))
+    with pytest.raises(BadInputError, match="part-00000.parquet"):
+        embedding_scores(task, table, list(range(table.num_rows)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_semantic_dedup_reader_refuses_a_tampered_embeddings_shard(tmp_path, case):
+    _, embed = tampered_folders(tmp_path, case)
+    with pytest.raises(BadInputError, match="part-00000.parquet"):
+        read_vectors(str(embed / "part-00000.parquet"), None, text=True)
+
+
+@pytest.mark.parametrize("case", ["wrong_dim", "nan_vectors", "null_vector", "variable_list", "null_uid", "duplicate_uid"])
+def test_index_refuses_a_tampered_embeddings_shard(tmp_path, case):
+    _, embed = tampered_folders(tmp_path, case)
+    with pytest.raises(BadInputError, match="part-00000.parquet"):
+        dallekit.search.build_index(str(embed), str(tmp_path / "index"))
