@@ -81,3 +81,26 @@ def test_index_refuses_a_tampered_embeddings_shard(tmp_path, case):
     _, embed = tampered_folders(tmp_path, case)
     with pytest.raises(BadInputError, match="part-00000.parquet"):
         dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+
+
+def test_search_refuses_a_rows_parquet_whose_shard_names_a_path_outside_the_stage(tmp_path):
+    # before: hits_frame joined stage_dir with the edited shard value and read <stage>/../outside/part-00000.parquet
+    import json
+    import os
+    import shutil
+
+    stage, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    index = tmp_path / "index"
+    dallekit.search.build_index(str(embed), str(index))
+    (tmp_path / "outside").mkdir()
+    shutil.copy(stage / "part-00000.parquet", tmp_path / "outside" / "part-00000.parquet")
+    rows = pq.read_table(index / "rows.parquet")
+    shards = rows.column("shard").cast(pa.string()).to_pylist()
+    escaped = pa.array([f"../outside/{s}" if s == "part-00000" else s for s in shards])
+    pq.write_table(rows.set_column(rows.schema.get_field_index("shard"), "shard", escaped), index / "rows.parquet")
+    info = json.loads((index / "index.json").read_text())
+    info["files"]["rows.parquet"]["bytes"] = os.path.getsize(index / "rows.parquet")  # what a hand edit would also change
+    (index / "index.json").write_text(json.dumps(info))
+    searched = dallekit.search.open(str(index))
+    with pytest.raises(BadInputError, match=r"rows.parquet: column shard holds '\.\./outside/part-00000'"):
+        searched.vector(clustered(30, 16)[0], k=30)

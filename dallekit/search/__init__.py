@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dallekit.errors import BadInputError
+from dallekit.io import SHARD_NAME
 from dallekit.search.build import INDEX_FILE, ROWS_FILE, build_index, set_search_params
 from dallekit.search.choice import choose_index, parse_memory
 from dallekit.search.query import check_current, clip_identity, hits_frame, query_image, read_info, stage_of, take, write_grid
@@ -78,9 +79,13 @@ class SearchIndex:
         scores, ids = self.index.search(query, k)
         keep = ids[0] >= 0  # an approximate index may find fewer than k
         ids, scores = ids[0][keep], scores[0][keep]
-        rows = take(os.path.join(self.path, ROWS_FILE), ids, ["uid", "shard", "row"])
-        return pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores,
-                             "shard": rows.column("shard").cast(pa.string()).to_pylist(),
+        rows_path = os.path.join(self.path, ROWS_FILE)
+        rows = take(rows_path, ids, ["uid", "shard", "row"])
+        shards = rows.column("shard").cast(pa.string()).to_pylist()
+        stray = next((s for s in shards if not SHARD_NAME.fullmatch(f"{s}.parquet")), None)
+        if stray is not None:  # the stage shard's path is built from this value: a plain shard name only, never a path
+            raise BadInputError(f"{rows_path}: column shard holds {stray!r}; expected a shard name such as part-00000; rebuild with `dallekit index`")
+        return pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores, "shard": shards,
                              "row": rows.column("row").to_pylist()})
 
     def vector(self, vector: np.ndarray, k: int = 16) -> pd.DataFrame:
