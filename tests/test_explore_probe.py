@@ -104,3 +104,11 @@ def test_search_refuses_a_rows_parquet_whose_shard_names_a_path_outside_the_stag
     searched = dallekit.search.open(str(index))
     with pytest.raises(BadInputError, match=r"rows.parquet: column shard holds '\.\./outside/part-00000'"):
         searched.vector(clustered(30, 16)[0], k=30)
+
+
+def test_search_refuses_a_device_file_as_query_image_without_reading_it(tmp_path):
+    # before: Path.read_bytes() read the whole file first: /dev/zero grows memory without end; /dev/null read as b""
+    from dallekit.search.query import query_image
+
+    with pytest.raises(BadInputError, match="/dev/null: not a regular file"):
+        query_image("/dev/null")

@@ -103,6 +103,8 @@ def query_image(image: Any):
     where = "the image bytes"
     if isinstance(image, (str, os.PathLike)):
         where = f"--image {image}"
+        if os.path.exists(image) and not os.path.isfile(image):  # /dev/zero or a FIFO: reading it would never end
+            raise BadInputError(f"{where}: not a regular file; expected an image file")
         try:
             image = Path(image).read_bytes()
         except OSError as err:
