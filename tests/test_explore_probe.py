@@ -112,3 +112,13 @@ def test_search_refuses_a_device_file_as_query_image_without_reading_it(tmp_path
 
     with pytest.raises(BadInputError, match="/dev/null: not a regular file"):
         query_image("/dev/null")
+
+
+def test_too_many_clusters_for_a_few_rows_names_a_bound_that_can_be_given():
+    # before: "expected at most 0 (4 sampled rows per centroid); raise --semantic-dedup-sample" for 2 rows and 2 clusters,
+    # though 1 cluster is accepted and every row was already sampled
+    from dallekit.pipeline.semdedup import SemanticParams, choose_clusters
+
+    with pytest.raises(BadInputError, match=r"expected at most 1 \(4 sampled rows per centroid, 2 sampled\)$"):
+        choose_clusters(SemanticParams(eps=0.05, clusters=2, sample=1000), 2)
+    assert choose_clusters(SemanticParams(eps=0.05, clusters=1, sample=1000), 2) == 1

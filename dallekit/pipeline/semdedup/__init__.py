@@ -101,9 +101,11 @@ def choose_clusters(params: SemanticParams, rows: int) -> int:
         return int(max(1, min(round(rows / TARGET_CLUSTER_ROWS), sampled // MIN_POINTS_PER_CENTROID)))
     if params.clusters > rows:
         raise BadInputError(f"--semantic-dedup-clusters {params.clusters}: expected at most the {rows} rows that take part")
-    if params.clusters > max(1, sampled // MIN_POINTS_PER_CENTROID):
-        raise BadInputError(f"--semantic-dedup-clusters {params.clusters}: expected at most {sampled // MIN_POINTS_PER_CENTROID} "
-                            f"({MIN_POINTS_PER_CENTROID} sampled rows per centroid); raise --semantic-dedup-sample")
+    most = max(1, sampled // MIN_POINTS_PER_CENTROID)
+    if params.clusters > most:
+        hint = "; raise --semantic-dedup-sample" if sampled < rows else ""  # with every row sampled, only fewer clusters help
+        raise BadInputError(f"--semantic-dedup-clusters {params.clusters}: expected at most {most} "
+                            f"({MIN_POINTS_PER_CENTROID} sampled rows per centroid, {sampled} sampled){hint}")
     return params.clusters
 
 
