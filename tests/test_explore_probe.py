@@ -122,3 +122,30 @@ def test_too_many_clusters_for_a_few_rows_names_a_bound_that_can_be_given():
     with pytest.raises(BadInputError, match=r"expected at most 1 \(4 sampled rows per centroid, 2 sampled\)$"):
         choose_clusters(SemanticParams(eps=0.05, clusters=2, sample=1000), 2)
     assert choose_clusters(SemanticParams(eps=0.05, clusters=1, sample=1000), 2) == 1
+
+
+def test_semantic_dedup_with_no_clip_accepts_the_embeddings_it_needs(tmp_path):
+    # before: "--embeddings ...: given with --no-clip; the embeddings are read only for the CLIP score", so
+    # --semantic-dedup-eps (which needs --embeddings) could never run with --no-clip
+    import json
+
+    from dallekit.config import FilterConfig
+    from dallekit.pipeline.embeddings import embedding_array, embedding_metadata
+    from dallekit.pipeline.filter import plan_filter
+    from dallekit.pipeline.shards import input_identity
+    from tests.stage_data import downloaded_row, shape_jpeg, write_stage
+
+    stage, embed = tmp_path / "clean", tmp_path / "embed"
+    write_stage(stage, [[downloaded_row(f"r{i:02d}", f"a shape number {i}", shape_jpeg(i, size=32)) for i in range(8)]], stage="clean")
+    embed.mkdir()
+    table = pa.table({"uid": [f"r{i:02d}" for i in range(8)], "image_embedding": embedding_array(clustered(8, 16)),
+                      "text_embedding": embedding_array(clustered(8, 16, seed=1))})
+    other_clip = {"model": "some-other-clip", "pretrained": None, "checkpoint": None}
+    pq.write_table(table.replace_schema_metadata(embedding_metadata(other_clip, 16)), embed / "part-00000.parquet")
+    (embed / "_fingerprint.json").write_text(json.dumps({"input": input_identity(str(stage), ("clean",)), "model": other_clip}))
+    (embed / "_stats.json").write_text(json.dumps({"stage": "embed", "shards": 1, "rows_in": 8, "rows_out": 8, "rows_rejected": 0}))
+    (embed / "_SUCCESS").write_text("")
+    plan = plan_filter(str(stage), FilterConfig(clip=False, embeddings=str(embed), semantic_dedup_eps=0.1, languages=["any"]))
+    assert plan.global_pass is not None
+    with pytest.raises(BadInputError, match="--no-clip and no --semantic-dedup-eps"):
+        plan_filter(str(stage), FilterConfig(clip=False, embeddings=str(embed), languages=["any"]))

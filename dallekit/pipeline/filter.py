@@ -343,12 +343,14 @@ def _check_embeddings(input_dir: str, identity: dict, config: FilterConfig) -> d
     """The --embeddings folder's identity, checked: a finished embed of this input, by this run's CLIP; None without it."""
     if not config.embeddings:
         return None
-    if not config.clip:
-        raise BadInputError(f"--embeddings {config.embeddings}: given with --no-clip; the embeddings are read only for the CLIP score")
+    if not config.clip and config.semantic_dedup_eps is None:
+        raise BadInputError(f"--embeddings {config.embeddings}: given with --no-clip and no --semantic-dedup-eps; "
+                            "the embeddings are read only for the CLIP score and the semantic dedup")
     from dallekit.pipeline.embeddings import check_embedded_input, check_model, model_identity
 
     embedded = check_embedded_input(config.embeddings, input_dir, identity)
-    check_model(config.embeddings, model_identity(config.clip_model, config.clip_pretrained, config.clip_checkpoint), "--embeddings")
+    if config.clip:  # with --no-clip only the semantic dedup reads them, and it compares them among themselves: any CLIP's serve
+        check_model(config.embeddings, model_identity(config.clip_model, config.clip_pretrained, config.clip_checkpoint), "--embeddings")
     return embedded
 
 
