@@ -149,3 +149,33 @@ def test_semantic_dedup_with_no_clip_accepts_the_embeddings_it_needs(tmp_path):
     assert plan.global_pass is not None
     with pytest.raises(BadInputError, match="--no-clip and no --semantic-dedup-eps"):
         plan_filter(str(stage), FilterConfig(clip=False, embeddings=str(embed), languages=["any"]))
+
+
+INDEX_JSON_EDITS = {
+    "no_embeddings": lambda info: info.pop("embeddings"),
+    "embeddings_a_string": lambda info: info.update(embeddings="elsewhere"),
+    "embeddings_path_null": lambda info: info["embeddings"].update(path=None),
+    "search_param_text": lambda info: info.update(search={"efSearch": "lots"}),
+    "search_param_unknown": lambda info: info.update(search={"bogus": 4}),
+    "search_a_list": lambda info: info.update(search=[1]),
+    "model_null": lambda info: info.update(model=None),
+    "files_a_list": lambda info: info.update(files=[]),
+    "file_entry_a_list": lambda info: info["files"].update({"index.faiss": [1]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_JSON_EDITS))
+def test_search_refuses_a_hand_edited_index_json_in_one_line(tmp_path, capsys, case):
+    # before: KeyError, TypeError, ValueError, AttributeError or faiss's RuntimeError tracebacks (exit 1)
+    import json
+
+    from tests.helpers import run_cli
+
+    _, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    index = tmp_path / "index"
+    dallekit.search.build_index(str(embed), str(index))
+    info = json.loads((index / "index.json").read_text())
+    INDEX_JSON_EDITS[case](info)
+    (index / "index.json").write_text(json.dumps(info))
+    code, err = run_cli(capsys, "search", index, "a shape", "--grid", tmp_path / "grid.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "index.json" in err, err
