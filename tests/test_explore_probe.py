@@ -179,3 +179,15 @@ def test_search_refuses_a_hand_edited_index_json_in_one_line(tmp_path, capsys, c
     (index / "index.json").write_text(json.dumps(info))
     code, err = run_cli(capsys, "search", index, "a shape", "--grid", tmp_path / "grid.png")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "index.json" in err, err
+
+
+def test_filter_names_a_stray_uid_when_the_embed_rejects_hold_a_null_one(tmp_path):
+    # before: sorted() of {None, "zzz"} raised TypeError (a traceback) while naming the stray uid
+    stage, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    (embed / "_rejects").mkdir()
+    pq.write_table(pa.table({"uid": pa.array([None, "zzz"], pa.string()), "reason": ["no_image"] * 2}), embed / "_rejects" / "part-00000.parquet")
+    path = stage / "part-00000.parquet"
+    table = pq.read_table(path)
+    task = SimpleNamespace(path=str(path), config=SimpleNamespace(embeddings=str(embed)))
+    with pytest.raises(BadInputError, match="its uids are not the rows of"):
+        embedding_scores(task, table, list(range(table.num_rows)))

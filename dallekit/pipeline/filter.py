@@ -205,7 +205,7 @@ def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.
     uids = table.column("uid").to_pylist()
     position = {uid: k for k, uid in enumerate(embedded.column("uid").to_pylist())}
     if set(position) | rejected != set(uids):
-        stray = sorted((set(position) | rejected) ^ set(uids))[0]
+        stray = sorted((set(position) | rejected) ^ set(uids), key=str)[0]  # key: a hand-edited rejects file may hold a null uid
         raise BadInputError(f"--embeddings {path}: its uids are not the rows of {task.path} (uid {stray} is in one, not the other); "
                             "embed this input again")
     picked = [position.get(uids[i], -1) for i in rows]
