@@ -191,3 +191,13 @@ def test_filter_names_a_stray_uid_when_the_embed_rejects_hold_a_null_one(tmp_pat
     task = SimpleNamespace(path=str(path), config=SimpleNamespace(embeddings=str(embed)))
     with pytest.raises(BadInputError, match="its uids are not the rows of"):
         embedding_scores(task, table, list(range(table.num_rows)))
+
+
+def test_a_budget_too_small_for_a_few_vectors_names_max_memory_not_a_kind_never_given():
+    # before: "--kind ivfpq: 24 vectors are too few to train an IVF-PQ index ..." though --kind was auto
+    from dallekit.search.choice import choose_index
+
+    with pytest.raises(BadInputError, match=r"^--max-memory 1\.0 KB: too small for 24 vectors of 64 dimensions"):
+        choose_index(24, 64, 1000, "auto")
+    with pytest.raises(BadInputError, match=r"^--kind ivfpq: 24 vectors are too few"):
+        choose_index(24, 64, 1000, "ivfpq")
