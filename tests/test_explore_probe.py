@@ -201,3 +201,20 @@ def test_a_budget_too_small_for_a_few_vectors_names_max_memory_not_a_kind_never_
         choose_index(24, 64, 1000, "auto")
     with pytest.raises(BadInputError, match=r"^--kind ivfpq: 24 vectors are too few"):
         choose_index(24, 64, 1000, "ivfpq")
+
+
+@pytest.mark.parametrize("column", ["shard", "uid"])
+def test_search_refuses_a_rows_parquet_without_a_column_in_one_line(tmp_path, column):
+    # before: KeyError 'Field "shard" does not exist in schema' from io.read_row_groups (a traceback)
+    import json
+    import os
+
+    _, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    index = tmp_path / "index"
+    dallekit.search.build_index(str(embed), str(index))
+    pq.write_table(pq.read_table(index / "rows.parquet").drop([column]), index / "rows.parquet")
+    info = json.loads((index / "index.json").read_text())
+    info["files"]["rows.parquet"]["bytes"] = os.path.getsize(index / "rows.parquet")
+    (index / "index.json").write_text(json.dumps(info))
+    with pytest.raises(BadInputError, match=f"rows.parquet: missing column\\(s\\) {column}"):
+        dallekit.search.open(str(index)).vector(clustered(30, 16)[0], k=3)
