@@ -218,3 +218,17 @@ def test_search_refuses_a_rows_parquet_without_a_column_in_one_line(tmp_path, co
     (index / "index.json").write_text(json.dumps(info))
     with pytest.raises(BadInputError, match=f"rows.parquet: missing column\\(s\\) {column}"):
         dallekit.search.open(str(index)).vector(clustered(30, 16)[0], k=3)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_cuda_device_the_machine_lacks_is_one_line_bad_input(monkeypatch, device):
+    # before: `dallekit embed ... --device cuda` on a machine without a GPU ended in torch's RuntimeError traceback (exit 1)
+    import torch
+
+    from dallekit.models.weights import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(BadInputError, match=f"--device {device}: this machine has no CUDA device"):
+        pick_device(device)
+    assert pick_device("auto").type == "cpu"
