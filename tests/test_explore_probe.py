@@ -35,6 +35,10 @@ def _tamper(table: pa.Table, case: str) -> pa.Table:
         return put("image_embedding", _vectors(rng.standard_normal((n, 16)), np.float32))
     if case == "nan_vectors":
         return put("image_embedding", _vectors(np.full((n, 16), np.nan)))
+    if case == "one_infinite_value":
+        values = np.asarray(table.column("text_embedding").to_pylist(), np.float32)
+        values[-1, 3] = np.inf
+        return put("text_embedding", _vectors(values))
     if case == "null_vector":
         return put("image_embedding", pa.array([None] + table.column("image_embedding").to_pylist()[1:], table.schema.field("image_embedding").type))
     if case == "variable_list":
@@ -47,7 +51,7 @@ def _tamper(table: pa.Table, case: str) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
-CASES = ["wrong_dim", "float32", "nan_vectors", "null_vector", "variable_list", "null_uid", "duplicate_uid", "no_metadata"]
+CASES = ["wrong_dim", "float32", "nan_vectors", "one_infinite_value", "null_vector", "variable_list", "null_uid", "duplicate_uid", "no_metadata"]
 
 
 def tampered_folders(tmp_path, case: str):

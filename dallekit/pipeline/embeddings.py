@@ -105,7 +105,8 @@ def check_table(path: str, table: pa.Table) -> pa.Table:
         column, expected = table.column(name), pa.list_(pa.float16(), dim) if isinstance(dim, int) and dim > 0 else None
         if column.type != expected:
             raise BadInputError(f"{path}: column {name} is {column.type}; expected {expected or 'a positive dim'} (its metadata's dim)")
-        if column.null_count or not np.isfinite(embedding_matrix(column)).all():
+        # a row's float32 sum is NaN or infinite when one of its values is (float16's finite values cannot overflow it): n floats, not n x D
+        if column.null_count or not np.isfinite(embedding_matrix(column).sum(axis=1, dtype=np.float32)).all():
             raise BadInputError(f"{path}: column {name} holds a null, NaN or infinite vector; expected `dallekit embed`'s unit vectors")
     uids = table.column("uid") if "uid" in table.column_names else pa.chunked_array([], pa.string())
     if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
