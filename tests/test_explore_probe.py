@@ -236,3 +236,15 @@ def test_a_cuda_device_the_machine_lacks_is_one_line_bad_input(monkeypatch, devi
     with pytest.raises(BadInputError, match=f"--device {device}: this machine has no CUDA device"):
         pick_device(device)
     assert pick_device("auto").type == "cpu"
+
+
+def test_search_refuses_when_the_stage_folder_changed_since_it_was_embedded(tmp_path):
+    # before: the hits were joined by uid to the stage's new rows: a hit showed an image its vector is not of
+    stage, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    shard = stage / "part-00000.parquet"
+    table = pq.read_table(shard)
+    captions = pa.array([f"another picture {i}" for i in range(table.num_rows)])
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", captions), shard)  # same uids, other rows
+    with pytest.raises(BadInputError, match="its stage folder .* changed since it was embedded"):
+        dallekit.search.open(str(tmp_path / "index")).vector(clustered(30, 16)[0], k=3)

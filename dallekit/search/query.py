@@ -72,7 +72,21 @@ def check_current(index_dir: str, info: dict) -> str:
 
 
 def stage_of(embed_dir: str) -> str:
-    """The stage folder an embeddings folder was computed from, as its fingerprint records it."""
+    """The stage folder an embeddings folder was computed from, as its fingerprint records it; bad input when it changed since."""
+    recorded = recorded_input(embed_dir)
+    stage = recorded.get("stage")
+    try:
+        current = input_identity(recorded["path"], (stage,), required=stage is not None)
+    except BadInputError as err:
+        raise BadInputError(f"{embed_dir}: its stage folder is not readable now ({err}); embed again, then {REBUILD}") from None
+    if fingerprint_content(current) != fingerprint_content(recorded):  # a hit would join a row its vector is not of
+        raise BadInputError(f"{embed_dir}: its stage folder {recorded['path']} changed since it was embedded; "
+                            f"embed it again, then {REBUILD}")
+    return recorded["path"]
+
+
+def recorded_input(embed_dir: str) -> dict:
+    """The input identity an embeddings folder's fingerprint records (the stage folder it was computed from)."""
     path = os.path.join(embed_dir, FINGERPRINT)
     try:
         with open(path, encoding="utf-8") as f:
@@ -82,7 +96,7 @@ def stage_of(embed_dir: str) -> str:
     inputs = [v for v in (fingerprint.values() if isinstance(fingerprint, dict) else []) if isinstance(v, dict) and "shards" in v and "path" in v]
     if not inputs:
         raise BadInputError(f"{path}: records no input folder; cannot tell which stage folder the embeddings were computed from")
-    return inputs[0]["path"]
+    return inputs[0]
 
 
 def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
