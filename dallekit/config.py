@@ -418,9 +418,16 @@ class FilterConfig(StageOptions):
     device: str = option("auto", "torch device for CLIP (auto: cuda when there is one)", pattern=DEVICE, output=False)
     # not an output option by its path: the fingerprint records the folder by content instead (a moved folder is the same input)
     embeddings: str | None = option(None, "a `dallekit embed` folder of this input, made with this CLIP: the CLIP score is read from it, no image is decoded", output=False)
+    # Semantic dedup (SemDeDup, Abbas et al. 2023) over the --embeddings' image vectors, among the rows every other rule keeps
+    semantic_dedup_eps: float | None = option(None, "reject a row as semantic_duplicate when a row its k-means cluster keeps first has image cosine > 1 - this (SemDeDup's eps; off by default)", bounds="(0, 1)")
+    semantic_dedup_clusters: int | None = option(None, "k-means clusters (default: the eligible rows / 2,000)", bounds="[1, inf)")
+    semantic_dedup_keep: str = option("centroid", "which row of a near-duplicate group is kept: the one nearest its cluster's centroid (SemDeDup's) or the best CLIP score", choices=["centroid", "clip_score"])
+    semantic_dedup_sample: int = option(100_000, "rows k-means trains on, at most (drawn from a spread of shards)", bounds="[1, inf)")
 
     def check(self) -> None:
-        """Language codes must be ones the identifier can answer."""
+        """Language codes must be ones the identifier can answer; the semantic dedup reads --embeddings."""
+        if self.semantic_dedup_eps is not None and not self.embeddings:
+            raise OptionError("semantic_dedup_eps", "--embeddings DIR as well: the semantic dedup compares the image embeddings `dallekit embed` wrote")
         known = set(language_codes()) | {"any"}
         for code in self.languages:
             if code.lower() not in known:

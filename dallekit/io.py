@@ -107,7 +107,10 @@ def open_shard(path: str) -> pq.ParquetFile:
 
 
 def read_row_groups(shard: pq.ParquetFile, path: str, groups: list[int], columns: list[str]) -> pa.Table:
-    """Some row groups of an open shard, as one table; a corrupt one is bad input naming the file."""
+    """Some row groups of an open shard, as one table; a corrupt one, or one without the columns asked for, is bad input naming the file."""
+    missing = sorted(set(columns or []) - set(shard.schema_arrow.names))
+    if missing:  # as read_shard: Arrow's KeyError would be a traceback
+        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
     try:
         return shard.read_row_groups(groups, columns=columns)
     except pa.ArrowException as err:

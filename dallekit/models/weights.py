@@ -107,8 +107,14 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' means CUDA when there is a GPU."""
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    """'auto' means CUDA when there is a GPU; a device this machine lacks is bad input (torch's RuntimeError comes later, as a traceback)."""
+    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if chosen.type == "cuda" and (chosen.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise BadInputError(f"--device {device}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+                            "expected cpu, auto or one of them")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInputError(f"--device {device}: Apple's MPS is not available here; expected cpu or auto")
+    return chosen
 
 
 def cpu_has_native_bf16() -> bool:

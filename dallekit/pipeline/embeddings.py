@@ -17,6 +17,7 @@ import os
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
@@ -91,6 +92,28 @@ def shard_metadata(path: str) -> dict:
         raise BadInputError(f"{path}: not an embeddings shard (expected `dallekit embed`'s output, format {FORMAT})") from None
 
 
+def check_table(path: str, table: pa.Table) -> pa.Table:
+    """A table read from embeddings shard `path`, checked against the format; bad input naming the file, column and value otherwise.
+
+    Hand-edited or foreign shards must not reach a score or a distance: a null or a NaN there
+    would read as "not embedded", and a vector of another width as some other score.
+    """
+    dim = shard_metadata(path).get("dim")
+    for name in (IMAGE_COLUMN, TEXT_COLUMN):
+        if name not in table.column_names:
+            continue
+        column, expected = table.column(name), pa.list_(pa.float16(), dim) if isinstance(dim, int) and dim > 0 else None
+        if column.type != expected:
+            raise BadInputError(f"{path}: column {name} is {column.type}; expected {expected or 'a positive dim'} (its metadata's dim)")
+        # a row's float32 sum is NaN or infinite when one of its values is (float16's finite values cannot overflow it): n floats, not n x D
+        if column.null_count or not np.isfinite(embedding_matrix(column).sum(axis=1, dtype=np.float32)).all():
+            raise BadInputError(f"{path}: column {name} holds a null, NaN or infinite vector; expected `dallekit embed`'s unit vectors")
+    uids = table.column("uid") if "uid" in table.column_names else pa.chunked_array([], pa.string())
+    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
+        raise BadInputError(f"{path}: column uid holds a null or a repeated uid; expected each row's uid once")
+    return table
+
+
 def folder_metadata(folder: str) -> dict:
     """The embeddings folder's model identity and dimension, from its first shard (all shards agree: embed writes them in one run)."""
     return shard_metadata(list_shards(folder)[0])
@@ -108,7 +131,7 @@ def check_model(folder: str, identity: dict, option: str) -> dict:
 def read_embeddings(path: str, text: bool = False) -> tuple[list[str], np.ndarray]:
     """(uids, (N, D) float16 image embeddings, or text embeddings with `text`) of one embeddings shard."""
     column = TEXT_COLUMN if text else IMAGE_COLUMN
-    table = read_shard(path, ["uid", column])
+    table = check_table(path, read_shard(path, ["uid", column]))
     return table.column("uid").to_pylist(), embedding_matrix(table.column(column))
 
 

@@ -75,6 +75,7 @@ FILTER_RULES = [
     Rule("image_too_large", (), None),  # with CLIP only, the one rule that decodes: the header is read first
     Rule("undecodable", (), None),  # with CLIP only: no readable header, or bytes CLIP's decode refused
     Rule("clip_score", ("clip_score",), None),
+    Rule("semantic_duplicate", (), None),  # last: only rows every other rule keeps take part (see pipeline/semdedup/)
 ]
 RULES = [r.name for r in FILTER_RULES]
 SCORE_COLUMNS = [name for r in FILTER_RULES if r.fails is not None and not r.from_input for name in r.scores]  # added by every filter
@@ -138,6 +139,7 @@ class FilterShard:
     config: FilterConfig
     work_dir: str
     scores_ready: bool = False  # True: read clip_score from _work/ instead of running CLIP
+    semantic: bool = False  # True: the semantic dedup's result for this shard is in _work/ (see semantic_columns)
 
 
 def score_shard(task: FilterShard) -> tuple[pa.Table, dict[str, np.ndarray], list[str | None]]:
@@ -194,16 +196,16 @@ def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.
     Every row of the shard must be in the embeddings shard or in its rejects, and nothing else
     may be there: embeddings of other rows are bad input, naming the shard.
     """
-    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, embedding_matrix
+    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix
 
     folder = task.config.embeddings.rstrip("/")
     path = f"{folder}/{shard_stem(task.path)}.parquet"
-    embedded = read_shard(path, ["uid", IMAGE_COLUMN, TEXT_COLUMN])
+    embedded = check_table(path, read_shard(path, ["uid", IMAGE_COLUMN, TEXT_COLUMN]))
     rejected = _embedding_rejects(f"{folder}/_rejects/{shard_stem(task.path)}.parquet")
     uids = table.column("uid").to_pylist()
     position = {uid: k for k, uid in enumerate(embedded.column("uid").to_pylist())}
     if set(position) | rejected != set(uids):
-        stray = sorted((set(position) | rejected) ^ set(uids))[0]
+        stray = sorted((set(position) | rejected) ^ set(uids), key=str)[0]  # key: a hand-edited rejects file may hold a null uid
         raise BadInputError(f"--embeddings {path}: its uids are not the rows of {task.path} (uid {stray} is in one, not the other); "
                             "embed this input again")
     picked = [position.get(uids[i], -1) for i in rows]
@@ -279,14 +281,38 @@ def filter_shard(task: FilterShard) -> ShardResult:
             elif clip[i] < config.clip_threshold:
                 reasons[i] = "clip_score"
         table = table.append_column("clip_score", pa.array(clip, pa.float32(), mask=np.isnan(clip)))
+    table, reject_columns = semantic_columns(table, reasons, task) if task.semantic else (table, {})
     reason_col = pa.array(reasons, pa.string())
     rejected = pc.is_valid(reason_col)
+    rejects = table.append_column("reason", reason_col)
+    for name, column in reject_columns.items():
+        rejects = rejects.append_column(name, column)
     return ShardResult(
         rows_in=table.num_rows,
         kept=table.filter(pc.invert(rejected)),
-        rejects=table.append_column("reason", reason_col).filter(rejected),
+        rejects=rejects.filter(rejected),
         counters=language_counters(scores, reasons, config),
     )
+
+
+def semantic_columns(table: pa.Table, reasons: list[str | None], task: FilterShard) -> tuple[pa.Table, dict[str, pa.Array]]:
+    """The semantic dedup's columns: semantic_cluster and centroid_similarity on every row (null where it took no part), and
+    duplicate_of and semantic_similarity for the rejects; a duplicate's reason becomes semantic_duplicate (it passed every other rule)."""
+    from dallekit.pipeline.semdedup import semantic_path
+
+    found = read_shard(semantic_path(task.work_dir, shard_stem(task.path)))
+    at = pc.index_in(table.column("uid"), found.column("uid"))
+    index, missing = pc.fill_null(at, 0), pc.is_null(at)
+
+    def column(name: str) -> pa.Array:
+        values = found.column(name).take(index) if found.num_rows else pa.nulls(table.num_rows, found.schema.field(name).type)
+        return pc.if_else(missing, pa.nulls(table.num_rows, values.type), values)
+
+    duplicate_of = column("duplicate_of")
+    for i in np.flatnonzero(pc.is_valid(duplicate_of).to_numpy(zero_copy_only=False)):
+        reasons[i] = "semantic_duplicate"  # only rows with no other reason took part
+    table = table.append_column("semantic_cluster", column("semantic_cluster")).append_column("centroid_similarity", column("centroid_similarity"))
+    return table, {"duplicate_of": duplicate_of, "semantic_similarity": column("semantic_similarity")}
 
 
 def language_counters(scores: dict[str, np.ndarray], reasons: list[str | None], config: FilterConfig) -> dict[str, dict[str, int]]:
@@ -317,12 +343,14 @@ def _check_embeddings(input_dir: str, identity: dict, config: FilterConfig) -> d
     """The --embeddings folder's identity, checked: a finished embed of this input, by this run's CLIP; None without it."""
     if not config.embeddings:
         return None
-    if not config.clip:
-        raise BadInputError(f"--embeddings {config.embeddings}: given with --no-clip; the embeddings are read only for the CLIP score")
+    if not config.clip and config.semantic_dedup_eps is None:
+        raise BadInputError(f"--embeddings {config.embeddings}: given with --no-clip and no --semantic-dedup-eps; "
+                            "the embeddings are read only for the CLIP score and the semantic dedup")
     from dallekit.pipeline.embeddings import check_embedded_input, check_model, model_identity
 
     embedded = check_embedded_input(config.embeddings, input_dir, identity)
-    check_model(config.embeddings, model_identity(config.clip_model, config.clip_pretrained, config.clip_checkpoint), "--embeddings")
+    if config.clip:  # with --no-clip only the semantic dedup reads them, and it compares them among themselves: any CLIP's serve
+        check_model(config.embeddings, model_identity(config.clip_model, config.clip_pretrained, config.clip_checkpoint), "--embeddings")
     return embedded
 
 
@@ -330,7 +358,8 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     """The cleaned shards to filter; checks the input, its columns and that CLIP loads, before any task runs.
 
     With --clip-top-fraction the plan has a global pass: score every shard (resumable per
-    shard), then the global threshold, which the shard tasks apply to the saved scores.
+    shard), then the global threshold, which the shard tasks apply to the saved scores. With
+    --semantic-dedup-eps the global pass then runs the semantic dedup (`semantic_pass`).
     """
     identity, paths, _ = STAGE.input_of(input_dir)
     embedded = _check_embeddings(input_dir, identity, config)
@@ -339,7 +368,7 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
 
         cached_clip(config.clip_model, config.clip_pretrained, config.clip_checkpoint, config.device)  # fail fast, here
 
-    def global_pass(client, output_dir: str) -> float:
+    def clip_pass(client, output_dir: str) -> float:
         tasks = [FilterShard(p, config, work_dir(output_dir)) for p in paths]
         # a rerun skips the shards whose score files its marks vouch for (scored by an earlier, interrupted run)
         run_pass(client, work_dir(output_dir), "clip", _clip_task, {shard_stem(t.path): t for t in tasks}, desc="filter clip", unit="shard")
@@ -347,17 +376,57 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
         print(f"filter: the top {config.clip_top_fraction:.0%} of CLIP scores start at {threshold:.4f}")
         return threshold
 
-    def tasks(threshold: float | None, output_dir: str) -> list:
-        if threshold is None:
-            return shard_tasks(paths, lambda p: FilterShard(p, config, work_dir(output_dir)))
-        chosen = replace(config, clip_threshold=threshold)
-        return shard_tasks(paths, lambda p: FilterShard(p, chosen, work_dir(output_dir), scores_ready=True))
+    def global_pass(client, output_dir: str) -> float | dict | None:
+        threshold = clip_pass(client, output_dir) if top_fraction else None
+        if config.semantic_dedup_eps is None:
+            return threshold
+        return {"clip_threshold": threshold, "semantic": semantic_pass(client, config, paths, output_dir, threshold)}
+
+    def tasks(prepared: float | dict | None, output_dir: str) -> list:
+        semantic = isinstance(prepared, dict)
+        threshold = prepared["clip_threshold"] if semantic else prepared
+        chosen = config if threshold is None else replace(config, clip_threshold=threshold)
+        return shard_tasks(paths, lambda p: FilterShard(p, chosen, work_dir(output_dir), scores_ready=threshold is not None, semantic=semantic))
 
     top_fraction = config.clip and config.clip_top_fraction is not None
     return Plan(inputs=[input_dir], stats_config=asdict(config) | {"input": input_dir}, tasks=tasks,
                 fingerprint={"input": identity, "options": output_options(config) | {"clip_checkpoint": _weights_id(config)}}
                 | ({"embeddings": embedded} if embedded else {}),
-                global_pass=global_pass if top_fraction else None)
+                global_pass=global_pass if top_fraction or config.semantic_dedup_eps is not None else None)
+
+
+@dataclass(frozen=True)
+class SemanticEligibility:
+    """Which rows of a shard take part in the semantic dedup: those every other rule keeps (the filter's own shard task, run without it)."""
+
+    config: FilterConfig  # with the global CLIP threshold, when there is one
+    work_dir: str
+    paths: dict[str, str]  # shard name -> cleaned shard
+    scores_ready: bool
+
+    def __call__(self, name: str, uids: pa.ChunkedArray) -> np.ndarray:
+        kept = filter_shard(FilterShard(self.paths[name], self.config, self.work_dir, self.scores_ready)).kept
+        return pc.is_in(uids, value_set=kept.column("uid").combine_chunks()).to_numpy(zero_copy_only=False)
+
+
+def semantic_pass(client, config: FilterConfig, paths: list[str], output_dir: str, threshold: float | None) -> dict:
+    """The semantic dedup over the --embeddings shards of the input, among the rows every other rule keeps; its counts.
+
+    Its result is in the stage's scratch folder, one file per shard, which the shard tasks read
+    (`semantic_columns`); it is a chain of resumable passes (`pipeline/semdedup/`).
+    """
+    from dallekit.pipeline.semdedup import SemanticParams, semantic_dedup
+
+    chosen = config if threshold is None else replace(config, clip_threshold=threshold)
+    scratch, names = work_dir(output_dir), [shard_stem(p) for p in paths]
+    eligible = SemanticEligibility(chosen, scratch, dict(zip(names, paths)), scores_ready=threshold is not None)
+    params = SemanticParams(eps=config.semantic_dedup_eps, clusters=config.semantic_dedup_clusters, keep=config.semantic_dedup_keep,
+                            sample=config.semantic_dedup_sample, eligible_id=output_options(chosen))
+    shards = [(name, f"{config.embeddings.rstrip('/')}/{name}.parquet") for name in names]
+    stats = semantic_dedup(client, shards, scratch, params, eligible)
+    print(f"filter: semantic dedup: {stats['duplicates']} of {stats['rows']} eligible rows are duplicates "
+          f"({stats['clusters']} clusters, the largest {stats['largest_cluster']} rows)")
+    return {k: stats[k] for k in ("rows", "clusters", "duplicates", "largest_cluster", "pairs_tasks")}
 
 
 def filter(input_dir: str, output_dir: str, config: FilterConfig, client, plan: Plan | None = None) -> dict:

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dallekit.errors import BadInputError
+from dallekit.io import SHARD_NAME
 from dallekit.search.build import INDEX_FILE, ROWS_FILE, build_index, set_search_params
 from dallekit.search.choice import choose_index, parse_memory
 from dallekit.search.query import (
@@ -96,9 +97,14 @@ class SearchIndex:
         scores, ids = self.index.search(query, wanted)
         keep = ids[0] >= 0  # an approximate index may find fewer than asked
         ids, scores = ids[0][keep], scores[0][keep]
-        rows = take(os.path.join(self.path, ROWS_FILE), ids, ["uid", "shard", "row"])
+        rows_path = os.path.join(self.path, ROWS_FILE)
+        rows = take(rows_path, ids, ["uid", "shard", "row"])
+        shards = rows.column("shard").cast(pa.string()).to_pylist()
+        stray = next((s for s in shards if not SHARD_NAME.fullmatch(f"{s}.parquet")), None)
+        if stray is not None:  # the stage shard's path is built from this value: a plain shard name only, never a path
+            raise BadInputError(f"{rows_path}: column shard holds {stray!r}; expected a shard name such as part-00000; rebuild with `dallekit index`")
         found = pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores,
-                              "shard": rows.column("shard").cast(pa.string()).to_pylist(), "row": rows.column("row").to_pylist()})
+                              "shard": shards, "row": rows.column("row").to_pylist()})
         if not exact and len(found):
             found["score"] = stored_scores(self.embeddings, found, query[0])
             found = found.sort_values("score", ascending=False, kind="stable")

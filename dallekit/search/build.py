@@ -31,7 +31,7 @@ from dallekit.io import (
     write_json_atomic,
     write_tables_atomic,
 )
-from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, embedding_matrix, shard_metadata
+from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix, shard_metadata
 from dallekit.pipeline.passes import check_held, hold_folder
 from dallekit.pipeline.shards import input_identity, prepare_output
 from dallekit.progress import progress
@@ -154,7 +154,7 @@ def _sample(folder: Folder, train_at: np.ndarray, tune_at: np.ndarray) -> tuple[
                                          desc="index: sample", unit="shard"):
         if not len(t_rows) and not len(q_rows):
             continue
-        table = read_shard(path, [IMAGE_COLUMN, TEXT_COLUMN])
+        table = check_table(path, read_shard(path, [IMAGE_COLUMN, TEXT_COLUMN]))
         train.append(embedding_matrix(table.column(IMAGE_COLUMN).take(pa.array(t_rows, pa.int64()))))
         queries.append(embedding_matrix(table.column(TEXT_COLUMN).take(pa.array(q_rows, pa.int64()))))
     dim = folder.dim
@@ -185,7 +185,7 @@ def _add_shards(index, folder: Folder, queries: np.ndarray, truth: TopK):
     """Add each shard's image vectors to the index (ids in folder order) and yield its rows of the row map."""
     first = 0
     for path in progress(folder.shards, desc="index: add", unit="shard"):
-        table = read_shard(path, ["uid", IMAGE_COLUMN])
+        table = check_table(path, read_shard(path, ["uid", IMAGE_COLUMN]))
         vectors = embedding_matrix(table.column(IMAGE_COLUMN)).astype(np.float32)
         index.add(vectors)
         truth.add(queries, vectors, first)

@@ -119,6 +119,9 @@ def choose_index(rows: int, dim: int, budget: int, kind: str = "auto") -> IndexC
         return hnsw_choice(rows, dim, min(max(links, HNSW_MIN_M), HNSW_MAX_M))
     if kind not in ("auto", "ivfpq"):
         raise BadInputError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    if rows < 2 * MIN_POINTS_PER_LIST and kind == "auto":  # the budget, not --kind, led here: name the budget
+        raise BadInputError(f"--max-memory {memory_text(budget)}: too small for {rows} vectors of {dim} dimensions; "
+                            f"exact search needs about {memory_text(flat_choice(rows, dim).estimated_bytes)}")
     if rows < 2 * MIN_POINTS_PER_LIST:
         raise BadInputError(f"--kind ivfpq: {rows} vectors are too few to train an IVF-PQ index (at least {2 * MIN_POINTS_PER_LIST}); use --kind flat")
     choice = ivfpq_choice(rows, dim, budget if kind == "auto" else None)

@@ -39,6 +39,12 @@ def read_info(index_dir: str) -> dict:
         if info.get("format") != FORMAT:
             raise ValueError
         files, rows, dim = info["files"], int(info["rows"]), int(info["dim"])
+        embeddings, search = info["embeddings"], info.get("search") or {}
+        # a hand-edited index.json fails here, in one line, not later in a lookup
+        if not (isinstance(files, dict) and all(isinstance(files.get(n, {}), dict) for n in (INDEX_FILE, ROWS_FILE)) and isinstance(embeddings, dict) and isinstance(embeddings["path"], str)
+                and isinstance(embeddings["identity"], dict) and isinstance(info["model"], dict) and isinstance(search, dict)
+                and all(n in ("nprobe", "efSearch") and isinstance(v, int) and v >= 1 for n, v in search.items())):
+            raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise BadInputError(f"{path}: not a dallekit search index ({FORMAT}); {REBUILD}") from None
     for name in (INDEX_FILE, ROWS_FILE):
@@ -119,6 +125,8 @@ def query_image(image: Any):
     where = "the image bytes"
     if isinstance(image, (str, os.PathLike)):
         where = f"--image {image}"
+        if os.path.exists(image) and not os.path.isfile(image):  # /dev/zero or a FIFO: reading it would never end
+            raise BadInputError(f"{where}: not a regular file; expected an image file")
         try:
             image = Path(image).read_bytes()
         except OSError as err:

@@ -59,6 +59,8 @@ class DedupRun:
     groups: list[list[int]]
     rows_per_task: int
     seconds: dict[str, list] = field(default_factory=dict)  # per pass: wall time, summed task time (this run's tasks)
+    label: str = "dedup"  # the progress bars' name of the run (semantic dedup reuses this class)
+    data_folders: tuple[str, ...] = DATA_FOLDERS  # what `forget` removes from the state folder
 
     @property
     def group_of(self) -> list[int]:
@@ -79,7 +81,7 @@ class DedupRun:
         if not all(_parts_whole(items[key]) for key in pending):
             raise InputsGone(f"a task of pass {pass_name} must be redone and its inputs were already consumed")
         start = time.perf_counter()
-        found = run_pass(self.client, self.state_dir, pass_name, task, items, desc=f"dedup {pass_name}", **kwargs)
+        found = run_pass(self.client, self.state_dir, pass_name, task, items, desc=f"{self.label} {pass_name}", **kwargs)
         self.seconds[pass_name] = [round(time.perf_counter() - start, 2), round(sum(found[key]["task_seconds"] for key in pending), 2)]
         return [found[key] for key in items]
 
@@ -92,6 +94,6 @@ class DedupRun:
         for pass_name in self.seconds:
             clear_marks(self.state_dir, pass_name)
         fs, root = fsspec.core.url_to_fs(self.state_dir)
-        for folder in DATA_FOLDERS:
+        for folder in self.data_folders:
             if fs.exists(f"{root}/{folder}"):
                 fs.rm(f"{root}/{folder}", recursive=True)
