@@ -325,9 +325,9 @@ def begin_stage(stage: str, output_dir: str, fingerprint: dict, input_dirs: list
             differences = _differences(fingerprint_content(stored), fingerprint_content(current))
             changes = "; ".join(differences[:6])
             if all(d.startswith("versions.") for d in differences):
-                raise BadInputError(f"--out {output_dir}: holds a {stage} run made with other package versions ({changes}); "
+                raise BadInputError(f"--out {output_dir}: holds a `{stage}` run made with other package versions ({changes}); "
                                     "install those versions to resume it, or pass --overwrite to redo it with these")
-            raise BadInputError(f"--out {output_dir}: holds a {stage} run with other inputs or options ({changes}); "
+            raise BadInputError(f"--out {output_dir}: holds a `{stage}` run with other inputs or options ({changes}); "
                                 "rerun with the same ones to resume, or pass --overwrite to start afresh")
     if changed or (stored is None and entries):
         print(f"{stage}: --overwrite: removing the earlier run in {output_dir}")
