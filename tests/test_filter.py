@@ -269,3 +269,12 @@ def test_a_rerun_of_the_clip_pass_skips_whole_scores_and_redoes_truncated_ones(t
     assert plan.global_pass(client, str(out)) == threshold
     assert {p.name: p.read_bytes() for p in scores.glob("part-*")} == first
     assert ((scores / "part-00001.parquet").stat().st_ino, (scores / "part-00001.parquet").stat().st_mtime_ns) == (whole.st_ino, whole.st_mtime_ns)
+
+
+def test_loading_clip_leaves_the_root_logger_without_a_handler(monkeypatch):
+    """open_clip's root-logger INFO call would install a stderr handler that prints Dask's INFO lines in every CLIP stage."""
+    import logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])
+    load_clip("dallekit-tiny-clip", None, device="cpu")
+    assert logging.root.handlers == []

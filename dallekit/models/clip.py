@@ -12,7 +12,9 @@ like any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,29 @@ class ClipScorer:
         return (self.embed_images(images) * self.embed_texts(captions)).sum(-1).cpu().numpy()
 
 
+@contextlib.contextmanager
+def _root_logging_untouched():
+    """Undo a handler added to the root logger meanwhile.
+
+    open_clip logs with `logging.info` on the root logger, which installs a stderr handler in a
+    process that has none; every library's INFO records (Dask's cluster start and stop) would
+    then be printed.
+    """
+    before = list(logging.root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in logging.root.handlers if h not in before]:
+            logging.root.removeHandler(handler)
+
+
 def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | None = None, device: str = "auto") -> ClipScorer:
     """Build an open_clip model from a local checkpoint, a pretrained tag, or random weights (pretrained=None)."""
+    with _root_logging_untouched():
+        return _build_clip(model_name, pretrained, checkpoint, device)
+
+
+def _build_clip(model_name: str, pretrained: str | None, checkpoint: str | None, device: str) -> ClipScorer:
     import open_clip
 
     register_configs()

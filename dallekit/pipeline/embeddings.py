@@ -12,6 +12,7 @@ content (its path is recorded, never compared).
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -31,7 +32,9 @@ TEXT_COLUMN = "text_embedding"
 def model_identity(clip_model: str, clip_pretrained: str | None, clip_checkpoint: str | None) -> dict:
     """What makes two CLIPs the same: name and pretrained tag, or a local checkpoint's content digest."""
     if clip_checkpoint:
-        return {"model": clip_model, "pretrained": None, "checkpoint": path_digest(clip_checkpoint), "path": str(clip_checkpoint)}
+        # the path is absolute so that `search` finds the checkpoint from any working folder; it is never compared
+        path = clip_checkpoint if "://" in str(clip_checkpoint) else os.path.abspath(clip_checkpoint)
+        return {"model": clip_model, "pretrained": None, "checkpoint": path_digest(clip_checkpoint), "path": str(path)}
     return {"model": clip_model, "pretrained": clip_pretrained or None, "checkpoint": None}
 
 
