@@ -44,6 +44,7 @@ IDENTITY = {"model": "synthetic", "pretrained": None, "checkpoint": None}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

@@ -53,7 +53,8 @@ def read_vectors(path: str, rows: np.ndarray | None, text: bool) -> tuple[pa.Tab
             start += batch.num_rows
             batch = batch.take(pa.array(mine, pa.int64()))
         batches.append(batch)
-    table = check_table(path, pa.Table.from_batches(batches, pa.schema([shard.schema_arrow.field(name) for name in columns])))
+    # one chunk: Arrow's take on a chunked list column concatenates every chunk per call (the shuffle takes once per consumer)
+    table = check_table(path, pa.Table.from_batches(batches, pa.schema([shard.schema_arrow.field(name) for name in columns])).combine_chunks())
     image = embedding_matrix(table.column(IMAGE_COLUMN))
     words = embedding_matrix(table.column(TEXT_COLUMN)) if text else None
     return table.select(["uid", IMAGE_COLUMN]), image, words

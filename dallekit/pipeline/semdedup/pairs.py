@@ -38,7 +38,7 @@ def _own_rows(refs: list[list], spec: dict, schema: pa.Schema) -> pa.Table:
             blocks = block_of(part["id"].to_numpy(), spec["blocks"])
             part = part.filter(pa.array(np.isin(blocks, spec["pair"])))
         parts.append(part)
-    return pa.concat_tables(parts) if parts else schema.empty_table()
+    return pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()  # one chunk: each take copies only its rows
 
 
 def exact_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
