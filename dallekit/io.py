@@ -143,7 +143,7 @@ def check_columns(paths: list[str], required: set[str], expected: str) -> list[t
 
 
 def parquet_options(schema: pa.Schema, **given: Any) -> dict:
-    """pq.write_table's options for a table: the caller's, with binary columns (encoded images, thumbnails) stored plain.
+    """pq.write_table's options for a table: the caller's, with binary columns (encoded images, thumbnails) and vectors stored plain.
 
     JPEG, PNG and WebP bytes are compressed already: snappy finds nothing to shrink in them but
     costs a writer about as much as the write itself, a dictionary of whole images never pays
@@ -151,7 +151,8 @@ def parquet_options(schema: pa.Schema, **given: Any) -> dict:
     The other columns keep the caller's codec (snappy unless given), dictionaries and statistics.
     """
     blobs = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
-             or pa.types.is_fixed_size_binary(f.type)]  # thumbnails (clean's signature) do not compress either
+             or pa.types.is_fixed_size_binary(f.type)  # thumbnails (clean's signature) do not compress either
+             or _is_vector(f.type)]  # nor do embeddings, and a dictionary of them made reading them 3x slower
     if not blobs:
         return given
     others = [name for name in schema.names if name not in blobs]
@@ -159,6 +160,11 @@ def parquet_options(schema: pa.Schema, **given: Any) -> dict:
     if not isinstance(codec, dict):
         codec = {name: codec for name in others} | {name: "none" for name in blobs}
     return {"use_dictionary": others, "write_statistics": others} | given | {"compression": codec}
+
+
+def _is_vector(kind: pa.DataType) -> bool:
+    """A fixed-size list of floats: a vector column (embed's CLIP embeddings)."""
+    return pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)
 
 
 @contextlib.contextmanager

@@ -209,3 +209,14 @@ def test_an_embed_clip_other_than_the_filters_is_one_line_exit_2(tmp_path, capsy
     config.write_text(f'[run]\ninputs = ["{tmp_path / "urls.csv"}"]\n[embed]\n{key} = "{value}"\n')
     code, err = run_cli(capsys, "run", "--config", config, "--out", tmp_path / "o")
     assert code == 2 and err.count("\n") == 1 and f"[embed]: {key}" in err and not (tmp_path / "o").exists(), err
+
+
+def test_vector_columns_are_stored_plain(tmp_path):
+    """A dictionary and snappy on float16 vectors made semantic dedup's reads 3x slower, for 8% less disk."""
+    from dallekit.io import write_table_atomic
+    from dallekit.pipeline.embeddings import embedding_array
+
+    table = pa.table({"uid": ["a", "b"], "image_embedding": embedding_array(np.eye(2, 8))})
+    write_table_atomic(table, str(tmp_path / "part-00000.parquet"))
+    column = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata.row_group(0).column(1)
+    assert column.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in column.encodings and not column.is_stats_set
