@@ -201,7 +201,7 @@ def index(args, configs, toml) -> int:
     from dallekit.search import build_index
 
     options = configs["index"]
-    info = build_index(args.embeddings, args.out, options.max_memory, options.kind)
+    info = build_index(args.embeddings, args.out, options.max_memory, options.kind, options.overwrite)
     print(f"index: {info['factory']} over {info['rows']} vectors of {info['dim']} dimensions in {args.out} ({info['seconds']:.1f} s)")
     return 0
 

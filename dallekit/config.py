@@ -623,6 +623,7 @@ class IndexConfig:
     max_memory: str = option("4GB", "memory the index may take when searched (4GB, 512MB, 2GiB): exact search when it fits "
                              "and the folder is small, else HNSW, else IVF-PQ with the largest code that fits")
     kind: str = option("auto", "the index: auto (chosen for --max-memory), flat (exact), hnsw or ivfpq", choices=["auto", "flat", "hnsw", "ivfpq"])
+    overwrite: bool = option(False, "rebuild when --out holds an index of other embeddings or options")
 
     def check(self) -> None:
         """The budget must read as a size."""

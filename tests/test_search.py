@@ -230,3 +230,23 @@ def test_the_embed_stage_then_index_and_search_join_hits_past_its_rejected_rows(
     hits = dallekit.search.open(str(tmp_path / "index")).image(str(tmp_path / "q.jpg"), k=5)
     assert hits["uid"][0] == "u107" and hits["caption"][0] == "shape 1 7" and hits["jpg"][0] == shape_jpeg(17, size=48)
     assert len(hits) == 5 and all(u[-2:] not in ("00", "04", "08") for u in hits["uid"])  # rejected rows are not in the index
+
+
+def test_a_rebuild_is_answered_refused_or_redone_by_what_changed(tmp_path, capsys):
+    _, embed = make_folders(tmp_path, clustered(200, 16))
+    index = tmp_path / "index"
+    dallekit.search.build_index(str(embed), str(index), kind="hnsw")
+    built = (index / "index.faiss").stat().st_mtime_ns
+    dallekit.search.build_index(str(embed), str(index), kind="hnsw")  # the same: answered from index.json
+    assert (index / "index.faiss").stat().st_mtime_ns == built
+    code, err = run_cli(capsys, "index", embed, "--out", index, "--kind", "flat")
+    assert code == 2 and "holds an index of other options" in err and "--overwrite" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_embed = make_folders(other, clustered(50, 16, seed=3))
+    with pytest.raises(BadInputError, match="holds an index of the embeddings .*embed; give another folder"):
+        dallekit.search.build_index(str(other_embed), str(index), kind="hnsw")
+    assert dallekit.search.build_index(str(other_embed), str(index), kind="flat", overwrite=True)["rows"] == 50
+    (index / "index.faiss").write_bytes(b"damaged")  # the same index with a damaged file is built again
+    assert dallekit.search.build_index(str(other_embed), str(index), kind="flat")["rows"] == 50
+    assert dallekit.search.open(str(index)).info["kind"] == "flat"

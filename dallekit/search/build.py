@@ -13,6 +13,7 @@ atomically, the old `index.json` removed first and the new one written last: a f
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from dallekit.io import (
 )
 from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix, shard_metadata
 from dallekit.pipeline.passes import check_held, hold_folder
-from dallekit.pipeline.shards import input_identity, prepare_output
+from dallekit.pipeline.shards import fingerprint_content, input_identity, prepare_output
 from dallekit.progress import progress
 from dallekit.search.choice import IndexChoice, choose_index, memory_text, parse_memory, train_rows
 
@@ -78,22 +79,74 @@ def read_folder(embed_dir: str) -> Folder:
     return Folder(embed_dir, identity, shards, rows, first["model"], int(first["dim"]))
 
 
-def build_index(embed_dir: str, out: str, max_memory: str | int = "4GB", kind: str = "auto") -> dict:
-    """Build the search index of an embeddings folder into `out`; returns what index.json records."""
+def build_index(embed_dir: str, out: str, max_memory: str | int = "4GB", kind: str = "auto", overwrite: bool = False) -> dict:
+    """Build the search index of an embeddings folder into `out`; returns what index.json records.
+
+    A finished index of the same embeddings (by identity) and options is answered from its
+    index.json; one of other embeddings or options is refused unless `overwrite`.
+    """
     budget = parse_memory(max_memory)
     folder = read_folder(embed_dir)
     prepare_output(out, [embed_dir])
     choice = choose_index(sum(folder.rows), folder.dim, budget, kind)
     with hold_folder(out, "index"):
         info_path = os.path.join(out, INFO_FILE)
+        finished = _finished_index(out, folder, {"max_memory": budget, "requested_kind": kind}, overwrite)
+        if finished is not None:
+            return finished
         if os.path.exists(info_path):
             os.remove(info_path)  # from here until the new one is written, the folder holds no finished index
         start = time.perf_counter()
         info = _build(folder, out, choice)
-        info |= {"max_memory": budget, "seconds": round(time.perf_counter() - start, 3)}
+        info |= {"max_memory": budget, "requested_kind": kind, "seconds": round(time.perf_counter() - start, 3)}
         check_held(out)  # another run took the folder over while this one slept: its files are not ours to vouch for
         write_json_atomic(info, info_path)
     return info
+
+
+def _finished_index(out: str, folder: Folder, options: dict, overwrite: bool) -> dict | None:
+    """The index.json of a whole index in `out` built from this folder as it is now with these options; None when there is none to keep.
+
+    An index of other embeddings or options is bad input unless `overwrite`: a rebuild replaces
+    it, and a rerun with other options is refused rather than silently replacing it.
+    """
+    path = os.path.join(out, INFO_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None  # none, or damaged: built afresh
+    if not isinstance(info, dict):
+        return None
+    built_from = info.get("embeddings") if isinstance(info.get("embeddings"), dict) else {}
+    same_folder = built_from.get("path") == os.path.realpath(folder.path)
+    same_options = {k: info.get(k) for k in options} == options
+    if not (same_folder and same_options):
+        if overwrite:
+            return None
+        differs = f"the embeddings {built_from.get('path')}" if not same_folder else f"other options ({', '.join(f'{k} {info.get(k)}' for k in options)})"
+        raise BadInputError(f"--out {out}: holds an index of {differs}; give another folder, or pass --overwrite to rebuild it")
+    if fingerprint_content(built_from.get("identity")) != fingerprint_content(folder.identity):
+        print(f"index: {folder.path} changed since {out} was built from it: building it again")
+        return None
+    if not _files_whole(out, info):
+        return None  # the same index with a damaged file: built again
+    print(f"index: {out} already holds this index ({info.get('factory')} over {info.get('rows')} vectors)")
+    return info
+
+
+def _files_whole(out: str, info: dict) -> bool:
+    """Whether the files index.json records are there with their recorded sizes and checksums."""
+    files = info.get("files")
+    if not isinstance(files, dict) or set(files) != {INDEX_FILE, ROWS_FILE}:
+        return False
+    for name, recorded in files.items():
+        target = os.path.join(out, name)
+        if not isinstance(recorded, dict) or not os.path.isfile(target) or os.path.getsize(target) != recorded.get("bytes"):
+            return False
+        if file_checksum(target) != recorded.get("checksum"):
+            return False
+    return True
 
 
 def _build(folder: Folder, out: str, choice: IndexChoice) -> dict:
