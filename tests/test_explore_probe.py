@@ -87,27 +87,21 @@ def test_index_refuses_a_tampered_embeddings_shard(tmp_path, case):
         dallekit.search.build_index(str(embed), str(tmp_path / "index"))
 
 
-def test_search_refuses_a_rows_parquet_whose_shard_names_a_path_outside_the_stage(tmp_path):
-    # before: hits_frame joined stage_dir with the edited shard value and read <stage>/../outside/part-00000.parquet
+def test_search_refuses_an_index_json_whose_shard_names_a_path_outside_the_embeddings(tmp_path):
+    # the embeddings shard's path is built from index.json's shard names: an edited one read <embed>/../outside/part-00000.parquet
     import json
-    import os
     import shutil
 
-    stage, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
+    _, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
     index = tmp_path / "index"
     dallekit.search.build_index(str(embed), str(index))
     (tmp_path / "outside").mkdir()
-    shutil.copy(stage / "part-00000.parquet", tmp_path / "outside" / "part-00000.parquet")
-    rows = pq.read_table(index / "rows.parquet")
-    shards = rows.column("shard").cast(pa.string()).to_pylist()
-    escaped = pa.array([f"../outside/{s}" if s == "part-00000" else s for s in shards])
-    pq.write_table(rows.set_column(rows.schema.get_field_index("shard"), "shard", escaped), index / "rows.parquet")
+    shutil.copy(embed / "part-00000.parquet", tmp_path / "outside" / "part-00000.parquet")
     info = json.loads((index / "index.json").read_text())
-    info["files"]["rows.parquet"]["bytes"] = os.path.getsize(index / "rows.parquet")  # what a hand edit would also change
+    info["shards"][0][0] = "../outside/part-00000"
     (index / "index.json").write_text(json.dumps(info))
-    searched = dallekit.search.open(str(index))
-    with pytest.raises(BadInputError, match=r"rows.parquet: column shard holds '\.\./outside/part-00000'"):
-        searched.vector(clustered(30, 16)[0], k=30)
+    with pytest.raises(BadInputError, match=r"index.json: shards name '\.\./outside/part-00000'; expected shard names"):
+        dallekit.search.open(str(index)).vector(clustered(30, 16)[0], k=30)
 
 
 def test_search_refuses_a_device_file_as_query_image_without_reading_it(tmp_path):
@@ -205,23 +199,6 @@ def test_a_budget_too_small_for_a_few_vectors_names_max_memory_not_a_kind_never_
         choose_index(24, 64, 1000, "auto")
     with pytest.raises(BadInputError, match=r"^--kind ivfpq: 24 vectors are too few"):
         choose_index(24, 64, 1000, "ivfpq")
-
-
-@pytest.mark.parametrize("column", ["shard", "uid"])
-def test_search_refuses_a_rows_parquet_without_a_column_in_one_line(tmp_path, column):
-    # before: KeyError 'Field "shard" does not exist in schema' from io.read_row_groups (a traceback)
-    import json
-    import os
-
-    _, embed = make_folders(tmp_path, clustered(30, 16), shards=2)
-    index = tmp_path / "index"
-    dallekit.search.build_index(str(embed), str(index))
-    pq.write_table(pq.read_table(index / "rows.parquet").drop([column]), index / "rows.parquet")
-    info = json.loads((index / "index.json").read_text())
-    info["files"]["rows.parquet"]["bytes"] = os.path.getsize(index / "rows.parquet")
-    (index / "index.json").write_text(json.dumps(info))
-    with pytest.raises(BadInputError, match=f"rows.parquet: missing column\\(s\\) {column}"):
-        dallekit.search.open(str(index)).vector(clustered(30, 16)[0], k=3)
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])

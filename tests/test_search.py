@@ -110,6 +110,30 @@ def test_hnsw_and_ivfpq_find_the_exact_top_hits_on_clustered_data(tmp_path):
         assert np.mean([a[0] == b[0] for a, b in zip(found["flat"], found[kind])]) >= 0.8
 
 
+def test_hits_name_their_embeddings_shard_and_row_and_each_shard_is_opened_once(tmp_path):
+    vectors = clustered(600, 32)
+    _, embed = make_folders(tmp_path, vectors)  # shards of rows 0-199, 200-399, 400-599
+    for kind in ("flat", "hnsw"):
+        dallekit.search.build_index(str(embed), str(tmp_path / kind), kind=kind)
+        index = dallekit.search.open(str(tmp_path / kind))
+        for i in (0, 199, 200, 599):
+            hit = index.nearest(vectors[i], k=3).iloc[0]
+            assert (hit["uid"], hit["shard"], hit["row"], hit["id"]) == (f"{i:016x}", f"part-{i // 200:05d}", i % 200, i), kind
+        opened = dict(index.shards.opened)
+        index.nearest(vectors[0], k=3)
+        assert 1 <= len(opened) <= 3 and all(index.shards.opened[p] is f for p, f in opened.items())  # not opened again
+
+
+def test_an_index_json_whose_shards_do_not_add_up_to_its_rows_is_refused(tmp_path):
+    _, embed = make_folders(tmp_path, clustered(60, 16))
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    info = json.loads((tmp_path / "index" / "index.json").read_text())
+    info["shards"] = info["shards"][:-1]
+    (tmp_path / "index" / "index.json").write_text(json.dumps(info))
+    with pytest.raises(BadInputError, match="shards hold 40 rows, not the 60"):
+        dallekit.search.open(str(tmp_path / "index"))
+
+
 def test_an_index_older_than_its_embeddings_is_refused(tmp_path, capsys):
     vectors = clustered(300, 16)
     _, embed = make_folders(tmp_path, vectors)

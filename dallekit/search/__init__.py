@@ -17,21 +17,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from dallekit.errors import BadInputError
 from dallekit.io import SHARD_NAME
-from dallekit.search.build import INDEX_FILE, ROWS_FILE, build_index, set_search_params
+from dallekit.pipeline.embeddings import IMAGE_COLUMN, embedding_matrix
+from dallekit.search.build import INDEX_FILE, build_index, set_search_params
 from dallekit.search.choice import choose_index, parse_memory
 from dallekit.search.query import (
+    REBUILD,
+    OpenShards,
     check_current,
     clip_identity,
     hits_frame,
     query_image,
     read_info,
     stage_of,
-    stored_scores,
-    take,
+    stored_rows,
     write_grid,
 )
 
@@ -61,6 +62,8 @@ class SearchIndex:
         if (self.index.ntotal, self.index.d) != (self.info["rows"], self.info["dim"]):
             raise BadInputError(f"{index_dir}/{INDEX_FILE}: holds {self.index.ntotal} vectors of {self.index.d} dimensions, "
                                 f"index.json {self.info['rows']} of {self.info['dim']}; rebuild with `dallekit index`")
+        self.shard_names, self.starts = shard_starts(index_dir, self.info)
+        self.shards = OpenShards(self.embeddings)  # a query reads a few rows of a few shards: their footers are parsed once
 
     def clip(self):
         """The CLIP that made the embeddings, loaded once per process."""
@@ -97,16 +100,12 @@ class SearchIndex:
         scores, ids = self.index.search(query, wanted)
         keep = ids[0] >= 0  # an approximate index may find fewer than asked
         ids, scores = ids[0][keep], scores[0][keep]
-        rows_path = os.path.join(self.path, ROWS_FILE)
-        rows = take(rows_path, ids, ["uid", "shard", "row"])
-        shards = rows.column("shard").cast(pa.string()).to_pylist()
-        stray = next((s for s in shards if not SHARD_NAME.fullmatch(f"{s}.parquet")), None)
-        if stray is not None:  # the stage shard's path is built from this value: a plain shard name only, never a path
-            raise BadInputError(f"{rows_path}: column shard holds {stray!r}; expected a shard name such as part-00000; rebuild with `dallekit index`")
-        found = pd.DataFrame({"id": ids, "uid": rows.column("uid").to_pylist(), "score": scores,
-                              "shard": shards, "row": rows.column("row").to_pylist()})
+        where = np.searchsorted(self.starts, ids, side="right") - 1  # index ids are embeddings rows in folder order
+        names, rows = self.shard_names[where], ids - self.starts[where]
+        stored = stored_rows(self.shards, names, rows, ["uid"] if exact else ["uid", IMAGE_COLUMN])
+        found = pd.DataFrame({"id": ids, "uid": stored.column("uid").to_pylist(), "score": scores, "shard": names.tolist(), "row": rows})
         if not exact and len(found):
-            found["score"] = stored_scores(self.embeddings, found, query[0])
+            found["score"] = embedding_matrix(stored.column(IMAGE_COLUMN)).astype(np.float32) @ query[0]
             found = found.sort_values("score", ascending=False, kind="stable")
         return found.head(int(k)).reset_index(drop=True)
 
@@ -116,6 +115,21 @@ class SearchIndex:
         if hits.empty:
             return pd.DataFrame(columns=["uid", "score"])
         return hits_frame(self.stage, hits)
+
+
+def shard_starts(index_dir: str, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """index.json's embeddings shards (stems) and the index id of each one's first row; bad input when they do not add up to its rows."""
+    try:
+        names = np.array([str(name) for name, _ in info["shards"]], dtype=object)
+        starts = np.concatenate([[0], np.cumsum([int(n) for _, n in info["shards"]])]).astype(np.int64)
+    except (KeyError, TypeError, ValueError):
+        names, starts = np.array([], dtype=object), np.zeros(1, np.int64)
+    if starts[-1] != info["rows"]:
+        raise BadInputError(f"{index_dir}/index.json: its shards hold {starts[-1]} rows, not the {info['rows']} it records; {REBUILD}")
+    stray = next((name for name in names if not SHARD_NAME.fullmatch(f"{name}.parquet")), None)
+    if stray is not None:  # a shard's path is built from this value: a plain shard name only, never a path
+        raise BadInputError(f"{index_dir}/index.json: shards name {stray!r}; expected shard names such as part-00000; {REBUILD}")
+    return names, starts[:-1]
 
 
 def open_index(index_dir: str, clip_model: str | None = None, clip_pretrained: str | None = None, clip_checkpoint: str | None = None,

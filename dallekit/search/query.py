@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, decode_rgb, load_square
 from dallekit.io import atomic_file, open_shard, read_row_groups, read_shard
-from dallekit.pipeline.embeddings import IMAGE_COLUMN, check_model, describe_model, embedding_matrix, model_identity
+from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
 from dallekit.pipeline.shards import fingerprint_content, input_identity, read_fingerprint
 from dallekit.search.build import EMBED_STAGES, FORMAT, INDEX_FILE, INFO_FILE, ROWS_FILE
 
@@ -92,9 +94,28 @@ def _canonical(identity: dict) -> object:
     return json.loads(json.dumps(fingerprint_content(identity), sort_keys=True, default=str))
 
 
-def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
-    """Rows of a Parquet file at `positions` (in that order), reading only the row groups that hold them."""
-    shard = open_shard(path)
+class OpenShards:
+    """Embeddings shards opened once per index (their footers parsed once), the most recently used `limit` of them kept."""
+
+    def __init__(self, embed_dir: str, limit: int = 256):
+        self.embed_dir, self.limit = embed_dir, limit
+        self.opened: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+
+    def get(self, name: str) -> tuple[str, pq.ParquetFile]:
+        """(path, open ParquetFile) of the shard named `name` (its stem)."""
+        path = os.path.join(self.embed_dir, f"{name}.parquet")
+        if path in self.opened:
+            self.opened.move_to_end(path)
+        else:
+            self.opened[path] = open_shard(path)
+            if len(self.opened) > self.limit:
+                self.opened.popitem(last=False)
+        return path, self.opened[path]
+
+
+def take(path: str, positions: np.ndarray, columns: list[str] | None = None, shard: pq.ParquetFile | None = None) -> pa.Table:
+    """Rows of a Parquet file at `positions` (in that order), reading only the row groups that hold them (`shard`: the file, already open)."""
+    shard = shard or open_shard(path)
     sizes = [shard.metadata.row_group(i).num_rows for i in range(shard.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     positions = np.asarray(positions, np.int64)
@@ -107,13 +128,17 @@ def take(path: str, positions: np.ndarray, columns: list[str] | None = None) -> 
     return table.take(pa.array(local, pa.int64()))
 
 
-def stored_scores(embed_dir: str, hits: pd.DataFrame, query: np.ndarray) -> np.ndarray:
-    """The exact cosine of the query with each hit's stored image vector, read from the row groups of the embeddings shards holding one."""
-    scores = np.empty(len(hits), np.float32)
-    for shard, group in hits.groupby("shard", sort=False):
-        column = take(os.path.join(embed_dir, f"{shard}.parquet"), group["row"].to_numpy(), [IMAGE_COLUMN]).column(IMAGE_COLUMN)
-        scores[group.index.to_numpy()] = embedding_matrix(column).astype(np.float32) @ query
-    return scores
+def stored_rows(shards: OpenShards, names: np.ndarray, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """Columns of the embeddings rows (shard stem, row), in the order given, reading only the row groups that hold them."""
+    parts, order = [], []
+    for name in dict.fromkeys(names):  # each shard once, in first-hit order
+        at = np.flatnonzero(names == name)
+        path, shard = shards.get(name)
+        parts.append(take(path, rows[at], columns, shard))
+        order.append(at)
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order), kind="stable"), pa.int64()))
 
 
 def query_image(image: Any):
