@@ -73,12 +73,32 @@ def rss() -> int:
 
 
 def max_rss() -> int:
-    """This process's peak resident memory."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """This process's peak resident memory since it started (VmHWM on Linux).
+
+    Not ru_maxrss: through fork and exec it also counts the RSS of the process that spawned this
+    one (a benchmark that has just written gigabytes of data before its Dask workers start).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def measure(results_path: Path, key: str, run) -> dict:
+    """run() once per key: its result is kept in the results file, so a killed benchmark resumes where it was."""
+    import json
+
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if key not in results:
+        results[key] = run()
+        results_path.write_text(json.dumps(results, indent=1))
+    print("\n".join(results[key]["lines"]), flush=True)
+    return results[key]
 
 
 def measured(run, client) -> tuple[float, int]:
-    """(seconds, peak RSS of the largest worker in bytes) of run(); the RSS polled every 0.5 s and read as ru_maxrss."""
+    """(seconds, peak RSS of the largest worker in bytes) of run(); the RSS polled every 0.5 s and read as VmHWM."""
     peak, stop = [0], threading.Event()
 
     def poll() -> None:

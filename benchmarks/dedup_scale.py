@@ -19,7 +19,6 @@ Each measurement is kept in --results as it finishes; a rerun prints the kept on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import measured
+from common import measure, measured
 
 from dallekit.config import ClusterConfig
 from dallekit.images import THUMB_BYTES, color_distance, thumbs_array
@@ -247,16 +246,6 @@ def run_old(work: Path, n: int, shard_rows: int, workers: int) -> dict:
     lines = [(f"old size={n} seconds={seconds:.1f} rows/s={n / seconds:.0f} peak_worker_rss_mb={rss / 2**20:.0f} "
               f"identical_output={same}")]
     return {"n": n, "seconds": seconds, "rss": rss, "lines": lines}
-
-
-def measure(results_path: Path, key: str, run) -> dict:
-    """run() once per key: its result is kept in the results file, so a killed benchmark resumes where it was."""
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if key not in results:
-        results[key] = run()
-        results_path.write_text(json.dumps(results, indent=1))
-    print("\n".join(results[key]["lines"]), flush=True)
-    return results[key]
 
 
 def main() -> None:

@@ -18,11 +18,9 @@ Each measurement is kept in --results as it finishes; a rerun prints the kept on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import rss
+from common import measure, measured
 
 from dallekit.config import ClusterConfig
 from dallekit.pipeline.cluster import dask_client
@@ -109,34 +107,6 @@ def brute_force_check(shards: list[tuple[str, str]], scratch: str, eps: float, s
     return f"  brute force over {len(chosen)} clusters, {held} rows: {dups} duplicates, {wrong} rows differ"
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory since it started (VmHWM): ru_maxrss would also count, through fork and exec,
-    the RSS of the process that spawned it (here the benchmark, which has just written gigabytes of vectors)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def measured(run, client) -> tuple[float, int]:
-    """(seconds, the largest worker's peak RSS in bytes) of run(): VmHWM, and RSS polled every 0.5 s."""
-    peak, stop = [0], threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.5):
-            try:
-                peak[0] = max([peak[0], *client.run(rss).values()])
-            except Exception:  # noqa: BLE001, S110 - a poll racing the cluster's shutdown: the next one counts
-                pass
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
-    return seconds, max(peak[0], *client.run(peak_rss).values())
-
-
 def run_size(work: Path, n: int, shard_rows: int, workers: int, eps: float) -> dict:
     """The semantic dedup over n generated rows on a fresh cluster: seconds, the largest worker's peak RSS, its stats, the check."""
     shards = write_dataset(work / "embeddings", n, shard_rows)
@@ -155,16 +125,6 @@ def run_size(work: Path, n: int, shard_rows: int, workers: int, eps: float) -> d
              brute_force_check(shards, scratch, eps)]
     shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "seconds": seconds, "rss": rss, "lines": lines}
-
-
-def measure(results_path: Path, key: str, run) -> dict:
-    """run() once per key: its result is kept in the results file, so a killed benchmark resumes where it was."""
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if key not in results:
-        results[key] = run()
-        results_path.write_text(json.dumps(results, indent=1))
-    print("\n".join(results[key]["lines"]), flush=True)
-    return results[key]
 
 
 def main() -> None:
