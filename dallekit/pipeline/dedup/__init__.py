@@ -46,7 +46,7 @@ from dallekit.pipeline.dedup.columns import REASON_EXACT, REASON_NEAR
 from dallekit.pipeline.dedup.components import MAX_ROUNDS, connected_components
 from dallekit.pipeline.dedup.confirm import confirm_passes
 from dallekit.pipeline.dedup.exact import exact_passes
-from dallekit.pipeline.dedup.state import DedupRun, InputsGone, consumer_items
+from dallekit.pipeline.dedup.state import RUN_PASS, DedupRun, InputsGone, claim_run, consumer_items, remove_state
 from dallekit.pipeline.dedup.walk import final_task, walk_passes
 from dallekit.pipeline.hash_blocks import choose_blocks
 from dallekit.pipeline.passes import map_with_progress, parts_for_consumers, read_marks, write_mark
@@ -57,33 +57,11 @@ __all__ = ["MAX_ROUNDS", "REASON_EXACT", "REASON_NEAR", "ROWS_PER_TASK", "dedup"
 # one block value, one component) stays in one task. Small enough that a worker's peak memory
 # does not grow with the dataset: 1M rows already splits into buckets of this size.
 ROWS_PER_TASK = 500_000
-RUN_PASS = "run"  # the marks of the run itself: "params" when it starts, "result" (marks per shard, stats) when it is done
 
 
 def _state_dir(work_dir: str) -> str:
     """The dedup's state folder inside the stage's scratch folder."""
     return f"{work_dir.rstrip('/')}/dedup"
-
-
-def _claim(state_dir: str, params: dict) -> dict | None:
-    """The result of a finished run with these parameters, or None; the state of a run with other parameters is removed."""
-    params = json.loads(json.dumps(params))
-    marks = read_marks(state_dir, RUN_PASS)  # a result whose dups files are no longer whole is dropped: the run is redone
-    if "params" in marks and marks["params"].result != params:
-        _remove_state(state_dir)
-        marks = {}
-    if "result" in marks:
-        return marks["result"].result
-    if "params" not in marks:
-        write_mark(state_dir, "params", params, [], RUN_PASS)
-    return None
-
-
-def _remove_state(state_dir: str) -> None:
-    """Delete the whole state folder: every pass's files and marks."""
-    fs, root = fsspec.core.url_to_fs(state_dir)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def shard_groups(names: list[str], work_dir: str, rows_per_task: int) -> tuple[list[list[int]], int]:
@@ -111,7 +89,7 @@ def dedup(client: Any, shard_names: list[str], work_dir: str, distance: int,
     """
     state_dir = _state_dir(work_dir)
     params = {"shards": shard_names, "distance": distance, "max_color": max_color, "max_detail": max_detail}
-    done = _claim(state_dir, params)
+    done = claim_run(state_dir, params)
     if done is not None:
         return done["marks"]
     groups, total = shard_groups(shard_names, work_dir, ROWS_PER_TASK)
@@ -140,7 +118,7 @@ def _every_pass(client: Any, state_dir: str, work_dir: str, names: list[str], gr
             if attempt:
                 raise RuntimeError(f"{state_dir}: {gone}, again after starting over") from gone
             print(f"{state_dir}: {gone}; starting the dedup over")
-            _remove_state(state_dir)
+            remove_state(state_dir)
             write_mark(state_dir, "params", json.loads(json.dumps(params)), [], RUN_PASS)
     raise AssertionError("unreachable")
 

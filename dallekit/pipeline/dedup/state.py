@@ -10,6 +10,7 @@ alone: the run then starts over (`InputsGone`), which gives the same result.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from dallekit.pipeline.passes import clear_marks, drop_outputs, read_marks, run_pass
+from dallekit.pipeline.passes import clear_marks, drop_outputs, read_marks, run_pass, write_mark
 
 # Every data folder a run writes in its state folder; all are removed once the run's result is recorded.
 DATA_FOLDERS = ("by_uid", "by_sha256", "survivors", "marks", "by_image", "representatives", "members", "table_entries",
@@ -97,3 +98,30 @@ class DedupRun:
         for folder in self.data_folders:
             if fs.exists(f"{root}/{folder}"):
                 fs.rm(f"{root}/{folder}", recursive=True)
+
+
+RUN_PASS = "run"  # a dedup run's own marks: "params" when it starts, "result" when it is done
+
+
+def claim_run(state_dir: str, params: dict) -> dict | None:
+    """The result of a finished run with these parameters, or None; the state of a run with other parameters is removed.
+
+    A result whose files are no longer whole is dropped by `read_marks`: the run is then redone.
+    """
+    params = json.loads(json.dumps(params))
+    marks = read_marks(state_dir, RUN_PASS)
+    if "params" in marks and marks["params"].result != params:
+        remove_state(state_dir)
+        marks = {}
+    if "result" in marks:
+        return marks["result"].result
+    if "params" not in marks:
+        write_mark(state_dir, "params", params, [], RUN_PASS)
+    return None
+
+
+def remove_state(state_dir: str) -> None:
+    """Delete the whole state folder: every pass's files and marks."""
+    fs, root = fsspec.core.url_to_fs(state_dir)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

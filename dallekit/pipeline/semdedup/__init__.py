@@ -28,16 +28,14 @@ result, vouching for every output file, when it ends) answer a rerun with the sa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from dallekit.errors import BadInputError
-from dallekit.pipeline.dedup.state import DedupRun, consumer_items
+from dallekit.pipeline.dedup.state import RUN_PASS, DedupRun, claim_run, consumer_items
 from dallekit.pipeline.passes import clear_marks, parts_for_consumers, read_marks, write_mark
 from dallekit.pipeline.semdedup.assign import assign_task
 from dallekit.pipeline.semdedup.columns import KEEP_CHOICES, OUTPUT_SCHEMA, REASON
@@ -50,7 +48,6 @@ __all__ = ["CHUNK_CELLS", "KEEP_CHOICES", "OUTPUT_SCHEMA", "REASON", "SemanticPa
 
 TARGET_CLUSTER_ROWS = 2_000  # auto k = eligible rows / this: the cosines per row stay constant as the data grows
 PAIR_ROWS = 20_000  # rows one pairs task holds at most (a larger cluster is split into blocks)
-RUN_PASS = "run"  # the run's own marks: "params" when it starts, "result" when it is done
 PASSES = ("eligible", "kmeans", "assign", "pairs", "final")
 DATA_FOLDERS = ("eligible", "kmeans", "assigned", "rows", "pairs")
 
@@ -75,21 +72,6 @@ def _state_dir(scratch: str) -> str:
 def semantic_path(scratch: str, name: str) -> str:
     """Where the run writes one input shard's clusters and duplicates."""
     return f"{scratch.rstrip('/')}/semantic/{name}.parquet"
-
-
-def _claim(state_dir: str, params: dict) -> dict | None:
-    """The result of a finished run with these parameters, or None; the state of a run with other parameters is removed."""
-    params = json.loads(json.dumps(params))
-    marks = read_marks(state_dir, RUN_PASS)
-    if "params" in marks and marks["params"].result != params:
-        fs, root = fsspec.core.url_to_fs(state_dir)
-        fs.rm(root, recursive=True)
-        marks = {}
-    if "result" in marks:
-        return marks["result"].result
-    if "params" not in marks:
-        write_mark(state_dir, "params", params, [], RUN_PASS)
-    return None
 
 
 def choose_clusters(params: SemanticParams, rows: int) -> int:
@@ -119,7 +101,7 @@ def semantic_dedup(client: Any, shards: list[tuple[str, str]], scratch: str, par
     if params.keep not in KEEP_CHOICES:
         raise BadInputError(f"--semantic-dedup-keep {params.keep}: expected one of {', '.join(KEEP_CHOICES)}")
     state_dir = _state_dir(scratch)
-    done = _claim(state_dir, {"shards": shards, "params": asdict(params) | {"eligible_id": repr(params.eligible_id)},
+    done = claim_run(state_dir, {"shards": shards, "params": asdict(params) | {"eligible_id": repr(params.eligible_id)},
                               "filtered": eligible is not None})
     if done is not None:
         return done
