@@ -195,8 +195,11 @@ def test_the_run_embeds_with_the_filters_clip_and_the_filter_reads_the_embedding
     assert state.filter_config.embeddings == "/tmp/run/embed" and step["embed"].needed(state)
     off = replace(state, pipeline=replace(p, filter=replace(p.filter, clip=False)))
     assert not step["embed"].needed(off) and off.filter_config.embeddings is None
-    trained = load_pipeline(run_pipeline_toml(run={"inputs": ["u.csv"], "out": "/tmp/r", "train_clip": True}), "p.toml")
-    assert run_filter_clip(trained).clip_checkpoint == "/tmp/r/clip"  # the CLIP the run trains embeds and filters
+    semantic = load_pipeline(run_pipeline_toml(filter={"clip": False, "semantic_dedup_eps": 0.05}), "p.toml")  # not refused before the run sets embeddings
+    dedup_only = replace(state, pipeline=semantic)
+    assert step["embed"].needed(dedup_only) and dedup_only.filter_config.embeddings == "/tmp/run/embed"
+    trained = load_pipeline(run_pipeline_toml(run={"inputs": ["u.csv"], "out": "/tmp/run", "train_clip": True}), "p.toml")
+    assert run_filter_clip(trained).clip_checkpoint == "/tmp/run/clip"  # the CLIP the run trains embeds and filters
 
 
 @pytest.mark.parametrize("embed_section", [{"clip_model": "RN50"}, {"clip_pretrained": "openai"}, {"clip_checkpoint": "elsewhere"}])

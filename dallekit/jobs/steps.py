@@ -5,8 +5,9 @@ The TOML file has one section per step, named like its subcommand (`[ingest]`, `
 `[evaluate]`), plus `[cluster]` and `[run]` (the run folder, the inputs, which steps run).
 Steps run in that order; train-clip only with `[run] train_clip = true`, when the CLIP trained
 on the cleaned pairs replaces [filter]'s CLIP for filtering, reranking and evaluation; embed
-only with [filter] clip on: it embeds the cleaned rows once with the filter's CLIP (its own
-section sets how, never which CLIP), and the filter reads its CLIP scores from that folder.
+only with [filter] clip on or semantic_dedup_eps set: it embeds the cleaned rows once with the
+filter's CLIP (its own section sets how, never which CLIP), and the filter reads its CLIP scores
+and the semantic dedup's vectors from that folder.
 The run folder gets one sub-folder per step (DESIGN.md) and `report.html`. The steps are one
 table, RUN_STEP_TABLE: each Dask stage is a `stage_step` over its entry of pipeline.stage.STAGES.
 
@@ -183,9 +184,9 @@ class RunState:
 
     @property
     def filter_config(self) -> config.FilterConfig:
-        """[filter], reading its CLIP scores from the run's embeddings when it scores with CLIP."""
+        """[filter], reading its CLIP scores (and the semantic dedup its vectors) from the run's embeddings."""
         f = self.pipeline.filter
-        return replace(f, embeddings=self.folders["embed"]) if f.clip else f
+        return replace(f, embeddings=self.folders["embed"]) if reads_embeddings(f) else f
 
     @functools.cached_property
     def val_paths(self) -> list[str]:
@@ -297,6 +298,11 @@ def _missing(folder: str, name: str) -> Callable[[RunState], bool]:
     return lambda state: not (Path(state.folders[folder]) / name).exists()
 
 
+def reads_embeddings(f: config.FilterConfig) -> bool:
+    """Whether the run's filter reads the embed step's output: for its CLIP scores or its semantic dedup."""
+    return f.clip or f.semantic_dedup_eps is not None
+
+
 # Every step of `dallekit run`, in order (the names of config.RUN_STEPS). A Dask stage is one entry
 # of pipeline.stage.STAGES and one stage_step here; a step in this process is a function and an entry.
 RUN_STEP_TABLE = [
@@ -305,7 +311,7 @@ RUN_STEP_TABLE = [
     stage_step("clean", lambda state: [state.folders["download"]]),
     Step("train-clip", _train_clip, lambda state: state.pipeline.run.train_clip and _missing("clip", "open_clip_model.safetensors")(state)),
     stage_step("embed", lambda state: [state.folders["clean"]], options=lambda state: state.embed_config,
-               needed=lambda state: state.pipeline.filter.clip),
+               needed=lambda state: reads_embeddings(state.pipeline.filter)),
     stage_step("filter", lambda state: [state.folders["clean"]], options=lambda state: state.filter_config),
     Step("train-tokenizer", _train_tokenizer, lambda state: state.pipeline.run.dvae is None),
     Step("train-bpe", _train_bpe, lambda state: bool(state.pipeline.run.bpe_vocab_size) and _missing("bpe", "tokenizer.json")(state)),

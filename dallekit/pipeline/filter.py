@@ -361,6 +361,9 @@ def plan_filter(input_dir: str, config: FilterConfig) -> Plan:
     shard), then the global threshold, which the shard tasks apply to the saved scores. With
     --semantic-dedup-eps the global pass then runs the semantic dedup (`semantic_pass`).
     """
+    if config.semantic_dedup_eps is not None and not config.embeddings:  # at the option, before the input is read
+        raise BadInputError(f"--semantic-dedup-eps {config.semantic_dedup_eps}: expected --embeddings DIR as well: "
+                            "the semantic dedup compares the image embeddings `dallekit embed` wrote")
     identity, paths, _ = STAGE.input_of(input_dir)
     embedded = _check_embeddings(input_dir, identity, config)
     if config.clip and not config.embeddings:
