@@ -10,7 +10,8 @@ with a memory budget that rules out exact search (by default 1,000 bytes a vecto
 what float32 vectors take), the peer exact.
 
 dallekit's side is measured twice: the raw faiss index, and the search path a user gets
-(`SearchIndex.nearest`, what `dallekit search` and `dallekit.search.open(INDEX).text()` run),
+(`SearchIndex.nearest`, what `dallekit search` and `dallekit.search.open(INDEX).text()` run before
+joining the hits to the stage's rows, which is not timed),
 which asks the index for RERANK times k candidates and rescores them with the stored vectors.
 Rounds alternate exact search, the raw index and the search path at query time (ABAB).
 A `--work` folder that already holds the data and a finished index for these options is reused.

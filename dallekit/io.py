@@ -142,6 +142,9 @@ def check_columns(paths: list[str], required: set[str], expected: str) -> list[t
     return schemas
 
 
+BLOB_ROW_GROUP = 256  # rows a row group of an image shard holds at most (about 5 MB of 256 px JPEGs)
+
+
 def parquet_options(schema: pa.Schema, **given: Any) -> dict:
     """pq.write_table's options for a table: the caller's, with binary columns (encoded images, thumbnails) and vectors stored plain.
 
@@ -159,7 +162,9 @@ def parquet_options(schema: pa.Schema, **given: Any) -> dict:
     codec = given.get("compression", "snappy")
     if not isinstance(codec, dict):
         codec = {name: codec for name in others} | {name: "none" for name in blobs}
-    return {"use_dictionary": others, "write_statistics": others} | given | {"compression": codec}
+    # row groups of a few MB of images: a reader of some rows (search's hits, a notebook's sample) reads their groups, not the shard
+    bounded = {"row_group_size": BLOB_ROW_GROUP} if "jpg" in blobs else {}
+    return {"use_dictionary": others, "write_statistics": others} | bounded | given | {"compression": codec}
 
 
 def _is_vector(kind: pa.DataType) -> bool:

@@ -278,3 +278,25 @@ def test_a_rebuild_is_answered_refused_or_redone_by_what_changed(tmp_path, capsy
     (index / "index.faiss").write_bytes(b"damaged")  # the same index with a damaged file is built again
     assert dallekit.search.build_index(str(other_embed), str(index), kind="flat")["rows"] == 50
     assert dallekit.search.open(str(index)).info["kind"] == "flat"
+
+
+def test_hits_read_only_the_stage_row_groups_that_hold_them(tmp_path, monkeypatch):
+    """A stage shard's images are read by the row groups holding a hit, not the whole shard, per query."""
+    from dallekit.io import BLOB_ROW_GROUP, write_table_atomic
+    from dallekit.search import query
+
+    vectors = clustered(3 * BLOB_ROW_GROUP, 16)
+    stage, embed = make_folders(tmp_path, vectors, shards=1)
+    shard = stage / "part-00000.parquet"
+    table = pq.read_table(shard)
+    shard.unlink()
+    write_table_atomic(table, str(shard))  # as the stages write image shards: row groups of BLOB_ROW_GROUP rows
+    (embed / "_fingerprint.json").write_text(json.dumps({"input": input_identity(str(stage), ("filter",)), "model": RANDOM_TINY}))
+    assert pq.ParquetFile(shard).metadata.num_row_groups == 3
+    dallekit.search.build_index(str(embed), str(tmp_path / "index"))
+    reads = []
+    real = query.read_row_groups
+    monkeypatch.setattr(query, "read_row_groups", lambda f, path, groups, columns: reads.append((list(groups), columns)) or real(f, path, groups, columns))
+    hit = dallekit.search.open(str(tmp_path / "index")).vector(vectors[BLOB_ROW_GROUP + 5], k=1)
+    assert hit["uid"].tolist() == [f"{BLOB_ROW_GROUP + 5:016x}"] and hit["jpg"].notna().all()
+    assert [groups for groups, columns in reads if columns is None] == [[1]]  # whole rows: the hit's group only

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
 from dallekit.images import UndecodableImage, decode_rgb, load_square
-from dallekit.io import atomic_file, open_shard, read_row_groups, read_shard
+from dallekit.io import atomic_file, open_shard, read_row_groups
 from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
 from dallekit.pipeline.shards import fingerprint_content, input_identity, read_fingerprint
 from dallekit.search.build import EMBED_STAGES, FORMAT, INDEX_FILE, INFO_FILE, ROWS_FILE
@@ -187,12 +188,13 @@ def hits_frame(stage_dir: str, hits: pd.DataFrame) -> pd.DataFrame:
         path = os.path.join(stage_dir, f"{shard}.parquet")
         if not os.path.isfile(path):
             raise BadInputError(f"{path}: missing; the embeddings' stage folder changed since they were computed: embed again, then {REBUILD}")
-        uids = read_shard(path, ["uid"]).column("uid").to_pylist()
-        where = {uid: i for i, uid in enumerate(uids)}
-        missing = [u for u in group["uid"] if u not in where]
-        if missing:
-            raise BadInputError(f"{path}: has no row with uid {missing[0]}; the stage folder changed since it was embedded: embed again, then {REBUILD}")
-        rows = take(path, np.array([where[u] for u in group["uid"]])).to_pandas()
+        shard = open_shard(path)
+        uids = read_row_groups(shard, path, list(range(shard.metadata.num_row_groups)), ["uid"]).column("uid")
+        where = pc.index_in(pa.array(group["uid"].tolist(), pa.string()), value_set=uids)
+        if where.null_count:
+            missing = group["uid"].tolist()[where.is_null().to_numpy(zero_copy_only=False).argmax()]
+            raise BadInputError(f"{path}: has no row with uid {missing}; the stage folder changed since it was embedded: embed again, then {REBUILD}")
+        rows = take(path, where.to_numpy(zero_copy_only=False), shard=shard).to_pandas()  # the row groups holding a hit, images included
         parts.append(group[["uid", "score"]].reset_index(drop=True).join(rows.drop(columns=["uid"])))
     joined = pd.concat(parts, ignore_index=True).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     first = [c for c in ("uid", "score", "caption", "jpg") if c in joined.columns]
