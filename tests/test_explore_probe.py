@@ -13,7 +13,7 @@ import dallekit.search
 from dallekit.errors import BadInputError
 from dallekit.pipeline.filter import embedding_scores
 from dallekit.pipeline.semdedup.columns import read_vectors
-from tests.test_search import clustered, make_folders
+from tests.test_search import RANDOM_TINY, clustered, make_folders
 
 
 def _vectors(values: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
@@ -225,3 +225,19 @@ def test_search_refuses_when_the_stage_folder_changed_since_it_was_embedded(tmp_
     pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", captions), shard)  # same uids, other rows
     with pytest.raises(BadInputError, match="filter: changed since .*embed was computed from it"):
         dallekit.search.open(str(tmp_path / "index")).vector(clustered(30, 16)[0], k=3)
+
+
+def test_a_tampered_shards_message_names_the_row_or_uid():
+    from dallekit.pipeline.embeddings import check_table, embedding_array, embedding_metadata
+
+    vectors = clustered(3, 16)
+    vectors[1, 4] = np.nan
+    meta = embedding_metadata(RANDOM_TINY, 16)
+    nan = pa.table({"uid": ["a", "b", "c"], "image_embedding": embedding_array(vectors)}).replace_schema_metadata(meta)
+    twice = pa.table({"uid": ["a", "b", "a"], "image_embedding": embedding_array(clustered(3, 16))}).replace_schema_metadata(meta)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dallekit.pipeline.embeddings.shard_metadata", lambda path: {"dim": 16})
+        with pytest.raises(BadInputError, match=r"s.parquet: column image_embedding holds a null, NaN or infinite vector \(row 1, uid b\)"):
+            check_table("s.parquet", nan)
+        with pytest.raises(BadInputError, match="s.parquet: column uid holds a more than once"):
+            check_table("s.parquet", twice)

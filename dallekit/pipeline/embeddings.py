@@ -106,12 +106,25 @@ def check_table(path: str, table: pa.Table) -> pa.Table:
         if column.type != expected:
             raise BadInputError(f"{path}: column {name} is {column.type}; expected {expected or 'a positive dim'} (its metadata's dim)")
         # a row's float32 sum is NaN or infinite when one of its values is (float16's finite values cannot overflow it): n floats, not n x D
-        if column.null_count or not np.isfinite(embedding_matrix(column).sum(axis=1, dtype=np.float32)).all():
-            raise BadInputError(f"{path}: column {name} holds a null, NaN or infinite vector; expected `dallekit embed`'s unit vectors")
+        bad = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else None
+        if bad is None:
+            bad = ~np.isfinite(embedding_matrix(column).sum(axis=1, dtype=np.float32))
+        if bad.any():
+            raise BadInputError(f"{path}: column {name} holds a null, NaN or infinite vector (row {int(bad.argmax())}{_uid_at(table, int(bad.argmax()))}); "
+                                "expected `dallekit embed`'s unit vectors")
     uids = table.column("uid") if "uid" in table.column_names else pa.chunked_array([], pa.string())
-    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
-        raise BadInputError(f"{path}: column uid holds a null or a repeated uid; expected each row's uid once")
+    if uids.null_count:
+        raise BadInputError(f"{path}: column uid holds a null (row {int(uids.is_null().to_numpy(zero_copy_only=False).argmax())}); expected each row's uid once")
+    if pc.count_distinct(uids).as_py() != len(uids):
+        counts = pc.value_counts(uids)
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))[0].as_py()
+        raise BadInputError(f"{path}: column uid holds {repeated} more than once; expected each row's uid once")
     return table
+
+
+def _uid_at(table: pa.Table, row: int) -> str:
+    """', uid X' for a row of a table with a uid column (a message's detail), else ''."""
+    return f", uid {table.column('uid')[row].as_py()}" if "uid" in table.column_names else ""
 
 
 def folder_metadata(folder: str) -> dict:
@@ -145,3 +158,8 @@ def check_embedded_input(folder: str, input_dir: str, identity: dict, option: st
                             f"run `dallekit embed {input_dir} --out DIR` and pass that folder")
     return embedded
 
+
+
+def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """(N,) CLIP scores of (N, D) unit image and caption vectors: image . text, summed in float32 (the filter's score from embeddings)."""
+    return (np.asarray(image, np.float32) * np.asarray(text, np.float32)).sum(axis=1)

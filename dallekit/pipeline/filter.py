@@ -196,7 +196,7 @@ def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.
     Every row of the shard must be in the embeddings shard or in its rejects, and nothing else
     may be there: embeddings of other rows are bad input, naming the shard.
     """
-    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, embedding_matrix
+    from dallekit.pipeline.embeddings import IMAGE_COLUMN, TEXT_COLUMN, check_table, clip_score, embedding_matrix
 
     folder = task.config.embeddings.rstrip("/")
     path = f"{folder}/{shard_stem(task.path)}.parquet"
@@ -209,9 +209,7 @@ def embedding_scores(task: FilterShard, table: pa.Table, rows: list[int]) -> np.
         raise BadInputError(f"--embeddings {path}: its uids are not the rows of {task.path} (uid {stray} is in one, not the other); "
                             "embed this input again")
     picked = [position.get(uids[i], -1) for i in rows]
-    image = embedding_matrix(embedded.column(IMAGE_COLUMN)).astype(np.float32)
-    text = embedding_matrix(embedded.column(TEXT_COLUMN)).astype(np.float32)
-    scores = (image * text).sum(axis=1) if len(position) else np.zeros(0, np.float32)
+    scores = clip_score(embedding_matrix(embedded.column(IMAGE_COLUMN)), embedding_matrix(embedded.column(TEXT_COLUMN)))
     out = np.full(len(rows), np.nan, dtype=np.float32)
     found = np.array([k >= 0 for k in picked], bool)
     out[found] = scores[np.array(picked, np.int64)[found]]

@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from dallekit.io import write_table_atomic
-from dallekit.pipeline.embeddings import IMAGE_COLUMN
+from dallekit.pipeline.dedup.columns import INTERMEDIATE_PARQUET
+from dallekit.pipeline.embeddings import IMAGE_COLUMN, clip_score
 from dallekit.pipeline.passes import ShuffleWriter
-from dallekit.pipeline.semdedup.columns import INTERMEDIATE_PARQUET, clip_score, read_vectors
+from dallekit.pipeline.semdedup.columns import read_vectors
 from dallekit.pipeline.semdedup.eligible import eligible_rows
 from dallekit.pipeline.semdedup.kmeans import centroids_path, load_centroids, nearest
 

@@ -25,10 +25,7 @@ CANDIDATE_SCHEMA = pa.schema([("uid", pa.string()), ("duplicate_of", pa.string()
 # what the run writes per input shard: every eligible row's cluster, and the duplicates' kept row
 OUTPUT_SCHEMA = pa.schema([("uid", pa.string()), ("semantic_cluster", pa.int32()), ("centroid_similarity", pa.float32()),
                            ("duplicate_of", pa.string()), ("semantic_similarity", pa.float32())])
-ASSIGNED_SCHEMA = pa.schema([("uid", pa.string()), ("semantic_cluster", pa.int32()), ("centroid_similarity", pa.float32()),
-                             ("score", pa.float32())])
 READ_BATCH = 8192  # rows of an embeddings shard decoded at a time
-INTERMEDIATE_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
 def row_schema(dim: int) -> pa.Schema:
@@ -58,11 +55,6 @@ def read_vectors(path: str, rows: np.ndarray | None, text: bool) -> tuple[pa.Tab
     image = embedding_matrix(table.column(IMAGE_COLUMN))
     words = embedding_matrix(table.column(TEXT_COLUMN)) if text else None
     return table.select(["uid", IMAGE_COLUMN]), image, words
-
-
-def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """image . text of L2-normalised float16 vectors, summed in float32: the filter's CLIP score from embeddings."""
-    return (image.astype(np.float32) * text.astype(np.float32)).sum(axis=1)
 
 
 def priority_order(scores: np.ndarray, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:

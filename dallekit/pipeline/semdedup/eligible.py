@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from dallekit.errors import BadInputError
 from dallekit.io import read_shard, shard_schema, write_table_atomic
-from dallekit.pipeline.semdedup.columns import INTERMEDIATE_PARQUET
+from dallekit.pipeline.dedup.columns import INTERMEDIATE_PARQUET
 
 Eligibility = Callable[[str, pa.ChunkedArray], np.ndarray]  # (shard name, the embeddings shard's uids) -> which rows take part
 
