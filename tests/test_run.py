@@ -102,7 +102,7 @@ def test_step_timer_counts_the_dask_workers_cpu(client, tmp_path):
 def test_quick_demo_times_every_step_in_summary_and_report(quick_demo):
     rows = json.loads((quick_demo / "timings.json").read_text())
     steps = [r["step"] for r in rows]
-    assert steps == ["generate", "ingest", "download", "clean", "train-clip", "filter", "train-tokenizer", "train-bpe", "encode",
+    assert steps == ["generate", "ingest", "download", "clean", "train-clip", "embed", "filter", "train-tokenizer", "train-bpe", "encode",
                      "train", "sample", "evaluate"]
     assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows), rows
     by_step = {r["step"]: r for r in rows}
