@@ -409,6 +409,17 @@ def save_image_grid(images: list[np.ndarray], path, columns: int = 8, min_side: 
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
 
 
+def bytes_grid(images: list[bytes | None], labels: list[str], columns: int = 6, side: int = 128) -> Image.Image:
+    """Encoded images (header checked first) in a labelled grid; one that is missing or does not decode is a grey tile."""
+    tiles = []
+    for data in images:
+        try:
+            tiles.append(load_square(data, side) if isinstance(data, bytes) and data else np.full((side, side, 3), 128, np.uint8))
+        except UndecodableImage:
+            tiles.append(np.full((side, side, 3), 128, np.uint8))
+    return labelled_grid(tiles, labels, columns=columns, side=side)
+
+
 def labelled_grid(images: list[np.ndarray], labels: list[str], columns: int = 6, side: int = 128) -> Image.Image:
     """Images enlarged to `side` px (nearest neighbour) in rows of `columns`, each with its label underneath."""
     from PIL import ImageDraw, ImageFont

@@ -40,6 +40,16 @@ def run_img2dataset(url_list: Path, output: Path, output_format: str, *extra: st
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def img2dataset_parquet(folder: Path, n: int, seed: int, broken_fraction: float) -> int:
+    """n of the demo's shapes (some URLs broken) downloaded by img2dataset's CLI to folder/img2dataset, parquet format; the URL count."""
+    data = make_dataset(n, seed=seed, broken_fraction=broken_fraction)
+    with ShapesServer(data.routes, max_seconds=300) as server:
+        rows = [{"URL": server.url(r["path"]), "TEXT": r["caption"], "similarity": 0.3} for r in data.rows]
+        pd.DataFrame(rows).to_parquet(folder / "laion.parquet")
+        run_img2dataset(folder / "laion.parquet", folder / "img2dataset", "parquet")
+    return len(rows)
+
+
 @pytest.fixture(scope="module")
 def img2dataset_outputs(tmp_path_factory):
     """One LAION-style URL list (with 404s, a repeated URL and a repeated row) downloaded by img2dataset in its three formats."""

@@ -7,7 +7,6 @@ import zlib
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -162,17 +161,12 @@ def test_the_cli_embeds_with_a_train_clip_folder_and_a_rerun_is_complete(tmp_pat
 @pytest.mark.slow
 def test_embeds_an_adopted_img2dataset_folder(tmp_path, client):
     from dallekit.config import AdoptConfig
-    from dallekit.demo.synthetic import ShapesServer, make_dataset
     from dallekit.pipeline.adopt import adopt
-    from tests.test_adopt import run_img2dataset
+    from tests.test_adopt import img2dataset_parquet
 
-    data = make_dataset(12, seed=3, broken_fraction=0.25)
-    with ShapesServer(data.routes, max_seconds=300) as server:
-        rows = [{"URL": server.url(r["path"]), "TEXT": r["caption"], "similarity": 0.3} for r in data.rows]
-        pd.DataFrame(rows).to_parquet(tmp_path / "laion.parquet")
-        run_img2dataset(tmp_path / "laion.parquet", tmp_path / "img2dataset", "parquet")
+    urls = img2dataset_parquet(tmp_path, 12, seed=3, broken_fraction=0.25)
     adopt(str(tmp_path / "img2dataset"), str(tmp_path / "adopted"), AdoptConfig(), client)
-    adopted, _ = check_accounting(tmp_path / "adopted", len(rows))
+    adopted, _ = check_accounting(tmp_path / "adopted", urls)
     stats = embed(str(tmp_path / "adopted"), str(tmp_path / "embed"), EmbedConfig(**TINY), client)
     kept, rejects = check_accounting(tmp_path / "embed", len(adopted))
     failed = adopted[adopted["jpg"].isna()]

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 import dallekit.search
 from dallekit.config import AdoptConfig, CleanConfig, EmbedConfig, FilterConfig
-from dallekit.demo.synthetic import ShapesServer, make_dataset
 from dallekit.pipeline.adopt import adopt
 from dallekit.pipeline.clean import clean
 from dallekit.pipeline.embed import embed
 from dallekit.pipeline.filter import filter as filter_stage
 from tests.helpers import check_accounting
-from tests.test_adopt import run_img2dataset
+from tests.test_adopt import img2dataset_parquet
 
 TINY = dict(clip_model="dallekit-tiny-clip", clip_pretrained=None, device="cpu")
 
 
 @pytest.mark.slow
 def test_embed_semantic_dedup_index_and_search_on_an_adopted_img2dataset_folder(tmp_path, client):
-    data = make_dataset(30, seed=5, broken_fraction=0.2)
-    with ShapesServer(data.routes, max_seconds=300) as server:
-        rows = [{"URL": server.url(r["path"]), "TEXT": r["caption"], "similarity": 0.3} for r in data.rows]
-        pd.DataFrame(rows).to_parquet(tmp_path / "laion.parquet")
-        run_img2dataset(tmp_path / "laion.parquet", tmp_path / "img2dataset", "parquet")
+    img2dataset_parquet(tmp_path, 30, seed=5, broken_fraction=0.2)
     adopt(str(tmp_path / "img2dataset"), str(tmp_path / "adopted"), AdoptConfig(), client)
     cleaned = clean(str(tmp_path / "adopted"), str(tmp_path / "clean"), CleanConfig(near_dup_distance=-1), client)["rows_out"]
     embed(str(tmp_path / "clean"), str(tmp_path / "embed"), EmbedConfig(**TINY), client)

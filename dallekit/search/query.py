@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dallekit.errors import BadInputError
-from dallekit.images import UndecodableImage, decode_rgb, load_square
+from dallekit.images import UndecodableImage, decode_rgb
 from dallekit.io import atomic_file, open_shard, read_row_groups
 from dallekit.pipeline.embeddings import check_model, describe_model, model_identity
 from dallekit.pipeline.shards import fingerprint_content, input_identity, read_fingerprint
@@ -203,15 +203,10 @@ def hits_frame(stage_dir: str, hits: pd.DataFrame) -> pd.DataFrame:
 
 def write_grid(hits: pd.DataFrame, path: str, side: int = 128) -> None:
     """The hits' images, each labelled with its score and caption, as one PNG (an undecodable image is a grey tile)."""
-    from dallekit.images import labelled_grid
+    from dallekit.images import bytes_grid
 
-    images, labels = [], []
-    for _, hit in hits.iterrows():
-        try:
-            images.append(load_square(hit.get("jpg"), side))
-        except (UndecodableImage, TypeError):
-            images.append(np.full((side, side, 3), 128, np.uint8))
-        labels.append(f"{hit['score']:.3f} {hit.get('caption') or ''}")
-    grid = labelled_grid(images, labels, columns=min(8, max(1, len(images))), side=side)
+    images = [hit.get("jpg") for _, hit in hits.iterrows()]
+    labels = [f"{hit['score']:.3f} {hit.get('caption') or ''}" for _, hit in hits.iterrows()]
+    grid = bytes_grid(images, labels, columns=min(8, max(1, len(images))), side=side)
     with atomic_file(os.path.abspath(path)) as f:
         grid.save(f, format="PNG")
